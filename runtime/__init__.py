@@ -1,0 +1,1 @@
+"""The lightweight, torch-free runtime: numpy, pillow, tokenizers and a backend library only."""

@@ -1,0 +1,5 @@
+import sys
+
+from tgedge.cli import main
+
+sys.exit(main())

@@ -1,0 +1,327 @@
+"""Checkpoint IO: read the three layouts into tgedge's parameter names, save tgedge's own layout (c).
+
+Weights come from safetensors (single file or sharded with an index); a `.bin` is read only with
+`torch.load(weights_only=True)`. Nothing in a checkpoint is executed; a chat template is rendered in a
+Jinja sandbox. Missing, unexpected and mis-shaped tensors are collected and reported in one error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tgedge import config as C
+from tgedge.errors import TgedgeError
+from tgedge.preprocess import IMAGE_PLACEHOLDER_ID, ImageSettings, Preprocessor, PreprocessSpec, Tokenizer
+from tgedge.prompt import PromptTemplate, template_for_family
+
+log = logging.getLogger("tgedge")
+
+# (checkpoint prefix -> tgedge prefix), first match wins; both transformers key generations.
+HF_PREFIXES = [
+    ("model.vision_tower.vision_model.", "vision_tower."), ("vision_tower.vision_model.", "vision_tower."),
+    ("model.vision_tower.", "vision_tower."), ("vision_tower.", "vision_tower."),
+    ("model.language_model.", "language_model."), ("language_model.model.", "language_model."),
+    ("language_model.lm_head.", "lm_head."), ("lm_head.", "lm_head."),
+    ("model.multi_modal_projector.", "multi_modal_projector."), ("multi_modal_projector.", "multi_modal_projector."),
+    ("text_tower.text_model.", "text_tower."), ("text_tower.", "text_tower."),
+    ("mm_cross_attn.", "mm_cross_attn."), ("mm_patch_encoder.", "mm_patch_encoder."),
+]
+ORIGINAL_PREFIXES = [
+    ("model.vision_tower.vision_tower.vision_model.", "vision_tower."),
+    ("model.text_tower.text_tower.text_model.", "text_tower."),
+    ("model.mm_projector.0.", "multi_modal_projector.linear_1."),
+    ("model.mm_projector.2.", "multi_modal_projector.linear_2."),
+    ("model.mm_cross_attn.", "mm_cross_attn."), ("model.mm_patch_encoder.", "mm_patch_encoder."),
+    ("model.", "language_model."), ("lm_head.", "lm_head."),
+]
+CLIP_PREFIXES = [("vision_model.", "vision_tower."), ("text_model.", "text_tower.")]
+
+# Tensors a checkpoint may hold that the model does not use: buffers, the Q-Former's unused BERT text
+# path and LM head, CLIP's projection heads.
+IGNORED = re.compile("|".join([
+    r".*position_ids$", r".*rotary_emb\.inv_freq$", r"visual_projection\..*", r"text_projection\..*", r"logit_scale",
+    r"mm_cross_attn\.Qformer\.cls\..*", r"mm_cross_attn\.Qformer\.bert\.embeddings\.(word|position)_embeddings\..*",
+    r"mm_cross_attn\.Qformer\.bert\.encoder\.layer\.\d+\.(intermediate|output)\..*",
+]))
+
+
+def _rename(keys, prefixes) -> dict[str, str]:
+    out = {}
+    for k in keys:
+        for old, new in prefixes:
+            if k.startswith(old):
+                out[k] = new + k[len(old):]
+                break
+        else:
+            out[k] = k  # left as is: reported as unexpected unless ignored
+    return out
+
+
+def read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint directory, as float32 where they were floating point."""
+    from safetensors.torch import load_file
+
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (directory / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    else:
+        files = sorted(p.name for p in directory.glob("*.safetensors"))
+    tensors: dict[str, torch.Tensor] = {}
+    if files:
+        for f in files:
+            try:
+                tensors.update(load_file(str(directory / f)))
+            except FileNotFoundError:
+                raise TgedgeError(f"{directory / f}: shard named in the index is missing") from None
+            except Exception as e:
+                raise TgedgeError(f"{directory / f}: unreadable safetensors file ({e})") from None
+    else:
+        bins = sorted(directory.glob("pytorch_model*.bin"))
+        if not bins:
+            raise TgedgeError(f"{directory}: no *.safetensors or pytorch_model*.bin weights")
+        for f in bins:
+            try:  # weights_only: a pickle may hold tensors but never code
+                tensors.update(torch.load(f, map_location="cpu", weights_only=True))
+            except Exception as e:
+                raise TgedgeError(f"{f}: cannot load with torch.load(weights_only=True) ({e})") from None
+    return {k: (v.float() if v.is_floating_point() else v) for k, v in tensors.items()}
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    config: C.ModelConfig
+    weights: dict[str, torch.Tensor]  # tgedge names
+    preprocessor: Preprocessor
+    raw_config: dict
+
+
+def _find_image_settings(*dirs: Path) -> ImageSettings:
+    for d in dirs:
+        if (d / "preprocessor_config.json").exists():
+            return ImageSettings.from_processor_config(C.read_config_json(d / "preprocessor_config.json"))
+        if (d / "processor_config.json").exists():
+            proc = C.read_config_json(d / "processor_config.json")
+            if "image_processor" in proc:
+                return ImageSettings.from_processor_config(proc["image_processor"])
+    raise TgedgeError(f"{dirs[0]}: no preprocessor_config.json (CLIP image processor settings)")
+
+
+def _find_chat_template(d: Path) -> str | None:
+    if (d / "chat_template.jinja").exists():
+        return (d / "chat_template.jinja").read_text()
+    for name in ("chat_template.json", "processor_config.json", "tokenizer_config.json"):
+        if (d / name).exists():
+            t = C.read_config_json(d / name).get("chat_template")
+            if isinstance(t, str):
+                return t
+    return None
+
+
+def _eos_ids(d: Path, cfg: C.ModelConfig) -> list[int]:
+    if (d / "generation_config.json").exists():
+        eos = C.read_config_json(d / "generation_config.json").get("eos_token_id")
+        if eos is not None:
+            return C._eos_list(eos)
+    return list(cfg.eos_token_id)
+
+
+def _clip_dir(raw: dict, clip: Path | None, ckpt: Path) -> Path:
+    if clip is not None:
+        return clip
+    named = raw.get("mm_vision_tower")
+    if named and Path(named).is_dir():
+        return Path(named)
+    raise TgedgeError(f"{ckpt}: original-layout checkpoint: pass --clip DIR (a transformers CLIPModel directory "
+                      f"with its config, tokenizer and image processor; mm_vision_tower is {named!r})")
+
+
+def load_checkpoint(path: str | Path, clip: str | Path | None = None) -> Checkpoint:
+    path = Path(path)
+    if not path.is_dir():
+        raise TgedgeError(f"{path}: checkpoint directory not found")
+    raw = C.read_config_json(path / "config.json")
+    layout = C.detect_layout(raw, path)
+    weights = read_weights(path)
+    guide_tok_path = None
+    if layout == C.ORIGINAL_LAYOUT:
+        clip_dir = _clip_dir(raw, Path(clip) if clip else None, path)
+        clip_raw = C.read_config_json(clip_dir / "config.json")
+        names = _rename(weights, ORIGINAL_PREFIXES)
+        weights = {names[k]: v for k, v in weights.items()}
+        with_mask = any(k.startswith("mm_cross_attn.") for k in weights)
+        with_perceiver = any(k.startswith("mm_patch_encoder.") for k in weights)
+        if raw["model_type"] in C.TG_MODEL_TYPES and not (with_mask or with_perceiver):
+            raise TgedgeError(f"{path}: model_type {raw['model_type']} but no model.mm_cross_attn.* or "
+                              "model.mm_patch_encoder.* tensors")
+        present = {k.split(".")[0] for k in weights}
+        if "vision_tower" not in present or ((with_mask or with_perceiver) and "text_tower" not in present):
+            # Towers the checkpoint does not carry come from the CLIP directory.
+            clip_w = read_weights(clip_dir)
+            for old_name, new_name in _rename(clip_w, CLIP_PREFIXES).items():
+                if new_name.split(".")[0] not in present:
+                    weights[new_name] = clip_w[old_name]
+        cfg = C.original_model_config(raw, clip_raw, with_mask, with_perceiver)
+        image = _find_image_settings(clip_dir, path)
+        tokenizer = Tokenizer(path / "tokenizer.json")
+        template = template_for_family(cfg.decoder.family, tokenizer.token_to_id("<|start_header_id|>") is not None)
+        guide_tok_path = clip_dir / "tokenizer.json"
+    else:
+        names = _rename(weights, HF_PREFIXES)
+        weights = {names[k]: v for k, v in weights.items()}
+        cfg = C.hf_model_config(raw, layout)
+        image = _find_image_settings(path)
+        tokenizer = Tokenizer(path / "tokenizer.json")
+        jinja = _find_chat_template(path)
+        template = PromptTemplate("jinja", jinja) if jinja else PromptTemplate("llava")
+        if layout == C.TGEDGE_LAYOUT:
+            guide_tok_path = path / "text_guide" / "tokenizer.json"
+    if not cfg.has_tg:
+        log.warning("%s: no TG-LLaVA weights: running as plain LLaVA", path)
+        weights = {k: v for k, v in weights.items() if not k.startswith("text_tower.")}
+        guide_tok_path = None
+    if cfg.image_token_index is not None and tokenizer.token_to_id("<image>") != cfg.image_token_index:
+        raise TgedgeError(f"{path}: image_token_index {cfg.image_token_index} is not the tokenizer's <image> id "
+                          f"({tokenizer.token_to_id('<image>')})")
+    spec = PreprocessSpec(image=image, template=template, num_image_tokens=cfg.num_image_tokens,
+                          image_token_id=IMAGE_PLACEHOLDER_ID if cfg.image_token_index is None else cfg.image_token_index,
+                          pad_to_square=cfg.pad_to_square, detail_crops=cfg.detail_perceiver is not None,
+                          text_guide_length=cfg.text_guide.max_position_embeddings if cfg.has_tg else 0,
+                          eos_token_ids=_eos_ids(path, cfg))
+    guide = Tokenizer(guide_tok_path) if guide_tok_path else None
+    return Checkpoint(path, cfg, weights, Preprocessor(spec, tokenizer, guide), raw)
+
+
+def load_state(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: Path) -> None:
+    """Strict load with every problem in one error: missing, unexpected and mis-shaped tensors."""
+    expected = model.state_dict()
+    tied = getattr(model, "cfg", None) is not None and model.cfg.decoder.tie_word_embeddings
+    missing = sorted(k for k in expected if k not in weights)
+    unexpected = sorted(k for k in weights if k not in expected and not IGNORED.fullmatch(k)
+                        and not (tied and k == "lm_head.weight"))
+    misshaped = sorted(f"{k} {tuple(weights[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
+                       if k in weights and tuple(weights[k].shape) != tuple(v.shape))
+    problems = [f"{label} ({len(items)}): {', '.join(items[:12])}{' ...' if len(items) > 12 else ''}"
+                for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
+                if items]
+    if problems:
+        raise TgedgeError(f"{source}: checkpoint does not match the model: " + "; ".join(problems))
+    model.load_state_dict({k: weights[k] for k in expected}, strict=True)
+
+
+def load_model(path: str | Path, clip: str | Path | None = None):
+    """-> (TGLlava in eval mode, fp32, Checkpoint)."""
+    from tgedge.model import TGLlava
+
+    ckpt = load_checkpoint(path, clip)
+    model = TGLlava(ckpt.config)
+    load_state(model, ckpt.weights, ckpt.path)
+    return model.eval(), ckpt
+
+
+def save_checkpoint(model, preprocessor: Preprocessor, out: str | Path, chat_template: str | None = None) -> Path:
+    """Write tgedge's own layout (c): HF LLaVA layout + `tg` config section + TG weights + CLIP text tower."""
+    from safetensors.torch import save_file
+
+    cfg: C.ModelConfig = model.cfg
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt", "layout": "tgedge"})
+        (tmp / "config.json").write_text(json.dumps(config_json(cfg), indent=2) + "\n")
+        spec = preprocessor.spec
+        proc = image_processor_json(spec.image)
+        (tmp / "preprocessor_config.json").write_text(json.dumps(proc, indent=2) + "\n")
+        shutil.copyfile(preprocessor.tokenizer.path, tmp / "tokenizer.json")
+        template = chat_template or spec.template.jinja
+        if template is None and spec.template.name != "llava":
+            template = builtin_as_jinja(spec.template.name)
+        if template is not None:
+            (tmp / "chat_template.jinja").write_text(template)
+        if spec.eos_token_ids:
+            (tmp / "generation_config.json").write_text(json.dumps({"eos_token_id": spec.eos_token_ids}) + "\n")
+        if preprocessor.guide_tokenizer is not None:
+            (tmp / "text_guide").mkdir()
+            shutil.copyfile(preprocessor.guide_tokenizer.path, tmp / "text_guide" / "tokenizer.json")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def builtin_as_jinja(name: str) -> str:
+    """A built-in template as a Jinja chat template (so a saved checkpoint keeps its prompt format)."""
+    from tgedge.prompt import BUILTIN_TEMPLATES
+
+    fmt = BUILTIN_TEMPLATES[name][0]
+    head, tail = fmt.split("{user}")
+    esc = lambda s: s.replace("\\", "\\\\").replace("\n", "\\n").replace("'", "\\'")  # noqa: E731
+    return ("{%- for m in messages if m['role'] == 'user' -%}{{ '" + esc(head) + "<image>\\n' }}"
+            "{%- for c in m['content'] if c['type'] == 'text' -%}{{ c['text'] }}{%- endfor -%}{%- endfor -%}"
+            "{{ '" + esc(tail) + "' }}")
+
+
+def image_processor_json(s: ImageSettings) -> dict:
+    size = {"height": s.size_hw[0], "width": s.size_hw[1]} if s.size_hw else {"shortest_edge": s.shortest_edge}
+    return {"image_processor_type": "CLIPImageProcessor", "size": size,
+            "crop_size": {"height": s.crop_hw[0], "width": s.crop_hw[1]}, "resample": s.resample,
+            "do_resize": s.do_resize, "do_center_crop": s.do_center_crop, "do_rescale": s.do_rescale,
+            "rescale_factor": s.rescale_factor, "do_normalize": s.do_normalize, "image_mean": list(s.mean),
+            "image_std": list(s.std), "do_convert_rgb": s.do_convert_rgb}
+
+
+def config_json(cfg: C.ModelConfig) -> dict:
+    v, d = cfg.vision, cfg.decoder
+    text_config = {"model_type": d.family, "vocab_size": d.vocab_size, "hidden_size": d.hidden_size,
+                   "intermediate_size": d.intermediate_size, "num_hidden_layers": d.num_layers,
+                   "num_attention_heads": d.num_heads, "num_key_value_heads": d.num_kv_heads, "head_dim": d.head_dim,
+                   "rms_norm_eps": d.rms_norm_eps, "rope_theta": d.rope_theta, "rope_scaling": d.rope_scaling,
+                   "max_position_embeddings": d.max_position_embeddings, "attention_bias": d.attention_bias,
+                   "tie_word_embeddings": d.tie_word_embeddings, "hidden_act": d.hidden_act,
+                   "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id or None}
+    out = {
+        "model_type": "llava", "architectures": ["LlavaForConditionalGeneration"],
+        "image_token_index": cfg.image_token_index,  # null: no image token in the vocabulary (original layout)
+        "vision_feature_layer": v.select_layer, "vision_feature_select_strategy": v.select_strategy,
+        "projector_hidden_act": cfg.projector.hidden_act, "multimodal_projector_bias": cfg.projector.bias,
+        "tie_word_embeddings": d.tie_word_embeddings,
+        "image_aspect_ratio": "pad" if cfg.pad_to_square else "square",
+        "vision_config": {"model_type": "clip_vision_model", "hidden_size": v.hidden_size,
+                          "intermediate_size": v.intermediate_size, "num_hidden_layers": v.num_layers,
+                          "num_attention_heads": v.num_heads, "image_size": v.image_size, "patch_size": v.patch_size,
+                          "num_channels": v.num_channels, "layer_norm_eps": v.layer_norm_eps,
+                          "hidden_act": v.hidden_act},
+        "text_config": text_config,
+    }
+    if cfg.has_tg:
+        t, fom, dp = cfg.text_guide, cfg.feature_mask, cfg.detail_perceiver
+        tg = {"feature_mask": fom is not None, "detail_perceiver": dp is not None,
+              "text_config": {"model_type": "clip_text_model", "vocab_size": t.vocab_size, "hidden_size": t.hidden_size,
+                              "intermediate_size": t.intermediate_size, "num_hidden_layers": t.num_layers,
+                              "num_attention_heads": t.num_heads, "max_position_embeddings": t.max_position_embeddings,
+                              "layer_norm_eps": t.layer_norm_eps, "hidden_act": t.hidden_act,
+                              "eos_token_id": t.eos_token_id}}
+        if fom is not None:
+            tg.update(tg_fom_num_layers=fom.num_layers, tg_fom_num_heads=fom.num_heads,
+                      tg_fom_intermediate_size=fom.intermediate_size)
+        if dp is not None:
+            tg.update(tg_dp_num_latents=dp.num_latents, tg_dp_depth=dp.depth, tg_dp_num_heads=dp.num_heads,
+                      tg_dp_head_dim=dp.head_dim, tg_dp_num_kv_heads=dp.num_kv_heads, tg_dp_rms_norm_eps=dp.rms_norm_eps)
+        out["tg"] = tg
+    return out

@@ -1,0 +1,1 @@
+"""Task data for the embedded demo model."""

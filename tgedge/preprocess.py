@@ -1,0 +1,281 @@
+"""Preprocessing shared by the reference and the runtime: numpy + pillow + tokenizers, no torch.
+
+Image: CLIP processing (RGB, resize shortest edge with its resample, center crop, rescale, normalise),
+LLaVA-1.5 pad-to-square with the mean colour (`int(mean * 255)`), and TG-DP's x2 view: the normalised
+pixel tensor upsampled x2 (bilinear, align_corners=False, as torch's interpolate) cut into 4 crops
+(TL, TR, BL, BR). Text: the LLM prompt with `<image>` expanded to the image tokens, and the text guide
+(the question without `<image>`, CLIP-tokenised, cut to the text tower's context as the reference does).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from tgedge.errors import TgedgeError
+from tgedge.prompt import IMAGE_TOKEN, PromptTemplate, check_raw_prompt, split_question
+
+# The original LLaVA code marks image positions with this id where the vocabulary has no image token.
+IMAGE_PLACEHOLDER_ID = -200
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class ImageSettings:
+    """The subset of a CLIP image processor config that LLaVA uses."""
+    shortest_edge: int | None = 224
+    size_hw: tuple[int, int] | None = None  # used instead of shortest_edge when the config gives height/width
+    crop_hw: tuple[int, int] = (224, 224)
+    resample: int = 3  # PIL bicubic
+    do_resize: bool = True
+    do_center_crop: bool = True
+    do_rescale: bool = True
+    rescale_factor: float = 1 / 255
+    do_normalize: bool = True
+    mean: tuple[float, ...] = OPENAI_CLIP_MEAN
+    std: tuple[float, ...] = OPENAI_CLIP_STD
+    do_convert_rgb: bool = True
+
+    @classmethod
+    def from_processor_config(cls, d: dict) -> "ImageSettings":
+        size, crop = d.get("size", {"shortest_edge": 224}), d.get("crop_size", {"height": 224, "width": 224})
+        if isinstance(size, int):
+            size = {"shortest_edge": size}
+        if isinstance(crop, int):
+            crop = {"height": crop, "width": crop}
+        return cls(shortest_edge=size.get("shortest_edge"),
+                   size_hw=(size["height"], size["width"]) if "height" in size else None,
+                   crop_hw=(crop["height"], crop["width"]), resample=int(d.get("resample", 3)),
+                   do_resize=d.get("do_resize", True), do_center_crop=d.get("do_center_crop", True),
+                   do_rescale=d.get("do_rescale", True), rescale_factor=d.get("rescale_factor", 1 / 255),
+                   do_normalize=d.get("do_normalize", True),
+                   mean=tuple(d.get("image_mean", OPENAI_CLIP_MEAN)), std=tuple(d.get("image_std", OPENAI_CLIP_STD)),
+                   do_convert_rgb=d.get("do_convert_rgb", True))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ImageSettings":
+        d = dict(d)
+        for k in ("size_hw", "crop_hw", "mean", "std"):
+            if d.get(k) is not None:
+                d[k] = tuple(d[k])
+        return cls(**d)
+
+
+def load_image(path: str | Path) -> Image.Image:
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except FileNotFoundError:
+        raise TgedgeError(f"{path}: image not found") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise TgedgeError(f"{path}: unreadable image ({e})") from None
+
+
+def pad_to_square(image: Image.Image, mean: tuple[float, ...]) -> Image.Image:
+    """LLaVA-1.5's expand2square with the background colour int(mean * 255)."""
+    w, h = image.size
+    if w == h:
+        return image
+    side = max(w, h)
+    out = Image.new(image.mode, (side, side), tuple(int(m * 255) for m in mean))
+    out.paste(image, ((side - w) // 2, (side - h) // 2))
+    return out
+
+
+def clip_pixels(image: Image.Image, s: ImageSettings) -> np.ndarray:
+    """PIL image -> (3, H, W) float32, as transformers' CLIPImageProcessor (PIL backend) computes it."""
+    if s.do_convert_rgb and image.mode != "RGB":
+        image = image.convert("RGB")
+    if s.do_resize:
+        if s.size_hw is not None:
+            h, w = s.size_hw
+        else:
+            w0, h0 = image.size
+            short, long = (w0, h0) if w0 <= h0 else (h0, w0)
+            new_short, new_long = s.shortest_edge, int(s.shortest_edge * long / short)
+            w, h = (new_short, new_long) if w0 <= h0 else (new_long, new_short)
+        image = image.resize((w, h), resample=s.resample)
+    x = np.asarray(image).transpose(2, 0, 1)  # (3, H, W) uint8
+    if s.do_center_crop:
+        ch, cw = s.crop_hw
+        h, w = x.shape[1:]
+        if ch > h or cw > w:
+            raise TgedgeError(f"image {w}x{h} is smaller than the crop {cw}x{ch} after resizing")
+        top, left = (h - ch) // 2, (w - cw) // 2
+        x = x[:, top:top + ch, left:left + cw]
+    if s.do_rescale:
+        x = (x.astype(np.float64) * s.rescale_factor).astype(np.float32)
+    x = x.astype(np.float32)
+    if s.do_normalize:
+        mean, std = np.array(s.mean, np.float32), np.array(s.std, np.float32)
+        x = ((x.T - mean) / std).T
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def upsample2x(x: np.ndarray) -> np.ndarray:
+    """(C, H, W) -> (C, 2H, 2W), bilinear with align_corners=False (torch.nn.functional.interpolate)."""
+    def taps(n: int):
+        src = np.maximum((np.arange(2 * n) + 0.5) / 2 - 0.5, 0.0)
+        i0 = np.floor(src).astype(np.int64)
+        i1 = np.minimum(i0 + 1, n - 1)
+        w1 = (src - i0).astype(np.float32)
+        return i0, i1, 1 - w1, w1
+
+    h0, h1, hw0, hw1 = taps(x.shape[1])
+    c0, c1, cw0, cw1 = taps(x.shape[2])
+    rows = x[:, h0] * hw0[None, :, None] + x[:, h1] * hw1[None, :, None]
+    return (rows[:, :, c0] * cw0 + rows[:, :, c1] * cw1).astype(np.float32)
+
+
+def detail_crops(pixels: np.ndarray) -> np.ndarray:
+    """(3, H, W) normalised pixels -> (4, 3, H, W): the x2 view's TL, TR, BL, BR crops."""
+    h, w = pixels.shape[1:]
+    big = upsample2x(pixels)
+    return np.stack([big[:, :h, :w], big[:, :h, w:], big[:, h:, :w], big[:, h:, w:]])
+
+
+class Tokenizer:
+    """A `tokenizer.json` through the tokenizers library; its own post-processor decides BOS/EOS."""
+
+    def __init__(self, path: str | Path):
+        from tokenizers import Tokenizer as _Tokenizer
+        try:
+            self._tok = _Tokenizer.from_file(str(path))
+        except FileNotFoundError:
+            raise TgedgeError(f"{path}: no tokenizer.json") from None
+        except Exception as e:
+            raise TgedgeError(f"{path}: cannot read tokenizer ({e})") from None
+        self.path = Path(path)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size()
+
+
+@dataclass
+class PreprocessSpec:
+    """Everything needed to turn (image, question) into model inputs; JSON-serialisable for the runtime."""
+    image: ImageSettings
+    template: PromptTemplate
+    num_image_tokens: int
+    image_token_id: int  # IMAGE_PLACEHOLDER_ID when the vocabulary has no image token
+    pad_to_square: bool = False
+    detail_crops: bool = False
+    text_guide_length: int = 0  # 0: no text guide
+    eos_token_ids: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["template"] = self.template.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PreprocessSpec":
+        d = dict(d)
+        d["image"] = ImageSettings.from_dict(d["image"])
+        d["template"] = PromptTemplate.from_dict(d["template"])
+        return cls(**d)
+
+
+@dataclass
+class Inputs:
+    """Model inputs for one (image, question). Arrays carry a batch dim of 1."""
+    prompt: str
+    input_ids: np.ndarray  # (1, T) int64, image positions hold `image_token_id`
+    pixel_values: np.ndarray  # (1, 3, H, W) float32
+    crops: np.ndarray | None = None  # (1, 4, 3, H, W) float32
+    guide_ids: np.ndarray | None = None  # (1, Tg) int64
+
+
+class Preprocessor:
+    def __init__(self, spec: PreprocessSpec, tokenizer: Tokenizer, guide_tokenizer: Tokenizer | None = None):
+        if spec.text_guide_length and guide_tokenizer is None:
+            raise TgedgeError("this model has a text guide but no CLIP tokenizer was found")
+        self.spec, self.tokenizer, self.guide_tokenizer = spec, tokenizer, guide_tokenizer
+
+    @classmethod
+    def from_dir(cls, directory: str | Path) -> "Preprocessor":
+        """Load from a folder holding preprocess.json, tokenizer.json and (with a text guide) guide_tokenizer.json."""
+        directory = Path(directory)
+        try:
+            spec = PreprocessSpec.from_dict(json.loads((directory / "preprocess.json").read_text()))
+        except FileNotFoundError:
+            raise TgedgeError(f"{directory}: no preprocess.json") from None
+        guide = Tokenizer(directory / "guide_tokenizer.json") if spec.text_guide_length else None
+        return cls(spec, Tokenizer(directory / "tokenizer.json"), guide)
+
+    def replace(self, **changes) -> "Preprocessor":
+        """The same tokenizers with some spec fields changed (e.g. image tokens after an ablation)."""
+        from dataclasses import replace
+
+        return Preprocessor(replace(self.spec, **changes), self.tokenizer, self.guide_tokenizer)
+
+    def save(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        (directory / "preprocess.json").write_text(json.dumps(self.spec.to_dict(), indent=2) + "\n")
+        (directory / "tokenizer.json").write_bytes(self.tokenizer.path.read_bytes())
+        if self.guide_tokenizer is not None:
+            (directory / "guide_tokenizer.json").write_bytes(self.guide_tokenizer.path.read_bytes())
+
+    # -- image ----------------------------------------------------------------------------------------------
+    def pixels(self, image: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
+        s = self.spec
+        if s.pad_to_square:
+            image = pad_to_square(image.convert("RGB"), s.image.mean)
+        px = clip_pixels(image, s.image)
+        return px[None], (detail_crops(px)[None] if s.detail_crops else None)
+
+    # -- text -----------------------------------------------------------------------------------------------
+    def prompt(self, question: str, raw: bool = False) -> str:
+        return check_raw_prompt(question) if raw else self.spec.template.render(question)
+
+    def input_ids(self, prompt: str) -> np.ndarray:
+        """Tokenise the prompt; its one `<image>` becomes `num_image_tokens` image positions."""
+        s = self.spec
+        if prompt.count(IMAGE_TOKEN) != 1:
+            raise TgedgeError(f"prompt must contain {IMAGE_TOKEN} exactly once (found {prompt.count(IMAGE_TOKEN)})")
+        if s.image_token_id != IMAGE_PLACEHOLDER_ID and self.tokenizer.token_to_id(IMAGE_TOKEN) == s.image_token_id:
+            ids = self.tokenizer.encode(prompt)
+            at = ids.index(s.image_token_id)
+            ids = ids[:at] + [s.image_token_id] * s.num_image_tokens + ids[at + 1:]
+        else:
+            ids = self._chunked_ids(prompt)
+        return np.array([ids], dtype=np.int64)
+
+    def _chunked_ids(self, prompt: str) -> list[int]:
+        """The original LLaVA's tokenizer_image_token: chunks tokenised apart, BOS kept once."""
+        before, after = (self.tokenizer.encode(c) for c in prompt.split(IMAGE_TOKEN))
+        bos = self.tokenizer.encode("")[:1]  # what the tokenizer puts first on its own, if anything
+        if bos and before[:1] == bos:
+            after = after[1:]  # each chunk carries a BOS; keep the first only
+        return before + [self.spec.image_token_id] * self.spec.num_image_tokens + after
+
+    def guide_ids(self, question: str) -> np.ndarray | None:
+        """The text guide: the question without `<image>`, CLIP-tokenised, cut to the tower's context."""
+        if not self.spec.text_guide_length:
+            return None
+        ids = self.guide_tokenizer.encode(split_question(question))[: self.spec.text_guide_length]
+        return np.array([ids], dtype=np.int64)
+
+    def __call__(self, image: Image.Image | str | Path, question: str, raw: bool = False) -> Inputs:
+        if not isinstance(image, Image.Image):
+            image = load_image(image)
+        prompt = self.prompt(question, raw)
+        pixel_values, crops = self.pixels(image)
+        guide_text = prompt if raw else question
+        return Inputs(prompt, self.input_ids(prompt), pixel_values, crops, self.guide_ids(guide_text))

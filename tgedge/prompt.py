@@ -1,0 +1,89 @@
+"""Prompt templates: the TG-LLaVA reference's conversation templates, LLaVA's default, or a Jinja chat template.
+
+The built-in templates reproduce `conversation.py` of the TG-LLaVA code (`vicuna_v1`, `qwen_2`, `llama_3`)
+for a single user turn with an image, as its eval script builds it (`<image>\\n` + question).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tgedge.errors import TgedgeError
+
+IMAGE_TOKEN = "<image>"
+
+VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+QWEN2_SYSTEM = ("<|im_start|>system\nA conversation between a user and an LLM-based AI assistant. "
+                "The assistant gives helpful and honest answers.")
+LLAMA3_SYSTEM = ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nYou are a helpful language and "
+                 "vision assistant. You are able to understand the visual content that the user provides, and "
+                 "assist the user with a variety of tasks using natural language.")
+
+# name -> (format for one user turn + the assistant's opening, stop strings)
+BUILTIN_TEMPLATES = {
+    "llava": ("USER: {user} ASSISTANT:", []),  # transformers' LLaVA-1.5 default
+    "vicuna_v1": (VICUNA_SYSTEM + " USER: {user} ASSISTANT:", ["</s>"]),
+    "qwen_2": (QWEN2_SYSTEM + "<|im_end|><|im_start|>user\n{user}<|im_end|><|im_start|>assistant\n", ["<|im_end|>"]),
+    "llama_3": (LLAMA3_SYSTEM + "<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n{user}<|eot_id|>"
+                "<|start_header_id|>assistant<|end_header_id|>\n\n", ["<|eot_id|>"]),
+}
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """A built-in template by name, or a Jinja chat template's source (`jinja`)."""
+    name: str
+    jinja: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "jinja": self.jinja}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PromptTemplate":
+        return cls(d["name"], d.get("jinja"))
+
+    @property
+    def stop_strings(self) -> list[str]:
+        return [] if self.jinja is not None else list(BUILTIN_TEMPLATES[self.name][1])
+
+    def render(self, question: str) -> str:
+        """One user turn with the image placeholder first, then the question, then the assistant's opening."""
+        question = split_question(question)
+        if self.jinja is None:
+            return BUILTIN_TEMPLATES[self.name][0].format(user=f"{IMAGE_TOKEN}\n{question}")
+        return _render_jinja(self.jinja, question)
+
+
+def split_question(text: str) -> str:
+    """The question with its (single) image placeholder removed, as the reference's text guide sees it."""
+    if text.count(IMAGE_TOKEN) > 1:
+        raise TgedgeError(f"prompt has {text.count(IMAGE_TOKEN)} {IMAGE_TOKEN} placeholders; one image takes one")
+    return text.replace(IMAGE_TOKEN, "").strip()
+
+
+def check_raw_prompt(text: str) -> str:
+    n = text.count(IMAGE_TOKEN)
+    if n != 1:
+        raise TgedgeError(f"raw prompt must contain {IMAGE_TOKEN} exactly once (found {n})")
+    return text
+
+
+def _render_jinja(source: str, question: str) -> str:
+    try:
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError:  # pragma: no cover - jinja2 is a base dependency
+        raise TgedgeError("this checkpoint's chat template needs jinja2: pip install jinja2") from None
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    try:
+        return env.from_string(source).render(messages=messages, add_generation_prompt=True)
+    except Exception as e:  # a template is user input: any failure is a bad-input error
+        raise TgedgeError(f"chat template failed to render: {e}") from None
+
+
+def template_for_family(family: str, vocab_has_llama3_headers: bool) -> PromptTemplate:
+    """The reference's choice for original-layout checkpoints: by decoder family."""
+    if family == "qwen2":
+        return PromptTemplate("qwen_2")
+    return PromptTemplate("llama_3" if vocab_has_llama3_headers else "vicuna_v1")

@@ -1,0 +1,76 @@
+"""The PyTorch reference pipeline: preprocess -> text guide -> vision -> fusion -> prefill -> decode."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from tgedge.generate import generate
+from tgedge.preprocess import Inputs, Preprocessor
+from tgedge.sampling import GenerationOptions, StopCriteria
+
+
+@dataclass
+class Answer:
+    text: str
+    tokens: list[int]
+    prompt_tokens: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"text": self.text, "tokens": self.tokens, "prompt_tokens": self.prompt_tokens,
+                "timings": {k: round(v, 6) for k, v in self.timings.items()}}
+
+
+class TorchPipeline:
+    def __init__(self, model, preprocessor: Preprocessor, context: int | None = None):
+        self.model, self.pre = model.eval(), preprocessor
+        self.context = context or model.cfg.decoder.max_position_embeddings
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, clip: str | Path | None = None, context: int | None = None):
+        from tgedge.checkpoint import load_model
+
+        model, ckpt = load_model(path, clip)
+        return cls(model, ckpt.preprocessor, context)
+
+    @torch.no_grad()
+    def embeddings(self, inputs: Inputs) -> torch.Tensor:
+        """Prompt embeddings (1, T, D) with the image (and TG-DP detail) tokens in place."""
+        t = lambda a: None if a is None else torch.from_numpy(a)  # noqa: E731
+        image = self.model.encode_image(t(inputs.pixel_values), t(inputs.crops), t(inputs.guide_ids))
+        return self.model.embed(t(inputs.input_ids), image)
+
+    def options(self, **kw) -> GenerationOptions:
+        kw.setdefault("eos_token_ids", self.pre.spec.eos_token_ids)
+        kw.setdefault("stop_strings", self.pre.spec.template.stop_strings)
+        return GenerationOptions(**kw)
+
+    def answer(self, image, question: str, options: GenerationOptions | None = None, raw: bool = False,
+               on_text: Callable[[str], None] | None = None) -> Answer:
+        options = options or self.options()
+        start = time.perf_counter()
+        inputs = self.pre(image, question, raw)
+        x = self.embeddings(inputs)
+        encoded = time.perf_counter()
+        decode = self.pre.tokenizer.decode
+        stop = StopCriteria(options, decode)
+        shown = [""]
+
+        def stream(_token):
+            if on_text is not None:
+                text = stop.clean(decode(tokens_so_far))
+                if text.startswith(shown[0]) and len(text) > len(shown[0]):
+                    on_text(text[len(shown[0]):])
+                    shown[0] = text
+
+        tokens_so_far: list[int] = []
+        result = generate(self.model, x, options, self.context, stop,
+                          on_token=lambda tok: (tokens_so_far.append(tok), stream(tok)))
+        text = stop.clean(decode(result.tokens)).strip()
+        timings = {"preprocess_encode_s": encoded - start, **result.timings}
+        return Answer(text, result.tokens, int(inputs.input_ids.shape[1]), timings)
