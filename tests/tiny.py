@@ -9,7 +9,9 @@ import numpy as np
 import torch
 from PIL import Image
 from safetensors.torch import save_file
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from tokenizers import Tokenizer
+
+from tgedge.demo import word_tokenizer as _word_tokenizer
 
 WORDS = ("what color is the circle square triangle red green blue yes no how many are there shape at top left "
          "right bottom a an of in image picture describe USER ASSISTANT system user assistant").split()
@@ -18,19 +20,7 @@ IMAGE_SIZE, PATCH = 28, 14  # 4 patches per view
 
 
 def word_tokenizer(path: Path, specials: list[str], bos: str | None, eos: str | None = None) -> Path:
-    """A word-level tokenizer.json; `bos`/`eos` are added by its post-processor (as real tokenizers do)."""
-    vocab = {}
-    for w in specials + WORDS + PUNCT:
-        vocab.setdefault(w, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab, unk_token=specials[0]))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    tok.add_special_tokens(specials)
-    single = " ".join(x for x in (bos, "$A", eos) if x)
-    tok.post_processor = processors.TemplateProcessing(
-        single=single, special_tokens=[(t, vocab[t]) for t in (bos, eos) if t])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tok.save(str(path))
-    return path
+    return _word_tokenizer(path, specials, bos, eos, WORDS + PUNCT)
 
 
 def llm_specials(family: str) -> tuple[list[str], str | None, str]:

@@ -1,0 +1,17 @@
+import json
+
+from tgedge.checkpoint import load_model
+from tgedge.cli import main
+from tgedge.demo import random_tg_checkpoint, shapes_image
+
+
+def test_demo_checkpoint_builds_and_runs(tmp_path, capsys):
+    ckpt = random_tg_checkpoint(tmp_path / "ckpt")
+    model, loaded = load_model(ckpt)
+    assert loaded.config.layout == "tgedge" and model.cfg.has_tg
+    assert loaded.preprocessor.spec.template.name == "jinja"  # vicuna_v1 kept as a chat template
+    image = shapes_image(tmp_path / "img.png")
+    assert main(["run", str(ckpt), "--image", str(image), "--prompt", "what color is the circle?", "--json",
+                 "--max-new-tokens", "3"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["prompt_tokens"] > loaded.preprocessor.spec.num_image_tokens

@@ -1,0 +1,39 @@
+import numpy as np
+import pytest
+
+from tgedge.errors import TgedgeError
+from tgedge.sampling import GenerationOptions, Sampler, StopCriteria
+
+
+def test_greedy_is_argmax_and_top_k_1_is_greedy():
+    logits = np.random.RandomState(0).randn(50)
+    assert Sampler(GenerationOptions()).pick(logits) == int(np.argmax(logits))
+    assert Sampler(GenerationOptions(temperature=1.5, top_k=1, seed=3)).pick(logits) == int(np.argmax(logits))
+
+
+def test_seeded_sampling_repeats_and_varies():
+    logits = np.zeros(20)
+    s = Sampler(GenerationOptions(temperature=1.0, seed=7))
+    a = [s.pick(logits) for _ in range(30)]
+    s = Sampler(GenerationOptions(temperature=1.0, seed=7))
+    assert a == [s.pick(logits) for _ in range(30)] and len(set(a)) > 5
+
+
+def test_top_p_keeps_the_nucleus():
+    logits = np.log(np.array([0.6, 0.3, 0.05, 0.05]))
+    s = Sampler(GenerationOptions(temperature=1.0, top_p=0.8, seed=0))
+    assert {s.pick(logits) for _ in range(200)} == {0, 1}
+
+
+def test_stop_strings_and_eos():
+    stop = StopCriteria(GenerationOptions(eos_token_ids=[9], stop_strings=["</s>"]),
+                        decode=lambda ids: " ".join(map(str, ids)).replace("5", "</s>"))
+    assert stop.done([1, 9]) and stop.done([1, 5]) and not stop.done([1, 2])
+    assert stop.clean("red</s> blue") == "red"
+
+
+@pytest.mark.parametrize("kw, msg", [({"max_new_tokens": 0}, "max_new_tokens"), ({"temperature": -1}, "temperature"),
+                                     ({"top_p": 0}, "top_p")])
+def test_bad_options(kw, msg):
+    with pytest.raises(TgedgeError, match=msg):
+        GenerationOptions(**kw)
