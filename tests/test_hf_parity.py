@@ -62,3 +62,21 @@ def test_greedy_tokens_match_generate(pair):
     theirs = out[0, inputs.input_ids.shape[1]:].tolist()
     assert len(ours) == 16 and ours == theirs
     assert len(set(ours)) > 1  # not a degenerate repeat of one token
+
+
+@pytest.mark.parametrize("scaling", [
+    {"rope_type": "linear", "factor": 4.0},
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 8},
+], ids=["linear", "llama3"])
+def test_rope_scaling_matches(tmp_path, scaling):
+    hf, _ = tiny.hf_llava(tmp_path, "llama", rope_scaling=scaling)
+    model, ckpt = load_model(tmp_path)
+    assert model.cfg.decoder.rope_scaling["rope_type"] == scaling["rope_type"]
+    inputs = ckpt.preprocessor(tiny.test_image(tmp_path / "i.png"), QUESTION)
+    x = TorchPipeline(model, ckpt.preprocessor).embeddings(inputs)
+    with torch.no_grad():
+        ours = model(x, torch.arange(x.shape[1]))[0, -1]
+        theirs = hf(input_ids=torch.from_numpy(inputs.input_ids),
+                    pixel_values=torch.from_numpy(inputs.pixel_values)).logits[0, -1]
+    assert (ours - theirs).abs().max().item() < 1e-4

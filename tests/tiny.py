@@ -53,7 +53,8 @@ def decoder_config_dict(family: str, vocab: int) -> dict:
     return d
 
 
-def hf_llava(directory: Path, family: str = "llama", keys: str = "saved", shards: bool = False, seed: int = 0):
+def hf_llava(directory: Path, family: str = "llama", keys: str = "saved", shards: bool = False, seed: int = 0,
+             rope_scaling: dict | None = None):
     """A random transformers LlavaForConditionalGeneration saved with save_pretrained, plus its processor.
 
     keys: "saved" (as this transformers writes them), "legacy" (`vision_tower.vision_model.*`,
@@ -67,7 +68,8 @@ def hf_llava(directory: Path, family: str = "llama", keys: str = "saved", shards
     tok = Tokenizer.from_file(str(tok_path))
     vocab = tok.get_vocab_size()
     text_cls = Qwen2Config if family == "qwen2" else LlamaConfig
-    text = text_cls(**decoder_config_dict(family, vocab), eos_token_id=tok.token_to_id(eos),
+    extra = {"rope_scaling": rope_scaling} if rope_scaling else {}
+    text = text_cls(**decoder_config_dict(family, vocab), **extra, eos_token_id=tok.token_to_id(eos),
                     bos_token_id=tok.token_to_id(bos) if bos else None)
     cfg = LlavaConfig(vision_config=CLIPVisionConfig(**vision_config_dict()), text_config=text,
                       image_token_index=tok.token_to_id("<image>"),

@@ -1,0 +1,93 @@
+"""Each bad input raises TgedgeError with a message that names the problem (the CLI turns it into exit 2)."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import tiny
+from tgedge.checkpoint import load_checkpoint, load_model
+from tgedge.errors import TgedgeError
+from tgedge.preprocess import load_image
+from tgedge.reference import TorchPipeline
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("hf")
+    tiny.hf_llava(d)
+    return d
+
+
+def test_missing_dir(tmp_path):
+    with pytest.raises(TgedgeError, match=r"nope: checkpoint directory not found"):
+        load_checkpoint(tmp_path / "nope")
+
+
+def test_unknown_model_type(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "idefics3"}))
+    with pytest.raises(TgedgeError, match=r"unknown model_type 'idefics3' \(supported: llava, "):
+        load_checkpoint(tmp_path)
+
+
+def test_missing_tensors_all_listed(hf_dir, tmp_path):
+    d = tmp_path / "c"
+    shutil.copytree(hf_dir, d)
+    state = load_file(str(d / "model.safetensors"))
+    for k in [k for k in state if k.endswith(("norm.weight", "linear_2.bias"))]:
+        del state[k]
+    save_file(state, str(d / "model.safetensors"))
+    with pytest.raises(TgedgeError, match=r"missing \(8\): language_model\.layers\.0\.input_layernorm\.weight, .*"
+                                          r"multi_modal_projector\.linear_2\.bias, vision_tower\.post_layernorm\.weight, vision_tower\.pre_layrnorm\.weight$"):
+        load_model(d)
+
+
+def test_unreadable_image(tmp_path):
+    (tmp_path / "x.jpg").write_text("text")
+    with pytest.raises(TgedgeError, match=r"x\.jpg: unreadable image"):
+        load_image(tmp_path / "x.jpg")
+
+
+def test_prompt_longer_than_context(hf_dir):
+    pipe = TorchPipeline.from_checkpoint(hf_dir, context=10)
+    with pytest.raises(TgedgeError, match=r"prompt is \d+ tokens \(image tokens included\), longer than the context \(10\)"):
+        pipe.answer(tiny.test_image(hf_dir / "i.png"), "what color is the circle?")
+
+
+def test_image_placeholder_twice(hf_dir):
+    _, ckpt = load_model(hf_dir)
+    with pytest.raises(TgedgeError, match="prompt has 2 <image> placeholders"):
+        ckpt.preprocessor(tiny.test_image(hf_dir / "i.png"), "<image> what <image>?")
+
+
+def test_tg_model_type_without_tg_weights(tmp_path):
+    clip = tiny.clip_dir(tmp_path / "clip")
+    d = tmp_path / "b"
+    d.mkdir()
+    tiny.original_tg_checkpoint(d, clip)
+    state = {k: v for k, v in load_file(str(d / "model.safetensors")).items() if "mm_" not in k or "projector" in k}
+    save_file(state, str(d / "model.safetensors"))
+    with pytest.raises(TgedgeError, match=r"no model\.mm_cross_attn\.\* or model\.mm_patch_encoder\.\* tensors"):
+        load_checkpoint(d, clip)
+
+
+def test_original_checkpoint_carrying_towers_uses_its_own(tmp_path):
+    clip = tiny.clip_dir(tmp_path / "clip")
+    d = tmp_path / "b"
+    d.mkdir()
+    tiny.original_tg_checkpoint(d, clip)
+    state = load_file(str(d / "model.safetensors"))
+    towers = load_file(str(clip / "model.safetensors"))
+    for k, v in towers.items():
+        if k.startswith("vision_model."):
+            state["model.vision_tower.vision_tower." + k] = v + 1.0
+        elif k.startswith("text_model."):
+            state["model.text_tower.text_tower." + k] = v + 1.0
+    save_file(state, str(d / "model.safetensors"))
+    model, _ = load_model(d, clip)
+    w = model.vision_tower.embeddings.patch_embedding.weight
+    assert torch.equal(w, towers["vision_model.embeddings.patch_embedding.weight"] + 1.0)
+    t = model.text_tower.embeddings.token_embedding.weight
+    assert torch.equal(t, towers["text_model.embeddings.token_embedding.weight"] + 1.0)
