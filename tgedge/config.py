@@ -329,8 +329,10 @@ def hf_model_config(d: dict, layout: str) -> ModelConfig:
                              bool(tg.get("detail_perceiver", True)))
         if fom is None and dp is None:
             text = None
+    # `image_token_index: null` is tgedge's mark for a vocabulary without an image token (from layout b).
+    image_token_index = d["image_token_index"] if "image_token_index" in d else 32000
     return ModelConfig(layout=layout, vision=vision, projector=projector, decoder=decoder, text_guide=text,
-                       feature_mask=fom, detail_perceiver=dp, image_token_index=d["image_token_index"] if "image_token_index" in d else 32000,
+                       feature_mask=fom, detail_perceiver=dp, image_token_index=image_token_index,
                        pad_to_square=d.get("image_aspect_ratio") == "pad",
                        bos_token_id=text_d.get("bos_token_id"),
                        eos_token_id=_eos_list(text_d.get("eos_token_id")), model_type="llava")

@@ -59,18 +59,19 @@ class TorchPipeline:
         encoded = time.perf_counter()
         decode = self.pre.tokenizer.decode
         stop = StopCriteria(options, decode)
-        shown = [""]
+        tokens: list[int] = []
+        shown = ""
 
-        def stream(_token):
-            if on_text is not None:
-                text = stop.clean(decode(tokens_so_far))
-                if text.startswith(shown[0]) and len(text) > len(shown[0]):
-                    on_text(text[len(shown[0]):])
-                    shown[0] = text
+        def on_token(token: int) -> None:
+            nonlocal shown
+            tokens.append(token)
+            if on_text is not None:  # stream the text as it grows, never past a stop string
+                text = stop.clean(decode(tokens))
+                if len(text) > len(shown) and text.startswith(shown):
+                    on_text(text[len(shown):])
+                    shown = text
 
-        tokens_so_far: list[int] = []
-        result = generate(self.model, x, options, self.context, stop,
-                          on_token=lambda tok: (tokens_so_far.append(tok), stream(tok)))
+        result = generate(self.model, x, options, self.context, stop, on_token=on_token)
         text = stop.clean(decode(result.tokens)).strip()
         timings = {"preprocess_encode_s": encoded - start, **result.timings}
         return Answer(text, result.tokens, int(inputs.input_ids.shape[1]), timings)
