@@ -48,6 +48,85 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _add_data(sub) -> None:
+    p = sub.add_parser("data", help="write task data folders (images + samples.jsonl)",
+                       description="Write a data folder of the demo task (docs/DATA.md).", epilog=EPILOG)
+    kinds = p.add_subparsers(dest="kind", metavar="KIND", required=True)
+    s = kinds.add_parser("shapes", help="coloured shapes on a 3x3 grid with short-answer questions",
+                         description="Pictures of 1-5 coloured shapes with questions about colour, position, count, "
+                                     "presence and small details. The same split and seed give identical files.")
+    s.add_argument("--split", choices=["train", "calibration", "eval"], default="eval",
+                   help="which split's seed and default size (train 10000, calibration 256, eval 1000)")
+    s.add_argument("--seed", type=int, help="another seed: a fresh set from the same distribution")
+    s.add_argument("-n", "--count", type=int, help="number of samples (default: the split's size)")
+    s.add_argument("--size", type=int, default=112, help="image side in pixels (default 112)")
+    s.add_argument("-o", "--output", required=True, help="output folder (replaced if it exists)")
+    s.set_defaults(func=cmd_data_shapes)
+
+
+def cmd_data_shapes(args) -> int:
+    from tqdm import tqdm
+
+    from tgedge.data import shapes
+    from tgedge.data.folder import write_folder
+
+    seed = shapes.SPLIT_SEEDS[args.split] if args.seed is None else args.seed
+    count = shapes.SPLIT_SIZES[args.split] if args.count is None else args.count
+    if count < 1 or args.size < 24:
+        raise TgedgeError(f"need --count >= 1 and --size >= 24 (got {count}, {args.size})")
+    with tqdm(total=count, desc=f"shapes/{args.split}", unit="sample", disable=None) as bar:
+        out = write_folder(shapes.generate(seed, count, args.size), args.output, progress=bar.update)
+    print(f"wrote {count} samples (split {args.split}, seed {seed}) to {out}")
+    return 0
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="task accuracy of a model on a data folder",
+                       description="Greedy answers for every sample of a data folder, exact match against its "
+                                   "answers: overall and per question type, with the majority-answer chance level "
+                                   "and the first 20 failures.", epilog=EPILOG)
+    p.add_argument("model", help="checkpoint directory")
+    p.add_argument("--data", required=True, help="data folder (images/ + samples.jsonl)")
+    p.add_argument("--limit", type=int, help="evaluate the first N samples only")
+    p.add_argument("--clip", metavar="DIR", help="CLIPModel directory for original-layout checkpoints")
+    p.add_argument("--max-new-tokens", type=int, default=8, help="answer length cap (default 8)")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args) -> int:
+    from tqdm import tqdm
+
+    from tgedge.data.folder import read_folder
+    from tgedge.evaluate import evaluate
+    from tgedge.reference import TorchPipeline
+
+    records = read_folder(args.data)[: args.limit]
+    pipe = TorchPipeline.from_checkpoint(args.model, args.clip)
+    options = pipe.options(max_new_tokens=args.max_new_tokens)
+    answer = lambda image, prompt: pipe.answer(image, prompt, options).text  # noqa: E731
+    with tqdm(total=len(records), desc="eval", unit="sample", disable=None, file=sys.stderr) as bar:
+        report = evaluate(answer, records, progress=bar.update)
+    if args.json:
+        print(json.dumps(report.to_dict()))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{args.model} on {args.data}")
+    for col in ("type", "n", "accuracy", "chance"):
+        table.add_column(col, justify="left" if col == "type" else "right")
+    for kind, r in report.per_type.items():
+        table.add_row(kind, str(r["n"]), f"{100 * r['accuracy']:.1f}%", f"{100 * r['chance']:.1f}%")
+    table.add_row("all", str(report.total), f"{100 * report.accuracy:.1f}%", f"{100 * report.chance:.1f}%")
+    console = Console()
+    console.print(table)
+    for f in report.failures:
+        console.print(f"  line {f['line']} {f['image']}: {f['prompt']!r} expected {f['expected']!r} got {f['got']!r}",
+                      markup=False)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tgedge", description="Export, quantise, run and validate text-guided vision-language models "
@@ -56,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_run(sub)
+    _add_data(sub)
+    _add_eval(sub)
     return parser
 
 
