@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import torch
 
 from tgedge import config as C
 from tgedge.errors import TgedgeError
+from tgedge.fileio import atomic_dir
 from tgedge.preprocess import IMAGE_PLACEHOLDER_ID, ImageSettings, Preprocessor, PreprocessSpec, Tokenizer
 from tgedge.prompt import PromptTemplate, template_for_family
 
@@ -236,9 +235,7 @@ def save_checkpoint(model, preprocessor: Preprocessor, out: str | Path, chat_tem
 
     cfg: C.ModelConfig = model.cfg
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt", "layout": "tgedge"})
         (tmp / "config.json").write_text(json.dumps(config_json(cfg), indent=2) + "\n")
@@ -256,12 +253,6 @@ def save_checkpoint(model, preprocessor: Preprocessor, out: str | Path, chat_tem
         if preprocessor.guide_tokenizer is not None:
             (tmp / "text_guide").mkdir()
             shutil.copyfile(preprocessor.guide_tokenizer.path, tmp / "text_guide" / "tokenizer.json")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -7,14 +7,12 @@ is renamed at the end, so an interrupted write leaves nothing half-written.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
 from tgedge.errors import TgedgeError
+from tgedge.fileio import atomic_dir
 
 REQUIRED = ("image", "prompt")
 
@@ -57,9 +55,7 @@ def read_folder(directory: str | Path) -> list[Record]:
 def write_folder(samples: Iterable, out: str | Path, progress=None) -> Path:
     """Write samples (objects with image, prompt, answer, type and optional labels()) as a data folder."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         (tmp / "images").mkdir()
         with open(tmp / "samples.jsonl", "w") as f:
             for i, s in enumerate(samples):
@@ -71,10 +67,4 @@ def write_folder(samples: Iterable, out: str | Path, progress=None) -> Path:
                 f.write(json.dumps(row) + "\n")
                 if progress is not None:
                     progress()
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
