@@ -91,3 +91,21 @@ def test_original_checkpoint_carrying_towers_uses_its_own(tmp_path):
     assert torch.equal(w, towers["vision_model.embeddings.patch_embedding.weight"] + 1.0)
     t = model.text_tower.embeddings.token_embedding.weight
     assert torch.equal(t, towers["text_model.embeddings.token_embedding.weight"] + 1.0)
+
+
+def test_bf16_weights_compute_in_fp32(hf_dir, tmp_path):
+    d = tmp_path / "bf16"
+    shutil.copytree(hf_dir, d)
+    state = load_file(str(d / "model.safetensors"))
+    save_file({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in state.items()},
+              str(d / "model.safetensors"))
+    model, ckpt = load_model(d)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    ref, _ = load_model(hf_dir)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    inputs = ckpt.preprocessor(tiny.test_image(tmp_path / "i.png"), "what color?")
+    logits = [m(TorchPipeline(m, ckpt.preprocessor).embeddings(inputs), torch.arange(inputs.input_ids.shape[1]))
+              for m in (model, ref)]
+    assert torch.equal(logits[0], logits[1])
