@@ -8,18 +8,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-DEMO_WORDS = ("what color is the circle square triangle red green blue yellow yes no how many are there shape "
-              "at top left right bottom center a an of in image picture zero one two three four five").split()
-DEMO_PUNCT = [":", "?", ".", ",", "\n"]
+PUNCTUATION = [":", "?", ".", ",", "\n"]
 
 
 def word_tokenizer(path: Path, specials: list[str], bos: str | None, eos: str | None = None,
-                   words: list[str] = DEMO_WORDS + DEMO_PUNCT) -> Path:
+                   words: list[str] | None = None) -> Path:
     """A word-level tokenizer.json; `bos`/`eos` are added by its post-processor, as real tokenizers do."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
+    from tgedge.data.shapes import vocabulary
+
     vocab: dict[str, int] = {}
-    for w in specials + list(words):
+    for w in specials + (vocabulary() + PUNCTUATION if words is None else list(words)):
         vocab.setdefault(w, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab, unk_token=specials[0]))
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
