@@ -1,36 +1,41 @@
-"""`make demo`: the main job end to end on the demo model, printing each step and where outputs are."""
+"""`make demo`: the main job end to end on the embedded demo model, printing each step and where outputs are."""
 
 from __future__ import annotations
 
+import json
+import shlex
 import sys
 import time
 from pathlib import Path
 
-from tgedge.demo import random_tg_checkpoint, shapes_image
-from tgedge.reference import TorchPipeline
+from tgedge import demo_checkpoint
+from tgedge.cli import main as tgedge
 
 OUT = Path("out/demo")
+EVAL_SAMPLES = 200
+
+
+def step(n: int, title: str, argv: list[str]) -> None:
+    print(f"\n== {n}/3 {title}\n$ tgedge {shlex.join(argv)}", flush=True)
+    start = time.perf_counter()
+    code = tgedge(argv)
+    if code:
+        sys.exit(code)
+    print(f"   ({time.perf_counter() - start:.1f}s)", flush=True)
 
 
 def main() -> int:
-    print("\n== 1/3 build the demo checkpoint (tgedge layout: HF LLaVA + TG-FOM + TG-DP + CLIP text tower)")
-    start = time.perf_counter()
-    ckpt = random_tg_checkpoint(OUT / "checkpoint")
+    ckpt = demo_checkpoint()
     size = sum(p.stat().st_size for p in ckpt.rglob("*") if p.is_file())
-    print(f"   {ckpt}  ({size / 1e6:.2f} MB, {time.perf_counter() - start:.1f}s)")
-    print("   NOTE: these weights are untrained (the trained embedded model is tracked in issue 4): the answer\n"
-          "   below shows the pipeline working, not a correct answer.")
-    print("\n== 2/3 make a test image")
-    image = shapes_image(OUT / "shapes.png")
-    print(f"   {image}")
-    question = "what color is the circle?"
-    print(f"\n== 3/3 answer (same as: tgedge run {ckpt} --image {image} --prompt '{question}' --json)")
-    pipe = TorchPipeline.from_checkpoint(ckpt)
-    answer = pipe.answer(image, question, pipe.options(max_new_tokens=8))
-    print(f"   answer: {answer.text!r}")
-    print(f"   {answer.prompt_tokens} prompt tokens (image + TG-DP detail tokens included), "
-          f"{len(answer.tokens)} generated; timings {answer.to_dict()['timings']}")
-    print(f"\nOutputs are under {OUT}/")
+    print(f"embedded demo model: {ckpt} ({size / 1e6:.1f} MB; docs/DEMO_MODEL.md)")
+    data = OUT / "eval"
+    step(1, f"write {EVAL_SAMPLES} samples of the shapes task's eval split",
+         ["data", "shapes", "--split", "eval", "-n", str(EVAL_SAMPLES), "-o", str(data)])
+    first = json.loads((data / "samples.jsonl").read_text().splitlines()[0])
+    step(2, f"answer one question (expected: {first['answer']!r})",
+         ["run", "demo", "--image", str(data / first["image"]), "--prompt", first["prompt"]])
+    step(3, "task accuracy with the PyTorch reference", ["eval", "demo", "--data", str(data)])
+    print(f"\nOutputs are under {OUT}/ (export, runtime and quantisation steps arrive with issues 5 and 6)")
     return 0
 
 

@@ -119,3 +119,15 @@ def test_plain_llava_checkpoint_said_once(tmp_path, caplog):
         model, _ = load_model(tmp_path)
     assert not model.cfg.has_tg
     assert sum("plain LLaVA" in r.message for r in caplog.records) == 1
+
+
+def test_ablations_at_inference(tg):
+    ckpt_dir, clip, image = tg
+    pipe = TorchPipeline.from_checkpoint(ckpt_dir, clip).ablate("both")
+    assert pipe.model.mm_patch_encoder is None and pipe.model.mm_cross_attn.zero_layer.weight.abs().sum() == 0
+    inputs = pipe.pre(image, QUESTION)
+    assert inputs.crops is None
+    assert (inputs.input_ids == pipe.pre.spec.image_token_id).sum() == 4  # the main view's patches only
+    assert pipe.answer(image, QUESTION).tokens
+    with pytest.raises(TgedgeError, match="no TG-DP to ablate"):
+        pipe.ablate("dp")

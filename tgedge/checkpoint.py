@@ -147,7 +147,9 @@ def _clip_dir(raw: dict, clip: Path | None, ckpt: Path) -> Path:
 
 
 def load_checkpoint(path: str | Path, clip: str | Path | None = None) -> Checkpoint:
-    path = Path(path)
+    from tgedge import resolve_checkpoint
+
+    path = resolve_checkpoint(path)
     if not path.is_dir():
         raise TgedgeError(f"{path}: checkpoint directory not found")
     raw = C.read_config_json(path / "config.json")

@@ -38,6 +38,28 @@ class TorchPipeline:
         model, ckpt = load_model(path, clip)
         return cls(model, ckpt.preprocessor, context)
 
+    ABLATIONS = ("fom", "dp", "both")
+
+    @torch.no_grad()
+    def ablate(self, which: str) -> "TorchPipeline":
+        """Switch TG modules off at inference: `fom` zeroes TG-FOM's zero_layer, `dp` drops TG-DP's tokens."""
+        from tgedge.errors import TgedgeError
+
+        if which not in self.ABLATIONS:
+            raise TgedgeError(f"unknown ablation {which!r} (choose from {', '.join(self.ABLATIONS)})")
+        model = self.model
+        if which in ("fom", "both"):
+            if model.mm_cross_attn is None:
+                raise TgedgeError("this model has no TG-FOM to ablate")
+            model.mm_cross_attn.zero_layer.weight.zero_()
+            model.mm_cross_attn.zero_layer.bias.zero_()
+        if which in ("dp", "both"):
+            if model.mm_patch_encoder is None:
+                raise TgedgeError("this model has no TG-DP to ablate")
+            model.without_tg(feature_mask=False, detail_perceiver=True)
+            self.pre = self.pre.replace(num_image_tokens=model.cfg.num_image_tokens, detail_crops=False)
+        return self
+
     @torch.no_grad()
     def embeddings(self, inputs: Inputs) -> torch.Tensor:
         """Prompt embeddings (1, T, D) with the image (and TG-DP detail) tokens in place."""

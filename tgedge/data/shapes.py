@@ -31,38 +31,76 @@ class Shape:
 
 
 @dataclass(frozen=True)
+class Placed:
+    """A shape where it was drawn: centre and radius in pixels."""
+    shape: Shape
+    cx: float
+    cy: float
+    r: float
+
+
+@dataclass(frozen=True)
 class Sample:
     image: Image.Image
-    shapes: tuple[Shape, ...]
+    placed: tuple[Placed, ...]
     prompt: str
     answer: str
     type: str
+
+    @property
+    def shapes(self) -> tuple[Shape, ...]:
+        return tuple(p.shape for p in self.placed)
 
     def labels(self) -> list[dict]:
         return [asdict(s) for s in self.shapes]
 
 
-def draw(shapes: tuple[Shape, ...], size: int, rng: np.random.Generator) -> Image.Image:
-    """Noisy light background, then each shape centred in its cell (with a little jitter)."""
-    base = rng.integers(150, 215)
-    noise = rng.normal(0, 12, (size, size, 3))
-    image = Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8))
-    pen = ImageDraw.Draw(image)
+def place(shapes: tuple[Shape, ...], size: int, rng: np.random.Generator) -> tuple[Placed, ...]:
+    """Each shape centred in its cell with a little jitter; small ones at about 3% of the image."""
     cell = size / 3
+    out = []
     for s in shapes:
         r = cell * (rng.uniform(0.08, 0.11) if s.small else rng.uniform(0.28, 0.4))
         cx = (s.cell % 3 + 0.5) * cell + rng.uniform(-0.08, 0.08) * cell
         cy = (s.cell // 3 + 0.5) * cell + rng.uniform(-0.08, 0.08) * cell
-        fill = COLORS[s.color]
-        if s.kind == "circle":
+        out.append(Placed(s, cx, cy, r))
+    return tuple(out)
+
+
+def paint(image: Image.Image, placed: tuple[Placed, ...], fill_of) -> Image.Image:
+    pen = ImageDraw.Draw(image)
+    for p in placed:
+        cx, cy, r, fill = p.cx, p.cy, p.r, fill_of(p.shape)
+        if p.shape.kind == "circle":
             pen.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
-        elif s.kind == "square":
+        elif p.shape.kind == "square":
             pen.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
-        elif s.kind == "triangle":
+        elif p.shape.kind == "triangle":
             pen.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
         else:
             pen.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
     return image
+
+
+def draw(placed: tuple[Placed, ...], size: int, rng: np.random.Generator) -> Image.Image:
+    """Noisy light background, then the shapes."""
+    base = rng.integers(150, 215)
+    noise = rng.normal(0, 12, (size, size, 3))
+    image = Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8))
+    return paint(image, placed, lambda s: COLORS[s.color])
+
+
+def class_id(s: Shape) -> int:
+    """Dense label of a shape: 1 + (kind, colour, small) packed; 0 is background."""
+    return 1 + (SHAPES.index(s.kind) * len(COLORS) + list(COLORS).index(s.color)) * 2 + int(s.small)
+
+
+NUM_CLASSES = 1 + len(SHAPES) * len(COLORS) * 2
+
+
+def label_map(placed: tuple[Placed, ...], size: int) -> np.ndarray:
+    """(size, size) uint8 map of class ids, drawn with the same geometry as the picture."""
+    return np.asarray(paint(Image.new("L", (size, size), 0), placed, class_id))
 
 
 def _layout(rng: np.random.Generator, want_small: bool) -> tuple[Shape, ...]:
@@ -112,7 +150,8 @@ def sample(rng: np.random.Generator, size: int = 112, kind: str | None = None) -
         shapes = _layout(rng, want_small=kind == "small_color" or rng.random() < 0.3)
         qa = _question(kind, shapes, rng)
         if qa is not None:
-            return Sample(draw(shapes, size, rng), shapes, qa[0], qa[1], kind)
+            placed = place(shapes, size, rng)
+            return Sample(draw(placed, size, rng), placed, qa[0], qa[1], kind)
 
 
 def generate(seed: int, count: int, size: int = 112):
@@ -128,3 +167,26 @@ def vocabulary() -> list[str]:
     words |= set(SHAPES) | {k + "s" for k in SHAPES} | set(COLORS) | set(NUMBERS)
     words |= {w for p in POSITIONS for w in p.split()}
     return sorted(words)
+
+
+def patch_labels(labels: np.ndarray, placed: tuple[Placed, ...], box: tuple[int, int, int, int],
+                 grid: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per patch of a view covering `box` (x0, y0, x1, y1) of the picture, split `grid` x `grid`:
+    the class covering most of it (background only when nothing is there) and whether a shape's
+    centre falls in it. -> (grid*grid,) int64 each, row-major."""
+    x0, y0, x1, y1 = box
+    xs = np.linspace(x0, x1, grid + 1).round().astype(int)
+    ys = np.linspace(y0, y1, grid + 1).round().astype(int)
+    cls = np.zeros((grid, grid), np.int64)
+    centre = np.zeros((grid, grid), np.int64)
+    for i in range(grid):
+        for j in range(grid):
+            counts = np.bincount(labels[ys[i]:ys[i + 1], xs[j]:xs[j + 1]].ravel(), minlength=NUM_CLASSES)
+            counts[0] = 0
+            cls[i, j] = counts.argmax() if counts.any() else 0
+    for p in placed:
+        if x0 <= p.cx < x1 and y0 <= p.cy < y1:
+            j = min(int((p.cx - x0) / (x1 - x0) * grid), grid - 1)
+            i = min(int((p.cy - y0) / (y1 - y0) * grid), grid - 1)
+            centre[i, j] = 1
+    return cls.ravel(), centre.ravel()
