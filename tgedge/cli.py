@@ -10,6 +10,7 @@ import sys
 from tgedge import __version__
 from tgedge.errors import TgedgeError
 
+BACKENDS = ["torch", "onnxruntime", "onnxruntime-cuda", "onnxruntime-trt", "tensorrt"]
 EPILOG = "Exit codes: 0 ok, 1 a check failed, 2 bad input. Add --debug for a traceback."
 
 
@@ -19,7 +20,10 @@ def _add_run(sub) -> None:
         description="Answer a question about an image. The answer streams to stdout; --json prints one object "
                     "with text, tokens, prompt_tokens and timings instead.", epilog=EPILOG)
     p.add_argument("checkpoint", help="checkpoint directory (Hugging Face LLaVA, original TG-LLaVA or tgedge layout), "
-                                      "or `demo` for the embedded demo model")
+                                      "`demo` for the embedded demo model, or an export directory (tgedge export)")
+    p.add_argument("--backend", choices=BACKENDS,
+                   help="torch (the PyTorch reference; the default for a checkpoint) or a runtime backend for an "
+                        "export directory (default onnxruntime, i.e. CPU)")
     p.add_argument("--image", required=True, help="image file (any format pillow reads)")
     p.add_argument("--prompt", required=True, help="the question; the model's chat template wraps it")
     p.add_argument("--raw", action="store_true", help="use --prompt verbatim (it must contain <image> once)")
@@ -34,10 +38,29 @@ def _add_run(sub) -> None:
     p.set_defaults(func=cmd_run)
 
 
-def cmd_run(args) -> int:
-    from tgedge.reference import TorchPipeline
+def open_pipeline(model: str, backend: str | None, clip: str | None = None, context: int | None = None):
+    """A checkpoint runs on torch; an export directory (it has manifest.json) on a runtime backend."""
+    from pathlib import Path
 
-    pipe = TorchPipeline.from_checkpoint(args.checkpoint, args.clip, args.max_context)
+    is_export = (Path(model) / "manifest.json").exists()
+    backend = backend or ("onnxruntime" if is_export else "torch")
+    if backend == "torch":
+        if is_export:
+            raise TgedgeError(f"{model} is an export directory: the torch backend runs checkpoints "
+                              "(pass the checkpoint, or pick a runtime backend)")
+        from tgedge.reference import TorchPipeline
+
+        return TorchPipeline.from_checkpoint(model, clip, context)
+    if not is_export:
+        raise TgedgeError(f"--backend {backend} runs an export directory (with manifest.json); {model} is not one "
+                          f"(make one with: tgedge export {model} -o DIR)")
+    from tgedge.runtime.pipeline import Pipeline
+
+    return Pipeline(model, backend, context)
+
+
+def cmd_run(args) -> int:
+    pipe = open_pipeline(args.checkpoint, args.backend, args.clip, args.max_context)
     options = pipe.options(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                            top_p=args.top_p, seed=args.seed)
     stream = None if args.json else (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
@@ -132,6 +155,117 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="export a checkpoint to ONNX graphs + manifest.json",
+                       description="One ONNX graph per runtime stage (text_guide, vision, fusion, embed, decoder) with "
+                                   "symbolic dims, standard ops only (attention as MatMul/Softmax), plus manifest.json "
+                                   "and the tokenizer/preprocessing files: the directory is all the runtime needs. "
+                                   "Each graph is checked against torch at two shapes on onnxruntime CPU; exit 1 if "
+                                   "one is out of tolerance.", epilog=EPILOG)
+    p.add_argument("model", help="checkpoint directory, or `demo` for the embedded demo model")
+    p.add_argument("-o", "--output", required=True, help="export directory to write (replaced if it exists)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17: what JetPack 6's TensorRT 10.3 parses)")
+    p.add_argument("--max-context", type=int,
+                   help="longest prompt + answer the runtime will run (default: the model's max positions, at most "
+                        "4096); sets TensorRT profiles and memory estimates")
+    p.add_argument("--clip", metavar="DIR", help="CLIPModel directory for original-layout checkpoints")
+    p.add_argument("--external-data", choices=["auto", "always", "never"], default="auto",
+                   help="weights in <graph>.onnx.data: auto (graphs over 512 MB), always, never")
+    p.add_argument("--json", action="store_true", help="print the result (graphs, checks, seconds) as JSON")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args) -> int:
+    from tgedge.export.onnx_export import export_model
+
+    external = {"auto": None, "always": True, "never": False}[args.external_data]
+    say = None if args.json else (lambda s: print(f"  {s}", file=sys.stderr, flush=True))
+    result = export_model(args.model, args.output, args.opset, args.max_context, args.clip, external, on_step=say)
+    if args.json:
+        print(json.dumps(result.to_dict()))
+        return 0 if result.passed else 1
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"graphs vs torch on onnxruntime CPU (max abs diff of each output)")
+    for col in ("graph", "dims", "outputs", "max abs diff", "limit", "ok"):
+        table.add_column(col, justify="right" if col in ("max abs diff", "limit") else "left")
+    rows: dict[tuple, list] = {}
+    for c in result.checks:  # one row per graph and dim setting; the worst output's figure
+        rows.setdefault((c.graph, tuple(c.dims.items())), []).append(c)
+    for (graph, dims), checks in rows.items():
+        worst = max(checks, key=lambda c: c.max_abs - c.limit)
+        table.add_row(graph, " ".join(f"{k}={v}" for k, v in dims), str(len(checks)), f"{worst.max_abs:.2e}",
+                      f"{worst.limit:.2e}", "yes" if all(c.passed for c in checks) else "NO")
+    Console().print(table)
+    m = result.manifest
+    print(f"wrote {len(m.graphs)} graphs (opset {m.opset}, max context {m.max_context}) and manifest.json to "
+          f"{result.directory}")
+    if not result.passed:
+        print("tgedge: export check failed: a graph differs from torch beyond its tolerance", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _add_validate(sub) -> None:
+    p = sub.add_parser("validate", help="compare an export on a runtime backend with the PyTorch reference",
+                       description="Every sample through the runtime and the torch fp32 reference, stage by stage "
+                                   "(preprocess, text_guide, vision, fusion, embed, decoder logits under teacher "
+                                   "forcing), then greedy answers and task accuracy, judged by a policy. Exit 1 when "
+                                   "a stage is out of budget (the report names the first), 2 on bad input.",
+                       epilog=EPILOG)
+    p.add_argument("export_dir", help="export directory (tgedge export / tgedge quantize)")
+    p.add_argument("--data", required=True, help="data folder (images/ + samples.jsonl; docs/DATA.md)")
+    p.add_argument("--reference", metavar="MODEL", help="reference checkpoint (default: the one the export was made from)")
+    p.add_argument("--clip", metavar="DIR", help="CLIPModel directory for an original-layout reference")
+    p.add_argument("--backend", choices=BACKENDS[1:], default="onnxruntime", help="runtime backend (default onnxruntime)")
+    p.add_argument("--policy", metavar="FILE", help="TOML limits laid over the defaults (tgedge/policies/default.toml)")
+    p.add_argument("--limit", type=int, help="the first N samples only")
+    p.add_argument("--max-new-tokens", type=int, default=8, help="answer length cap (default 8)")
+    p.add_argument("--json", metavar="F", help="write the report as JSON (per-stage figures, limits, breaches)")
+    p.add_argument("--junit", metavar="F", help="write JUnit XML (one test case per stage) for CI")
+    p.add_argument("--markdown", metavar="F", help="write a Markdown summary (e.g. $GITHUB_STEP_SUMMARY)")
+    p.set_defaults(func=cmd_validate)
+
+
+def _write(path: str, text: str) -> None:
+    import os
+    from pathlib import Path
+
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, out)
+
+
+def cmd_validate(args) -> int:
+    from tgedge.validate import validate
+
+    report = validate(args.export_dir, args.data, args.reference, args.backend, args.policy, args.limit,
+                      args.max_new_tokens, args.clip)
+    if args.json:
+        _write(args.json, json.dumps(report.to_dict(), indent=2) + "\n")
+    if args.junit:
+        _write(args.junit, report.to_junit())
+    if args.markdown:
+        _write(args.markdown, report.to_markdown())
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{args.export_dir} ({args.backend}) vs {report.reference}, {report.samples} samples")
+    for col in ("stage", "precision", "figures", "limits", "result"):
+        table.add_column(col)
+    for s in report.stages:
+        table.add_row(s.name, s.precision, ", ".join(f"{k} {v:.3g}" for k, v in s.figures.items()),
+                      ", ".join(f"{k} {v:g}" for k, v in s.limits.items()) or "-",
+                      "pass" if s.passed else "[red]FAIL[/red] " + "; ".join(s.breaches))
+    console = Console()
+    console.print(table)
+    console.print(report.summary(), markup=False)
+    return 0 if report.passed else 1
+
+
 def _add_train_demo(sub) -> None:
     p = sub.add_parser("train-demo", help="train the small demo TG-LLaVA from scratch on the shapes task",
                        description="Staged training (towers on dense labels, then answers) of the demo model; "
@@ -174,6 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_data(sub)
     _add_eval(sub)
+    _add_export(sub)
+    _add_validate(sub)
     _add_train_demo(sub)
     return parser
 

@@ -1,12 +1,15 @@
-"""Decode loop for the PyTorch reference (gpt-fast style): prefill, decode_one_token, generate."""
+"""The decode loop and the answer flow, shared by the PyTorch reference and the torch-free runtime.
+
+A pipeline (TorchPipeline, runtime.Pipeline) provides the stages; this module only strings them together:
+`prefill(x) -> logits`, `decode_one_token(token, pos) -> logits` over a KV cache set up by
+`setup_cache(max_len)` and dropped by `clear_cache()` (gpt-fast style; the loop knows nothing of tokens' text).
+"""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable
-
-import torch
+from typing import Any, Callable
 
 from tgedge.errors import TgedgeError
 from tgedge.sampling import GenerationOptions, Sampler, StopCriteria
@@ -18,18 +21,16 @@ class GenerationResult:
     timings: dict[str, float] = field(default_factory=dict)  # seconds
 
 
-@torch.no_grad()
-def prefill(model, x: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-    """Embeddings (1, T, D) at input_pos (T,) -> last logits (1, V); fills the KV cache."""
-    return model(x, input_pos)[:, -1]
+@dataclass
+class Answer:
+    text: str
+    tokens: list[int]
+    prompt_tokens: int
+    timings: dict[str, float] = field(default_factory=dict)
 
-
-@torch.no_grad()
-def decode_one_token(model, token: int, pos: int) -> torch.Tensor:
-    """One generated token at position `pos` -> logits (1, V). A generated id is always text, even the
-    image token's id, so it goes through the embedding table directly (as transformers does)."""
-    x = model.language_model.embed_tokens(torch.tensor([[token]]))
-    return model(x, torch.tensor([pos]))[:, -1]
+    def to_dict(self) -> dict:
+        return {"text": self.text, "tokens": self.tokens, "prompt_tokens": self.prompt_tokens,
+                "timings": {k: round(v, 6) for k, v in self.timings.items()}}
 
 
 def fit_to_context(prompt_len: int, max_new_tokens: int, context: int) -> int:
@@ -39,29 +40,61 @@ def fit_to_context(prompt_len: int, max_new_tokens: int, context: int) -> int:
     return min(max_new_tokens, context - prompt_len)
 
 
-@torch.no_grad()
-def generate(model, x: torch.Tensor, options: GenerationOptions, context: int,
-             stop: StopCriteria | None = None, on_token: Callable[[int], None] | None = None) -> GenerationResult:
-    """Greedy or sampled decoding from prompt embeddings (1, T, D)."""
+def generate(pipe, x: Any, options: GenerationOptions, context: int, stop: StopCriteria | None = None,
+             on_token: Callable[[int], None] | None = None) -> GenerationResult:
+    """Greedy or sampled decoding from prompt embeddings x (1, T, D)."""
     t = x.shape[1]
     n = fit_to_context(t, options.max_new_tokens, context)
     sampler, stop = Sampler(options), stop or StopCriteria(options)
-    model.language_model.setup_cache(1, t + n)
+    pipe.setup_cache(t + n)
     try:
         start = time.perf_counter()
-        logits = prefill(model, x, torch.arange(t))
-        tokens = [sampler.pick(logits[0].numpy())]
+        tokens = [sampler.pick(pipe.prefill(x))]
         first = time.perf_counter()
         if on_token:
             on_token(tokens[-1])
         while len(tokens) < n and not stop.done(tokens):
-            logits = decode_one_token(model, tokens[-1], t + len(tokens) - 1)
-            tokens.append(sampler.pick(logits[0].numpy()))
+            tokens.append(sampler.pick(pipe.decode_one_token(tokens[-1], t + len(tokens) - 1)))
             if on_token:
                 on_token(tokens[-1])
         end = time.perf_counter()
     finally:
-        model.language_model.clear_cache()
+        pipe.clear_cache()
     steps = max(len(tokens) - 1, 1)
     return GenerationResult(tokens, {"prefill_s": first - start, "decode_s": end - first,
                                      "decode_tokens_per_s": steps / max(end - first, 1e-9)})
+
+
+class AnswerMixin:
+    """`answer()` for a pipeline with `pre` (Preprocessor), `context`, `embeddings(inputs)` and the decode steps."""
+
+    def options(self, **kw) -> GenerationOptions:
+        kw.setdefault("eos_token_ids", self.pre.spec.eos_token_ids)
+        kw.setdefault("stop_strings", self.pre.spec.template.stop_strings)
+        return GenerationOptions(**kw)
+
+    def answer(self, image, question: str, options: GenerationOptions | None = None, raw: bool = False,
+               on_text: Callable[[str], None] | None = None) -> Answer:
+        options = options or self.options()
+        start = time.perf_counter()
+        inputs = self.pre(image, question, raw)
+        x = self.embeddings(inputs)
+        encoded = time.perf_counter()
+        decode = self.pre.tokenizer.decode
+        stop = StopCriteria(options, decode)
+        tokens: list[int] = []
+        shown = ""
+
+        def on_token(token: int) -> None:
+            nonlocal shown
+            tokens.append(token)
+            if on_text is not None:  # stream the text as it grows, never past a stop string
+                text = stop.clean(decode(tokens))
+                if len(text) > len(shown) and text.startswith(shown):
+                    on_text(text[len(shown):])
+                    shown = text
+
+        result = generate(self, x, options, self.context, stop, on_token=on_token)
+        text = stop.clean(decode(result.tokens)).strip()
+        timings = {"preprocess_encode_s": encoded - start, **result.timings}
+        return Answer(text, result.tokens, int(inputs.input_ids.shape[1]), timings)

@@ -2,31 +2,17 @@
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from tgedge.generate import generate
+from tgedge.generate import Answer, AnswerMixin
 from tgedge.preprocess import Inputs, Preprocessor
-from tgedge.sampling import GenerationOptions, StopCriteria
+
+__all__ = ["Answer", "TorchPipeline"]
 
 
-@dataclass
-class Answer:
-    text: str
-    tokens: list[int]
-    prompt_tokens: int
-    timings: dict[str, float] = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return {"text": self.text, "tokens": self.tokens, "prompt_tokens": self.prompt_tokens,
-                "timings": {k: round(v, 6) for k, v in self.timings.items()}}
-
-
-class TorchPipeline:
+class TorchPipeline(AnswerMixin):
     def __init__(self, model, preprocessor: Preprocessor, context: int | None = None):
         self.model, self.pre = model.eval(), preprocessor
         self.context = context or model.cfg.decoder.max_position_embeddings
@@ -67,33 +53,25 @@ class TorchPipeline:
         image = self.model.encode_image(t(inputs.pixel_values), t(inputs.crops), t(inputs.guide_ids))
         return self.model.embed(t(inputs.input_ids), image)
 
-    def options(self, **kw) -> GenerationOptions:
-        kw.setdefault("eos_token_ids", self.pre.spec.eos_token_ids)
-        kw.setdefault("stop_strings", self.pre.spec.template.stop_strings)
-        return GenerationOptions(**kw)
+    # -- decode steps (tgedge.generate drives them) -----------------------------------------------------------
+    def setup_cache(self, max_len: int) -> None:
+        self.model.language_model.setup_cache(1, max_len)
 
-    def answer(self, image, question: str, options: GenerationOptions | None = None, raw: bool = False,
-               on_text: Callable[[str], None] | None = None) -> Answer:
-        options = options or self.options()
-        start = time.perf_counter()
-        inputs = self.pre(image, question, raw)
-        x = self.embeddings(inputs)
-        encoded = time.perf_counter()
-        decode = self.pre.tokenizer.decode
-        stop = StopCriteria(options, decode)
-        tokens: list[int] = []
-        shown = ""
+    def clear_cache(self) -> None:
+        self.model.language_model.clear_cache()
 
-        def on_token(token: int) -> None:
-            nonlocal shown
-            tokens.append(token)
-            if on_text is not None:  # stream the text as it grows, never past a stop string
-                text = stop.clean(decode(tokens))
-                if len(text) > len(shown) and text.startswith(shown):
-                    on_text(text[len(shown):])
-                    shown = text
+    @torch.no_grad()
+    def prefill(self, x: torch.Tensor):
+        """Prompt embeddings (1, T, D) -> last logits (V,) as numpy; fills the KV cache."""
+        return self.model(x, torch.arange(x.shape[1]))[0, -1].numpy()
 
-        result = generate(self.model, x, options, self.context, stop, on_token=on_token)
-        text = stop.clean(decode(result.tokens)).strip()
-        timings = {"preprocess_encode_s": encoded - start, **result.timings}
-        return Answer(text, result.tokens, int(inputs.input_ids.shape[1]), timings)
+    @torch.no_grad()
+    def decode_one_token(self, token: int, pos: int):
+        """A generated id is always text, even the image token's id: it goes through the embedding table."""
+        x = self.model.language_model.embed_tokens(torch.tensor([[token]]))
+        return self.model(x, torch.tensor([pos]))[0, -1].numpy()
+
+    @torch.no_grad()
+    def logits(self, x: torch.Tensor):
+        """Full-sequence logits (1, T, V) without a cache: teacher forcing in `tgedge validate`."""
+        return self.model(x, torch.arange(x.shape[1])).numpy()

@@ -125,13 +125,32 @@ class Decoder(nn.Module):
         for layer in self.layers:
             layer.self_attn.kv_cache = None
 
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (..., T) -> cos, sin (..., T, D)."""
+        freqs = positions.float()[..., None] * self.inv_freq  # (..., T, D/2)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
     def forward(self, x: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         """x (B, T, D) embeddings at positions input_pos (T,) -> hidden states (B, T, D)."""
-        freqs = input_pos.float()[:, None] * self.inv_freq[None]  # (T, D/2)
-        emb = torch.cat([freqs, freqs], dim=-1)
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        cos, sin = self.rope(input_pos, x.dtype)  # (T, D)
         keys = torch.arange(self.max_seq_len, device=x.device) if self.max_seq_len else input_pos
         mask = torch.where(keys[None, :] <= input_pos[:, None], 0.0, torch.finfo(x.dtype).min).to(x.dtype)  # (T, S)
+        return self.run_layers(x, cos, sin, mask, input_pos)
+
+    def run_layers(self, x, cos, sin, mask, input_pos) -> torch.Tensor:
         for layer in self.layers:
             x = layer(x, cos, sin, mask, input_pos)
         return self.norm(x)
+
+
+class PastKV(nn.Module):
+    """The exported graphs' cache contract: past keys/values come in, present (past + new) go out."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+        super().__init__()
+        self.k, self.v = k, v  # (B, Hkv, P, D)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        self.k, self.v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)  # (B, Hkv, P+T, D)
+        return self.k, self.v

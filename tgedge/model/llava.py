@@ -72,7 +72,10 @@ class TGLlava(nn.Module):
 
     def forward(self, x: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         """Embeddings (B, T, D) at positions input_pos (T,) -> logits (B, T, V)."""
-        h = self.language_model(x, input_pos)
+        return self.lm_logits(self.language_model(x, input_pos))
+
+    def lm_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Final hidden states (B, T, D) -> logits (B, T, V)."""
         if self.cfg.decoder.tie_word_embeddings:
             return h @ self.language_model.embed_tokens.weight.T
         return self.lm_head(h)

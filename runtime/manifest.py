@@ -1,0 +1,144 @@
+"""`manifest.json`: what an export directory holds, read by the runtime without torch.
+
+An export directory is self-contained: the graphs, this manifest, and the preprocessing files
+(`preprocess.json`, `tokenizer.json`, `guide_tokenizer.json`) that `tgedge.preprocess.Preprocessor` reads.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tgedge import __version__
+from tgedge.errors import TgedgeError
+
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+# Every stage the runtime knows, in pipeline order; a model without a text guide has no `text_guide` graph.
+GRAPHS = ("text_guide", "vision", "fusion", "embed", "decoder")
+PRECISIONS = ("fp32", "fp16", "int8", "int8w", "int4w")
+
+
+def _major_minor(version: str) -> str:
+    return ".".join(version.split(".")[:2])
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """A graph input or output: numpy dtype name and a shape whose symbolic dims are names."""
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...]
+
+    def describe(self) -> str:
+        dims = ", ".join(str(d) for d in self.shape)
+        return f"{self.dtype} ({dims}{',' if len(self.shape) == 1 else ''})"
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TensorMeta":
+        return cls(d["name"], d["dtype"], tuple(d["shape"]))
+
+
+@dataclass
+class GraphEntry:
+    name: str
+    file: str
+    precision: str
+    inputs: list[TensorMeta]
+    outputs: list[TensorMeta]
+    sha256: str = ""
+    external_data: str | None = None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["inputs"] = [t.to_dict() for t in self.inputs]
+        d["outputs"] = [t.to_dict() for t in self.outputs]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GraphEntry":
+        d = dict(d)
+        d["inputs"] = [TensorMeta.from_dict(t) for t in d["inputs"]]
+        d["outputs"] = [TensorMeta.from_dict(t) for t in d["outputs"]]
+        return cls(**d)
+
+
+@dataclass
+class Manifest:
+    graphs: dict[str, GraphEntry]
+    dims: dict[str, dict[str, int]]  # symbolic dim -> {"min", "opt", "max"} (TensorRT optimisation profiles)
+    max_context: int
+    opset: int
+    model: dict  # the model config (tgedge.config.ModelConfig.to_dict())
+    source: dict = field(default_factory=dict)  # {"checkpoint": path as given, "sha256": weights hash}
+    reference: dict = field(default_factory=dict)  # per graph: fixed input and reference output checksums
+    files: dict = field(default_factory=dict)  # preprocessing files copied in
+    tgedge_version: str = __version__
+    manifest_version: int = MANIFEST_VERSION
+    directory: Path | None = None
+
+    def to_dict(self) -> dict:
+        return {"manifest_version": self.manifest_version, "tgedge_version": self.tgedge_version,
+                "opset": self.opset, "max_context": self.max_context,
+                "graphs": {k: g.to_dict() for k, g in self.graphs.items()}, "dims": self.dims,
+                "files": self.files, "source": self.source, "reference": self.reference, "model": self.model}
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / MANIFEST
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "Manifest":
+        """Read and check an export directory: version, graph files present, preprocessing files present."""
+        directory = Path(directory)
+        path = directory / MANIFEST
+        if not directory.is_dir():
+            raise TgedgeError(f"{directory}: export directory not found")
+        if not path.exists():
+            raise TgedgeError(f"{directory}: no {MANIFEST} (not a tgedge export directory; make one with tgedge export)")
+        try:
+            d = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise TgedgeError(f"{path}: not valid JSON ({e})") from None
+        version, written_by = d.get("manifest_version"), d.get("tgedge_version", "?")
+        if version != MANIFEST_VERSION or _major_minor(str(written_by)) != _major_minor(__version__):
+            raise TgedgeError(f"{path}: written by tgedge {written_by} (manifest version {version}); this is tgedge "
+                              f"{__version__} (manifest version {MANIFEST_VERSION}): export the model again")
+        try:
+            m = cls(graphs={k: GraphEntry.from_dict(g) for k, g in d["graphs"].items()}, dims=d["dims"],
+                    max_context=d["max_context"], opset=d["opset"], model=d["model"], source=d.get("source", {}),
+                    reference=d.get("reference", {}), files=d.get("files", {}), tgedge_version=written_by,
+                    manifest_version=version, directory=directory)
+        except (KeyError, TypeError) as e:
+            raise TgedgeError(f"{path}: malformed manifest ({type(e).__name__}: {e})") from None
+        unknown = sorted(set(m.graphs) - set(GRAPHS))
+        if unknown:
+            raise TgedgeError(f"{path}: unknown graph(s) {', '.join(unknown)} (known: {', '.join(GRAPHS)})")
+        for name in ("vision", "fusion", "embed", "decoder"):
+            if name not in m.graphs:
+                raise TgedgeError(f"{path}: no {name!r} graph listed")
+        for g in m.graphs.values():
+            if not (directory / g.file).exists():
+                raise TgedgeError(f"{directory}: graph {g.name!r} is missing ({g.file} not found)")
+            if g.external_data and not (directory / g.external_data).exists():
+                raise TgedgeError(f"{directory}: graph {g.name!r} is missing its weights ({g.external_data} not found)")
+        for f in m.files.values():
+            if not (directory / f).exists():
+                raise TgedgeError(f"{directory}: {f} is missing (listed in {MANIFEST})")
+        return m
+
+    def graph_path(self, name: str) -> Path:
+        return self.directory / self.graphs[name].file
+
+    @property
+    def has_text_guide(self) -> bool:
+        return "text_guide" in self.graphs
+
+    @property
+    def num_layers(self) -> int:
+        return sum(1 for t in self.graphs["decoder"].inputs if t.name.endswith(".key"))

@@ -1,0 +1,102 @@
+"""ONNX Runtime backend: CPU, CUDA and TensorRT execution providers.
+
+Inference goes through IO binding: outputs named in `keep` stay as OrtValues where ORT put them (on the
+GPU with CUDA/TensorRT), so the decoder's `present.*` feed the next step's `past_key_values.*` without a
+copy through the host.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tgedge.errors import TgedgeError
+from tgedge.runtime.manifest import TensorMeta
+from tgedge.runtime.runner import BaseRunner
+
+ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
+              "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(int8)": "int8", "tensor(uint8)": "uint8",
+              "tensor(bool)": "bool"}
+
+# device -> execution providers, most preferred first; ORT falls back along the list per node.
+DEVICES = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "trt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+
+
+def _meta(arg) -> TensorMeta:
+    shape = tuple(d if isinstance(d, int) else (d or "?") for d in arg.shape)
+    return TensorMeta(arg.name, ORT_DTYPES.get(arg.type, arg.type), shape)
+
+
+class SessionFromOnnx:
+    """Lazy loader: an `onnxruntime.InferenceSession` for a graph on a device (`cpu`, `cuda`, `trt`)."""
+
+    def __init__(self, path: str | Path, device: str = "cpu", threads: int = 0, trt_cache: str | Path | None = None):
+        if device not in DEVICES:
+            raise TgedgeError(f"unknown onnxruntime device {device!r} (choose from {', '.join(DEVICES)})")
+        self.path, self.device, self.threads, self.trt_cache = Path(path), device, threads, trt_cache
+
+    def __call__(self):
+        import onnxruntime as ort
+
+        wanted = DEVICES[self.device]
+        if wanted[0] not in ort.get_available_providers():
+            raise TgedgeError(f"{wanted[0]} is not available in this onnxruntime ({ort.__version__}: "
+                              f"{', '.join(ort.get_available_providers())}); install onnxruntime-gpu for CUDA/TensorRT")
+        providers: list[Any] = list(wanted)
+        if self.device == "trt":
+            opts = {"trt_fp16_enable": "True", "trt_engine_cache_enable": "True"}
+            if self.trt_cache:
+                opts["trt_engine_cache_path"] = str(self.trt_cache)
+            providers[0] = ("TensorrtExecutionProvider", opts)
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        if self.threads:
+            so.intra_op_num_threads = self.threads
+        try:
+            return ort.InferenceSession(str(self.path), so, providers=providers)
+        except Exception as e:  # ORT raises its own exception types per failure; all mean "cannot load"
+            raise TgedgeError(f"{self.path}: onnxruntime cannot load this graph ({str(e).splitlines()[0]})") from None
+
+
+class OnnxRuntimeRunner(BaseRunner):
+    def __init__(self, session_loader: SessionFromOnnx, name: str | None = None):
+        super().__init__(name or session_loader.path.stem)
+        self.loader = session_loader
+        self.session = None
+
+    @property
+    def device_type(self) -> str:
+        return "cpu" if self.loader.device == "cpu" else "cuda"
+
+    def activate_impl(self) -> None:
+        self.session = self.loader()
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def deactivate_impl(self) -> None:
+        self.session = None
+
+    def get_input_metadata_impl(self) -> dict[str, TensorMeta]:
+        return {i.name: _meta(i) for i in self.session.get_inputs()}
+
+    def get_output_metadata_impl(self) -> dict[str, TensorMeta]:
+        return {o.name: _meta(o) for o in self.session.get_outputs()}
+
+    def infer_impl(self, feed: dict[str, Any], keep: tuple[str, ...] = ()) -> dict[str, Any]:
+        """Outputs as numpy arrays, except those named in `keep`: OrtValues left on the device."""
+        binding = self.session.io_binding()
+        for name, value in feed.items():
+            if isinstance(value, np.ndarray):
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+            else:
+                binding.bind_ortvalue_input(name, value)
+        for name in self.output_names:
+            binding.bind_output(name, self.device_type)
+        self.session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        return {n: (v if n in keep else v.numpy()) for n, v in zip(self.output_names, outputs)}

@@ -1,0 +1,113 @@
+"""One runner interface for every backend (Polygraphy style).
+
+    with OnnxRuntimeRunner(SessionFromOnnx(path), name="vision") as runner:
+        outputs = runner.infer({"pixel_values": pixels})
+
+Backends implement `activate_impl`, `infer_impl`, `deactivate_impl` and `get_input_metadata_impl`;
+inputs are checked here, against the graph's own metadata, before the backend sees them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from tgedge.errors import TgedgeError, TgedgeInternalError
+from tgedge.runtime.manifest import TensorMeta
+
+
+def describe_value(value: Any) -> tuple[str, tuple[int, ...]]:
+    """(numpy dtype name, shape) of a numpy array or a backend's device array."""
+    if isinstance(value, np.ndarray):
+        return value.dtype.name, tuple(value.shape)
+    if callable(getattr(value, "data_type", None)) and callable(getattr(value, "shape", None)):  # an ORT OrtValue
+        from tgedge.runtime.onnxrt import ORT_DTYPES
+
+        return ORT_DTYPES.get(value.data_type(), value.data_type()), tuple(value.shape())
+    raise TgedgeError(f"cannot feed a {type(value).__name__} (expected a numpy array)")
+
+
+def check_feed(graph: str, feed: dict[str, Any], expected: dict[str, TensorMeta]) -> None:
+    """Names, dtypes, ranks and static dims; one symbolic dim must have one value across all inputs."""
+    missing = [n for n in expected if n not in feed]
+    unexpected = [n for n in feed if n not in expected]
+    if missing or unexpected:
+        raise TgedgeError(f"{graph} inputs | missing {missing or 'none'} | unexpected {unexpected or 'none'} | "
+                          f"expected {list(expected)}")
+    bound: dict[str, tuple[int, str]] = {}  # symbolic dim -> (value, the input that set it)
+    for name, meta in expected.items():
+        dtype, shape = describe_value(feed[name])
+        problem = ""
+        if dtype != meta.dtype or len(shape) != len(meta.shape) or any(
+                isinstance(want, int) and got != want for got, want in zip(shape, meta.shape)):
+            problem = " "
+        else:
+            for got, want in zip(shape, meta.shape):
+                value, source = bound.setdefault(want, (got, name)) if isinstance(want, str) else (got, name)
+                if value != got:
+                    problem = f" | {want} is {value} in {source!r}"
+                    break
+        if problem:
+            raise TgedgeError(f"{graph} input {name!r} | got {dtype} {shape} | expected {meta.describe()}"
+                              + problem.rstrip())
+
+
+class BaseRunner:
+    """activate / infer(feed) -> outputs / deactivate, usable as a context manager."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.is_active = False
+        self._input_metadata: dict[str, TensorMeta] | None = None
+
+    # -- the contract ---------------------------------------------------------------------------------------
+    def activate(self) -> None:
+        if self.is_active:
+            raise TgedgeInternalError(f"runner {self.name!r} is already active")
+        self.activate_impl()
+        self.is_active = True
+
+    def deactivate(self) -> None:
+        if self.is_active:
+            self.deactivate_impl()
+            self.is_active = False
+            self._input_metadata = None
+
+    def __enter__(self) -> "BaseRunner":
+        self.activate()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.deactivate()
+
+    def get_input_metadata(self) -> dict[str, TensorMeta]:
+        if self._input_metadata is None:
+            self._input_metadata = self.get_input_metadata_impl()
+        return self._input_metadata
+
+    def get_output_metadata(self) -> dict[str, TensorMeta]:
+        return self.get_output_metadata_impl()
+
+    def infer(self, feed: dict[str, Any], check_inputs: bool = True, **kwargs) -> dict[str, Any]:
+        if not self.is_active:
+            raise TgedgeInternalError(f"runner {self.name!r} must be activated before infer()")
+        if check_inputs:
+            check_feed(self.name, feed, self.get_input_metadata())
+        return self.infer_impl(feed, **kwargs)
+
+    # -- for backends ---------------------------------------------------------------------------------------
+    def activate_impl(self) -> None:
+        raise NotImplementedError
+
+    def deactivate_impl(self) -> None:
+        raise NotImplementedError
+
+    def get_input_metadata_impl(self) -> dict[str, TensorMeta]:
+        raise NotImplementedError
+
+    def get_output_metadata_impl(self) -> dict[str, TensorMeta]:
+        raise NotImplementedError
+
+    def infer_impl(self, feed: dict[str, Any], **kwargs) -> dict[str, Any]:
+        raise NotImplementedError
