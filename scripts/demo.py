@@ -15,8 +15,11 @@ OUT = Path("out/demo")
 EVAL_SAMPLES = 200
 
 
+STEPS = 6
+
+
 def step(n: int, title: str, argv: list[str]) -> None:
-    print(f"\n== {n}/3 {title}\n$ tgedge {shlex.join(argv)}", flush=True)
+    print(f"\n== {n}/{STEPS} {title}\n$ tgedge {shlex.join(argv)}", flush=True)
     start = time.perf_counter()
     code = tgedge(argv)
     if code:
@@ -35,7 +38,18 @@ def main() -> int:
     step(2, f"answer one question (expected: {first['answer']!r})",
          ["run", "demo", "--image", str(data / first["image"]), "--prompt", first["prompt"]])
     step(3, "task accuracy with the PyTorch reference", ["eval", "demo", "--data", str(data)])
-    print(f"\nOutputs are under {OUT}/ (export, runtime and quantisation steps arrive with issues 5 and 6)")
+    fp32 = OUT / "export-fp32"
+    step(4, "export to ONNX (one graph per stage + manifest.json), each graph checked against torch",
+         ["export", "demo", "-o", str(fp32)])
+    step(5, "the same question on the torch-free runtime (onnxruntime CPU)",
+         ["run", str(fp32), "--backend", "onnxruntime", "--image", str(data / first["image"]), "--prompt",
+          first["prompt"]])
+    reports = OUT / "reports"
+    step(6, "validate the export against the reference, stage by stage (the CI drift gate)",
+         ["validate", str(fp32), "--data", str(data), "--json", str(reports / "fp32.json"),
+          "--junit", str(reports / "fp32.xml"), "--markdown", str(reports / "fp32.md")])
+    print(f"\nOutputs are under {OUT}/: eval/ (data), export-fp32/ (graphs + manifest.json), reports/ (validate)."
+          "\nQuantisation (fp16 / int8 / int4) and TensorRT engines arrive with issue 6.")
     return 0
 
 

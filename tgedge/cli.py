@@ -239,6 +239,9 @@ def _write(path: str, text: str) -> None:
     os.replace(tmp, out)
 
 
+HEADLINE = ("max_abs", "min_cosine", "top1", "kl_max", "exact_match", "reference", "runtime", "drop_points")
+
+
 def cmd_validate(args) -> int:
     from tgedge.validate import validate
 
@@ -257,7 +260,8 @@ def cmd_validate(args) -> int:
     for col in ("stage", "precision", "figures", "limits", "result"):
         table.add_column(col)
     for s in report.stages:
-        table.add_row(s.name, s.precision, ", ".join(f"{k} {v:.3g}" for k, v in s.figures.items()),
+        shown = {k: v for k, v in s.figures.items() if k in HEADLINE}  # the rest is in --json
+        table.add_row(s.name, s.precision, ", ".join(f"{k} {v:.3g}" for k, v in shown.items()),
                       ", ".join(f"{k} {v:g}" for k, v in s.limits.items()) or "-",
                       "pass" if s.passed else "[red]FAIL[/red] " + "; ".join(s.breaches))
     console = Console()
