@@ -77,6 +77,8 @@ class Manifest:
     source: dict = field(default_factory=dict)  # {"checkpoint": path as given, "sha256": weights hash}
     reference: dict = field(default_factory=dict)  # per graph: fixed input and reference output checksums
     files: dict = field(default_factory=dict)  # preprocessing files copied in
+    quantization: dict = field(default_factory=dict)  # tgedge quantize: precision, method, per-graph coverage
+    engines: dict = field(default_factory=dict)  # tgedge build: graph -> engine file and build metadata
     tgedge_version: str = __version__
     manifest_version: int = MANIFEST_VERSION
     directory: Path | None = None
@@ -85,7 +87,8 @@ class Manifest:
         return {"manifest_version": self.manifest_version, "tgedge_version": self.tgedge_version,
                 "opset": self.opset, "max_context": self.max_context,
                 "graphs": {k: g.to_dict() for k, g in self.graphs.items()}, "dims": self.dims,
-                "files": self.files, "source": self.source, "reference": self.reference, "model": self.model}
+                "files": self.files, "source": self.source, "reference": self.reference,
+                "quantization": self.quantization, "engines": self.engines, "model": self.model}
 
     def save(self, directory: str | Path) -> Path:
         path = Path(directory) / MANIFEST
@@ -112,7 +115,9 @@ class Manifest:
         try:
             m = cls(graphs={k: GraphEntry.from_dict(g) for k, g in d["graphs"].items()}, dims=d["dims"],
                     max_context=d["max_context"], opset=d["opset"], model=d["model"], source=d.get("source", {}),
-                    reference=d.get("reference", {}), files=d.get("files", {}), tgedge_version=written_by,
+                    reference=d.get("reference", {}), files=d.get("files", {}),
+                    quantization=d.get("quantization", {}), engines=d.get("engines", {}),
+                    tgedge_version=written_by,
                     manifest_version=version, directory=directory)
         except (KeyError, TypeError) as e:
             raise TgedgeError(f"{path}: malformed manifest ({type(e).__name__}: {e})") from None

@@ -26,8 +26,9 @@ def make_runner(backend: str, manifest: Manifest, graph: str) -> BaseRunner:
 
         return OnnxRuntimeRunner(SessionFromOnnx(manifest.graph_path(graph), _ORT_DEVICES[backend]), graph)
     if backend == "tensorrt":
-        raise TgedgeError("the tensorrt backend runs engines built by `tgedge build`, which this tgedge does not have "
-                          "yet; use --backend onnxruntime-trt for TensorRT through onnxruntime")
+        from tgedge.runtime.tensorrt import TensorRTRunner
+
+        return TensorRTRunner(manifest, graph)
     raise TgedgeError(f"unknown backend {backend!r} (choose from torch, {', '.join(BACKENDS)})")
 
 

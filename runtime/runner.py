@@ -21,6 +21,9 @@ def describe_value(value: Any) -> tuple[str, tuple[int, ...]]:
     """(numpy dtype name, shape) of a numpy array or a backend's device array."""
     if isinstance(value, np.ndarray):
         return value.dtype.name, tuple(value.shape)
+    meta = getattr(value, "tgedge_meta", None)  # a device array of tgedge's own runners
+    if callable(meta):
+        return meta()
     if callable(getattr(value, "data_type", None)) and callable(getattr(value, "shape", None)):  # an ORT OrtValue
         from tgedge.runtime.onnxrt import ORT_DTYPES
 

@@ -109,8 +109,10 @@ def _add_eval(sub) -> None:
                        description="Greedy answers for every sample of a data folder, exact match against its "
                                    "answers: overall and per question type, with the majority-answer chance level "
                                    "and the first 20 failures.", epilog=EPILOG)
-    p.add_argument("model", help="checkpoint directory, or `demo` for the embedded demo model")
+    p.add_argument("model", help="checkpoint directory, `demo` for the embedded demo model, or an export directory")
     p.add_argument("--data", required=True, help="data folder (images/ + samples.jsonl)")
+    p.add_argument("--backend", choices=BACKENDS,
+                   help="torch for a checkpoint (default), a runtime backend for an export directory (default onnxruntime)")
     p.add_argument("--limit", type=int, help="evaluate the first N samples only")
     p.add_argument("--clip", metavar="DIR", help="CLIPModel directory for original-layout checkpoints")
     p.add_argument("--max-new-tokens", type=int, default=8, help="answer length cap (default 8)")
@@ -128,8 +130,10 @@ def cmd_eval(args) -> int:
     from tgedge.reference import TorchPipeline
 
     records = read_folder(args.data)[: args.limit]
-    pipe = TorchPipeline.from_checkpoint(args.model, args.clip)
+    pipe = open_pipeline(args.model, args.backend, args.clip)
     if args.ablate:
+        if not isinstance(pipe, TorchPipeline):
+            raise TgedgeError("--ablate switches modules of the PyTorch reference: pass a checkpoint")
         pipe.ablate(args.ablate)
     options = pipe.options(max_new_tokens=args.max_new_tokens)
     answer = lambda image, prompt: pipe.answer(image, prompt, options).text  # noqa: E731
@@ -204,6 +208,98 @@ def cmd_export(args) -> int:
     if not result.passed:
         print("tgedge: export check failed: a graph differs from torch beyond its tolerance", file=sys.stderr)
         return 1
+    return 0
+
+
+def _add_quantize(sub) -> None:
+    p = sub.add_parser("quantize", help="fp16 / int8 (calibrated Q/DQ) / int4w / int8w copies of an fp32 export",
+                       description="Write a new export directory with quantised graphs and an updated manifest. "
+                                   "PRECISION is one of fp16, int8 (every graph), int4w, int8w (the decoder's "
+                                   "weights), or one per graph: vision=fp16,fusion=fp16,decoder=int8 (graphs not "
+                                   "named stay fp32). int8 calibrates on the real inputs of every graph while the "
+                                   "fp32 export answers the --calib samples, and saves the ranges as "
+                                   "calibration.json (reuse them with --calibration).", epilog=EPILOG)
+    p.add_argument("export_dir", help="an fp32 export directory (tgedge export)")
+    p.add_argument("--precision", required=True, metavar="P", help="fp16 | int8 | int4w | int8w | GRAPH=P,...")
+    p.add_argument("-o", "--output", required=True, help="output export directory (replaced if it exists)")
+    p.add_argument("--calib", metavar="DIR", help="calibration data folder (images/ + samples.jsonl), e.g. "
+                                                   "`tgedge data shapes --split calibration -o DIR`")
+    p.add_argument("--calibration", metavar="FILE", help="reuse a calibration.json instead of --calib data")
+    p.add_argument("--calib-limit", type=int, help="use the first N calibration samples")
+    p.add_argument("--method", choices=["minmax", "entropy", "percentile"], default="minmax",
+                   help="activation range calibration (default minmax; docs/QUANTIZATION.md compares them)")
+    p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                   help="keep nodes whose name matches this glob in fp32, e.g. '/layers.0/*' (repeatable)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_quantize)
+
+
+def cmd_quantize(args) -> int:
+    from tqdm import tqdm
+
+    from tgedge.calibration.quantize import quantize_export
+
+    if args.calib_limit is not None and args.calib_limit < 1:
+        raise TgedgeError(f"--calib-limit must be >= 1 (got {args.calib_limit})")
+    say = (lambda s: print(f"  {s}", file=sys.stderr, flush=True))
+    with tqdm(desc="calibrate", unit="sample", disable=None, file=sys.stderr, total=args.calib_limit) as bar:
+        result = quantize_export(args.export_dir, args.output, args.precision, args.calib, args.method, args.exclude,
+                                 args.calibration, args.calib_limit, on_step=say, progress=bar.update)
+    if args.json:
+        print(json.dumps(result.to_dict()))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{result.directory}")
+    for col in ("graph", "precision", "quantised ops", "kept fp32", "note"):
+        table.add_column(col)
+    for graph, r in result.reports.items():
+        d = r.to_dict()
+        table.add_row(graph, d["precision"], str(d["quantized_nodes"]), str(d["fp32_nodes"]), d["note"])
+    Console().print(table)
+    if result.calibration:
+        c = result.calibration
+        print(f"calibration: {c['method']} on {c['data']['samples']} samples of {c['data']['path']} "
+              f"-> {result.directory}/calibration.json")
+    print(f"wrote {result.directory}; check it with: tgedge validate {result.directory} --data DIR")
+    return 0
+
+
+def _add_build(sub) -> None:
+    p = sub.add_parser("build", help="build TensorRT engines from an export directory",
+                       description="One engine per graph with the TensorRT Python API (8.6, 10.x, 11.x, or TensorRT "
+                                   "for RTX): strongly typed networks where the library has them (the export's "
+                                   "precision decides: fp16 export -> fp16 engines, Q/DQ -> int8), optimisation "
+                                   "profiles from the manifest's min/opt/max (the decoder: prefill and decode), a "
+                                   "timing cache reused across builds. Engines are not portable: build on the device "
+                                   "that runs them (docs/JETSON.md). Prints the equivalent trtexec line per graph.",
+                       epilog=EPILOG)
+    p.add_argument("export_dir", help="export directory (tgedge export / tgedge quantize)")
+    p.add_argument("-o", "--output", required=True, help="engine directory: a copy of the export + <graph>.engine")
+    p.add_argument("--backend", choices=["tensorrt", "tensorrt_rtx"], default="tensorrt",
+                   help="tensorrt (JetPack / PyPI TensorRT, default) or tensorrt_rtx (TensorRT for RTX)")
+    p.add_argument("--timing-cache", metavar="F", help="timing cache file: read if present, written after the build")
+    p.add_argument("--workspace", type=int, default=1024, metavar="MB", help="builder workspace limit (default 1024)")
+    p.add_argument("--graph", action="append", dest="graphs", metavar="NAME", help="build only this graph (repeatable)")
+    p.add_argument("--json", action="store_true", help="print engines, metadata and commands as JSON")
+    p.set_defaults(func=cmd_build)
+
+
+def cmd_build(args) -> int:
+    from tgedge.export.tensorrt_build import build_engines
+
+    say = None if args.json else (lambda s: print(s, file=sys.stderr, flush=True))
+    result = build_engines(args.export_dir, args.output, args.backend, args.workspace, args.timing_cache,
+                           args.graphs, on_step=say)
+    if args.json:
+        print(json.dumps(result.to_dict()))
+        return 0
+    for graph, meta in result.engines.items():
+        print(f"{graph}: {meta['file']} ({meta['bytes'] / 1e6:.1f} MB, {meta['precision']}, {meta['build_s']:.1f}s, "
+              f"{meta['backend']} {meta['tensorrt_version']}, GPU {meta['gpu'] or 'none'})")
+        print(f"  equivalent: {result.commands[graph]}")
+    print(f"wrote {result.directory}; run it with: tgedge run {result.directory} --backend tensorrt ...")
     return 0
 
 
@@ -313,6 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(sub)
     _add_eval(sub)
     _add_export(sub)
+    _add_quantize(sub)
+    _add_build(sub)
     _add_validate(sub)
     _add_train_demo(sub)
     return parser

@@ -1,0 +1,73 @@
+"""Multimodal calibration data: the real inputs of every graph, recorded from the fp32 runtime.
+
+Each sample of a data folder (image + prompt) goes through the fp32 `Pipeline` and its greedy answer is
+generated, so every graph sees what it sees in deployment: the text guide on the question, the vision
+tower on the main view and its 4 crops, fusion on both, and the decoder on the prefill and on each decode
+step with its KV cache. The recorded feeds drive onnxruntime's `CalibrationDataReader`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tgedge.errors import TgedgeError
+
+
+class RecordingRunner:
+    """Wraps a runner; keeps a host copy of every feed it is given."""
+
+    def __init__(self, runner, feeds: list[dict[str, np.ndarray]]):
+        self.runner, self.feeds = runner, feeds
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.runner, name)
+
+    def infer(self, feed: dict[str, Any], **kwargs) -> dict[str, Any]:
+        self.feeds.append({k: np.array(v if isinstance(v, np.ndarray) else v.numpy()) for k, v in feed.items()})
+        return self.runner.infer(feed, **kwargs)
+
+
+class FeedReader:
+    """onnxruntime.quantization.CalibrationDataReader over recorded feeds (duck-typed: get_next / rewind)."""
+
+    def __init__(self, feeds: list[dict[str, np.ndarray]]):
+        self.feeds, self.i = feeds, 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.i >= len(self.feeds):
+            return None
+        self.i += 1
+        return self.feeds[self.i - 1]
+
+    def rewind(self) -> None:
+        self.i = 0
+
+    def __len__(self) -> int:
+        return len(self.feeds)
+
+
+def collect(export_dir: str | Path, data: str | Path, limit: int | None = None, max_new_tokens: int = 4,
+            progress=None) -> dict[str, list[dict[str, np.ndarray]]]:
+    """graph name -> the feeds it received while the fp32 export answered every sample of `data`."""
+    from tgedge.data.folder import read_folder
+    from tgedge.runtime.pipeline import Pipeline
+
+    records = read_folder(data)[:limit]
+    feeds: dict[str, list] = {}
+    with Pipeline(export_dir) as pipe:
+        bad = {g: e.precision for g, e in pipe.manifest.graphs.items() if e.precision != "fp32"}
+        if bad:
+            raise TgedgeError(f"{export_dir}: calibrate on the fp32 export (these graphs are not fp32: {bad})")
+        for graph, runner in list(pipe.runners.items()):
+            pipe.runners[graph] = RecordingRunner(runner, feeds.setdefault(graph, []))
+        options = pipe.options(max_new_tokens=max_new_tokens)
+        for r in records:
+            pipe.answer(r.image, r.prompt, options)
+            if progress is not None:
+                progress()
+        for graph, runner in pipe.runners.items():
+            pipe.runners[graph] = runner.runner
+    return feeds

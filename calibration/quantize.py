@@ -1,0 +1,288 @@
+"""`tgedge quantize`: an fp32 export directory -> a new one with fp16 / int8 / weight-only graphs.
+
+- fp16: onnxconverter-common's float16 converter. Kept in fp32: normalisations (LayerNormalization and
+  every node of an RMSNorm/LayerNorm module), Softmax, and the node that produces the final logits;
+  graph inputs and outputs stay fp32 (Casts inside), so the runtime's feeds do not change.
+- int8: onnxruntime `quantize_static` in QDQ format as TensorRT wants it: symmetric int8, weights
+  per channel, activations per tensor, on MatMul / Gemm / Conv, ranges calibrated on the real inputs of
+  each graph (`tgedge.calibration.collect`). The ranges are saved as `calibration.json`.
+- int4w / int8w: weight-only, block-wise (32), symmetric, for constant-weight MatMuls: onnxruntime's
+  MatMulNBits (what onnxruntime runs fastest).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import onnx
+
+from tgedge.errors import TgedgeError
+from tgedge.fileio import atomic_dir
+from tgedge.runtime.manifest import GRAPHS, MANIFEST, PRECISIONS, Manifest
+
+log = logging.getLogger("tgedge")
+
+METHODS = ("minmax", "entropy", "percentile")
+QUANT_OPS = ("MatMul", "Gemm", "Conv")
+WEIGHT_ONLY = ("int4w", "int8w")
+BLOCK_SIZE = 32
+FP16_KEEP_OPS = ["Softmax", "LayerNormalization"]
+CALIBRATION = "calibration.json"
+# A whole-export precision: which graphs it applies to (the rest stay fp32).
+WHOLE = {"fp32": GRAPHS, "fp16": GRAPHS, "int8": GRAPHS, "int8w": ("decoder",), "int4w": ("decoder",)}
+
+
+def parse_precision(spec: str, graphs: list[str]) -> dict[str, str]:
+    """`int8` or `vision=fp16,fusion=fp16,decoder=int8` -> graph -> precision for every graph of the export."""
+    spec = spec.strip()
+    if "=" not in spec:
+        if spec not in PRECISIONS:
+            raise TgedgeError(f"unknown precision {spec!r} (choose from {', '.join(PRECISIONS)})")
+        return {g: spec if g in WHOLE[spec] else "fp32" for g in graphs}
+    plan = {g: "fp32" for g in graphs}
+    for part in spec.split(","):
+        graph, _, precision = part.partition("=")
+        graph, precision = graph.strip(), precision.strip()
+        if graph not in graphs:
+            raise TgedgeError(f"unknown graph {graph!r} in --precision (this export has {', '.join(graphs)})")
+        if precision not in PRECISIONS:
+            raise TgedgeError(f"unknown precision {precision!r} for {graph} (choose from {', '.join(PRECISIONS)})")
+        plan[graph] = precision
+    return plan
+
+
+@dataclass
+class GraphReport:
+    precision: str
+    quantized_nodes: list[str] = field(default_factory=list)
+    fp32_nodes: list[str] = field(default_factory=list)  # kept out on purpose (fp16 islands, excludes)
+    note: str = ""
+
+    def to_dict(self) -> dict:
+        """Counts, and where the fp32 islands are (module paths, e.g. /layers.0/input_layernorm)."""
+        modules = sorted({n.rsplit("/", 1)[0] or n for n in self.fp32_nodes})
+        return {"precision": self.precision, "quantized_nodes": len(self.quantized_nodes),
+                "fp32_nodes": len(self.fp32_nodes), "fp32_modules": modules, "note": self.note}
+
+
+def _matched(proto: onnx.ModelProto, patterns: list[str]) -> list[str]:
+    return [n.name for n in proto.graph.node if any(fnmatch.fnmatchcase(n.name, p) for p in patterns)]
+
+
+def _norm_nodes(proto: onnx.ModelProto) -> list[str]:
+    """Every node inside a normalisation module (names carry the module path: /layers.0/input_layernorm/Pow)."""
+    return [n.name for n in proto.graph.node if any("norm" in part for part in n.name.split("/")[:-1])]
+
+
+def drop_noop_casts(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Remove Casts to the type their input already has (the fp32 export's `.float()`s).
+
+    The float16 converter retypes their outputs but keeps `to=FLOAT`, which onnxruntime then rejects."""
+    inferred = onnx.shape_inference.infer_shapes(proto)
+    types = {v.name: v.type.tensor_type.elem_type for v in
+             list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)}
+    types.update({t.name: t.data_type for t in proto.graph.initializer})
+    outputs = {o.name for o in proto.graph.output}
+    rename, keep = {}, []
+    for node in proto.graph.node:
+        node.input[:] = [rename.get(i, i) for i in node.input]
+        to = next((a.i for a in node.attribute if a.name == "to"), None)
+        if node.op_type == "Cast" and node.output[0] not in outputs and types.get(node.input[0]) == to:
+            rename[node.output[0]] = node.input[0]
+            continue
+        keep.append(node)
+    del proto.graph.node[:]
+    proto.graph.node.extend(keep)
+    return proto
+
+
+def restore_output_types(converted: onnx.ModelProto, original: onnx.ModelProto) -> onnx.ModelProto:
+    """Cast back any graph output the converter left in fp16 (keep_io_types misses outputs that are also
+    consumed inside the graph), so that the graph's outputs are exactly the manifest's."""
+    want = {o.name: o.type.tensor_type.elem_type for o in original.graph.output}
+    for out in converted.graph.output:
+        if out.type.tensor_type.elem_type != want[out.name]:
+            inner = f"{out.name}_fp16"
+            for node in converted.graph.node:
+                node.output[:] = [inner if o == out.name else o for o in node.output]
+                node.input[:] = [inner if i == out.name else i for i in node.input]
+            converted.graph.node.append(onnx.helper.make_node("Cast", [inner], [out.name], name=f"{out.name}_to_fp32",
+                                                              to=want[out.name]))
+            out.type.tensor_type.elem_type = want[out.name]
+    return converted
+
+
+def to_fp16(proto: onnx.ModelProto, exclude: list[str]) -> tuple[onnx.ModelProto, GraphReport]:
+    import warnings
+
+    from onnxruntime.transformers import float16
+
+    proto = drop_noop_casts(proto)
+    logits = [n.name for n in proto.graph.node if "logits" in n.output]
+    # Top-level nodes compute positions, RoPE angles and masks (fp16 holds integers exactly only to 2048);
+    # int -> float Casts stay too (the converter would retype their outputs but not their `to`).
+    top = [n.name for n in proto.graph.node if n.name.count("/") <= 1 and n.op_type != "MatMul"]
+    casts = [n.name for n in proto.graph.node if n.op_type == "Cast"]
+    keep = sorted(set(_norm_nodes(proto) + logits + top + casts + exclude))
+    with warnings.catch_warnings():  # constants beyond fp16's range (the -3.4e38 masks) are clipped, as intended
+        warnings.simplefilter("ignore", UserWarning)
+        converted = float16.convert_float_to_float16(
+            proto, keep_io_types=True, disable_shape_infer=False,
+            op_block_list=list(float16.DEFAULT_OP_BLOCK_LIST) + FP16_KEEP_OPS, node_block_list=keep)
+    converted = restore_output_types(converted, proto)
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    OnnxModel(converted).topological_sort()  # the converter appends its Casts at the end
+    kept = keep + [n.name for n in proto.graph.node if n.op_type in FP16_KEEP_OPS]
+    return converted, GraphReport("fp16", fp32_nodes=sorted(set(kept)))
+
+
+def to_weight_only(proto: onnx.ModelProto, bits: int, exclude: list[str]) -> tuple[onnx.ModelProto, GraphReport]:
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    quantizer = MatMulNBitsQuantizer(proto, bits=bits, block_size=BLOCK_SIZE, is_symmetric=True,
+                                     nodes_to_exclude=exclude, op_types_to_quantize=("MatMul",))
+    quantizer.process()
+    out = quantizer.model.model
+    done = [n.name for n in out.graph.node if n.op_type == "MatMulNBits"]
+    return out, GraphReport(f"int{bits}w", quantized_nodes=done, fp32_nodes=exclude)
+
+
+def to_int8(src: Path, dst: Path, reader, method: str, exclude: list[str], cache: Path) -> GraphReport:
+    import onnxruntime
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    calibrate = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                 "percentile": CalibrationMethod.Percentile}[method]
+    onnxruntime.set_default_logger_severity(3)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # its advice to pre-process goes to the root logger; our graphs are exported clean
+    try:
+        quantize_static(str(src), str(dst), reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=list(QUANT_OPS),
+                        per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        nodes_to_exclude=exclude, calibrate_method=calibrate, calibration_cache_path=str(cache),
+                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
+                                       "QuantizeBias": False})  # TensorRT has no int32 DequantizeLinear
+    finally:
+        root.setLevel(level)
+    out = onnx.load(str(dst))
+    dq_outputs = {o for n in out.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    done = [n.name for n in out.graph.node if n.op_type in QUANT_OPS and any(i in dq_outputs for i in n.input)]
+    return GraphReport("int8", quantized_nodes=done, fp32_nodes=exclude)
+
+
+@dataclass
+class QuantizeResult:
+    directory: Path
+    manifest: Manifest
+    reports: dict[str, GraphReport]
+    calibration: dict | None = None
+
+    def to_dict(self) -> dict:
+        return {"directory": str(self.directory), "graphs": {g: r.to_dict() for g, r in self.reports.items()},
+                "calibration": None if self.calibration is None else
+                {k: v for k, v in self.calibration.items() if k != "graphs"}}
+
+
+def _data_hash(folder: Path) -> str:
+    from tgedge.export.onnx_export import sha256_files
+
+    return sha256_files([folder / "samples.jsonl"] + sorted((folder / "images").glob("*")))
+
+
+def quantize_export(export_dir: str | Path, out: str | Path, precision: str, calib: str | Path | None = None,
+                    method: str = "minmax", exclude: list[str] | None = None, calibration: str | Path | None = None,
+                    calib_limit: int | None = None, on_step: Callable[[str], None] | None = None,
+                    progress=None) -> QuantizeResult:
+    say = on_step or (lambda s: None)
+    src = Manifest.load(export_dir)
+    if method not in METHODS:
+        raise TgedgeError(f"unknown calibration method {method!r} (choose from {', '.join(METHODS)})")
+    not_fp32 = {g: e.precision for g, e in src.graphs.items() if e.precision != "fp32"}
+    if not_fp32:
+        raise TgedgeError(f"{export_dir}: quantize an fp32 export (tgedge export); these graphs are not fp32: {not_fp32}")
+    plan = parse_precision(precision, list(src.graphs))
+    int8 = [g for g, p in plan.items() if p == "int8"]
+    saved = None
+    if int8 and calibration is not None:
+        try:
+            saved = json.loads(Path(calibration).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise TgedgeError(f"{calibration}: cannot read calibration ({e})") from None
+        missing = [g for g in int8 if g not in saved.get("graphs", {})]
+        if missing:
+            raise TgedgeError(f"{calibration}: no calibration for {', '.join(missing)}")
+    elif int8 and calib is None:
+        raise TgedgeError("int8 needs calibration data: --calib DIR (images/ + samples.jsonl, e.g. "
+                          "`tgedge data shapes --split calibration -o DIR`) or --calibration calibration.json")
+    exclude = exclude or []
+    feeds = {}
+    if int8 and saved is None:
+        from tgedge.calibration.collect import collect
+
+        say(f"recording the inputs of {', '.join(int8)} on {calib}")
+        feeds = collect(export_dir, calib, calib_limit, progress=progress)
+    reports: dict[str, GraphReport] = {}
+    used_patterns: set[str] = set()
+    ranges: dict[str, dict] = {}
+    with atomic_dir(out) as tmp, tempfile.TemporaryDirectory() as work:
+        for name in [*src.files.values()]:
+            shutil.copyfile(src.directory / name, tmp / name)
+        graphs = {}
+        for graph, entry in src.graphs.items():
+            p, path = plan[graph], src.graph_path(graph)
+            proto = onnx.load(str(path))
+            excluded = _matched(proto, exclude)
+            used_patterns |= {p for p in exclude if any(fnmatch.fnmatchcase(n, p) for n in excluded)}
+            say(f"{graph}: {p}" + (f" ({len(excluded)} nodes excluded)" if excluded else ""))
+            target = tmp / entry.file
+            if p == "fp32":
+                onnx.save_model(proto, str(target))
+                report = GraphReport("fp32")
+            elif p == "fp16":
+                proto, report = to_fp16(proto, excluded)
+                onnx.save_model(proto, str(target))
+            elif p in WEIGHT_ONLY:
+                proto, report = to_weight_only(proto, 4 if p == "int4w" else 8, excluded)
+                onnx.save_model(proto, str(target))
+            else:
+                cache = Path(work) / f"{graph}.calibration.json"
+                if saved is not None:
+                    cache.write_text(json.dumps(saved["graphs"][graph]))
+                from tgedge.calibration.collect import FeedReader
+
+                report = to_int8(path, target, FeedReader(feeds.get(graph, [])), method, excluded, cache)
+                ranges[graph] = json.loads(cache.read_text())
+            if p != "fp32" and not report.quantized_nodes and p not in ("fp16",):
+                report.note = f"no {'/'.join(QUANT_OPS)} with weights to quantize: computes in fp32"
+            reports[graph] = report
+            onnx.checker.check_model(str(target))
+            from tgedge.export.onnx_export import sha256_files
+
+            graphs[graph] = type(entry)(graph, entry.file, p, entry.inputs, entry.outputs, sha256_files([target]))
+        record = None
+        if ranges:
+            record = saved if saved is not None else {
+                "method": method, "data": {"path": str(calib), "samples": len(feeds.get("vision", [])),
+                                           "sha256": _data_hash(Path(calib))}}
+            record = {**{k: v for k, v in record.items() if k != "graphs"}, "graphs": ranges}
+            (tmp / CALIBRATION).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+        manifest = Manifest(graphs=graphs, dims=src.dims, max_context=src.max_context, opset=src.opset,
+                            model=src.model, source=src.source, reference=src.reference, files=src.files,
+                            quantization={"precision": precision, "method": method if ranges else None,
+                                          "graphs": {g: r.to_dict() for g, r in reports.items()},
+                                          "calibration": CALIBRATION if ranges else None})
+        manifest.save(tmp)
+    manifest.directory = Path(out)
+    for p in exclude:
+        if p not in used_patterns:
+            log.warning("--exclude %r matches no node in any graph", p)
+    return QuantizeResult(Path(out), manifest, reports, record)

@@ -1,0 +1,110 @@
+"""tgedge quantize: fp16 / int8 / int4w exports of the demo model validate within their policies."""
+
+import json
+
+import onnx
+import pytest
+
+from tgedge.calibration.quantize import parse_precision, quantize_export
+from tgedge.cli import main
+from tgedge.data import shapes
+from tgedge.data.folder import write_folder
+from tgedge.errors import TgedgeError
+from tgedge.validate import validate
+
+CALIB_SAMPLES = 48
+CHECK_SAMPLES = 30
+
+
+@pytest.fixture(scope="module")
+def calib(tmp_path_factory):
+    return write_folder(shapes.generate(shapes.SPLIT_SEEDS["calibration"], CALIB_SAMPLES),
+                        tmp_path_factory.mktemp("calib") / "calibration")
+
+
+@pytest.fixture(scope="module")
+def int8(demo_export, calib, tmp_path_factory):
+    return quantize_export(demo_export.directory, tmp_path_factory.mktemp("q") / "int8", "int8", calib=calib)
+
+
+def _ops(path):
+    return [n.op_type for n in onnx.load(str(path)).graph.node]
+
+
+def test_int8_is_qdq_as_tensorrt_wants_it(int8):
+    m = int8.manifest
+    for graph in ("text_guide", "vision", "fusion", "decoder"):
+        proto = onnx.load(str(m.graph_path(graph)))
+        nodes = list(proto.graph.node)
+        q = [n for n in nodes if n.op_type == "QuantizeLinear"]
+        dq = [n for n in nodes if n.op_type == "DequantizeLinear"]
+        assert q and dq and m.graphs[graph].precision == "int8"
+        inits = {t.name: t for t in proto.graph.initializer}
+        for n in dq:  # symmetric: every zero point is 0; weights int8 per channel (a scale per output channel)
+            zp = inits.get(n.input[2]) if len(n.input) > 2 else None
+            assert zp is None or not any(onnx.numpy_helper.to_array(zp).ravel())
+            assert inits[n.input[0]].data_type == onnx.TensorProto.INT8 if n.input[0] in inits else True
+        per_channel = [n for n in dq if n.input[0] in inits and len(inits[n.input[1]].dims) == 1]
+        assert per_channel, graph
+        # every quantised MatMul/Conv/Gemm reads a DequantizeLinear output
+        assert int8.reports[graph].quantized_nodes
+    assert "no MatMul" in int8.reports["embed"].note  # a Gather only: it stays fp32, said so
+
+
+def test_int8_validates_within_two_points(int8, demo_eval):
+    report = validate(int8.directory, demo_eval, limit=CHECK_SAMPLES, show_progress=False)
+    assert report.passed, report.summary()
+    acc = next(s for s in report.stages if s.name == "accuracy").figures
+    assert acc["drop_points"] <= 2.0 and acc["runtime"] >= 0.85
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int4w"])
+def test_fp16_and_int4w_validate(precision, demo_export, demo_eval, tmp_path):
+    result = quantize_export(demo_export.directory, tmp_path / precision, precision)
+    m = result.manifest
+    if precision == "fp16":
+        ops = _ops(m.graph_path("decoder"))
+        assert "Cast" in ops and all(g.precision == "fp16" for g in m.graphs.values())
+        dec = onnx.load(str(m.graph_path("decoder")))
+        assert any(init.data_type == onnx.TensorProto.FLOAT16 for init in dec.graph.initializer)
+        assert {"/norm", "/lm_head"} <= set(m.quantization["graphs"]["decoder"]["fp32_modules"])
+    else:
+        assert _ops(m.graph_path("decoder")).count("MatMulNBits") == len(result.reports["decoder"].quantized_nodes) > 0
+        assert m.graphs["vision"].precision == "fp32"
+    report = validate(result.directory, demo_eval, limit=CHECK_SAMPLES, show_progress=False)
+    assert report.passed, report.summary()
+
+
+def test_calibration_is_deterministic_and_reusable(int8, demo_export, calib, tmp_path):
+    again = quantize_export(demo_export.directory, tmp_path / "again", "int8", calib=calib)
+    first = (int8.directory / "calibration.json").read_text()
+    assert (again.directory / "calibration.json").read_text() == first
+    saved = json.loads(first)
+    assert saved["method"] == "minmax" and saved["data"]["samples"] == CALIB_SAMPLES
+    reused = quantize_export(demo_export.directory, tmp_path / "reused", "int8",
+                             calibration=int8.directory / "calibration.json")
+    for graph in ("vision", "decoder"):
+        assert (reused.directory / f"{graph}.onnx").read_bytes() == (int8.directory / f"{graph}.onnx").read_bytes()
+
+
+def test_precision_specs():
+    graphs = ["text_guide", "vision", "fusion", "embed", "decoder"]
+    assert parse_precision("int4w", graphs) == {**{g: "fp32" for g in graphs}, "decoder": "int4w"}
+    assert parse_precision("vision=fp16, decoder=int8", graphs)["vision"] == "fp16"
+    with pytest.raises(TgedgeError, match="unknown precision 'int3'"):
+        parse_precision("int3", graphs)
+    with pytest.raises(TgedgeError, match="unknown graph 'visoin'"):
+        parse_precision("visoin=fp16", graphs)
+
+
+def test_bad_input(demo_export, tmp_path, capsys, caplog):
+    assert main(["quantize", str(demo_export.directory), "--precision", "int8", "-o", str(tmp_path / "x")]) == 2
+    assert "int8 needs calibration data" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["quantize", str(demo_export.directory), "--precision", "int8", "--calib", str(tmp_path / "empty"),
+                 "-o", str(tmp_path / "y")]) == 2
+    assert "no samples.jsonl" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    assert main(["quantize", str(demo_export.directory), "--precision", "fp16", "--exclude", "/nothing/*",
+                 "-o", str(tmp_path / "z"), "--json"]) == 0
+    assert "matches no node" in caplog.text

@@ -1,0 +1,90 @@
+"""tgedge build with TensorRT for RTX (its builder runs without a GPU): every graph of the fp32, fp16 and
+int8 exports parses and builds; engine metadata and the refusal of foreign engines are checked.
+
+Running the engines needs an RTX-class GPU (compute 8.0/8.6/8.9/12.x); that is not tested here."""
+
+import json
+
+import pytest
+
+from tgedge.calibration.quantize import quantize_export
+from tgedge.cli import main
+from tgedge.errors import TgedgeError
+from tgedge.export.tensorrt_build import build_engines, profiles
+from tgedge.runtime.manifest import Manifest
+from tgedge.runtime.tensorrt import check_engine
+
+trt = pytest.importorskip("tensorrt_rtx_bindings", reason="TensorRT for RTX wheels (tensorrt-rtx-cu13-*) not installed")
+
+
+@pytest.fixture(scope="module")
+def exports(demo_export, tmp_path_factory):
+    from tgedge.data import shapes
+    from tgedge.data.folder import write_folder
+
+    tmp = tmp_path_factory.mktemp("trt")
+    calib = write_folder(shapes.generate(shapes.SPLIT_SEEDS["calibration"], 16), tmp / "calib")
+    return {"fp32": demo_export.directory,
+            "fp16": quantize_export(demo_export.directory, tmp / "fp16", "fp16").directory,
+            "int8": quantize_export(demo_export.directory, tmp / "int8", "int8", calib=calib).directory}
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_every_graph_builds(precision, exports, tmp_path):
+    cache = tmp_path / "timing.cache"
+    result = build_engines(exports[precision], tmp_path / "engines", "tensorrt_rtx", timing_cache=cache)
+    m = Manifest.load(tmp_path / "engines")
+    assert set(m.engines) == set(m.graphs)
+    for graph, meta in m.engines.items():
+        assert (tmp_path / "engines" / meta["file"]).stat().st_size > 1000
+        assert meta["precision"] == precision if graph != "embed" or precision != "int8" else True
+        assert meta["tensorrt_version"] == trt.__version__ and meta["strongly_typed"]
+        assert meta["source_sha256"] == m.graphs[graph].sha256
+        assert result.commands[graph].startswith("tensorrt_rtx --onnx=")
+    assert m.engines["decoder"]["profiles"] == 2
+    assert not cache.exists()  # TensorRT for RTX has no timing cache; TensorRT 10 writes one
+
+
+def test_decoder_profiles_keep_total_equal_past_plus_sequence(demo_export):
+    m = Manifest.load(demo_export.directory)
+    for p in profiles(m, "decoder"):
+        for k in range(3):
+            assert p["total_sequence_length"][k] == p["past_sequence_length"][k] + p["sequence_length"][k]
+
+
+def test_weight_only_int4_is_refused_with_the_reason(demo_export, tmp_path):
+    int4 = quantize_export(demo_export.directory, tmp_path / "int4w", "int4w").directory
+    with pytest.raises(TgedgeError, match="MatMulNBits is not a TensorRT op"):
+        build_engines(int4, tmp_path / "e", "tensorrt_rtx", graphs=["decoder"])
+    assert not (tmp_path / "e").exists()
+
+
+def test_build_cli_json(demo_export, tmp_path, capsys):
+    assert main(["build", str(demo_export.directory), "-o", str(tmp_path / "e"), "--backend", "tensorrt_rtx",
+                 "--graph", "vision", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert list(out["engines"]) == ["vision"] and "--stronglyTyped" in out["commands"]["vision"]
+
+
+META = {"backend": "tensorrt", "tensorrt_version": "10.3.0", "gpu": "Orin", "compute_capability": "8.7"}
+
+
+def test_engine_from_another_version_or_gpu_is_refused():
+    check_engine("vision", META, "10.3.0", {"name": "Orin", "compute_capability": "8.7"})  # same: accepted
+    with pytest.raises(TgedgeError, match=r"built on Orin \(compute 8.7\) with tensorrt 10.3.0; this machine has "
+                                          r"Orin \(compute 8.7\) with 10.7.0: TensorRT versions differ"):
+        check_engine("vision", META, "10.7.0", {"name": "Orin", "compute_capability": "8.7"})
+    with pytest.raises(TgedgeError, match="not portable across GPUs"):
+        check_engine("vision", META, "10.3.0", {"name": "NVIDIA GeForce RTX 4090", "compute_capability": "8.9"})
+    with pytest.raises(TgedgeError, match="needs a GPU; this machine has no GPU"):
+        check_engine("vision", META, "10.3.0", {})
+
+
+def test_tensorrt_backend_without_engines_or_gpu(demo_export, tmp_path, capsys):
+    from tgedge.runtime.pipeline import Pipeline
+
+    with pytest.raises(TgedgeError, match="no TensorRT engine for"):
+        Pipeline(demo_export.directory, "tensorrt")
+    build_engines(demo_export.directory, tmp_path / "e", "tensorrt_rtx")
+    with pytest.raises(TgedgeError, match="cuda-python|needs a GPU"):
+        Pipeline(tmp_path / "e", "tensorrt")
