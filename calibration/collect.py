@@ -34,16 +34,20 @@ class FeedReader:
     """onnxruntime.quantization.CalibrationDataReader over recorded feeds (duck-typed: get_next / rewind)."""
 
     def __init__(self, feeds: list[dict[str, np.ndarray]]):
-        self.feeds, self.i = feeds, 0
+        self.feeds, self.i, self.end = feeds, 0, len(feeds)
 
     def get_next(self) -> dict[str, np.ndarray] | None:
-        if self.i >= len(self.feeds):
+        if self.i >= self.end:
             return None
         self.i += 1
         return self.feeds[self.i - 1]
 
     def rewind(self) -> None:
         self.i = 0
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        """onnxruntime's strided calibration: one sample at a time, because the feeds' shapes differ."""
+        self.i, self.end = start_index, min(end_index, len(self.feeds))
 
     def __len__(self) -> int:
         return len(self.feeds)

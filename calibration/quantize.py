@@ -12,7 +12,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
+import io
 import json
 import logging
 import shutil
@@ -67,7 +69,7 @@ class GraphReport:
 
     def to_dict(self) -> dict:
         """Counts, and where the fp32 islands are (module paths, e.g. /layers.0/input_layernorm)."""
-        modules = sorted({n.rsplit("/", 1)[0] or n for n in self.fp32_nodes})
+        modules = sorted({(n.rsplit("/", 1)[0] if "/" in n else "") or "(top level)" for n in self.fp32_nodes})
         return {"precision": self.precision, "quantized_nodes": len(self.quantized_nodes),
                 "fp32_nodes": len(self.fp32_nodes), "fp32_modules": modules, "note": self.note}
 
@@ -166,11 +168,16 @@ def to_int8(src: Path, dst: Path, reader, method: str, exclude: list[str], cache
     level = root.level
     root.setLevel(logging.ERROR)  # its advice to pre-process goes to the root logger; our graphs are exported clean
     try:
-        quantize_static(str(src), str(dst), reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=list(QUANT_OPS),
-                        per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                        nodes_to_exclude=exclude, calibrate_method=calibrate, calibration_cache_path=str(cache),
-                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
-                                       "QuantizeBias": False})  # TensorRT has no int32 DequantizeLinear
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints a line per calibration batch
+            quantize_static(
+                str(src), str(dst), reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=list(QUANT_OPS),
+                per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                nodes_to_exclude=exclude, calibrate_method=calibrate, calibration_cache_path=str(cache),
+                extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
+                               "QuantizeBias": False,  # TensorRT has no int32 DequantizeLinear
+                               # one sample at a time: the histogram calibrators cannot stack feeds of
+                               # different shapes (prompt lengths differ)
+                               "CalibStridedMinMax": 1})
     finally:
         root.setLevel(level)
     out = onnx.load(str(dst))
@@ -210,7 +217,8 @@ def quantize_export(export_dir: str | Path, out: str | Path, precision: str, cal
     if not_fp32:
         raise TgedgeError(f"{export_dir}: quantize an fp32 export (tgedge export); these graphs are not fp32: {not_fp32}")
     plan = parse_precision(precision, list(src.graphs))
-    int8 = [g for g, p in plan.items() if p == "int8"]
+    int8 = [g for g, p in plan.items() if p == "int8" and any(
+        n.op_type in QUANT_OPS for n in onnx.load(str(src.graph_path(g)), load_external_data=False).graph.node)]
     saved = None
     if int8 and calibration is not None:
         try:
@@ -244,9 +252,11 @@ def quantize_export(export_dir: str | Path, out: str | Path, precision: str, cal
             used_patterns |= {p for p in exclude if any(fnmatch.fnmatchcase(n, p) for n in excluded)}
             say(f"{graph}: {p}" + (f" ({len(excluded)} nodes excluded)" if excluded else ""))
             target = tmp / entry.file
-            if p == "fp32":
+            if p == "fp32" or (p != "fp16" and not any(n.op_type in QUANT_OPS for n in proto.graph.node)):
                 onnx.save_model(proto, str(target))
                 report = GraphReport("fp32")
+                if p != "fp32":  # nothing to quantise (e.g. embed, a Gather): it stays fp32, and says so
+                    report.note = f"no {'/'.join(QUANT_OPS)} to quantize: kept fp32"
             elif p == "fp16":
                 proto, report = to_fp16(proto, excluded)
                 onnx.save_model(proto, str(target))
@@ -261,13 +271,12 @@ def quantize_export(export_dir: str | Path, out: str | Path, precision: str, cal
 
                 report = to_int8(path, target, FeedReader(feeds.get(graph, [])), method, excluded, cache)
                 ranges[graph] = json.loads(cache.read_text())
-            if p != "fp32" and not report.quantized_nodes and p not in ("fp16",):
-                report.note = f"no {'/'.join(QUANT_OPS)} with weights to quantize: computes in fp32"
             reports[graph] = report
             onnx.checker.check_model(str(target))
             from tgedge.export.onnx_export import sha256_files
 
-            graphs[graph] = type(entry)(graph, entry.file, p, entry.inputs, entry.outputs, sha256_files([target]))
+            graphs[graph] = type(entry)(graph, entry.file, report.precision, entry.inputs, entry.outputs,
+                                        sha256_files([target]))
         record = None
         if ranges:
             record = saved if saved is not None else {

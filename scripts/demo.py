@@ -15,11 +15,11 @@ OUT = Path("out/demo")
 EVAL_SAMPLES = 200
 
 
-STEPS = 6
+STEPS = 9
 
 
 def step(n: int, title: str, argv: list[str]) -> None:
-    print(f"\n== {n}/{STEPS} {title}\n$ tgedge {shlex.join(argv)}", flush=True)
+    print((f"\n== {n}/{STEPS} {title}\n" if title else "") + f"$ tgedge {shlex.join(argv)}", flush=True)
     start = time.perf_counter()
     code = tgedge(argv)
     if code:
@@ -48,8 +48,23 @@ def main() -> int:
     step(6, "validate the export against the reference, stage by stage (the CI drift gate)",
          ["validate", str(fp32), "--data", str(data), "--json", str(reports / "fp32.json"),
           "--junit", str(reports / "fp32.xml"), "--markdown", str(reports / "fp32.md")])
-    print(f"\nOutputs are under {OUT}/: eval/ (data), export-fp32/ (graphs + manifest.json), reports/ (validate)."
-          "\nQuantisation (fp16 / int8 / int4) and TensorRT engines arrive with issue 6.")
+    calib = OUT / "calibration"
+    int8 = OUT / "export-int8"
+    step(7, "quantise to int8 (Q/DQ), calibrated on images + prompts of the calibration split",
+         ["data", "shapes", "--split", "calibration", "-n", "128", "-o", str(calib)])
+    step(7, "", ["quantize", str(fp32), "--precision", "int8", "--calib", str(calib), "-o", str(int8)])
+    step(8, "validate the int8 export: its drift, stage by stage, against the int8 policy",
+         ["validate", str(int8), "--data", str(data), "--json", str(reports / "int8.json"),
+          "--junit", str(reports / "int8.xml"), "--markdown", str(reports / "int8.md")])
+    try:
+        import tensorrt_rtx_bindings  # noqa: F401
+    except ImportError:
+        print(f"\n== 9/{STEPS} TensorRT engines: skipped (TensorRT for RTX is not installed here)")
+    else:
+        step(9, "TensorRT engines from the int8 graphs (TensorRT for RTX builds without a GPU; run them on an RTX GPU)",
+             ["build", str(int8), "-o", str(OUT / "engines-int8"), "--backend", "tensorrt_rtx"])
+    print(f"\nOutputs are under {OUT}/: eval/ and calibration/ (data), export-fp32/ and export-int8/ (graphs + "
+          "manifest.json), engines-int8/ (TensorRT), reports/ (validate: JSON, JUnit, Markdown).")
     return 0
 
 
