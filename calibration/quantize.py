@@ -200,7 +200,7 @@ class QuantizeResult:
 
 
 def _data_hash(folder: Path) -> str:
-    from tgedge.export.onnx_export import sha256_files
+    from tgedge.fileio import sha256_files
 
     return sha256_files([folder / "samples.jsonl"] + sorted((folder / "images").glob("*")))
 
@@ -273,7 +273,7 @@ def quantize_export(export_dir: str | Path, out: str | Path, precision: str, cal
                 ranges[graph] = json.loads(cache.read_text())
             reports[graph] = report
             onnx.checker.check_model(str(target))
-            from tgedge.export.onnx_export import sha256_files
+            from tgedge.fileio import sha256_files
 
             graphs[graph] = type(entry)(graph, entry.file, report.precision, entry.inputs, entry.outputs,
                                         sha256_files([target]))

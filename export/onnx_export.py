@@ -23,7 +23,7 @@ import torch
 from tgedge import __version__
 from tgedge.errors import TgedgeError
 from tgedge.export.specs import BATCH, GUIDE, PAST, SEQ, TOTAL, VIEWS, GraphSpec, graph_specs
-from tgedge.fileio import atomic_dir
+from tgedge.fileio import atomic_dir, sha256_files
 from tgedge.runtime.manifest import GraphEntry, Manifest
 
 log = logging.getLogger("tgedge")
@@ -68,16 +68,6 @@ class ExportResult:
                 "checks": [c.to_dict() for c in self.checks], "seconds": self.seconds}
 
 
-def sha256_files(paths: list[Path]) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        h.update(p.name.encode())
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
 def checkpoint_hash(directory: Path) -> str:
     files = sorted(p for p in directory.iterdir() if p.suffix in (".safetensors", ".bin", ".json") and p.is_file())
     return sha256_files(files)
@@ -101,6 +91,21 @@ def _as_tuple(out) -> tuple[torch.Tensor, ...]:
     return out if isinstance(out, tuple) else (out,)
 
 
+def _set_dims(proto: onnx.ModelProto, spec: GraphSpec) -> None:
+    """Write the spec's dims into the graph's inputs and outputs: the tracer leaves some static output dims
+    symbolic (e.g. `Sliceimage_features_dim_1`), and the file must say what the manifest says."""
+    metas = {t.name: t for t in spec.inputs + spec.outputs}
+    for value in list(proto.graph.input) + list(proto.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        for dim, want in zip(dims, metas[value.name].shape):
+            if isinstance(want, int):
+                dim.Clear()
+                dim.dim_value = want
+            else:
+                dim.Clear()
+                dim.dim_param = want
+
+
 def export_graph(spec: GraphSpec, path: Path, opset: int, external_data: bool | None) -> GraphEntry:
     """Trace one spec to `path` (+ `path.data` for external weights); checker and strict shape inference run."""
     gen = torch.Generator().manual_seed(0)
@@ -113,6 +118,7 @@ def export_graph(spec: GraphSpec, path: Path, opset: int, external_data: bool | 
                           input_names=[t.name for t in spec.inputs], output_names=[t.name for t in spec.outputs],
                           dynamic_axes=spec.dynamic_axes, do_constant_folding=True)
     proto = onnx.load_from_string(buf.getvalue())
+    _set_dims(proto, spec)
     proto.doc_string = f"tgedge {__version__}: {spec.name} graph"
     for key, value in (("tgedge_version", __version__), ("tgedge_graph", spec.name)):
         proto.metadata_props.add(key=key, value=value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -26,3 +27,14 @@ def atomic_dir(out: str | Path):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def sha256_files(paths: list[Path]) -> str:
+    """One hash over several files (names and bytes), read in chunks."""
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(Path(p).name.encode())
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,104 @@
+"""tgedge inspect: counts checked against the graphs themselves for fp32, fp16, int8 and int4w exports."""
+
+import json
+import shutil
+from pathlib import Path
+
+import onnx
+import pytest
+
+from tgedge.calibration.quantize import quantize_export
+from tgedge.cli import main
+from tgedge.errors import TgedgeError
+from tgedge.inspect import inspect_export, inspect_onnx, inspect_path, summarize_layers
+
+DATA = Path(__file__).parent / "data" / "jetson"
+
+
+@pytest.fixture(scope="module")
+def exports(demo_export, tmp_path_factory):
+    from tgedge.data import shapes
+    from tgedge.data.folder import write_folder
+
+    tmp = tmp_path_factory.mktemp("inspect")
+    calib = write_folder(shapes.generate(shapes.SPLIT_SEEDS["calibration"], 8), tmp / "calib")
+    out = {"fp32": demo_export.directory}
+    for p in ("fp16", "int8", "int4w"):
+        out[p] = quantize_export(demo_export.directory, tmp / p, p, calib=calib if p == "int8" else None).directory
+    return out
+
+
+def _wrapped(path):
+    proto = onnx.load(str(path))
+    dq = {o for n in proto.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    return sum(1 for n in proto.graph.node if n.op_type in ("MatMul", "Gemm", "Conv") and any(i in dq for i in n.input))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8", "int4w"])
+def test_counts_match_the_graphs(precision, exports):
+    report = inspect_export(exports[precision])
+    manifest = json.loads((exports[precision] / "manifest.json").read_text())
+    assert report["mismatches"] == []
+    for name, g in report["graphs"].items():
+        path = exports[precision] / f"{name}.onnx"
+        proto = onnx.load(str(path))
+        assert sum(g["ops"].values()) == len(proto.graph.node)
+        assert g["qdq_wrapped"] == _wrapped(path)
+        assert g["matmul_nbits"] == sum(n.op_type == "MatMulNBits" for n in proto.graph.node)
+        assert [t["name"] for t in g["inputs"]] == [i.name for i in proto.graph.input]
+        assert g["precision"] == manifest["graphs"][name]["precision"]
+        quantized = manifest.get("quantization", {}).get("graphs", {}).get(name, {}).get("quantized_nodes")
+        if precision == "int8" and quantized is not None:
+            assert g["qdq_wrapped"] == quantized  # what quantize says it did is what the graph holds
+        if precision == "int4w" and name == "decoder":
+            assert g["matmul_nbits"] == quantized > 0 and g["params"].get("int4", 0) > 0
+        if precision == "fp16" and name == "decoder":
+            assert g["fp32_islands"].get("Softmax") and g["params"].get("float16")
+    mem = report["memory"]
+    assert mem["kv_cache_bytes"] > 0 and all(d["fits"] for d in mem["devices"].values())
+
+
+def test_weights_shrink_with_precision(exports):
+    size = {p: inspect_export(d)["memory"]["weights_bytes"] for p, d in exports.items()}
+    assert size["fp16"] < 0.6 * size["fp32"] and size["int8"] < 0.5 * size["fp32"] and size["int4w"] < size["fp32"]
+
+
+def test_mismatch_is_reported(exports, tmp_path, capsys):
+    d = tmp_path / "edited"
+    shutil.copytree(exports["fp32"], d)
+    proto = onnx.load(str(d / "embed.onnx"))
+    proto.graph.input[0].name = "ids"
+    proto.graph.node[0].input[:] = ["ids" if i == "input_ids" else i for i in proto.graph.node[0].input]
+    onnx.save(proto, str(d / "embed.onnx"))
+    assert main(["inspect", str(d)]) == 1
+    assert "mismatch" in capsys.readouterr().out
+
+
+def test_engine_inspector_json():
+    summary = summarize_layers(json.loads((DATA / "engine_inspector.json").read_text()))
+    assert summary["layers"] == 3 and summary["precisions"] == {"FP16": 1, "Int8": 1, "FP32": 1}
+    assert summary["per_layer"][1]["tactic"].startswith("sm87_xmma_gemm_i8i8")
+
+
+def test_bad_input(tmp_path, exports):
+    (tmp_path / "notes.onnx").write_text("hello")
+    with pytest.raises(TgedgeError, match="not an ONNX model, or truncated"):
+        inspect_onnx(tmp_path / "notes.onnx")
+    data = (exports["fp32"] / "vision.onnx").read_bytes()
+    (tmp_path / "cut.onnx").write_bytes(data[: len(data) // 3])
+    with pytest.raises(TgedgeError, match="not an ONNX model, or truncated"):
+        inspect_path(tmp_path / "cut.onnx")
+    (tmp_path / "x.engine").write_bytes(b"\0" * 10)
+    with pytest.raises(TgedgeError, match="not a TensorRT engine, or truncated"):
+        inspect_path(tmp_path / "x.engine")
+    broken = tmp_path / "broken"
+    shutil.copytree(exports["fp32"], broken)
+    (broken / "decoder.onnx").unlink()
+    with pytest.raises(TgedgeError, match="graph 'decoder' is missing"):
+        inspect_path(broken)
+
+
+def test_cli_json(exports, capsys):
+    assert main(["inspect", str(exports["int8"] / "vision.onnx"), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["kind"] == "onnx" and r["precision"] == "int8" and r["qdq_wrapped"] == r["compute_ops"]
