@@ -27,7 +27,7 @@ import onnx
 
 from tgedge.errors import TgedgeError
 from tgedge.fileio import atomic_dir
-from tgedge.runtime.manifest import GRAPHS, MANIFEST, PRECISIONS, Manifest
+from tgedge.runtime.manifest import GRAPHS, PRECISIONS, Manifest
 
 log = logging.getLogger("tgedge")
 

@@ -3,7 +3,7 @@
 import hashlib
 import json
 
-import numpy as np
+
 import pytest
 
 from tgedge.cli import main

@@ -1,0 +1,210 @@
+"""CLI commands of the deployment flow: export, quantize, build, validate."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from tgedge.cli_common import BACKENDS, EPILOG, write_atomic
+from tgedge.errors import TgedgeError
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="export a checkpoint to ONNX graphs + manifest.json",
+                       description="One ONNX graph per runtime stage (text_guide, vision, fusion, embed, decoder) with "
+                                   "symbolic dims, standard ops only (attention as MatMul/Softmax), plus manifest.json "
+                                   "and the tokenizer/preprocessing files: the directory is all the runtime needs. "
+                                   "Each graph is checked against torch at two shapes on onnxruntime CPU; exit 1 if "
+                                   "one is out of tolerance.", epilog=EPILOG)
+    p.add_argument("model", help="checkpoint directory, or `demo` for the embedded demo model")
+    p.add_argument("-o", "--output", required=True, help="export directory to write (replaced if it exists)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17: what JetPack 6's TensorRT 10.3 parses)")
+    p.add_argument("--max-context", type=int,
+                   help="longest prompt + answer the runtime will run (default: the model's max positions, at most "
+                        "4096); sets TensorRT profiles and memory estimates")
+    p.add_argument("--clip", metavar="DIR", help="CLIPModel directory for original-layout checkpoints")
+    p.add_argument("--external-data", choices=["auto", "always", "never"], default="auto",
+                   help="weights in <graph>.onnx.data: auto (graphs over 512 MB), always, never")
+    p.add_argument("--json", action="store_true", help="print the result (graphs, checks, seconds) as JSON")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args) -> int:
+    from tgedge.export.onnx_export import export_model
+
+    external = {"auto": None, "always": True, "never": False}[args.external_data]
+    say = None if args.json else (lambda s: print(f"  {s}", file=sys.stderr, flush=True))
+    result = export_model(args.model, args.output, args.opset, args.max_context, args.clip, external, on_step=say)
+    if args.json:
+        print(json.dumps(result.to_dict()))
+        return 0 if result.passed else 1
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="graphs vs torch on onnxruntime CPU (max abs diff of each output)")
+    for col in ("graph", "dims", "outputs", "max abs diff", "limit", "ok"):
+        table.add_column(col, justify="right" if col in ("max abs diff", "limit") else "left")
+    rows: dict[tuple, list] = {}
+    for c in result.checks:  # one row per graph and dim setting; the worst output's figure
+        rows.setdefault((c.graph, tuple(c.dims.items())), []).append(c)
+    for (graph, dims), checks in rows.items():
+        worst = max(checks, key=lambda c: c.max_abs - c.limit)
+        table.add_row(graph, " ".join(f"{k}={v}" for k, v in dims), str(len(checks)), f"{worst.max_abs:.2e}",
+                      f"{worst.limit:.2e}", "yes" if all(c.passed for c in checks) else "NO")
+    Console().print(table)
+    m = result.manifest
+    print(f"wrote {len(m.graphs)} graphs (opset {m.opset}, max context {m.max_context}) and manifest.json to "
+          f"{result.directory}")
+    if not result.passed:
+        print("tgedge: export check failed: a graph differs from torch beyond its tolerance", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _add_quantize(sub) -> None:
+    p = sub.add_parser("quantize", help="fp16 / int8 (calibrated Q/DQ) / int4w / int8w copies of an fp32 export",
+                       description="Write a new export directory with quantised graphs and an updated manifest. "
+                                   "PRECISION is one of fp16, int8 (every graph), int4w, int8w (the decoder's "
+                                   "weights), or one per graph: vision=fp16,fusion=fp16,decoder=int8 (graphs not "
+                                   "named stay fp32). int8 calibrates on the real inputs of every graph while the "
+                                   "fp32 export answers the --calib samples, and saves the ranges as "
+                                   "calibration.json (reuse them with --calibration).", epilog=EPILOG)
+    p.add_argument("export_dir", help="an fp32 export directory (tgedge export)")
+    p.add_argument("--precision", required=True, metavar="P", help="fp16 | int8 | int4w | int8w | GRAPH=P,...")
+    p.add_argument("-o", "--output", required=True, help="output export directory (replaced if it exists)")
+    p.add_argument("--calib", metavar="DIR", help="calibration data folder (images/ + samples.jsonl), e.g. "
+                                                   "`tgedge data shapes --split calibration -o DIR`")
+    p.add_argument("--calibration", metavar="FILE", help="reuse a calibration.json instead of --calib data")
+    p.add_argument("--calib-limit", type=int, help="use the first N calibration samples")
+    p.add_argument("--method", choices=["minmax", "entropy", "percentile"], default="minmax",
+                   help="activation range calibration (default minmax; docs/QUANTIZATION.md compares them)")
+    p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                   help="keep nodes whose name matches this glob in fp32, e.g. '/layers.0/*' (repeatable)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_quantize)
+
+
+def cmd_quantize(args) -> int:
+    from tqdm import tqdm
+
+    from tgedge.calibration.quantize import quantize_export
+
+    if args.calib_limit is not None and args.calib_limit < 1:
+        raise TgedgeError(f"--calib-limit must be >= 1 (got {args.calib_limit})")
+    say = (lambda s: print(f"  {s}", file=sys.stderr, flush=True))
+    with tqdm(desc="calibrate", unit="sample", disable=None, file=sys.stderr, total=args.calib_limit) as bar:
+        result = quantize_export(args.export_dir, args.output, args.precision, args.calib, args.method, args.exclude,
+                                 args.calibration, args.calib_limit, on_step=say, progress=bar.update)
+    if args.json:
+        print(json.dumps(result.to_dict()))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{result.directory}")
+    for col in ("graph", "precision", "quantised ops", "kept fp32", "note"):
+        table.add_column(col)
+    for graph, r in result.reports.items():
+        d = r.to_dict()
+        table.add_row(graph, d["precision"], str(d["quantized_nodes"]), str(d["fp32_nodes"]), d["note"])
+    Console().print(table)
+    if result.calibration:
+        c = result.calibration
+        print(f"calibration: {c['method']} on {c['data']['samples']} samples of {c['data']['path']} "
+              f"-> {result.directory}/calibration.json")
+    print(f"wrote {result.directory}; check it with: tgedge validate {result.directory} --data DIR")
+    return 0
+
+
+def _add_build(sub) -> None:
+    p = sub.add_parser("build", help="build TensorRT engines from an export directory",
+                       description="One engine per graph with the TensorRT Python API (8.6, 10.x, 11.x, or TensorRT "
+                                   "for RTX): strongly typed networks where the library has them (the export's "
+                                   "precision decides: fp16 export -> fp16 engines, Q/DQ -> int8), optimisation "
+                                   "profiles from the manifest's min/opt/max (the decoder: prefill and decode), a "
+                                   "timing cache reused across builds. Engines are not portable: build on the device "
+                                   "that runs them (docs/JETSON.md). Prints the equivalent trtexec line per graph.",
+                       epilog=EPILOG)
+    p.add_argument("export_dir", help="export directory (tgedge export / tgedge quantize)")
+    p.add_argument("-o", "--output", required=True, help="engine directory: a copy of the export + <graph>.engine")
+    p.add_argument("--backend", choices=["tensorrt", "tensorrt_rtx"], default="tensorrt",
+                   help="tensorrt (JetPack / PyPI TensorRT, default) or tensorrt_rtx (TensorRT for RTX)")
+    p.add_argument("--timing-cache", metavar="F", help="timing cache file: read if present, written after the build")
+    p.add_argument("--workspace", type=int, default=1024, metavar="MB", help="builder workspace limit (default 1024)")
+    p.add_argument("--graph", action="append", dest="graphs", metavar="NAME", help="build only this graph (repeatable)")
+    p.add_argument("--json", action="store_true", help="print engines, metadata and commands as JSON")
+    p.set_defaults(func=cmd_build)
+
+
+def cmd_build(args) -> int:
+    from tgedge.export.tensorrt_build import build_engines
+
+    say = None if args.json else (lambda s: print(s, file=sys.stderr, flush=True))
+    result = build_engines(args.export_dir, args.output, args.backend, args.workspace, args.timing_cache,
+                           args.graphs, on_step=say)
+    if args.json:
+        print(json.dumps(result.to_dict()))
+        return 0
+    for graph, meta in result.engines.items():
+        print(f"{graph}: {meta['file']} ({meta['bytes'] / 1e6:.1f} MB, {meta['precision']}, {meta['build_s']:.1f}s, "
+              f"{meta['backend']} {meta['tensorrt_version']}, GPU {meta['gpu'] or 'none'})")
+        print(f"  equivalent: {result.commands[graph]}")
+    print(f"wrote {result.directory}; run it with: tgedge run {result.directory} --backend tensorrt ...")
+    return 0
+
+
+def _add_validate(sub) -> None:
+    p = sub.add_parser("validate", help="compare an export on a runtime backend with the PyTorch reference",
+                       description="Every sample through the runtime and the torch fp32 reference, stage by stage "
+                                   "(preprocess, text_guide, vision, fusion, embed, decoder logits under teacher "
+                                   "forcing), then greedy answers and task accuracy, judged by a policy. Exit 1 when "
+                                   "a stage is out of budget (the report names the first), 2 on bad input.",
+                       epilog=EPILOG)
+    p.add_argument("export_dir", help="export directory (tgedge export / tgedge quantize)")
+    p.add_argument("--data", required=True, help="data folder (images/ + samples.jsonl; docs/DATA.md)")
+    p.add_argument("--reference", metavar="MODEL", help="reference checkpoint (default: the one the export was made from)")
+    p.add_argument("--clip", metavar="DIR", help="CLIPModel directory for an original-layout reference")
+    p.add_argument("--backend", choices=BACKENDS[1:], default="onnxruntime", help="runtime backend (default onnxruntime)")
+    p.add_argument("--policy", metavar="FILE", help="TOML limits laid over the defaults (tgedge/policies/default.toml)")
+    p.add_argument("--limit", type=int, help="the first N samples only")
+    p.add_argument("--max-new-tokens", type=int, default=8, help="answer length cap (default 8)")
+    p.add_argument("--json", metavar="F", help="write the report as JSON (per-stage figures, limits, breaches)")
+    p.add_argument("--junit", metavar="F", help="write JUnit XML (one test case per stage) for CI")
+    p.add_argument("--markdown", metavar="F", help="write a Markdown summary (e.g. $GITHUB_STEP_SUMMARY)")
+    p.set_defaults(func=cmd_validate)
+
+
+HEADLINE = ("max_abs", "min_cosine", "top1", "kl_max", "exact_match", "reference", "runtime", "drop_points")
+
+
+def cmd_validate(args) -> int:
+    from tgedge.validate import validate
+
+    report = validate(args.export_dir, args.data, args.reference, args.backend, args.policy, args.limit,
+                      args.max_new_tokens, args.clip)
+    if args.json:
+        write_atomic(args.json, json.dumps(report.to_dict(), indent=2) + "\n")
+    if args.junit:
+        write_atomic(args.junit, report.to_junit())
+    if args.markdown:
+        write_atomic(args.markdown, report.to_markdown())
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{args.export_dir} ({args.backend}) vs {report.reference}, {report.samples} samples")
+    for col in ("stage", "precision", "figures", "limits", "result"):
+        table.add_column(col)
+    for s in report.stages:
+        shown = {k: v for k, v in s.figures.items() if k in HEADLINE}  # the rest is in --json
+        table.add_row(s.name, s.precision, ", ".join(f"{k} {v:.3g}" for k, v in shown.items()),
+                      ", ".join(f"{k} {v:g}" for k, v in s.limits.items()) or "-",
+                      "pass" if s.passed else "[red]FAIL[/red] " + "; ".join(s.breaches))
+    console = Console()
+    console.print(table)
+    console.print(report.summary(), markup=False)
+    return 0 if report.passed else 1
+
+
+def register(sub) -> None:
+    for add in (_add_export, _add_quantize, _add_build, _add_validate):
+        add(sub)
