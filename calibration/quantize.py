@@ -26,7 +26,8 @@ from typing import Callable
 import onnx
 
 from tgedge.errors import TgedgeError
-from tgedge.fileio import atomic_dir
+from tgedge.calibration.collect import FeedReader
+from tgedge.fileio import atomic_dir, sha256_files
 from tgedge.runtime.manifest import GRAPHS, PRECISIONS, Manifest
 
 log = logging.getLogger("tgedge")
@@ -200,8 +201,6 @@ class QuantizeResult:
 
 
 def _data_hash(folder: Path) -> str:
-    from tgedge.fileio import sha256_files
-
     return sha256_files([folder / "samples.jsonl"] + sorted((folder / "images").glob("*")))
 
 
@@ -267,14 +266,10 @@ def quantize_export(export_dir: str | Path, out: str | Path, precision: str, cal
                 cache = Path(work) / f"{graph}.calibration.json"
                 if saved is not None:
                     cache.write_text(json.dumps(saved["graphs"][graph]))
-                from tgedge.calibration.collect import FeedReader
-
                 report = to_int8(path, target, FeedReader(feeds.get(graph, [])), method, excluded, cache)
                 ranges[graph] = json.loads(cache.read_text())
             reports[graph] = report
             onnx.checker.check_model(str(target))
-            from tgedge.fileio import sha256_files
-
             graphs[graph] = type(entry)(graph, entry.file, report.precision, entry.inputs, entry.outputs,
                                         sha256_files([target]))
         record = None

@@ -53,9 +53,10 @@ def trtexec_line(backend: str, manifest: Manifest, graph: str, engine: str, work
     """The equivalent command line (first profile; trtexec takes one profile per --minShapes set)."""
     tool = "tensorrt_rtx" if backend == "tensorrt_rtx" else "trtexec"
     entry = manifest.graphs[graph]
+    first = profiles(manifest, graph)[0]
     args = [tool, f"--onnx={entry.file}", f"--saveEngine={engine}", "--stronglyTyped"]
     for key, k in (("--minShapes", 0), ("--optShapes", 1), ("--maxShapes", 2)):
-        parts = [f"{t.name}:{'x'.join(map(str, _shapes(t, profiles(manifest, graph)[0])[k]))}" for t in entry.inputs
+        parts = [f"{t.name}:{'x'.join(map(str, _shapes(t, first)[k]))}" for t in entry.inputs
                  if any(isinstance(d, str) for d in t.shape)]
         if parts:
             args.append(f"{key}={','.join(parts)}")
@@ -123,7 +124,8 @@ def build_engine(trt, manifest: Manifest, graph: str, workspace_mb: int, cache_b
             config.set_flag(trt.BuilderFlag.FP16)
         if precision == "int8":
             config.set_flag(trt.BuilderFlag.INT8)  # explicit Q/DQ: no calibrator
-    for profile in profiles(manifest, graph):
+    graph_profiles = profiles(manifest, graph)
+    for profile in graph_profiles:
         p = builder.create_optimization_profile()
         for t in manifest.graphs[graph].inputs:
             p.set_shape(t.name, *_shapes(t, profile))
@@ -140,7 +142,7 @@ def build_engine(trt, manifest: Manifest, graph: str, workspace_mb: int, cache_b
     targets = []
     if hasattr(config, "num_compute_capabilities"):
         targets = [str(config.get_compute_capability(i)).split(".")[-1] for i in range(config.num_compute_capabilities)]
-    details = {"strongly_typed": strongly_typed, "tensorrt_major": major, "profiles": len(profiles(manifest, graph)),
+    details = {"strongly_typed": strongly_typed, "tensorrt_major": major, "profiles": len(graph_profiles),
                "target_compute_capabilities": targets}
     new_cache = bytes(memoryview(cache.serialize())) if cache is not None else None
     return bytes(memoryview(engine)), new_cache, details

@@ -12,7 +12,7 @@ import numpy as np
 
 from tgedge.errors import TgedgeError
 from tgedge.generate import AnswerMixin
-from tgedge.preprocess import Inputs, Preprocessor
+from tgedge.preprocess import Inputs, Preprocessor, split_views, stack_views
 from tgedge.runtime.manifest import Manifest
 from tgedge.runtime.runner import BaseRunner
 
@@ -105,12 +105,7 @@ class Pipeline(AnswerMixin):
 
     def encode_image(self, pixel_values: np.ndarray, crops: np.ndarray | None = None,
                      guide_ids: np.ndarray | None = None) -> np.ndarray:
-        b = pixel_values.shape[0]
-        views = pixel_values if crops is None else np.concatenate([pixel_values, crops.reshape(-1, *crops.shape[2:])])
-        feats = self.vision(views)
-        main, crop_feats = feats[:b], None
-        if crops is not None:
-            crop_feats = feats[b:].reshape(b, 4 * feats.shape[1], feats.shape[2])  # TL, TR, BL, BR
+        main, crop_feats = split_views(self.vision(stack_views(pixel_values, crops)), pixel_values.shape[0])
         tokens = pooled = None
         if self.manifest.has_text_guide:
             tokens, pooled = self.text_guide(guide_ids)

@@ -159,7 +159,7 @@ class TensorRTRunner(BaseRunner):
     def infer_impl(self, feed: dict[str, Any], keep: tuple[str, ...] = ()) -> dict[str, Any]:
         if self.graph == "decoder":  # profile 0 prefill (no past), 1 decode
             past = next(v for k, v in feed.items() if k.startswith("past_key_values."))
-            profile = 0 if (past.shape[2] if isinstance(past, np.ndarray) else past.shape[2]) == 0 else 1
+            profile = 0 if past.shape[2] == 0 else 1
             if profile != self.profile:
                 self.context.set_optimization_profile_async(profile, self.stream)
                 self.profile = profile

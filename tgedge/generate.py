@@ -75,9 +75,14 @@ class AnswerMixin:
 
     def answer(self, image, question: str, options: GenerationOptions | None = None, raw: bool = False,
                on_text: Callable[[str], None] | None = None) -> Answer:
-        options = options or self.options()
         start = time.perf_counter()
-        inputs = self.pre(image, question, raw)
+        return self.answer_inputs(self.pre(image, question, raw), options, on_text, start)
+
+    def answer_inputs(self, inputs, options: GenerationOptions | None = None,
+                      on_text: Callable[[str], None] | None = None, start: float | None = None) -> Answer:
+        """`answer()` from inputs already preprocessed (`start`: when preprocessing began, for the timings)."""
+        options = options or self.options()
+        start = time.perf_counter() if start is None else start
         x = self.embeddings(inputs)
         encoded = time.perf_counter()
         decode = self.pre.tokenizer.decode

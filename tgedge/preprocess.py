@@ -140,6 +140,23 @@ def detail_crops(pixels: np.ndarray) -> np.ndarray:
     return np.stack([big[:, :h, :w], big[:, :h, w:], big[:, h:, :w], big[:, h:, w:]])
 
 
+def stack_views(pixel_values: np.ndarray, crops: np.ndarray | None) -> np.ndarray:
+    """(B, 3, H, W) [+ crops (B, 4, 3, H, W)] -> the vision tower's batch of views (B [+ 4B], 3, H, W)."""
+    if crops is None:
+        return pixel_values
+    return np.concatenate([pixel_values, crops.reshape(-1, *crops.shape[2:])])
+
+
+def split_views(features, batch: int):
+    """The vision tower's (V, N, D) output -> main (B, N, D), crops (B, 4N, D) in TL, TR, BL, BR order or None.
+
+    Slicing and reshape only, so it serves numpy arrays (runtime) and torch tensors (reference) alike."""
+    main = features[:batch]
+    if features.shape[0] == batch:
+        return main, None
+    return main, features[batch:].reshape(batch, 4 * features.shape[1], features.shape[2])
+
+
 class Tokenizer:
     """A `tokenizer.json` through the tokenizers library; its own post-processor decides BOS/EOS."""
 

@@ -194,6 +194,7 @@ def compare(runtime, reference, records, policy: dict, max_new_tokens: int = 8, 
     import torch
 
     from tgedge.evaluate import normalize
+    from tgedge.preprocess import split_views, stack_views
 
     model = reference.model
     diffs = {s: Diff() for s in ("preprocess", "text_guide", "vision", "fusion", "embed", "decoder")}
@@ -214,21 +215,19 @@ def compare(runtime, reference, records, policy: dict, max_new_tokens: int = 8, 
                 tokens, pooled = model.text_guide(t(inputs.guide_ids))
                 for got, want in zip(runtime.text_guide(inputs.guide_ids), (tokens, pooled)):
                     diffs["text_guide"].add(got, want.numpy())
-            views = inputs.pixel_values if inputs.crops is None else \
-                np.concatenate([inputs.pixel_values, inputs.crops.reshape(-1, *inputs.crops.shape[2:])])
+            views = stack_views(inputs.pixel_values, inputs.crops)
             feats = model.vision(t(views))
             diffs["vision"].add(runtime.vision(views), feats.numpy())
-            main, crops = feats[:1], None
-            if inputs.crops is not None:
-                crops = feats[1:].reshape(1, 4 * feats.shape[1], feats.shape[2])
+            main, crops = split_views(feats, 1)
             image = model.fuse(main, crops, tokens, pooled)
             diffs["fusion"].add(runtime.fuse(main.numpy(), None if crops is None else crops.numpy(),
                                              None if tokens is None else tokens.numpy(),
                                              None if pooled is None else pooled.numpy()), image.numpy())
             x = model.embed(t(inputs.input_ids), image)
             diffs["embed"].add(runtime.embed(inputs.input_ids, image.numpy()), x.numpy())
-            ref_answer = reference.answer(r.image, r.prompt, reference.options(max_new_tokens=max_new_tokens))
-            rt_answer = runtime.answer(r.image, r.prompt, runtime.options(max_new_tokens=max_new_tokens))
+            # Greedy answers from the inputs preprocessed above (each pipeline its own, as deployed).
+            ref_answer = reference.answer_inputs(inputs, reference.options(max_new_tokens=max_new_tokens))
+            rt_answer = runtime.answer_inputs(rt_inputs, runtime.options(max_new_tokens=max_new_tokens))
             # Teacher forcing: the prompt and the reference's answer, both pipelines on the same embeddings.
             n = len(ref_answer.tokens)
             answer_ids = torch.tensor([ref_answer.tokens[:-1]], dtype=torch.int64)

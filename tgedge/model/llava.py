@@ -18,7 +18,7 @@ from tgedge.model.perceiver import DetailPerceiver
 from tgedge.model.projector import Projector
 from tgedge.model.text import TextGuideEncoder
 from tgedge.model.vision import VisionTower
-from tgedge.preprocess import IMAGE_PLACEHOLDER_ID
+from tgedge.preprocess import IMAGE_PLACEHOLDER_ID, split_views
 
 
 class TGLlava(nn.Module):
@@ -86,10 +86,7 @@ class TGLlava(nn.Module):
         """pixels (B, 3, H, W) [+ crops (B, 4, 3, H, W), text guide ids (B, T)] -> image embeddings."""
         b = pixel_values.shape[0]
         views = pixel_values if self.mm_patch_encoder is None else torch.cat([pixel_values, crops.flatten(0, 1)])
-        feats = self.vision(views)
-        main, crop_feats = feats[:b], None
-        if self.mm_patch_encoder is not None:
-            crop_feats = feats[b:].reshape(b, 4 * feats.shape[1], feats.shape[2])  # TL, TR, BL, BR
+        main, crop_feats = split_views(self.vision(views), b)
         tokens = pooled = None
         if self.text_tower is not None and self.cfg.has_tg:
             tokens, pooled = self.text_guide(guide_ids)
