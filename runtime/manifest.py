@@ -43,6 +43,22 @@ class TensorMeta:
         return cls(d["name"], d["dtype"], tuple(d["shape"]))
 
 
+def io_differences(listed: list[TensorMeta], actual: list[TensorMeta], full_shape: bool) -> list[str]:
+    """How a graph's actual inputs (or outputs) differ from the ones a manifest lists; empty when they agree.
+
+    `full_shape=False` compares names, dtypes and ranks (what the runtime needs to feed the graph);
+    `full_shape=True` compares every dim too (what `tgedge inspect` reports)."""
+    def key(t: TensorMeta):
+        return (t.name, t.dtype, tuple(t.shape) if full_shape else len(t.shape))
+
+    want, got = [key(t) for t in listed], [key(t) for t in actual]
+    if want == got:
+        return []
+    shape = "shape" if full_shape else "rank"
+    diff = [f"{n} {d} {shape} {s}" for n, d, s in sorted(set(want) ^ set(got), key=str)]
+    return diff or ["same tensors in another order"]
+
+
 @dataclass
 class GraphEntry:
     name: str

@@ -13,7 +13,7 @@ import numpy as np
 from tgedge.errors import TgedgeError
 from tgedge.generate import AnswerMixin
 from tgedge.preprocess import Inputs, Preprocessor, split_views, stack_views
-from tgedge.runtime.manifest import Manifest
+from tgedge.runtime.manifest import Manifest, io_differences
 from tgedge.runtime.runner import BaseRunner
 
 BACKENDS = ("onnxruntime", "onnxruntime-cuda", "onnxruntime-trt", "tensorrt")
@@ -37,12 +37,10 @@ def check_against_manifest(runner: BaseRunner, manifest: Manifest, graph: str) -
     entry = manifest.graphs[graph]
     for kind, listed, actual in (("inputs", entry.inputs, runner.get_input_metadata()),
                                  ("outputs", entry.outputs, runner.get_output_metadata())):
-        want = [(t.name, t.dtype, len(t.shape)) for t in listed]
-        got = [(t.name, t.dtype, len(t.shape)) for t in actual.values()]
-        if want != got:
-            diff = sorted(set(want) ^ set(got))
+        diff = io_differences(listed, list(actual.values()), full_shape=False)
+        if diff:
             raise TgedgeError(f"{manifest.graph_path(graph)}: graph {kind} do not match manifest.json "
-                              f"(differing: {', '.join(f'{n} {d} rank {r}' for n, d, r in diff) or 'order'})")
+                              f"(differing: {', '.join(diff)})")
 
 
 class Pipeline(AnswerMixin):

@@ -71,7 +71,9 @@ def test_mismatch_is_reported(exports, tmp_path, capsys):
     proto.graph.node[0].input[:] = ["ids" if i == "input_ids" else i for i in proto.graph.node[0].input]
     onnx.save(proto, str(d / "embed.onnx"))
     assert main(["inspect", str(d)]) == 1
-    assert "mismatch" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "mismatch" in out and "embed inputs differ from manifest.json" in out
+    assert "input_ids int64 shape" in out and "ids int64 shape" in out
 
 
 def test_engine_inspector_json():

@@ -1,6 +1,7 @@
 """TG-LLaVA checkpoints: original layout (b) + a CLIP dir, tgedge's layout (c), and the TG ablations."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -76,6 +77,10 @@ def test_layout_c_roundtrip_identical_logits(tg, tmp_path):
     np.testing.assert_array_equal(a.input_ids, b.input_ids)
     assert torch.equal(_last_logits(model, ckpt.preprocessor, image), _last_logits(model2, ckpt2.preprocessor, image))
     assert not list(tmp_path.glob(".tgedge.*"))  # no temporary folder left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in out.rglob("*"):  # readable like any file the user writes (safetensors alone writes 0600)
+        assert f.stat().st_mode & 0o777 == (0o777 if f.is_dir() else 0o666) & ~umask, f
 
 
 def test_zero_mask_and_no_perceiver_is_plain_llava(tg):

@@ -18,7 +18,7 @@ import torch
 
 from tgedge import config as C
 from tgedge.errors import TgedgeError
-from tgedge.fileio import atomic_dir
+from tgedge.fileio import atomic_dir, usual_file_mode
 from tgedge.preprocess import IMAGE_PLACEHOLDER_ID, ImageSettings, Preprocessor, PreprocessSpec, Tokenizer
 from tgedge.prompt import PromptTemplate, template_for_family
 
@@ -240,6 +240,7 @@ def save_checkpoint(model, preprocessor: Preprocessor, out: str | Path, chat_tem
     with atomic_dir(out) as tmp:
         state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt", "layout": "tgedge"})
+        usual_file_mode(tmp / "model.safetensors")
         (tmp / "config.json").write_text(json.dumps(config_json(cfg), indent=2) + "\n")
         spec = preprocessor.spec
         proc = image_processor_json(spec.image)

@@ -146,20 +146,18 @@ def memory_estimate(manifest, graphs: dict[str, GraphSummary]) -> dict:
 
 
 def inspect_export(directory: str | Path) -> dict:
-    from tgedge.runtime.manifest import Manifest
+    from tgedge.fileio import sha256_files
+    from tgedge.runtime.manifest import Manifest, TensorMeta, io_differences
 
     manifest = Manifest.load(directory)
     graphs, mismatches = {}, []
-    from tgedge.fileio import sha256_files
-
     for name, entry in manifest.graphs.items():
         g = graphs[name] = inspect_onnx(manifest.graph_path(name))
         for kind, listed, actual in (("inputs", entry.inputs, g.inputs), ("outputs", entry.outputs, g.outputs)):
-            want = [(t.name, t.dtype, list(t.shape)) for t in listed]
-            got = [(t["name"], t["dtype"], t["shape"]) for t in actual]
-            if want != got:
-                mismatches.append(f"{name} {kind}: manifest {want} != graph {got}")
-        if g.precision != entry.precision and not (entry.precision == "fp32" and g.precision == "fp32"):
+            diff = io_differences(listed, [TensorMeta.from_dict(t) for t in actual], full_shape=True)
+            if diff:
+                mismatches.append(f"{name} {kind} differ from manifest.json: {', '.join(diff)}")
+        if g.precision != entry.precision:
             mismatches.append(f"{name}: manifest says {entry.precision}, graph looks {g.precision}")
         files = [manifest.graph_path(name)] + ([manifest.directory / entry.external_data] if entry.external_data else [])
         if entry.sha256 and sha256_files(files) != entry.sha256:

@@ -65,3 +65,17 @@ def test_unavailable_provider_is_a_clear_error(demo_export):
         pytest.skip("this onnxruntime has CUDA")
     with pytest.raises(TgedgeError, match="CUDAExecutionProvider is not available"):
         OnnxRuntimeRunner(SessionFromOnnx(demo_export.manifest.graph_path("embed"), "cuda")).activate()
+
+
+def test_io_differences_rank_or_full_shape():
+    from tgedge.runtime.manifest import TensorMeta, io_differences
+
+    listed = [TensorMeta("input_ids", "int64", ("batch_size", "sequence_length"))]
+    same_rank = [TensorMeta("input_ids", "int64", (1, "sequence_length"))]
+    assert io_differences(listed, same_rank, full_shape=False) == []
+    assert io_differences(listed, same_rank, full_shape=True) == [
+        "input_ids int64 shape ('batch_size', 'sequence_length')", "input_ids int64 shape (1, 'sequence_length')"]
+    assert io_differences(listed, [TensorMeta("input_ids", "int32", ("b", "s"))], full_shape=False) == [
+        "input_ids int32 rank 2", "input_ids int64 rank 2"]
+    two = listed + [TensorMeta("mask", "int64", ("b",))]
+    assert io_differences(two, two[::-1], full_shape=False) == ["same tensors in another order"]
