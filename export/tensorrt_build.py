@@ -50,16 +50,18 @@ def _shapes(tensor, profile) -> tuple[list[int], list[int], list[int]]:
 
 def trtexec_line(backend: str, manifest: Manifest, graph: str, engine: str, workspace_mb: int,
                  timing_cache: str | None) -> str:
-    """The equivalent command line (first profile; trtexec takes one profile per --minShapes set)."""
+    """The equivalent command line. Several profiles (the decoder's prefill and decode) are written as
+    trtexec 10's `--profile=0 --minShapes=.. --optShapes=.. --maxShapes=.. --profile=1 ..`."""
     tool = "tensorrt_rtx" if backend == "tensorrt_rtx" else "trtexec"
     entry = manifest.graphs[graph]
-    first = profiles(manifest, graph)[0]
+    dynamic = [t for t in entry.inputs if any(isinstance(d, str) for d in t.shape)]
+    all_profiles = profiles(manifest, graph)
     args = [tool, f"--onnx={entry.file}", f"--saveEngine={engine}", "--stronglyTyped"]
-    for key, k in (("--minShapes", 0), ("--optShapes", 1), ("--maxShapes", 2)):
-        parts = [f"{t.name}:{'x'.join(map(str, _shapes(t, first)[k]))}" for t in entry.inputs
-                 if any(isinstance(d, str) for d in t.shape)]
-        if parts:
-            args.append(f"{key}={','.join(parts)}")
+    for i, profile in enumerate(all_profiles if dynamic else []):
+        if len(all_profiles) > 1:
+            args.append(f"--profile={i}")
+        for key, k in (("--minShapes", 0), ("--optShapes", 1), ("--maxShapes", 2)):
+            args.append(f"{key}=" + ",".join(f"{t.name}:{'x'.join(map(str, _shapes(t, profile)[k]))}" for t in dynamic))
     args.append(f"--memPoolSize=workspace:{workspace_mb}M")
     if timing_cache:
         args.append(f"--timingCacheFile={timing_cache}")

@@ -10,7 +10,7 @@ import pytest
 from tgedge.calibration.quantize import quantize_export
 from tgedge.cli import main
 from tgedge.errors import TgedgeError
-from tgedge.export.tensorrt_build import build_engines, profiles
+from tgedge.export.tensorrt_build import build_engines, profiles, trtexec_line
 from tgedge.runtime.manifest import Manifest
 from tgedge.runtime.tensorrt import check_engine
 
@@ -50,6 +50,16 @@ def test_decoder_profiles_keep_total_equal_past_plus_sequence(demo_export):
     for p in profiles(m, "decoder"):
         for k in range(3):
             assert p["total_sequence_length"][k] == p["past_sequence_length"][k] + p["sequence_length"][k]
+
+
+def test_equivalent_command_lists_every_profile(demo_export):
+    m = Manifest.load(demo_export.directory)
+    line = trtexec_line("tensorrt", m, "decoder", "decoder.engine", 1024, None).split()
+    assert line[0] == "trtexec" and [a for a in line if a.startswith("--profile")] == ["--profile=0", "--profile=1"]
+    decode_min = line[line.index("--profile=1") + 1]
+    assert decode_min.startswith("--minShapes=inputs_embeds:1x1x") and "past_key_values.0.key:1x2x1x" in decode_min
+    vision = trtexec_line("tensorrt", m, "vision", "vision.engine", 1024, None)
+    assert "--profile" not in vision and vision.count("--minShapes=pixel_values:") == 1
 
 
 def test_weight_only_int4_is_refused_with_the_reason(demo_export, tmp_path):
