@@ -239,7 +239,9 @@ def save_checkpoint(model, preprocessor: Preprocessor, out: str | Path, chat_tem
     out = Path(out)
     with atomic_dir(out) as tmp:
         state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt", "layout": "tgedge"})
+        # One metadata key: safetensors writes the metadata map in hash order, so two keys would give
+        # files that differ from run to run with identical weights. The layout is told by config.json.
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         usual_file_mode(tmp / "model.safetensors")
         (tmp / "config.json").write_text(json.dumps(config_json(cfg), indent=2) + "\n")
         spec = preprocessor.spec
