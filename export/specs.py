@@ -42,28 +42,27 @@ def _normal(gen: torch.Generator, *shape: int, scale: float = 1.0) -> torch.Tens
 
 
 # -- wrappers: each stage with exactly its graph's inputs and outputs ----------------------------------------
-class TextGuideGraph(nn.Module):
+class _ModelGraph(nn.Module):
+    """A stage of the model as its own graph: holds the model, so parameter names stay `model.*`."""
+
     def __init__(self, model):
         super().__init__()
         self.model = model
 
+
+class TextGuideGraph(_ModelGraph):
     def forward(self, input_ids):
         return self.model.text_guide(input_ids)
 
 
-class VisionGraph(nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
+class VisionGraph(_ModelGraph):
     def forward(self, pixel_values):
         return self.model.vision(pixel_values)
 
 
-class FusionGraph(nn.Module):
+class FusionGraph(_ModelGraph):
     def __init__(self, model):
-        super().__init__()
-        self.model = model
+        super().__init__(model)
         self.with_fom = model.mm_cross_attn is not None
         self.with_dp = model.mm_patch_encoder is not None
 
@@ -84,12 +83,8 @@ class EmbedGraph(nn.Module):
         return self.embed_tokens(input_ids)
 
 
-class DecoderGraph(nn.Module):
+class DecoderGraph(_ModelGraph):
     """inputs_embeds + attention_mask + position_ids + past -> logits + present (one graph, prefill and decode)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
 
     def forward(self, inputs_embeds, attention_mask, position_ids, *past):
         dec = self.model.language_model
