@@ -24,7 +24,7 @@ from typing import Callable
 
 from tgedge import __version__
 from tgedge.errors import TgedgeError
-from tgedge.fileio import atomic_dir
+from tgedge.fileio import atomic_dir, write_atomic
 from tgedge.runtime.manifest import Manifest
 from tgedge.runtime.tensorrt import device_info, import_tensorrt
 
@@ -198,8 +198,5 @@ def build_engines(export_dir: str | Path, out: str | Path, backend: str = "tenso
         built.save(tmp)
         result.engines = engines
     if cache_path and cache_bytes:
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp_cache = cache_path.with_name(f".{cache_path.name}.tmp")
-        tmp_cache.write_bytes(cache_bytes)
-        tmp_cache.replace(cache_path)
+        write_atomic(cache_path, cache_bytes)
     return result

@@ -27,14 +27,3 @@ def open_pipeline(model: str, backend: str | None, clip: str | None = None, cont
     from tgedge.runtime.pipeline import Pipeline
 
     return Pipeline(model, backend, context)
-
-
-def write_atomic(path: str, text: str) -> None:
-    import os
-    from pathlib import Path
-
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, out)

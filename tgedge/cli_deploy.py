@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import sys
 
-from tgedge.cli_common import BACKENDS, EPILOG, write_atomic
+from tgedge.cli_common import BACKENDS, EPILOG
 from tgedge.errors import TgedgeError
+from tgedge.fileio import write_atomic
 
 
 def _add_export(sub) -> None:

@@ -38,6 +38,18 @@ def atomic_dir(out: str | Path):
         raise
 
 
+def write_atomic(path: str | Path, data: str | bytes) -> None:
+    """Write one file through a temporary name beside it, then rename: readers see the old file or the new one."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    if isinstance(data, bytes):
+        tmp.write_bytes(data)
+    else:
+        tmp.write_text(data)
+    os.replace(tmp, out)
+
+
 def sha256_files(paths: list[Path]) -> str:
     """One hash over several files (names and bytes), read in chunks."""
     h = hashlib.sha256()
