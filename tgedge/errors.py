@@ -1,7 +1,21 @@
-"""Exception types: one for user errors (bad input), one for internal bugs.
+"""Exception types: one for user errors (bad input), one for internal bugs; and the translation of library
+and OS errors on user files into the first.
 
-The CLI prints a `TgedgeError` as one line and exits 2; anything else is a bug and keeps its traceback.
+The CLI prints a `TgedgeError` as one line and exits 2; anything else is a bug and keeps its traceback
+(exit 3). Exit codes are listed in docs/ERRORS.md.
 """
+
+from __future__ import annotations
+
+import errno
+import sys
+
+# What an OS error means for the user, where strerror alone is terse.
+_OS_HINTS = {errno.ENOSPC: "no space left on the device", errno.EROFS: "read-only file system",
+             errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+             errno.EISDIR: "is a directory", errno.ENOTDIR: "not a directory",
+             errno.ELOOP: "too many levels of symbolic links", errno.EDQUOT: "disk quota exceeded",
+             errno.ENAMETOOLONG: "file name too long", errno.ENOENT: "no such file or directory"}
 
 
 class TgedgeError(Exception):
@@ -10,3 +24,36 @@ class TgedgeError(Exception):
 
 class TgedgeInternalError(RuntimeError):
     """A broken invariant inside tgedge: a bug to report, not a user mistake."""
+
+
+def os_error(e: OSError, path=None) -> TgedgeError:
+    """`path: what went wrong` for an OSError; `path` names the user's file where e.filename is a temporary one."""
+    name = path if path is not None else e.filename
+    reason = _OS_HINTS.get(e.errno) or e.strerror or str(e)
+    other = f" -> {e.filename2}" if e.filename2 is not None and path is None else ""
+    return TgedgeError(f"{name}{other}: {reason}" if name is not None else reason)
+
+
+def as_user_error(e: BaseException) -> TgedgeError | None:
+    """The user error an exception stands for (the CLI prints it as one line, exit 2), or None for a bug.
+
+    Translate where the file is known (naming it); this is the boundary's last resort for what was not."""
+    if isinstance(e, TgedgeError):
+        return e
+    if isinstance(e, OSError):
+        return os_error(e)
+    if isinstance(e, UnicodeDecodeError):
+        return TgedgeError(f"not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} at offset {e.start})")
+    if isinstance(e, UnicodeEncodeError):
+        return TgedgeError(f"text is not valid UTF-8 ({e.reason} at character {e.start})")
+    if isinstance(e, MemoryError):
+        return TgedgeError("not enough memory for this input (lower the sizes or limits asked for)")
+    image = sys.modules.get("PIL.Image")
+    if image is not None and isinstance(e, image.DecompressionBombError):
+        return TgedgeError(f"image too large ({e}); see TGEDGE_MAX_IMAGE_PIXELS in docs/ERRORS.md")
+    return None
+
+
+def one_line(message: str) -> str:
+    """A message on one line: library errors sometimes span several."""
+    return " ".join(part.strip() for part in str(message).splitlines() if part.strip())

@@ -1,13 +1,42 @@
-"""Writing outputs so that nothing half-written is ever left behind."""
+"""Writing outputs and reading named files, safely (docs/ERRORS.md has the rules as users see them).
+
+Outputs: `-o` must be absent, an empty directory, or an earlier tgedge output of the same kind (its marker
+file `.tgedge-output` says which kind and lists the files tgedge wrote there); anything else is refused
+unless `force`. `-o` may never be an input, lie inside one or hold one, nor be the working directory, one of
+its parents, the home directory or `/`, `force` or not. The new output is written to a temporary folder
+beside `-o`, then swapped in: one atomic exchange on Linux (renameat2), elsewhere rename-aside then
+rename-in with Ctrl-C held back between the two; the old output is deleted last. An interrupt leaves the
+old output or the new one, whole.
+
+Paths read from files (manifests, data folders, index files) go through `inside()`: resolved, symlinks
+included, and refused unless they stay inside their directory.
+"""
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
+import json
+import logging
 import os
+import secrets
 import shutil
+import signal
+import sys
 import tempfile
+import threading
 from contextlib import contextmanager
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Iterable
+
+from tgedge.errors import TgedgeError, os_error
+
+log = logging.getLogger("tgedge")
+
+MARKER = ".tgedge-output"
+# What tgedge writes with -o. "output" is unspecified: it matches any kind (call sites not yet told theirs).
+KINDS = ("checkpoint", "data", "export", "engines", "output")
 
 
 def _umask() -> int:
@@ -21,33 +50,240 @@ def usual_file_mode(path: str | Path) -> None:
     os.chmod(path, 0o666 & ~_umask())
 
 
-@contextmanager
-def atomic_dir(out: str | Path):
-    """Yield a temporary folder beside `out`; on success it replaces `out`, on any failure it is removed."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would outlive the rename
+def _real(path: str | Path) -> Path:
     try:
+        return Path(os.path.realpath(path))
+    except (OSError, ValueError) as e:
+        raise TgedgeError(f"{path}: not a usable path ({e})") from None
+
+
+# -- reading names from files ---------------------------------------------------------------------------------
+def inside(directory: str | Path, name, what: str) -> Path:
+    """`directory / name`, resolved (symlinks included), refused unless it stays inside `directory`.
+
+    `what` names the file and key the name came from, e.g. "data/samples.jsonl:3 image"."""
+    if not isinstance(name, str) or not name.strip():
+        raise TgedgeError(f"{what}: expected a file name relative to {directory}, got {name!r}")
+    if "\x00" in name:
+        raise TgedgeError(f"{what}: {name!r} holds a NUL character")
+    if PurePosixPath(name).is_absolute() or PureWindowsPath(name).is_absolute() or PureWindowsPath(name).drive:
+        raise TgedgeError(f"{what}: {name!r} is an absolute path; files must be named relative to {directory}")
+    base = _real(directory)
+    full = _real(base / name)
+    if base not in full.parents:
+        raise TgedgeError(f"{what}: {name!r} resolves to {full}, outside {directory}")
+    return full
+
+
+# -- output directories ----------------------------------------------------------------------------------------
+def read_marker(directory: str | Path) -> dict | None:
+    """The marker of an earlier tgedge output, or None (no marker, or one that does not parse)."""
+    try:
+        d = json.loads((Path(directory) / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return d if isinstance(d, dict) and isinstance(d.get("kind"), str) else None
+
+
+def _files(directory: Path) -> list[str]:
+    out = []
+    for root, dirs, files in os.walk(directory):
+        rel = Path(root).relative_to(directory)
+        out += [(rel / f).as_posix() for f in files]
+        # a symlinked folder is listed as a file: walking into it would reach outside
+        out += [(rel / d).as_posix() for d in dirs if (Path(root) / d).is_symlink()]
+    return sorted(p for p in out if p != MARKER)
+
+
+def _write_marker(directory: Path, kind: str) -> None:
+    record = {"kind": kind, "files": _files(directory)}
+    (directory / MARKER).write_text(json.dumps(record, indent=0) + "\n", encoding="utf-8")
+
+
+def _same_kind(a: str, b: str) -> bool:
+    return a == b or "output" in (a, b)
+
+
+def check_output(out: str | Path, kind: str = "output", inputs: Iterable = (), force: bool = False) -> Path:
+    """Refuse an `-o` that tgedge may not replace (one line, naming it); return the directory it will write."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown output kind {kind!r}")
+    target = _real(out)
+    hint = "pick another -o, or pass --force to replace it"
+    home = _real(Path.home())
+    if target == Path(target.anchor) or target == home:
+        raise TgedgeError(f"{out}: is {'/' if target != home else 'the home directory'}: name a new folder for -o")
+    cwd = _real(Path.cwd())
+    if target == cwd or target in cwd.parents:
+        raise TgedgeError(f"{out}: is the working directory{'' if target == cwd else ' or holds it'}: "
+                          "name a new folder for -o")
+    for given in inputs:
+        if given is None or str(given) == "":
+            continue
+        source = _real(given)
+        if source == target:
+            raise TgedgeError(f"{out}: is the input {given}: write the output to another folder")
+        if source in target.parents:
+            raise TgedgeError(f"{out}: lies inside the input {given}: write the output to another folder")
+        if target in source.parents:
+            raise TgedgeError(f"{out}: holds the input {given}; replacing it would delete the input")
+    if not os.path.lexists(target):
+        return target
+    if not target.is_dir():
+        if force:
+            return target
+        raise TgedgeError(f"{out}: exists and is not a directory: {hint}")
+    try:
+        entries = sorted(p.name for p in target.iterdir())
+    except OSError as e:
+        raise os_error(e, out) from None
+    if not entries or force:
+        return target
+    marker = read_marker(target)
+    if marker is None:
+        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise TgedgeError(f"{out}: not empty ({shown}) and not a tgedge output: {hint}")
+    if not _same_kind(marker["kind"], kind):
+        raise TgedgeError(f"{out}: holds a tgedge {marker['kind']} output, not {kind}: {hint}")
+    written = set(marker.get("files") or [])
+    foreign = [f for f in _files(target) if f not in written]
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise TgedgeError(f"{out}: holds files tgedge did not write ({shown}): move them, or pass --force")
+    return target
+
+
+_libc_renameat2 = None
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where that is not available."""
+    global _libc_renameat2
+    if not sys.platform.startswith("linux"):
+        return False
+    if _libc_renameat2 is None:
+        try:
+            fn = ctypes.CDLL(None, use_errno=True).renameat2
+        except (OSError, AttributeError):
+            _libc_renameat2 = False
+            return False
+        fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+        fn.restype = ctypes.c_int
+        _libc_renameat2 = fn
+    if _libc_renameat2 is False:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if _libc_renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False  # this file system cannot exchange: rename aside instead
+    raise OSError(err, os.strerror(err), str(b))
+
+
+@contextmanager
+def _interrupts_held():
+    """Hold SIGINT/SIGTERM back (main thread only) and deliver them when the block ends."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {s: signal.signal(s, lambda sig, frame: caught.append(sig)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for s in dict.fromkeys(caught):
+            signal.raise_signal(s)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            path.unlink()
+        except OSError:
+            pass
+    if os.path.lexists(path):
+        log.warning("%s: the replaced output could not be deleted entirely; delete it by hand", path)
+
+
+def _swap_in(new: Path, target: Path) -> None:
+    """Put `new` at `target`; delete what was there only once `new` is in place."""
+    if not os.path.lexists(target):
+        os.rename(new, target)
+        return
+    with _interrupts_held():
+        if _exchange(new, target):
+            old = new  # the exchange left the old output at the temporary name
+        else:
+            old = target.with_name(f".{target.name}.tgedge-old-{os.getpid()}-{secrets.token_hex(4)}")
+            os.rename(target, old)
+            try:
+                os.rename(new, target)
+            except BaseException:
+                os.rename(old, target)
+                raise
+        _remove(old)
+
+
+@contextmanager
+def atomic_dir(out: str | Path, kind: str = "output", inputs: Iterable = (), force: bool = False):
+    """Yield a temporary folder beside `out`; on success it replaces `out` (see the module docstring), on
+    any failure it is removed and `out` is left as it was. OS errors become TgedgeError naming `out`."""
+    target = check_output(out, kind, inputs, force)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tgedge-new-", dir=target.parent))
+    except OSError as e:
+        raise os_error(e, out) from None
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would outlive the rename
         yield tmp
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
+        _write_marker(tmp, kind)
+        _swap_in(tmp, target)
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise _output_error(e, tmp, out) from None
         raise
 
 
+def _output_error(e: OSError, tmp: Path, out: str | Path) -> TgedgeError:
+    """Name the user's output, not the temporary folder, in an OS error met while writing it."""
+    name = e.filename
+    if name is not None and str(name).startswith(str(tmp)):
+        name = Path(out) / Path(name).relative_to(tmp)
+    return os_error(e, name if name is not None else out)
+
+
 def write_atomic(path: str | Path, data: str | bytes) -> None:
-    """Write one file through a temporary name beside it, then rename: readers see the old file or the new one."""
+    """Write one file through a temporary name beside it, then rename: readers see the old file or the new one.
+
+    The temporary file is removed on every error path; OS errors become TgedgeError naming `path`."""
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    if isinstance(data, bytes):
-        tmp.write_bytes(data)
-    else:
-        tmp.write_text(data)
-    os.replace(tmp, out)
+    if out.is_dir():
+        raise TgedgeError(f"{out}: is a directory; name a file to write")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    except OSError as e:
+        raise os_error(e, out) from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data if isinstance(data, bytes) else data.encode("utf-8"))
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, out)
+    except BaseException as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(e, OSError):
+            raise os_error(e, out) from None
+        raise
 
 
 def sha256_files(paths: list[Path]) -> str:
