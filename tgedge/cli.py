@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
+import traceback
 
 from tgedge import __version__, cli_deploy, cli_device
-from tgedge.errors import TgedgeError
-
-from tgedge.cli_common import BACKENDS, EPILOG, open_pipeline
+from tgedge.cli_common import BACKENDS, EPILOG, SEED, Parser, add_output, integer, open_pipeline, real, text
+from tgedge.errors import TgedgeError, as_user_error, one_line
 
 
 def _add_run(sub) -> None:
@@ -24,15 +23,16 @@ def _add_run(sub) -> None:
                    help="torch (the PyTorch reference; the default for a checkpoint) or a runtime backend for an "
                         "export directory (default onnxruntime, i.e. CPU)")
     p.add_argument("--image", required=True, help="image file (any format pillow reads)")
-    p.add_argument("--prompt", required=True, help="the question; the model's chat template wraps it")
+    p.add_argument("--prompt", required=True, type=text, help="the question; the model's chat template wraps it")
     p.add_argument("--raw", action="store_true", help="use --prompt verbatim (it must contain <image> once)")
     p.add_argument("--clip", metavar="DIR", help="transformers CLIPModel directory for original-layout checkpoints")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="most tokens to generate (default 64)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
-    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0 = off)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    p.add_argument("--max-context", type=int, help="KV-cache length (default: the model's max positions)")
+    p.add_argument("--max-new-tokens", type=integer(1), default=64, help="most tokens to generate (default 64)")
+    p.add_argument("--temperature", type=real(0), default=0.0, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top-k", type=integer(0), default=0, help="sample from the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=real(0, 1, lo_open=True), default=1.0,
+                   help="nucleus sampling mass in (0, 1] (default 1.0 = off)")
+    p.add_argument("--seed", type=SEED, default=0, help="sampling seed (default 0)")
+    p.add_argument("--max-context", type=integer(1), help="KV-cache length (default: the model's max positions)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.set_defaults(func=cmd_run)
 
@@ -59,10 +59,10 @@ def _add_data(sub) -> None:
                                      "presence and small details. The same split and seed give identical files.")
     s.add_argument("--split", choices=["train", "calibration", "eval"], default="eval",
                    help="which split's seed and default size (train 10000, calibration 256, eval 1000)")
-    s.add_argument("--seed", type=int, help="another seed: a fresh set from the same distribution")
-    s.add_argument("-n", "--count", type=int, help="number of samples (default: the split's size)")
-    s.add_argument("--size", type=int, default=112, help="image side in pixels (default 112)")
-    s.add_argument("-o", "--output", required=True, help="output folder (replaced if it exists)")
+    s.add_argument("--seed", type=SEED, help="another seed: a fresh set from the same distribution")
+    s.add_argument("-n", "--count", type=integer(1), help="number of samples (default: the split's size)")
+    s.add_argument("--size", type=integer(24, 4096), default=112, help="image side in pixels, 24 to 4096 (default 112)")
+    add_output(s, "output data folder")
     s.set_defaults(func=cmd_data_shapes)
 
 
@@ -74,10 +74,8 @@ def cmd_data_shapes(args) -> int:
 
     seed = shapes.SPLIT_SEEDS[args.split] if args.seed is None else args.seed
     count = shapes.SPLIT_SIZES[args.split] if args.count is None else args.count
-    if count < 1 or args.size < 24:
-        raise TgedgeError(f"need --count >= 1 and --size >= 24 (got {count}, {args.size})")
     with tqdm(total=count, desc=f"shapes/{args.split}", unit="sample", disable=None) as bar:
-        out = write_folder(shapes.generate(seed, count, args.size), args.output, progress=bar.update)
+        out = write_folder(shapes.generate(seed, count, args.size), args.output, progress=bar.update, force=args.force)
     print(f"wrote {count} samples (split {args.split}, seed {seed}) to {out}")
     return 0
 
@@ -91,9 +89,9 @@ def _add_eval(sub) -> None:
     p.add_argument("--data", required=True, help="data folder (images/ + samples.jsonl)")
     p.add_argument("--backend", choices=BACKENDS,
                    help="torch for a checkpoint (default), a runtime backend for an export directory (default onnxruntime)")
-    p.add_argument("--limit", type=int, help="evaluate the first N samples only")
+    p.add_argument("--limit", type=integer(1), help="evaluate the first N samples only")
     p.add_argument("--clip", metavar="DIR", help="CLIPModel directory for original-layout checkpoints")
-    p.add_argument("--max-new-tokens", type=int, default=8, help="answer length cap (default 8)")
+    p.add_argument("--max-new-tokens", type=integer(1), default=8, help="answer length cap (default 8)")
     p.add_argument("--ablate", choices=["fom", "dp", "both"],
                    help="switch TG modules off at inference: fom zeroes TG-FOM's zero_layer, dp drops TG-DP's tokens")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
@@ -143,13 +141,13 @@ def _add_train_demo(sub) -> None:
                                    "seeded, data generated on the fly. Writes a checkpoint in tgedge's layout with "
                                    "train_log.jsonl. The defaults are the shipped model's command (58 min on 2 CPU cores).",
                        epilog=EPILOG)
-    p.add_argument("-o", "--output", required=True, help="output checkpoint folder")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--vision-steps", type=int, default=4000, help="stage-1 steps (towers on dense labels)")
-    p.add_argument("--answer-steps", type=int, default=4500, help="stage-2 steps (answers)")
-    p.add_argument("--batch", type=int, default=48)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--vision-lr-scale", type=float, default=0.1,
+    add_output(p, "output checkpoint folder")
+    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--vision-steps", type=integer(1), default=4000, help="stage-1 steps (towers on dense labels)")
+    p.add_argument("--answer-steps", type=integer(1), default=4500, help="stage-2 steps (answers)")
+    p.add_argument("--batch", type=integer(1, 4096), default=48)
+    p.add_argument("--lr", type=real(0, lo_open=True), default=1e-3)
+    p.add_argument("--vision-lr-scale", type=real(0), default=0.1,
                    help="stage 2 fine-tunes the vision tower at lr x this (0 freezes it; default 0.1)")
     p.add_argument("--no-tg", action="store_true", help="ablation: train plain LLaVA (no TG-FOM/TG-DP) on the same budget")
     p.set_defaults(func=cmd_train_demo)
@@ -158,19 +156,19 @@ def _add_train_demo(sub) -> None:
 def cmd_train_demo(args) -> int:
     from pathlib import Path
 
+    from tgedge.fileio import check_output
     from tgedge.train_demo import TrainSettings, train_demo
 
     cfg = TrainSettings(seed=args.seed, vision_steps=args.vision_steps, answer_steps=args.answer_steps,
                         batch=args.batch, lr=args.lr, vision_lr_scale=args.vision_lr_scale)
-    if min(cfg.vision_steps, cfg.answer_steps, cfg.batch) < 1:
-        raise TgedgeError("--vision-steps, --answer-steps and --batch must be >= 1")
+    check_output(args.output, "checkpoint", force=args.force)  # before an hour of training, not after
     out = train_demo(Path(args.output), cfg, ablate_tg=args.no_tg)
     print(f"wrote {out}")
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> Parser:
+    parser = Parser(
         prog="tgedge", description="Export, quantise, run and validate text-guided vision-language models "
                                    "(TG-LLaVA family) for NVIDIA Jetson and desktop GPUs.", epilog=EPILOG)
     parser.add_argument("--version", action="version", version=f"tgedge {__version__}")
@@ -186,22 +184,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The one error boundary: a user error is one line and exit 2, an interrupt 130, a bug a traceback and 3."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a one-line argument error (Parser.error)
+        return e.code if isinstance(e.code, int) else 2
     if args.command is None:
         parser.print_help()
         return 2
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="tgedge: %(message)s")
     try:
         return args.func(args)
-    except TgedgeError as e:
-        if args.debug:
-            raise
-        print(f"tgedge: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("tgedge: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if args.debug:
+            raise
+        error = as_user_error(e)
+        if error is None:
+            traceback.print_exc()
+            print("tgedge: internal error (a bug in tgedge, not in your input): please report it with the "
+                  "traceback above", file=sys.stderr)
+            return 3
+        print(f"tgedge: error: {one_line(str(error))}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,11 +1,94 @@
-"""What the CLI modules share: backends, the epilog, opening a pipeline, atomic report writes."""
+"""What the CLI modules share: backends, the epilog, the parser, option types, opening a pipeline."""
 
 from __future__ import annotations
+
+import argparse
+import math
 
 from tgedge.errors import TgedgeError
 
 BACKENDS = ["torch", "onnxruntime", "onnxruntime-cuda", "onnxruntime-trt", "tensorrt"]
-EPILOG = "Exit codes: 0 ok, 1 a check failed, 2 bad input. Add --debug for a traceback."
+EPILOG = ("Exit codes: 0 ok, 1 a check failed, 2 bad input, 3 internal error (a bug), 130 interrupted. "
+          "Add --debug for a traceback. docs/ERRORS.md lists the rules.")
+SEED_MAX = 2 ** 32 - 1  # numpy, torch and Python's random all take it
+OPSET_MIN = 14  # export.onnx_export.MIN_OPSET (Trilu), not imported here: that module imports torch
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line in tgedge's form (`tgedge: error: ...`), exit 2, no usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"tgedge: error: {message} (see {self.prog} --help)\n")
+
+
+def _bounds(lo, hi, lo_open: bool = False) -> str:
+    if hi is None:
+        return f"{'>' if lo_open else '>='} {lo}"
+    return f"in {'(' if lo_open else '['}{lo}, {hi}]"
+
+
+def integer(lo: int, hi: int | None = None):
+    """argparse type: an integer in [lo, hi]."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text, 10)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer {_bounds(lo, hi)}, got {text!r}") from None
+        if value < lo or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"must be {_bounds(lo, hi)}, got {value}")
+        return value
+    parse.__name__ = "integer"
+    return parse
+
+
+def real(lo: float, hi: float | None = None, lo_open: bool = False):
+    """argparse type: a finite number in [lo, hi] (or (lo, hi] with lo_open)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number {_bounds(lo, hi, lo_open)}, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number {_bounds(lo, hi, lo_open)}, got {text!r}")
+        if value < lo or (lo_open and value == lo) or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"must be {_bounds(lo, hi, lo_open)}, got {text}")
+        return value
+    parse.__name__ = "real"
+    return parse
+
+
+SEED = integer(0, SEED_MAX)
+
+
+def text(value: str) -> str:
+    """argparse type: non-empty text that is valid UTF-8 (argv bytes that are not arrive as lone surrogates)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = value[e.start].encode("utf-8", "surrogateescape")
+        raise argparse.ArgumentTypeError(f"not valid UTF-8 text (byte {bad!r} at character {e.start})") from None
+    if not value.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return value
+
+
+def opset(value: str) -> int:
+    """argparse type: an ONNX opset tgedge's graphs can use and the installed onnx knows."""
+    try:
+        import onnx
+
+        newest = onnx.defs.onnx_opset_version()
+    except ImportError:
+        newest = None
+    return integer(OPSET_MIN, newest)(value)
+
+
+def add_output(p, help: str) -> None:
+    """-o/--output and --force, the same on every command that writes a directory."""
+    p.add_argument("-o", "--output", required=True, help=help + "; it must be new, empty, or an earlier tgedge "
+                                                            "output of the same kind (docs/ERRORS.md)")
+    p.add_argument("--force", action="store_true",
+                   help="replace -o even if it holds other files (never an input or the working directory)")
 
 
 def open_pipeline(model: str, backend: str | None, clip: str | None = None, context: int | None = None):

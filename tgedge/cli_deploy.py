@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
-from tgedge.cli_common import BACKENDS, EPILOG
-from tgedge.errors import TgedgeError
-from tgedge.fileio import write_atomic
+from tgedge.cli_common import BACKENDS, EPILOG, add_output, integer, opset
+from tgedge.fileio import check_output, write_atomic
 
 
 def _add_export(sub) -> None:
@@ -18,9 +17,10 @@ def _add_export(sub) -> None:
                                    "Each graph is checked against torch at two shapes on onnxruntime CPU; exit 1 if "
                                    "one is out of tolerance.", epilog=EPILOG)
     p.add_argument("model", help="checkpoint directory, or `demo` for the embedded demo model")
-    p.add_argument("-o", "--output", required=True, help="export directory to write (replaced if it exists)")
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17: what JetPack 6's TensorRT 10.3 parses)")
-    p.add_argument("--max-context", type=int,
+    add_output(p, "export directory to write")
+    p.add_argument("--opset", type=opset, default=17,
+                   help="ONNX opset, 14 to the installed onnx's newest (default 17: what JetPack 6's TensorRT 10.3 parses)")
+    p.add_argument("--max-context", type=integer(1),
                    help="longest prompt + answer the runtime will run (default: the model's max positions, at most "
                         "4096); sets TensorRT profiles and memory estimates")
     p.add_argument("--clip", metavar="DIR", help="CLIPModel directory for original-layout checkpoints")
@@ -31,8 +31,10 @@ def _add_export(sub) -> None:
 
 
 def cmd_export(args) -> int:
+    from tgedge import resolve_checkpoint
     from tgedge.export.onnx_export import export_model
 
+    check_output(args.output, "export", [resolve_checkpoint(args.model), args.clip], args.force)
     external = {"auto": None, "always": True, "never": False}[args.external_data]
     say = None if args.json else (lambda s: print(f"  {s}", file=sys.stderr, flush=True))
     result = export_model(args.model, args.output, args.opset, args.max_context, args.clip, external, on_step=say)
@@ -72,11 +74,11 @@ def _add_quantize(sub) -> None:
                                    "calibration.json (reuse them with --calibration).", epilog=EPILOG)
     p.add_argument("export_dir", help="an fp32 export directory (tgedge export)")
     p.add_argument("--precision", required=True, metavar="P", help="fp16 | int8 | int4w | int8w | GRAPH=P,...")
-    p.add_argument("-o", "--output", required=True, help="output export directory (replaced if it exists)")
+    add_output(p, "output export directory")
     p.add_argument("--calib", metavar="DIR", help="calibration data folder (images/ + samples.jsonl), e.g. "
                                                    "`tgedge data shapes --split calibration -o DIR`")
     p.add_argument("--calibration", metavar="FILE", help="reuse a calibration.json instead of --calib data")
-    p.add_argument("--calib-limit", type=int, help="use the first N calibration samples")
+    p.add_argument("--calib-limit", type=integer(1), help="use the first N calibration samples")
     p.add_argument("--method", choices=["minmax", "entropy", "percentile"], default="minmax",
                    help="activation range calibration (default minmax; docs/QUANTIZATION.md compares them)")
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
@@ -90,8 +92,7 @@ def cmd_quantize(args) -> int:
 
     from tgedge.calibration.quantize import quantize_export
 
-    if args.calib_limit is not None and args.calib_limit < 1:
-        raise TgedgeError(f"--calib-limit must be >= 1 (got {args.calib_limit})")
+    check_output(args.output, "export", [args.export_dir, args.calib, args.calibration], args.force)
     say = (lambda s: print(f"  {s}", file=sys.stderr, flush=True))
     with tqdm(desc="calibrate", unit="sample", disable=None, file=sys.stderr, total=args.calib_limit) as bar:
         result = quantize_export(args.export_dir, args.output, args.precision, args.calib, args.method, args.exclude,
@@ -127,11 +128,12 @@ def _add_build(sub) -> None:
                                    "that runs them (docs/JETSON.md). Prints the equivalent trtexec line per graph.",
                        epilog=EPILOG)
     p.add_argument("export_dir", help="export directory (tgedge export / tgedge quantize)")
-    p.add_argument("-o", "--output", required=True, help="engine directory: a copy of the export + <graph>.engine")
+    add_output(p, "engine directory: a copy of the export + <graph>.engine")
     p.add_argument("--backend", choices=["tensorrt", "tensorrt_rtx"], default="tensorrt",
                    help="tensorrt (JetPack / PyPI TensorRT, default) or tensorrt_rtx (TensorRT for RTX)")
     p.add_argument("--timing-cache", metavar="F", help="timing cache file: read if present, written after the build")
-    p.add_argument("--workspace", type=int, default=1024, metavar="MB", help="builder workspace limit (default 1024)")
+    p.add_argument("--workspace", type=integer(1, 1 << 20), default=1024, metavar="MB",
+                   help="builder workspace limit, 1 MB to 1 TB (default 1024)")
     p.add_argument("--graph", action="append", dest="graphs", metavar="NAME", help="build only this graph (repeatable)")
     p.add_argument("--json", action="store_true", help="print engines, metadata and commands as JSON")
     p.set_defaults(func=cmd_build)
@@ -140,6 +142,7 @@ def _add_build(sub) -> None:
 def cmd_build(args) -> int:
     from tgedge.export.tensorrt_build import build_engines
 
+    check_output(args.output, "engines", [args.export_dir, args.timing_cache], args.force)
     say = None if args.json else (lambda s: print(s, file=sys.stderr, flush=True))
     result = build_engines(args.export_dir, args.output, args.backend, args.workspace, args.timing_cache,
                            args.graphs, on_step=say)
@@ -167,8 +170,8 @@ def _add_validate(sub) -> None:
     p.add_argument("--clip", metavar="DIR", help="CLIPModel directory for an original-layout reference")
     p.add_argument("--backend", choices=BACKENDS[1:], default="onnxruntime", help="runtime backend (default onnxruntime)")
     p.add_argument("--policy", metavar="FILE", help="TOML limits laid over the defaults (tgedge/policies/default.toml)")
-    p.add_argument("--limit", type=int, help="the first N samples only")
-    p.add_argument("--max-new-tokens", type=int, default=8, help="answer length cap (default 8)")
+    p.add_argument("--limit", type=integer(1), help="the first N samples only")
+    p.add_argument("--max-new-tokens", type=integer(1), default=8, help="answer length cap (default 8)")
     p.add_argument("--json", metavar="F", help="write the report as JSON (per-stage figures, limits, breaches)")
     p.add_argument("--junit", metavar="F", help="write JUnit XML (one test case per stage) for CI")
     p.add_argument("--markdown", metavar="F", help="write a Markdown summary (e.g. $GITHUB_STEP_SUMMARY)")

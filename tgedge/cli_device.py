@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from tgedge.cli_common import BACKENDS, EPILOG, open_pipeline
+from tgedge.cli_common import BACKENDS, EPILOG, integer, open_pipeline, text
 from tgedge.errors import TgedgeError
 
 
@@ -125,10 +125,11 @@ def _add_bench(sub) -> None:
     p.add_argument("model", help="checkpoint, `demo`, or an export/engine directory")
     p.add_argument("--backend", choices=BACKENDS, help="default: torch for a checkpoint, onnxruntime for an export")
     p.add_argument("--image", help="image file (default: a generated shapes image)")
-    p.add_argument("--prompt", help="the question (default: the generated image's question)")
-    p.add_argument("--runs", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--new-tokens", type=int, default=16, help="tokens generated per run (EOS ignored)")
+    p.add_argument("--prompt", type=text, help="the question (default: the generated image's question)")
+    p.add_argument("--runs", type=integer(1, 100_000), default=10, help="timed runs (default 10)")
+    p.add_argument("--warmup", type=integer(0, 100_000), default=2, help="untimed runs first (default 2)")
+    p.add_argument("--new-tokens", type=integer(2), default=16,
+                   help="tokens generated per run, EOS ignored (default 16; must fit the context after the prompt)")
     p.add_argument("--power", action="store_true", help="sample board power during the timed runs")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)

@@ -1,7 +1,8 @@
 """Data folders: `images/*.png` + `samples.jsonl` rows `{"image", "prompt", "answer", "type"}` (docs/DATA.md).
 
 The format `tgedge eval`, `tgedge validate` and calibration read. Writing goes to a temporary folder that
-is renamed at the end, so an interrupted write leaves nothing half-written.
+is renamed at the end, so an interrupted write leaves nothing half-written. Image names must stay inside the
+folder (no absolute or `../` paths, symlinks included).
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ from pathlib import Path
 from typing import Iterable
 
 from tgedge.errors import TgedgeError
-from tgedge.fileio import atomic_dir
+from tgedge.errors import os_error
+from tgedge.fileio import atomic_dir, inside
 
 REQUIRED = ("image", "prompt")
+OPTIONAL = ("answer", "type")  # strings or null
 
 
 @dataclass(frozen=True)
@@ -33,8 +36,17 @@ def read_folder(directory: str | Path) -> list[Record]:
     path = directory / "samples.jsonl"
     if not path.exists():
         raise TgedgeError(f"{directory}: no samples.jsonl")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise os_error(e, path) from None
     records = []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
+    for n, raw in enumerate(data.splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise TgedgeError(f"{path}:{n}: not UTF-8 text (byte {raw[e.start:e.start + 1]!r} at column "
+                              f"{e.start + 1})") from None
         if not line.strip():
             continue
         try:
@@ -43,7 +55,12 @@ def read_folder(directory: str | Path) -> list[Record]:
             raise TgedgeError(f"{path}:{n}: malformed JSON ({e.msg})") from None
         if not isinstance(row, dict) or any(not isinstance(row.get(k), str) for k in REQUIRED):
             raise TgedgeError(f"{path}:{n}: a row needs string fields {', '.join(REQUIRED)}")
-        image = directory / row["image"]
+        wrong = [k for k in OPTIONAL if row.get(k) is not None and not isinstance(row[k], str)]
+        if wrong:
+            raise TgedgeError(f"{path}:{n}: {', '.join(wrong)} must be a string or null")
+        if not row["prompt"].strip():
+            raise TgedgeError(f"{path}:{n}: empty prompt")
+        image = inside(directory, row["image"], f"{path}:{n} image")
         if not image.is_file():
             raise TgedgeError(f"{path}:{n}: image {row['image']} not found")
         records.append(Record(image, row["prompt"], row.get("answer"), row.get("type"), n))
@@ -52,12 +69,14 @@ def read_folder(directory: str | Path) -> list[Record]:
     return records
 
 
-def write_folder(samples: Iterable, out: str | Path, progress=None) -> Path:
-    """Write samples (objects with image, prompt, answer, type and optional labels()) as a data folder."""
+def write_folder(samples: Iterable, out: str | Path, progress=None, force: bool = False) -> Path:
+    """Write samples (objects with image, prompt, answer, type and optional labels()) as a data folder.
+
+    `out` follows tgedge's output rule (tgedge.fileio): new, empty, or an earlier data folder, unless `force`."""
     out = Path(out)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, kind="data", force=force) as tmp:
         (tmp / "images").mkdir()
-        with open(tmp / "samples.jsonl", "w") as f:
+        with open(tmp / "samples.jsonl", "w", encoding="utf-8") as f:
             for i, s in enumerate(samples):
                 name = f"images/{i:06d}.png"
                 s.image.save(tmp / name, format="PNG")
