@@ -94,3 +94,134 @@ def test_preprocess_imports_no_torch():
             "import tgedge, tgedge.preprocess, tgedge.prompt, tgedge.sampling\n"
             "assert 'torch' not in sys.modules or sys.modules['torch'] is None\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# -- image modes, the pixel limit, preprocess.json --------------------------------------------------------------
+SETTINGS = ImageSettings(shortest_edge=28, crop_hw=(28, 28))
+
+
+def _modes():
+    rng = np.random.RandomState(3)
+    rgb = Image.fromarray((rng.rand(30, 40, 3) * 255).astype("uint8"))
+    rgba = rgb.convert("RGBA")
+    rgba.putalpha(Image.fromarray((rng.rand(30, 40) * 255).astype("uint8")))
+    p = rgb.convert("P")
+    p.info["transparency"] = 0
+    return {"L": rgb.convert("L"), "LA": rgba.convert("LA"), "RGBA": rgba, "P": rgb.convert("P"), "P+transparency": p,
+            "CMYK": rgb.convert("CMYK"), "1": rgb.convert("1"), "F": rgb.convert("L").convert("F")}
+
+
+@pytest.mark.parametrize("mode", list(_modes()))
+def test_image_modes_as_transformers_converts_them(mode):
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    from tgedge.preprocess import clip_pixels
+
+    image = _modes()[mode]
+    theirs = CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})(
+        image, return_tensors="np")["pixel_values"][0]
+    np.testing.assert_allclose(clip_pixels(image, SETTINGS), theirs, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("mode, dtype", [("I;16", np.uint16), ("I", np.int32)])
+def test_sixteen_bit_grey_is_scaled_not_clipped(mode, dtype, tmp_path):
+    from tgedge.preprocess import clip_pixels, load_image
+
+    wide = (np.arange(30 * 40).reshape(30, 40) * 54).astype(dtype)  # 0 .. 64746
+    image = Image.fromarray(wide) if mode == "I;16" else Image.fromarray(wide, "I")
+    assert image.mode == mode
+    if mode == "I;16":  # as a 16-bit PNG file too
+        image.save(tmp_path / "grey16.png")
+        image = load_image(tmp_path / "grey16.png")
+        assert image.mode == "I;16"
+    eight = Image.fromarray(np.rint(wide / 257).astype("uint8"), "L")
+    np.testing.assert_array_equal(clip_pixels(image, SETTINGS), clip_pixels(eight, SETTINGS))
+    assert clip_pixels(image, SETTINGS).std() > 0.5  # not one white plane
+
+
+def test_pixel_limit(tmp_path, monkeypatch):
+    from tgedge.preprocess import MAX_PIXELS_ENV, load_image
+
+    path = tmp_path / "big.png"
+    Image.new("L", (300, 200)).save(path)
+    monkeypatch.setenv(MAX_PIXELS_ENV, "50000")
+    with pytest.raises(TgedgeError, match=r"big.png: image is 300x200 \(0 Mpx\), over the limit .*TGEDGE_MAX_IMAGE_PIXELS"):
+        load_image(path)
+    monkeypatch.setenv(MAX_PIXELS_ENV, "60000")
+    assert load_image(path).size == (300, 200)
+    monkeypatch.setenv(MAX_PIXELS_ENV, "lots")
+    with pytest.raises(TgedgeError, match="TGEDGE_MAX_IMAGE_PIXELS='lots': expected a whole number"):
+        load_image(path)
+
+
+def big_png_header(path, width, height):
+    """A PNG file that claims width x height pixels (a decompression bomb's header, nothing to decode)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    return path
+
+
+def test_pil_limit_is_replaced_by_tgedges(tmp_path, monkeypatch):
+    """An image over PIL's own bomb limit is tgedge's one-line error, or decodes when the user raised the limit."""
+    from tgedge.preprocess import MAX_PIXELS_ENV, load_image
+
+    path = big_png_header(tmp_path / "wide.png", 20000, 20000)  # 400 Mpx: refused from its header
+    with pytest.raises(TgedgeError, match=r"image is 20000x20000 \(400 Mpx\), over the limit of 179 Mpx"):
+        load_image(path)
+    small = tmp_path / "small.png"
+    Image.new("L", (300, 200)).save(small)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL's limit is not what decides, tgedge's is
+    monkeypatch.delenv(MAX_PIXELS_ENV, raising=False)
+    assert load_image(small).size == (300, 200)
+    assert Image.MAX_IMAGE_PIXELS == 1000
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda d: d["image"].update(std=[0.2, 0.0, 0.2]), r"image.image_std must be > 0 .*divides by zero"),
+    (lambda d: d["image"].update(mean=[0.5, "x", 0.5], crop_hw=[0, 28]),
+     r"image.crop_size .* must be integers in \[1, 8192\].*image.image_mean must be 3 finite numbers"),
+    (lambda d: d.update(num_image_tokens="5", pad_to_square=1), "num_image_tokens must be an integer >= 1.*pad_to_square"),
+    (lambda d: d["template"].update(name="nope"), "template.name 'nope' is not a built-in template"),
+    (lambda d: d.update(extra=1), r"malformed \(TypeError"),
+    (lambda d: d.pop("image"), r"malformed \(KeyError: 'image'\)"),
+])
+def test_preprocess_json_checked_at_load(pre, tmp_path, change, match):
+    import json
+
+    pre.save(tmp_path)
+    d = json.loads((tmp_path / "preprocess.json").read_text())
+    change(d)
+    (tmp_path / "preprocess.json").write_text(json.dumps(d))
+    with pytest.raises(TgedgeError, match=f"preprocess.json: .*{match}"):
+        Preprocessor.from_dir(tmp_path)
+
+
+def test_preprocess_files_stay_inside_the_export(pre, tmp_path):
+    (tmp_path / "export").mkdir()
+    pre.save(tmp_path / "export")
+    (tmp_path / "elsewhere.json").write_bytes((tmp_path / "export" / "tokenizer.json").read_bytes())
+    assert Preprocessor.from_dir(tmp_path / "export", {"tokenizer": "tokenizer.json"}).spec == pre.spec
+    with pytest.raises(TgedgeError, match=r"manifest.json files.tokenizer: '../elsewhere.json' resolves to .* outside"):
+        Preprocessor.from_dir(tmp_path / "export", {"tokenizer": "../elsewhere.json"})
+    (tmp_path / "export" / "preprocess.json").write_bytes(b"\xff\xfe{")
+    with pytest.raises(TgedgeError, match="preprocess.json: not valid JSON"):
+        Preprocessor.from_dir(tmp_path / "export")
+
+
+def test_processor_config_checked():
+    with pytest.raises(TgedgeError, match=r"p.json: rescale_factor must be a finite number > 0 \(got nan\); image_std must be > 0"):
+        ImageSettings.from_processor_config({"image_std": [0, 0, 0], "rescale_factor": float("nan")}, "p.json")
+    with pytest.raises(TgedgeError, match=r"p.json: malformed image processor settings"):
+        ImageSettings.from_processor_config({"size": "big"}, "p.json")
+
+
+def test_empty_prompt_refused(pre):
+    for prompt in ("", "   ", "<image>\n"):
+        with pytest.raises(TgedgeError, match="empty prompt"):
+            pre.prompt(prompt)

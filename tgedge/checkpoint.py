@@ -2,7 +2,9 @@
 
 Weights come from safetensors (single file or sharded with an index); a `.bin` is read only with
 `torch.load(weights_only=True)`. Nothing in a checkpoint is executed; a chat template is rendered in a
-Jinja sandbox. Missing, unexpected and mis-shaped tensors are collected and reported in one error.
+Jinja sandbox. Missing, unexpected and mis-shaped tensors are collected and reported in one error; so are
+config.json problems (types, ranges, consistency) and non-finite weights. Shard names in an index file must
+stay inside the checkpoint directory.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 
 from tgedge import config as C
 from tgedge.errors import TgedgeError
-from tgedge.fileio import atomic_dir, usual_file_mode
+from tgedge.fileio import atomic_dir, inside, usual_file_mode
 from tgedge.preprocess import IMAGE_PLACEHOLDER_ID, ImageSettings, Preprocessor, PreprocessSpec, Tokenizer
 from tgedge.prompt import PromptTemplate, template_for_family
 
@@ -71,7 +73,7 @@ def read_weights(directory: Path) -> dict[str, torch.Tensor]:
 
     index = directory / "model.safetensors.index.json"
     if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = shard_files(index)
     elif (directory / "model.safetensors").exists():
         files = ["model.safetensors"]
     else:
@@ -80,9 +82,11 @@ def read_weights(directory: Path) -> dict[str, torch.Tensor]:
     if files:
         for f in files:
             try:
-                tensors.update(load_file(str(directory / f)))
+                tensors.update(load_file(str(inside(directory, f, f"{index} weight_map"))))
             except FileNotFoundError:
                 raise TgedgeError(f"{directory / f}: shard named in the index is missing") from None
+            except TgedgeError:
+                raise
             except Exception as e:
                 raise TgedgeError(f"{directory / f}: unreadable safetensors file ({e})") from None
     else:
@@ -97,6 +101,24 @@ def read_weights(directory: Path) -> dict[str, torch.Tensor]:
     return {k: (v.float() if v.is_floating_point() else v) for k, v in tensors.items()}
 
 
+def shard_files(index: Path) -> list[str]:
+    """The shard files a `*.safetensors.index.json` names (checked: a weight_map of names to file names)."""
+    weight_map = C.read_config_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise TgedgeError(f"{index}: weight_map must be an object of tensor names to shard file names")
+    files = sorted(set(weight_map.values()))
+    for f in files:
+        inside(index.parent, f, f"{index} weight_map")
+    return files
+
+
+def non_finite(weights: dict[str, torch.Tensor]) -> list[str]:
+    """Names of floating-point tensors holding NaN or inf (buffers the model ignores excepted)."""
+    return sorted(k for k, v in weights.items()
+                  if v.is_floating_point() and not IGNORED.fullmatch(k) and not bool(torch.isfinite(v).all()))
+
+
 @dataclass
 class Checkpoint:
     path: Path
@@ -109,11 +131,13 @@ class Checkpoint:
 def _find_image_settings(*dirs: Path) -> ImageSettings:
     for d in dirs:
         if (d / "preprocessor_config.json").exists():
-            return ImageSettings.from_processor_config(C.read_config_json(d / "preprocessor_config.json"))
+            path = d / "preprocessor_config.json"
+            return ImageSettings.from_processor_config(C.read_config_json(path), path)
         if (d / "processor_config.json").exists():
-            proc = C.read_config_json(d / "processor_config.json")
+            path = d / "processor_config.json"
+            proc = C.read_config_json(path)
             if "image_processor" in proc:
-                return ImageSettings.from_processor_config(proc["image_processor"])
+                return ImageSettings.from_processor_config(proc["image_processor"], f"{path} image_processor")
     raise TgedgeError(f"{dirs[0]}: no preprocessor_config.json (CLIP image processor settings)")
 
 
@@ -154,11 +178,14 @@ def load_checkpoint(path: str | Path, clip: str | Path | None = None) -> Checkpo
         raise TgedgeError(f"{path}: checkpoint directory not found")
     raw = C.read_config_json(path / "config.json")
     layout = C.detect_layout(raw, path)
+    if layout != C.ORIGINAL_LAYOUT:
+        C.check_config_json(raw, path / "config.json")
     weights = read_weights(path)
     guide_tok_path = None
     if layout == C.ORIGINAL_LAYOUT:
         clip_dir = _clip_dir(raw, Path(clip) if clip else None, path)
         clip_raw = C.read_config_json(clip_dir / "config.json")
+        C.check_config_json(raw, path / "config.json", clip_raw, clip_dir / "config.json")
         names = _rename(weights, ORIGINAL_PREFIXES)
         weights = {names[k]: v for k, v in weights.items()}
         with_mask = any(k.startswith("mm_cross_attn.") for k in weights)
@@ -192,6 +219,13 @@ def load_checkpoint(path: str | Path, clip: str | Path | None = None) -> Checkpo
         log.warning("%s: no TG-LLaVA weights: running as plain LLaVA", path)
         weights = {k: v for k, v in weights.items() if not k.startswith("text_tower.")}
         guide_tok_path = None
+    bad = non_finite(weights)
+    if bad:
+        raise TgedgeError(f"{path}: non-finite weights (NaN or inf) in {len(bad)} tensor(s): {', '.join(bad[:8])}"
+                          f"{' ...' if len(bad) > 8 else ''}")
+    if tokenizer.vocab_size > cfg.decoder.vocab_size:
+        raise TgedgeError(f"{tokenizer.path}: {tokenizer.vocab_size} tokens, more than the decoder's vocab_size "
+                          f"{cfg.decoder.vocab_size} in config.json")
     if cfg.image_token_index is not None and tokenizer.token_to_id("<image>") != cfg.image_token_index:
         raise TgedgeError(f"{path}: image_token_index {cfg.image_token_index} is not the tokenizer's <image> id "
                           f"({tokenizer.token_to_id('<image>')})")
@@ -231,13 +265,22 @@ def load_model(path: str | Path, clip: str | Path | None = None):
     return model.eval(), ckpt
 
 
-def save_checkpoint(model, preprocessor: Preprocessor, out: str | Path, chat_template: str | None = None) -> Path:
-    """Write tgedge's own layout (c): HF LLaVA layout + `tg` config section + TG weights + CLIP text tower."""
+def save_checkpoint(model, preprocessor: Preprocessor, out: str | Path, chat_template: str | None = None,
+                    force: bool = False, extra_files: dict[str, str] | None = None) -> Path:
+    """Write tgedge's own layout (c): HF LLaVA layout + `tg` config section + TG weights + CLIP text tower.
+
+    `out` follows tgedge's output rule (tgedge.fileio): new, empty or an earlier checkpoint it wrote, unless
+    `force`; never the directory the tokenizers are read from. `extra_files` (name -> text, e.g. a training
+    log) are written inside the same atomic replacement."""
     from safetensors.torch import save_file
 
     cfg: C.ModelConfig = model.cfg
     out = Path(out)
-    with atomic_dir(out) as tmp:
+    sources = [preprocessor.tokenizer.path] + ([preprocessor.guide_tokenizer.path] if preprocessor.guide_tokenizer
+                                               else [])
+    with atomic_dir(out, kind="checkpoint", inputs=sources, force=force) as tmp:
+        for name, content in (extra_files or {}).items():
+            inside(tmp, name, f"save_checkpoint extra_files {name!r}").write_text(content, encoding="utf-8")
         state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
         # One metadata key: safetensors writes the metadata map in hash order, so two keys would give
         # files that differ from run to run with identical weights. The layout is told by config.json.

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -205,12 +206,167 @@ class ModelConfig:
 
 
 def read_config_json(path: Path) -> dict:
+    """A JSON object from a checkpoint's file; every failure names the file."""
+    from tgedge.errors import os_error
+
     try:
-        return json.loads(path.read_text())
+        d = json.loads(Path(path).read_bytes())
     except FileNotFoundError:
-        raise TgedgeError(f"{path}: no config.json (is this a checkpoint directory?)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        if Path(path).name == "config.json":
+            raise TgedgeError(f"{path}: no config.json (is this a checkpoint directory?)") from None
+        raise TgedgeError(f"{path}: not found") from None
+    except OSError as e:
+        raise os_error(e, path) from None
+    except ValueError as e:  # JSON or UTF-8
         raise TgedgeError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise TgedgeError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    return d
+
+
+# -- config.json schema: types, ranges, finiteness and consistency, every problem in one message -----------------
+# Kinds: "+int" integer >= 1, "0int" integer >= 0, "int", "+num" finite number > 0, "bool", "str", "dict",
+# "id" token id >= 0, "ids" one id or a list of ids; a trailing "?" allows null (the loader's default then).
+_CLIP_VISION = {"hidden_size": "+int?", "intermediate_size": "+int?", "num_hidden_layers": "+int?",
+                "num_attention_heads": "+int?", "image_size": "+int?", "patch_size": "+int?", "num_channels": "+int?",
+                "layer_norm_eps": "+num?", "hidden_act": "str?"}
+_CLIP_TEXT = {"vocab_size": "+int?", "hidden_size": "+int?", "intermediate_size": "+int?",
+              "num_hidden_layers": "+int?", "num_attention_heads": "+int?", "max_position_embeddings": "+int?",
+              "layer_norm_eps": "+num?", "hidden_act": "str?", "eos_token_id": "id?"}
+_DECODER = {"vocab_size": "+int", "hidden_size": "+int", "intermediate_size": "+int", "num_hidden_layers": "+int",
+            "num_attention_heads": "+int", "num_key_value_heads": "+int?", "head_dim": "+int?",
+            "rms_norm_eps": "+num", "rope_theta": "+num?", "rope_scaling": "dict?", "max_position_embeddings": "+int",
+            "attention_bias": "bool?", "tie_word_embeddings": "bool?", "hidden_act": "str", "bos_token_id": "id?",
+            "eos_token_id": "ids?"}
+_TG = {"feature_mask": "bool", "detail_perceiver": "bool", "tg_fom_num_queries": "+int", "tg_fom_num_layers": "+int",
+       "tg_fom_num_heads": "+int", "tg_fom_intermediate_size": "0int", "tg_dp_num_latents": "+int",
+       "tg_dp_depth": "+int", "tg_dp_num_heads": "+int", "tg_dp_head_dim": "+int", "tg_dp_num_kv_heads": "+int",
+       "tg_dp_rms_norm_eps": "+num", "text_config": "dict?"}
+_HF_TOP = {"image_token_index": "id?", "vision_feature_select_strategy": "str", "projector_hidden_act": "str",
+           "multimodal_projector_bias": "bool", "tie_word_embeddings": "bool", "image_aspect_ratio": "str?",
+           "vision_config": "dict?", "text_config": "dict", "tg": "dict"}
+_ORIGINAL_TOP = {**_DECODER, **{k: v for k, v in _TG.items() if k.startswith("tg_")},
+                 "mm_vision_select_layer": "int", "mm_hidden_size": "+int", "mm_projector_type": "str",
+                 "mm_vision_select_feature": "str", "mm_patch_merge_type": "str", "image_aspect_ratio": "str?"}
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _kind_ok(v, kind: str) -> bool:
+    if kind == "+int":
+        return _is_int(v) and v >= 1
+    if kind in ("0int", "id"):
+        return _is_int(v) and v >= 0
+    if kind == "int":
+        return _is_int(v)
+    if kind == "+num":
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+    if kind == "ids":
+        return _kind_ok(v, "id") or (isinstance(v, list) and all(_kind_ok(x, "id") for x in v))
+    return isinstance(v, {"bool": bool, "str": str, "dict": dict}[kind])
+
+
+_KIND_TEXT = {"+int": "an integer >= 1", "0int": "an integer >= 0", "int": "an integer", "id": "a token id >= 0",
+              "+num": "a finite number > 0", "ids": "a token id or a list of ids", "bool": "true or false",
+              "str": "a string", "dict": "an object"}
+
+
+def _section_problems(d: dict, schema: dict, where: str) -> list[str]:
+    out = []
+    for key, kind in schema.items():
+        if key not in d or (d[key] is None and kind.endswith("?")):
+            continue
+        if not _kind_ok(d[key], kind.rstrip("?")):
+            out.append(f"{where}{key} must be {_KIND_TEXT[kind.rstrip('?')]} (got {d[key]!r})")
+    return out
+
+
+def _get(d: dict, key: str, default):
+    v = d.get(key)
+    return default if v is None else v
+
+
+def _divides(out: list, where: str, width, heads, width_key="hidden_size", heads_key="num_attention_heads") -> None:
+    if _is_int(width) and _is_int(heads) and heads >= 1 and width % heads:
+        out.append(f"{where}{width_key} {width} is not a multiple of {heads_key} {heads}")
+
+
+def _consistency(vision: dict, decoder: dict, text: dict | None, tg: dict, top_ids: dict, where: dict) -> list[str]:
+    """Heads dividing widths, token ids inside the vocabulary, patches fitting the image."""
+    out: list[str] = []
+    v = {k: _get(vision, k, _CLIP_VISION_DEFAULTS[k]) for k in _CLIP_VISION_DEFAULTS}
+    _divides(out, where["vision"], v["hidden_size"], v["num_attention_heads"])
+    if _is_int(v["patch_size"]) and _is_int(v["image_size"]) and v["patch_size"] > v["image_size"]:
+        out.append(f"{where['vision']}patch_size {v['patch_size']} is larger than image_size {v['image_size']}")
+    if decoder.get("head_dim") is None:
+        _divides(out, where["decoder"], decoder.get("hidden_size"), decoder.get("num_attention_heads"))
+    _divides(out, where["decoder"], decoder.get("num_attention_heads"), decoder.get("num_key_value_heads"),
+             "num_attention_heads", "num_key_value_heads")
+    vocab = decoder.get("vocab_size")
+    if _is_int(vocab):
+        for key, value in top_ids.items():
+            ids = value if isinstance(value, list) else [value]
+            bad = [i for i in ids if _is_int(i) and i >= vocab]
+            if bad:
+                out.append(f"{key} {bad[0]} is outside the decoder's vocabulary (vocab_size {vocab})")
+    if text is not None:
+        t = {k: _get(text, k, _CLIP_TEXT_DEFAULTS[k]) for k in _CLIP_TEXT_DEFAULTS}
+        _divides(out, where["text"], t["hidden_size"], t["num_attention_heads"])
+        if _is_int(t["eos_token_id"]) and _is_int(t["vocab_size"]) and t["eos_token_id"] >= t["vocab_size"]:
+            out.append(f"{where['text']}eos_token_id {t['eos_token_id']} is outside its vocabulary "
+                       f"(vocab_size {t['vocab_size']})")
+        if tg.get("feature_mask", True):
+            _divides(out, where["tg"], v["hidden_size"], _get(tg, "tg_fom_num_heads", 16), "vision hidden_size",
+                     "tg_fom_num_heads")
+        if tg.get("detail_perceiver", True):
+            _divides(out, where["tg"], _get(tg, "tg_dp_num_heads", 16), _get(tg, "tg_dp_num_kv_heads", 4),
+                     "tg_dp_num_heads", "tg_dp_num_kv_heads")
+    return out
+
+
+def check_config_json(d: dict, path, clip: dict | None = None, clip_path=None) -> None:
+    """Refuse a config.json (and, for the original layout, the CLIP config) with any wrong type, non-finite or
+    out-of-range value or inconsistency, listing every problem in one message."""
+    layout = detect_layout(d, path)
+    if layout == ORIGINAL_LAYOUT:
+        clip = clip if isinstance(clip, dict) else {}
+        problems = _section_problems(d, _ORIGINAL_TOP, "")
+        vision, text = clip.get("vision_config") or {}, clip.get("text_config") or {}
+        for section, schema, name in ((vision, _CLIP_VISION, "vision_config"), (text, _CLIP_TEXT, "text_config")):
+            if not isinstance(section, dict):
+                problems.append(f"{clip_path}: {name} must be an object")
+            else:
+                problems += [f"{clip_path}: {p}" for p in _section_problems(section, schema, f"{name}.")]
+        if not problems:
+            where = {"vision": f"{clip_path}: vision_config.", "decoder": "", "text": f"{clip_path}: text_config.",
+                     "tg": ""}
+            problems = _consistency(vision, d, text, d, {k: d.get(k) for k in ("bos_token_id", "eos_token_id")
+                                                            if d.get(k) is not None}, where)
+    else:
+        problems = _section_problems(d, _HF_TOP, "")
+        vision, decoder, tg = d.get("vision_config") or {}, d.get("text_config") or {}, d.get("tg") or {}
+        text = tg.get("text_config") or {} if isinstance(tg, dict) else {}
+        for section, schema, name in ((vision, _CLIP_VISION, "vision_config."), (decoder, _DECODER, "text_config."),
+                                      (tg, _TG, "tg."), (text, _CLIP_TEXT, "tg.text_config.")):
+            if isinstance(section, dict):
+                problems += _section_problems(section, schema, name)
+        if "text_config" in d and isinstance(decoder, dict):
+            problems += [f"text_config.{k} is missing" for k in ("vocab_size", "hidden_size", "intermediate_size",
+                                                                  "num_hidden_layers", "num_attention_heads")
+                         if k not in decoder]
+        if not problems:
+            ids = {f"text_config.{k}": decoder[k] for k in ("bos_token_id", "eos_token_id")
+                   if decoder.get(k) is not None}
+            if d.get("image_token_index") is not None:
+                ids["image_token_index"] = d["image_token_index"]
+            elif "image_token_index" not in d:
+                ids["image_token_index"] = 32000  # the default hf_model_config assumes
+            where = {"vision": "vision_config.", "decoder": "text_config.", "text": "tg.text_config.", "tg": "tg."}
+            problems = _consistency(vision, decoder, text if "tg" in d else None, tg, ids, where)
+    if problems:
+        raise TgedgeError(f"{path}: {'; '.join(problems)}")
 
 
 def _pick(d: dict, defaults: dict, key: str, *aliases: str) -> Any:

@@ -5,24 +5,45 @@ LLaVA-1.5 pad-to-square with the mean colour (`int(mean * 255)`), and TG-DP's x2
 pixel tensor upsampled x2 (bilinear, align_corners=False, as torch's interpolate) cut into 4 crops
 (TL, TR, BL, BR). Text: the LLM prompt with `<image>` expanded to the image tokens, and the text guide
 (the question without `<image>`, CLIP-tokenised, cut to the text tower's context as the reference does).
+
+Images of any mode become RGB as transformers' CLIP processor makes them (PIL's conversion, transparency
+composited onto white), except 16-bit and 32-bit integer greyscale, which PIL would clip to white: those are
+scaled to 8 bits (x 255/65535). EXIF orientation is not applied, as in the reference (LLaVA's
+`Image.open(...).convert("RGB")`). Images over TGEDGE_MAX_IMAGE_PIXELS pixels are refused before decoding
+(docs/ERRORS.md).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+import math
+import os
+import threading
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from tgedge.errors import TgedgeError
-from tgedge.prompt import IMAGE_TOKEN, PromptTemplate, check_raw_prompt, split_question
+from tgedge.errors import TgedgeError, os_error
+from tgedge.prompt import BUILTIN_TEMPLATES, IMAGE_TOKEN, PromptTemplate, check_raw_prompt, split_question
 
 # The original LLaVA code marks image positions with this id where the vocabulary has no image token.
 IMAGE_PLACEHOLDER_ID = -200
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+MAX_PIXELS_ENV = "TGEDGE_MAX_IMAGE_PIXELS"
+DEFAULT_MAX_PIXELS = 2 * 89_478_485  # where PIL itself refuses an image as a decompression bomb (about 179 Mpx)
+WIDE_GREY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # PIL's convert() would clip these to 255
+RESAMPLE_FILTERS = (0, 1, 2, 3, 4, 5)  # PIL: nearest, lanczos, bilinear, bicubic, box, hamming
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
 
 
 @dataclass
@@ -41,8 +62,44 @@ class ImageSettings:
     std: tuple[float, ...] = OPENAI_CLIP_STD
     do_convert_rgb: bool = True
 
+    def problems(self) -> list[str]:
+        """Every wrong type or degenerate value (std 0 would divide by zero), for one message."""
+        out = []
+        if self.size_hw is None and not (_is_int(self.shortest_edge) and self.shortest_edge >= 1):
+            out.append(f"size.shortest_edge must be an integer >= 1 (got {self.shortest_edge!r})")
+        for key, hw in (("size", self.size_hw), ("crop_size", self.crop_hw)):
+            if hw is not None and not (len(hw) == 2 and all(_is_int(v) and 1 <= v <= 8192 for v in hw)):
+                out.append(f"{key} height and width must be integers in [1, 8192] (got {hw!r})")
+        if self.resample not in RESAMPLE_FILTERS:
+            out.append(f"resample must be a PIL filter id {RESAMPLE_FILTERS} (got {self.resample!r})")
+        for key in ("do_resize", "do_center_crop", "do_rescale", "do_normalize", "do_convert_rgb"):
+            if not isinstance(getattr(self, key), bool):
+                out.append(f"{key} must be true or false (got {getattr(self, key)!r})")
+        if not (_is_number(self.rescale_factor) and self.rescale_factor > 0):
+            out.append(f"rescale_factor must be a finite number > 0 (got {self.rescale_factor!r})")
+        for key, values in (("image_mean", self.mean), ("image_std", self.std)):
+            if len(values) != 3 or not all(_is_number(v) for v in values):
+                out.append(f"{key} must be 3 finite numbers (got {list(values)!r})")
+        if len(self.std) == 3 and all(_is_number(v) for v in self.std) and min(self.std) <= 0:
+            out.append(f"image_std must be > 0 (got {list(self.std)!r}): a std of 0 divides by zero")
+        return out
+
+    def check(self, source) -> "ImageSettings":
+        problems = self.problems()
+        if problems:
+            raise TgedgeError(f"{source}: {'; '.join(problems)}")
+        return self
+
     @classmethod
-    def from_processor_config(cls, d: dict) -> "ImageSettings":
+    def from_processor_config(cls, d: dict, source="preprocessor_config.json") -> "ImageSettings":
+        """A transformers image processor config (checked: types, ranges, std > 0)."""
+        try:
+            return cls._from_processor_config(d).check(source)
+        except (AttributeError, KeyError, TypeError, ValueError) as e:
+            raise TgedgeError(f"{source}: malformed image processor settings ({type(e).__name__}: {e})") from None
+
+    @classmethod
+    def _from_processor_config(cls, d: dict) -> "ImageSettings":
         size, crop = d.get("size", {"shortest_edge": 224}), d.get("crop_size", {"height": 224, "width": 224})
         if isinstance(size, int):
             size = {"shortest_edge": size}
@@ -59,6 +116,9 @@ class ImageSettings:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ImageSettings":
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise TypeError(f"unknown image settings {sorted(unknown)}")
         d = dict(d)
         for k in ("size_hw", "crop_hw", "mean", "std"):
             if d.get(k) is not None:
@@ -66,15 +126,67 @@ class ImageSettings:
         return cls(**d)
 
 
-def load_image(path: str | Path) -> Image.Image:
+def max_image_pixels() -> int:
+    """The largest image (width x height) tgedge decodes: TGEDGE_MAX_IMAGE_PIXELS, or PIL's own limit."""
+    raw = os.environ.get(MAX_PIXELS_ENV)
+    if raw is None or not raw.strip():
+        return DEFAULT_MAX_PIXELS
     try:
-        with Image.open(path) as im:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise TgedgeError(f"{MAX_PIXELS_ENV}={raw!r}: expected a whole number of pixels >= 1")
+    return value
+
+
+_pil_limit = threading.Lock()
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Decode an image file; its size is checked against max_image_pixels() before any pixel is decoded."""
+    limit = max_image_pixels()
+    try:
+        with _pil_limit:  # tgedge's limit replaces PIL's, which only warns below 179 Mpx and refuses above
+            saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+            try:
+                im = Image.open(path)
+            finally:
+                Image.MAX_IMAGE_PIXELS = saved
+        with im:
+            w, h = im.size
+            if w * h > limit:
+                raise TgedgeError(f"{path}: image is {w}x{h} ({w * h / 1e6:.0f} Mpx), over the limit of "
+                                  f"{limit / 1e6:.0f} Mpx (raise it with {MAX_PIXELS_ENV}=PIXELS)")
             im.load()
             return im.copy()
     except FileNotFoundError:
         raise TgedgeError(f"{path}: image not found") from None
-    except (UnidentifiedImageError, OSError) as e:
+    except IsADirectoryError:
+        raise TgedgeError(f"{path}: is a directory, not an image") from None
+    except (UnidentifiedImageError, SyntaxError, ValueError, EOFError) as e:
         raise TgedgeError(f"{path}: unreadable image ({e})") from None
+    except OSError as e:
+        if e.errno is not None:  # the file system's error (permission, loop...), not the decoder's
+            raise os_error(e, path) from None
+        raise TgedgeError(f"{path}: unreadable image ({e})") from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB as transformers' convert_to_rgb makes it (transparency onto white), 16-bit grey scaled to 8 bits."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in WIDE_GREY_MODES:
+        grey = np.clip(np.rint(np.asarray(image, dtype=np.float64) / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    try:
+        if "A" in image.getbands() or image.info.get("transparency") is not None:
+            rgba = image.convert("RGBA")
+            white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+            return Image.alpha_composite(white, rgba).convert("RGB")
+        return image.convert("RGB")
+    except ValueError as e:
+        raise TgedgeError(f"image mode {image.mode} cannot be converted to RGB ({e})") from None
 
 
 def pad_to_square(image: Image.Image, mean: tuple[float, ...]) -> Image.Image:
@@ -90,8 +202,7 @@ def pad_to_square(image: Image.Image, mean: tuple[float, ...]) -> Image.Image:
 
 def clip_pixels(image: Image.Image, s: ImageSettings) -> np.ndarray:
     """PIL image -> (3, H, W) float32, as transformers' CLIPImageProcessor (PIL backend) computes it."""
-    if s.do_convert_rgb and image.mode != "RGB":
-        image = image.convert("RGB")
+    image = to_rgb(image)  # whatever do_convert_rgb says: the tower takes 3 channels
     if s.do_resize:
         if s.size_hw is not None:
             h, w = s.size_hw
@@ -202,11 +313,42 @@ class PreprocessSpec:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "PreprocessSpec":
-        d = dict(d)
-        d["image"] = ImageSettings.from_dict(d["image"])
-        d["template"] = PromptTemplate.from_dict(d["template"])
-        return cls(**d)
+    def from_dict(cls, d: dict, source="preprocess.json") -> "PreprocessSpec":
+        """preprocess.json, checked: every wrong type or value in one message naming `source`."""
+        if not isinstance(d, dict):
+            raise TgedgeError(f"{source}: expected a JSON object")
+        try:
+            d = dict(d)
+            d["image"] = ImageSettings.from_dict(d["image"])
+            d["template"] = PromptTemplate.from_dict(d["template"])
+            spec = cls(**d)
+        except (AttributeError, KeyError, TypeError, ValueError) as e:
+            raise TgedgeError(f"{source}: malformed ({type(e).__name__}: {e})") from None
+        problems = [f"image.{p}" for p in spec.image.problems()] + spec.problems()
+        if problems:
+            raise TgedgeError(f"{source}: {'; '.join(problems)}")
+        return spec
+
+    def problems(self) -> list[str]:
+        out = []
+        t = self.template
+        if t.jinja is None and t.name not in BUILTIN_TEMPLATES:
+            out.append(f"template.name {t.name!r} is not a built-in template ({', '.join(BUILTIN_TEMPLATES)}) "
+                       "and template.jinja is empty")
+        if t.jinja is not None and not isinstance(t.jinja, str):
+            out.append("template.jinja must be a string")
+        if not (_is_int(self.num_image_tokens) and self.num_image_tokens >= 1):
+            out.append(f"num_image_tokens must be an integer >= 1 (got {self.num_image_tokens!r})")
+        if not _is_int(self.image_token_id):
+            out.append(f"image_token_id must be an integer (got {self.image_token_id!r})")
+        if not (_is_int(self.text_guide_length) and self.text_guide_length >= 0):
+            out.append(f"text_guide_length must be an integer >= 0 (got {self.text_guide_length!r})")
+        for key in ("pad_to_square", "detail_crops"):
+            if not isinstance(getattr(self, key), bool):
+                out.append(f"{key} must be true or false (got {getattr(self, key)!r})")
+        if not (isinstance(self.eos_token_ids, list) and all(_is_int(i) and i >= 0 for i in self.eos_token_ids)):
+            out.append(f"eos_token_ids must be a list of token ids >= 0 (got {self.eos_token_ids!r})")
+        return out
 
 
 @dataclass
@@ -225,16 +367,34 @@ class Preprocessor:
             raise TgedgeError("this model has a text guide but no CLIP tokenizer was found")
         self.spec, self.tokenizer, self.guide_tokenizer = spec, tokenizer, guide_tokenizer
 
+    FILES = {"preprocess": "preprocess.json", "tokenizer": "tokenizer.json", "guide_tokenizer": "guide_tokenizer.json"}
+
     @classmethod
-    def from_dir(cls, directory: str | Path) -> "Preprocessor":
-        """Load from a folder holding preprocess.json, tokenizer.json and (with a text guide) guide_tokenizer.json."""
+    def from_dir(cls, directory: str | Path, files: dict | None = None, source: str = "manifest.json") -> "Preprocessor":
+        """Load preprocess.json, tokenizer.json and (with a text guide) guide_tokenizer.json from a folder.
+
+        `files` (a manifest's `files` map) renames them; its names must stay inside the folder."""
+        from tgedge.fileio import inside
+
         directory = Path(directory)
+
+        def path(key: str) -> Path:
+            if files is None or key not in files:
+                return directory / cls.FILES[key]
+            return inside(directory, files[key], f"{directory / source} files.{key}")
+
+        spec_path = path("preprocess")
         try:
-            spec = PreprocessSpec.from_dict(json.loads((directory / "preprocess.json").read_text()))
+            raw = json.loads(spec_path.read_bytes())
         except FileNotFoundError:
-            raise TgedgeError(f"{directory}: no preprocess.json") from None
-        guide = Tokenizer(directory / "guide_tokenizer.json") if spec.text_guide_length else None
-        return cls(spec, Tokenizer(directory / "tokenizer.json"), guide)
+            raise TgedgeError(f"{directory}: no {spec_path.name}") from None
+        except OSError as e:
+            raise os_error(e, spec_path) from None
+        except ValueError as e:  # JSON or UTF-8
+            raise TgedgeError(f"{spec_path}: not valid JSON ({e})") from None
+        spec = PreprocessSpec.from_dict(raw, spec_path)
+        guide = Tokenizer(path("guide_tokenizer")) if spec.text_guide_length else None
+        return cls(spec, Tokenizer(path("tokenizer")), guide)
 
     def replace(self, **changes) -> "Preprocessor":
         """The same tokenizers with some spec fields changed (e.g. image tokens after an ablation)."""
@@ -244,7 +404,7 @@ class Preprocessor:
 
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
-        (directory / "preprocess.json").write_text(json.dumps(self.spec.to_dict(), indent=2) + "\n")
+        (directory / "preprocess.json").write_text(json.dumps(self.spec.to_dict(), indent=2) + "\n", encoding="utf-8")
         (directory / "tokenizer.json").write_bytes(self.tokenizer.path.read_bytes())
         if self.guide_tokenizer is not None:
             (directory / "guide_tokenizer.json").write_bytes(self.guide_tokenizer.path.read_bytes())
@@ -253,12 +413,14 @@ class Preprocessor:
     def pixels(self, image: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
         s = self.spec
         if s.pad_to_square:
-            image = pad_to_square(image.convert("RGB"), s.image.mean)
+            image = pad_to_square(to_rgb(image), s.image.mean)
         px = clip_pixels(image, s.image)
         return px[None], (detail_crops(px)[None] if s.detail_crops else None)
 
     # -- text -----------------------------------------------------------------------------------------------
     def prompt(self, question: str, raw: bool = False) -> str:
+        if not isinstance(question, str) or not question.replace(IMAGE_TOKEN, "").strip():
+            raise TgedgeError("empty prompt: ask a question about the image")
         return check_raw_prompt(question) if raw else self.spec.template.render(question)
 
     def input_ids(self, prompt: str) -> np.ndarray:
