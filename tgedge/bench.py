@@ -6,6 +6,7 @@ Benchmarks are for the machine they run on: quote medians and ratios from runs m
 
 from __future__ import annotations
 
+import math
 import re
 import shutil
 import statistics
@@ -52,19 +53,28 @@ class PowerSampler:
             return "nvidia-smi"
         raise TgedgeError("--power: no power source on this machine (tegrastats, INA3221 rails in sysfs or nvidia-smi)")
 
-    def _read_ina(self) -> float:
+    def _read_ina(self) -> float | None:
         rails = self.ina_rails()
         total = [r for r in rails if r[0] in ("VDD_IN", "VIN_SYS_5V0")] or rails
-        return sum(int(v.read_text()) * int(c.read_text()) / 1000 for _, v, c in total)
+        try:
+            return sum(int(v.read_text()) * int(c.read_text()) / 1000 for _, v, c in total)
+        except (OSError, ValueError):  # a rail that vanished or reads oddly: skip this sample
+            return None
+
+    def _add(self, mw) -> None:
+        """Keep a reading only if it is a power at all (a finite number >= 0)."""
+        if mw is not None and math.isfinite(mw) and mw >= 0:
+            self.samples.append(float(mw))
 
     def _loop(self) -> None:
         if self.source == "ina3221":
             while not self._stop.wait(self.interval_ms / 1000):
-                self.samples.append(self._read_ina())
+                self._add(self._read_ina())
             return
         cmd = (["tegrastats", "--interval", str(self.interval_ms)] if self.source == "tegrastats" else
                ["nvidia-smi", "--query-gpu=power.draw", "--format=csv,noheader,nounits", "-lms", str(self.interval_ms)])
-        self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                      errors="replace")
         for line in self._proc.stdout:
             if self._stop.is_set():
                 break
@@ -75,8 +85,7 @@ class PowerSampler:
                     mw = float(line.strip().split(",")[0]) * 1000
                 except ValueError:
                     mw = None
-            if mw is not None:
-                self.samples.append(float(mw))
+            self._add(mw)
 
     def __enter__(self) -> "PowerSampler":
         self._thread = threading.Thread(target=self._loop, daemon=True)
@@ -100,15 +109,18 @@ class BenchResult:
     prompt_tokens: int
     seconds: dict[str, list[float]] = field(default_factory=dict)
     power: dict | None = None
+    generated: list[int] = field(default_factory=list)  # tokens each timed run really generated
 
     def medians(self) -> dict[str, float]:
         return {k: statistics.median(v) for k, v in self.seconds.items()}
 
     def to_dict(self) -> dict:
         med = self.medians()
+        tokens = min(self.generated, default=self.new_tokens)
         out = {"model": self.model, "backend": self.backend, "runs": self.runs, "new_tokens": self.new_tokens,
+               "generated_tokens": tokens,
                "prompt_tokens": self.prompt_tokens, "median_s": {k: round(v, 6) for k, v in med.items()},
-               "decode_tokens_per_s": round((self.new_tokens - 1) / med["decode_s"], 2) if med.get("decode_s") else None,
+               "decode_tokens_per_s": round((tokens - 1) / med["decode_s"], 2) if med.get("decode_s") else None,
                "all_s": {k: [round(x, 6) for x in v] for k, v in self.seconds.items()}}
         if self.power is not None:
             out["power"] = self.power
@@ -117,9 +129,16 @@ class BenchResult:
 
 def bench(pipe, model: str, backend: str, image, prompt: str, runs: int = 10, warmup: int = 2,
           new_tokens: int = 16, power: bool = False, progress=None) -> BenchResult:
-    """Every run generates exactly `new_tokens` (EOS and stop strings off) so that runs compare."""
+    """Every run generates exactly `new_tokens` (EOS and stop strings off) so that runs compare; a count the
+    context cannot hold after the prompt is refused, and the tokens really generated are what rates use."""
     if runs < 1 or warmup < 0 or new_tokens < 2:
         raise TgedgeError("need --runs >= 1, --warmup >= 0 and --new-tokens >= 2")
+    context, pre = getattr(pipe, "context", None), getattr(pipe, "pre", None)
+    if context is not None and pre is not None:
+        prompt_len = int(pre(image, prompt).input_ids.shape[1])
+        if prompt_len + new_tokens > context:
+            raise TgedgeError(f"--new-tokens {new_tokens} does not fit: the prompt is {prompt_len} tokens and the "
+                              f"context {context} leaves room for {max(context - prompt_len, 0)}")
     options = pipe.options(max_new_tokens=new_tokens, eos_token_ids=[], stop_strings=[])
     sampler = PowerSampler() if power else None  # before the warm-up: a missing source fails fast
     for _ in range(warmup):
@@ -134,6 +153,7 @@ def bench(pipe, model: str, backend: str, image, prompt: str, runs: int = 10, wa
             answer = pipe.answer(image, prompt, options)
             total = time.perf_counter() - t0
             result.prompt_tokens = answer.prompt_tokens
+            result.generated.append(len(answer.tokens))
             for key in ("preprocess_encode_s", "prefill_s", "decode_s"):
                 result.seconds.setdefault(key, []).append(answer.timings[key])
             result.seconds.setdefault("total_s", []).append(total)
@@ -149,5 +169,5 @@ def bench(pipe, model: str, backend: str, image, prompt: str, runs: int = 10, wa
         avg_w = statistics.fmean(sampler.samples) / 1000
         result.power = {"source": sampler.source, "samples": len(sampler.samples), "average_w": round(avg_w, 3),
                         "energy_j": round(avg_w * elapsed, 3),
-                        "energy_per_token_j": round(avg_w * elapsed / (runs * new_tokens), 4)}
+                        "energy_per_token_j": round(avg_w * elapsed / max(sum(result.generated), 1), 4)}
     return result

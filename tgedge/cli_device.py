@@ -158,7 +158,7 @@ def cmd_bench(args) -> int:
         print(json.dumps(d))
         return 0
     med = d["median_s"]
-    print(f"{args.model} on {backend}: {result.prompt_tokens} prompt tokens, {args.new_tokens} new tokens, "
+    print(f"{args.model} on {backend}: {result.prompt_tokens} prompt tokens, {d['generated_tokens']} new tokens, "
           f"median of {args.runs} runs")
     print(f"  encode {1e3 * med['preprocess_encode_s']:.1f} ms | prefill {1e3 * med['prefill_s']:.1f} ms | "
           f"decode {1e3 * med['decode_s']:.1f} ms ({d['decode_tokens_per_s']} tok/s) | total {1e3 * med['total_s']:.1f} ms")

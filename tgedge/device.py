@@ -7,6 +7,7 @@ The Jetson parsers take text, so tests feed them recorded samples (tests/data/je
 from __future__ import annotations
 
 import json
+import math
 import platform
 import re
 import shutil
@@ -107,9 +108,22 @@ def _run(cmd: list[str], timeout: float = 5.0) -> str | None:
     if shutil.which(cmd[0]) is None:
         return None
     try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout).stdout
+        return subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=timeout).stdout
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def _number(text: str) -> float | None:
+    """A tool's figure, or None for what is not a finite number >= 0 ("[N/A]", "nan", "1e999", "-3")."""
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) and value >= 0 else None
+
+
+def _compute_capability(text: str) -> str | None:
+    return text if re.fullmatch(r"\d{1,2}\.\d{1,2}", text) else None
 
 
 def _memory_gb() -> float | None:
@@ -128,9 +142,10 @@ def _gpus(report: DeviceReport) -> None:
         for line in out.strip().splitlines():
             parts = [p.strip() for p in line.split(",")]
             if len(parts) >= 4:
-                report.gpus.append({"name": parts[0], "memory_mb": int(float(parts[1])) if parts[1][:1].isdigit()
-                                    else None, "compute_capability": parts[3]})
-                report.driver = parts[2]
+                memory = _number(parts[1])
+                report.gpus.append({"name": parts[0], "memory_mb": None if memory is None else int(memory),
+                                    "compute_capability": _compute_capability(parts[3])})
+                report.driver = parts[2] or None
         cuda = re.search(r"CUDA Version:\s*([\d.]+)", _run(["nvidia-smi"]) or "")
         report.cuda = cuda.group(1) if cuda else None
         return

@@ -1,0 +1,314 @@
+"""Bad inputs on the command line, table-driven: each row is argv, the exit code, and a fragment of the one line
+printed (docs/ERRORS.md). Then: no command deletes or overwrites a file tgedge did not write."""
+
+import errno
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+import tiny
+from tgedge.cli import main
+from tgedge.fileio import MARKER
+
+
+@pytest.fixture(scope="module")
+def w(tmp_path_factory):
+    """One tiny checkpoint, images, data folders and broken variants, shared by every row."""
+    root = tmp_path_factory.mktemp("bad")
+    ckpt = root / "ckpt"
+    ckpt.mkdir()
+    tiny.hf_llava(ckpt)
+    image = tiny.test_image(root / "image.png")
+    (root / "secret.png").write_bytes(image.read_bytes())
+
+    def data_folder(name, lines):
+        d = root / name
+        (d / "images").mkdir(parents=True)
+        shutil.copy(image, d / "images" / "a.png")
+        (d / "images" / "link.png").symlink_to(root / "secret.png")
+        (d / "samples.jsonl").write_bytes(b"".join(x if isinstance(x, bytes) else (json.dumps(x).encode() + b"\n")
+                                                   for x in lines))
+        return d
+
+    good = {"image": "images/a.png", "prompt": "what color?", "answer": "red", "type": "color"}
+    data = data_folder("data", [good])
+
+    def variant(name, change):
+        d = root / name
+        shutil.copytree(ckpt, d)
+        change(d)
+        return d
+
+    def edit_json(name, change):
+        def apply(d):
+            cfg = json.loads((d / name).read_text())
+            change(cfg)
+            (d / name).write_text(json.dumps(cfg))
+        return apply
+
+    def nan_weight(d):
+        state = load_file(str(d / "model.safetensors"))
+        next(v for k, v in state.items() if k.endswith("linear_1.weight"))[0, 0] = float("inf")
+        save_file(state, str(d / "model.safetensors"))
+
+    def escaping_index(d):
+        (d / "model.safetensors").rename(root / "outside.safetensors")
+        (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "../outside.safetensors"}}))
+
+    def config_is_a_directory(d):
+        (d / "config.json").unlink()
+        (d / "config.json").mkdir()
+
+    def config_loop(d):
+        (d / "config.json").unlink()
+        (d / "config.json").symlink_to(d / "config.json")
+
+    grey16 = root / "grey16.png"
+    Image.fromarray((np.arange(40 * 50).reshape(40, 50) * 30).astype(np.uint16)).save(grey16)
+    return SimpleNamespace(
+        root=root, ckpt=ckpt, image=image, data=data, grey16=grey16,
+        bomb=big_png_header(root / "bomb.png", 20000, 20000),
+        not_utf8=data_folder("not_utf8", [good, b'{"image": "images/a.png", "prompt": "caf\xe9"}\n']),
+        up=data_folder("up", [{**good, "image": "../secret.png"}]),
+        absolute=data_folder("absolute", [{**good, "image": str(root / "secret.png")}]),
+        symlink=data_folder("symlink", [{**good, "image": "images/link.png"}]),
+        answer_type=data_folder("answer_type", [{**good, "answer": 3}]),
+        empty_prompt=data_folder("empty_prompt", [{**good, "prompt": "  "}]),
+        wrong_types=variant("wrong_types", edit_json("config.json", lambda c: c["text_config"].update(
+            num_hidden_layers=2.5, rope_theta=float("inf")))),
+        heads=variant("heads", edit_json("config.json", lambda c: c["vision_config"].update(num_attention_heads=3))),
+        std0=variant("std0", edit_json("processor_config.json", lambda c: c["image_processor"].update(image_std=[0, 0, 0]))),
+        nan=variant("nan", nan_weight),
+        index=variant("index", escaping_index),
+        config_dir=variant("config_dir", config_is_a_directory),
+        config_loop=variant("config_loop", config_loop),
+    )
+
+
+def big_png_header(path, width, height):
+    from test_preprocess import big_png_header as make
+
+    return make(path, width, height)
+
+
+def run(capsys, argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def RUN(w, *extra, ckpt=None, image=None, prompt="what color?"):
+    return ["run", ckpt or w.ckpt, "--image", image or w.image, "--prompt", prompt, "--max-new-tokens", "2", *extra]
+
+
+ROWS = [
+    # numeric options: finite, sign, bounds, at parse time
+    ("temperature nan", lambda w: RUN(w, "--temperature", "nan"), "argument --temperature: must be a finite number >= 0"),
+    ("temperature inf", lambda w: RUN(w, "--temperature", "inf"), "must be a finite number >= 0, got 'inf'"),
+    ("temperature < 0", lambda w: RUN(w, "--temperature", "-1"), "argument --temperature: must be >= 0, got -1"),
+    ("top-p 0", lambda w: RUN(w, "--top-p", "0"), "argument --top-p: must be in (0, 1], got 0"),
+    ("top-p > 1", lambda w: RUN(w, "--top-p", "1.5"), "argument --top-p: must be in (0, 1], got 1.5"),
+    ("top-k < 0", lambda w: RUN(w, "--top-k", "-1"), "argument --top-k: must be >= 0, got -1"),
+    ("seed < 0", lambda w: RUN(w, "--seed", "-3"), "argument --seed: must be in [0, 4294967295], got -3"),
+    ("seed word", lambda w: RUN(w, "--seed", "one"), "argument --seed: expected an integer in [0, 4294967295], got 'one'"),
+    ("max-new-tokens 0", lambda w: RUN(w, "--max-new-tokens", "0"), "argument --max-new-tokens: must be >= 1, got 0"),
+    ("max-context 0", lambda w: RUN(w, "--max-context", "0"), "argument --max-context: must be >= 1, got 0"),
+    ("size 100000", lambda w: ["data", "shapes", "--size", "100000", "-o", w.root / "x"],
+     "argument --size: must be in [24, 4096], got 100000"),
+    ("count 0", lambda w: ["data", "shapes", "-n", "0", "-o", w.root / "x"], "argument -n/--count: must be >= 1, got 0"),
+    ("eval limit -1", lambda w: ["eval", w.ckpt, "--data", w.data, "--limit", "-1"], "argument --limit: must be >= 1, got -1"),
+    ("opset 99", lambda w: ["export", w.ckpt, "-o", w.root / "e", "--opset", "99"], "argument --opset: must be in [14, "),
+    ("opset 11", lambda w: ["export", w.ckpt, "-o", w.root / "e", "--opset", "11"], "argument --opset: must be in [14, "),
+    ("export max-context 0", lambda w: ["export", w.ckpt, "-o", w.root / "e", "--max-context", "0"],
+     "argument --max-context: must be >= 1, got 0"),
+    ("calib-limit 0", lambda w: ["quantize", w.root, "--precision", "int8", "-o", w.root / "q", "--calib-limit", "0"],
+     "argument --calib-limit: must be >= 1"),
+    ("workspace 0", lambda w: ["build", w.root, "-o", w.root / "b", "--workspace", "0"],
+     "argument --workspace: must be in [1, 1048576], got 0"),
+    ("validate limit 0", lambda w: ["validate", w.root, "--data", w.data, "--limit", "0"], "argument --limit: must be >= 1"),
+    ("bench runs 0", lambda w: ["bench", w.ckpt, "--runs", "0"], "argument --runs: must be in [1, 100000], got 0"),
+    ("bench new-tokens 1", lambda w: ["bench", w.ckpt, "--new-tokens", "1"], "argument --new-tokens: must be >= 2, got 1"),
+    ("train lr nan", lambda w: ["train-demo", "-o", w.root / "t", "--lr", "nan"], "argument --lr: must be a finite number > 0"),
+    ("train batch 0", lambda w: ["train-demo", "-o", w.root / "t", "--batch", "0"], "argument --batch: must be in [1, 4096]"),
+    ("unknown option", lambda w: RUN(w, "--bogus"), "unrecognized arguments: --bogus"),
+    ("missing option", lambda w: ["run", w.ckpt], "the following arguments are required: --image, --prompt"),
+    # prompts
+    ("empty prompt", lambda w: RUN(w, prompt=""), "argument --prompt: must not be empty"),
+    ("blank prompt", lambda w: RUN(w, prompt=" \n "), "argument --prompt: must not be empty"),
+    ("non-UTF-8 prompt", lambda w: RUN(w, prompt="caf\udce9"), "argument --prompt: not valid UTF-8 text (byte b'\\xe9'"),
+    ("image placeholder only", lambda w: RUN(w, prompt="<image>"), "empty prompt"),
+    # images
+    ("decompression bomb", lambda w: RUN(w, image=w.bomb), "bomb.png: image is 20000x20000 (400 Mpx), over the limit of 179 Mpx"),
+    ("image is a directory", lambda w: RUN(w, image=w.root), "is a directory, not an image"),
+    # checkpoints
+    ("config types", lambda w: RUN(w, ckpt=w.wrong_types),
+     "text_config.num_hidden_layers must be an integer >= 1 (got 2.5); text_config.rope_theta must be a finite number > 0"),
+    ("heads", lambda w: RUN(w, ckpt=w.heads), "vision_config.hidden_size 32 is not a multiple of num_attention_heads 3"),
+    ("image_std 0", lambda w: RUN(w, ckpt=w.std0), "processor_config.json image_processor: image_std must be > 0"),
+    ("inf weights", lambda w: RUN(w, ckpt=w.nan), "non-finite weights (NaN or inf) in 1 tensor(s): multi_modal_projector.linear_1.weight"),
+    ("index escapes", lambda w: RUN(w, ckpt=w.index), "weight_map: '../outside.safetensors' resolves to"),
+    ("EISDIR", lambda w: RUN(w, ckpt=w.config_dir), "config.json: is a directory"),
+    ("ELOOP", lambda w: RUN(w, ckpt=w.config_loop), "config.json: too many levels of symbolic links"),
+    # data folders
+    ("jsonl not UTF-8", lambda w: ["eval", w.ckpt, "--data", w.not_utf8], "samples.jsonl:2: not UTF-8 text (byte b'\\xe9'"),
+    ("image ../", lambda w: ["eval", w.ckpt, "--data", w.up], "samples.jsonl:1 image: '../secret.png' resolves to"),
+    ("image absolute", lambda w: ["eval", w.ckpt, "--data", w.absolute], "is an absolute path"),
+    ("image symlink out", lambda w: ["eval", w.ckpt, "--data", w.symlink], "'images/link.png' resolves to"),
+    ("answer type", lambda w: ["eval", w.ckpt, "--data", w.answer_type], "samples.jsonl:1: answer must be a string or null"),
+    ("jsonl empty prompt", lambda w: ["eval", w.ckpt, "--data", w.empty_prompt], "samples.jsonl:1: empty prompt"),
+    ("data is a file", lambda w: ["eval", w.ckpt, "--data", w.image], "data folder not found"),
+    # bench
+    ("bench beyond context", lambda w: ["bench", w.ckpt, "--image", w.image, "--prompt", "what color?", "--new-tokens",
+                                        "100000", "--runs", "1", "--warmup", "0"], "--new-tokens 100000 does not fit"),
+    # outputs that are inputs (refused before any work, --force or not)
+    ("export over its input", lambda w: ["export", w.ckpt, "-o", w.ckpt, "--force"], "is the input"),
+    ("export inside its input", lambda w: ["export", w.ckpt, "-o", w.ckpt / "onnx"], "lies inside the input"),
+    ("export over a parent", lambda w: ["export", w.ckpt, "-o", w.root, "--force"], "holds the input"),
+    ("quantize over its input", lambda w: ["quantize", w.data, "--precision", "fp16", "-o", w.data], "is the input"),
+    ("build over its input", lambda w: ["build", w.data, "-o", w.data], "is the input"),
+    ("export over data", lambda w: ["export", w.ckpt, "-o", w.written_data], "holds a tgedge data output, not export"),
+    ("train over user files", lambda w: ["train-demo", "-o", w.data], "not empty (images, samples.jsonl) and not a tgedge output"),
+]
+
+
+@pytest.fixture(scope="module")
+def written(w):
+    w.written_data = w.root / "written"
+    assert main(["data", "shapes", "-n", "2", "--size", "24", "-o", str(w.written_data)]) == 0
+    return w
+
+
+@pytest.mark.parametrize("argv", [r[1] for r in ROWS], ids=[r[0] for r in ROWS])
+def test_bad_input_is_one_line_exit_2(written, argv, capsys):
+    expected = next(r[2] for r in ROWS if r[1] is argv)
+    code, _, err = run(capsys, argv(written))
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    assert lines[0].startswith("tgedge: error: ") and expected in lines[0], lines[0]
+
+
+def test_sixteen_bit_png_answers(w, capsys):
+    code, out, err = run(capsys, RUN(w, "--json", image=w.grey16))
+    assert code == 0, err
+
+
+def test_pixel_limit_setting(w, capsys, monkeypatch):
+    monkeypatch.setenv("TGEDGE_MAX_IMAGE_PIXELS", "-5")
+    code, _, err = run(capsys, RUN(w))
+    assert code == 2 and "TGEDGE_MAX_IMAGE_PIXELS='-5': expected a whole number of pixels >= 1" in err
+    monkeypatch.setenv("TGEDGE_MAX_IMAGE_PIXELS", "100")
+    code, _, err = run(capsys, RUN(w))
+    assert code == 2 and "over the limit" in err
+
+
+def test_argv_bytes_not_utf8_in_a_real_process(w):
+    """The console script end to end: argv bytes that are not UTF-8, one line, exit 2."""
+    p = subprocess.run([sys.executable, "-m", "tgedge", "run", str(w.ckpt), "--image", str(w.image), "--prompt",
+                        b"caf\xe9"], capture_output=True, env={**os.environ, "LC_ALL": "C.UTF-8"})
+    assert p.returncode == 2 and p.stderr.decode().count("\n") == 1, p.stderr
+    assert b"argument --prompt: not valid UTF-8 text" in p.stderr
+
+
+def test_help_is_exit_0(capsys):
+    assert main(["--help"]) == 0 and main(["run", "--help"]) == 0
+    assert "Exit codes" in capsys.readouterr().out
+
+
+def test_disk_full_is_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch):
+    def full(self, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full)
+    code, _, err = run(capsys, ["data", "shapes", "-n", "2", "-o", tmp_path / "out"])
+    assert code == 2 and err.strip() == f"tgedge: error: {tmp_path / 'out'}: no space left on the device"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_bug_is_a_traceback_and_exit_3(tmp_path, capsys, monkeypatch):
+    def boom(*a, **k):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr("tgedge.data.shapes.generate", boom)
+    code, _, err = run(capsys, ["data", "shapes", "-n", "2", "-o", tmp_path / "out"])
+    assert code == 3 and "Traceback" in err and "internal error" in err
+
+
+def test_interrupt_keeps_the_previous_output_whole(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    assert main(["data", "shapes", "-n", "3", "--size", "24", "-o", str(out)]) == 0
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    from tgedge.data import shapes
+
+    real = shapes.generate
+
+    def interrupted(seed, count, size=112):
+        for i, s in enumerate(real(seed + 1, count, size)):
+            if i == 2:
+                raise KeyboardInterrupt
+            yield s
+
+    monkeypatch.setattr(shapes, "generate", interrupted)
+    code, _, err = run(capsys, ["data", "shapes", "-n", "3", "--size", "24", "-o", out])
+    assert code == 130 and "interrupted" in err
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+# -- no command deletes or overwrites a file it did not write --------------------------------------------------------
+def snapshot(root: Path) -> dict:
+    return {p.relative_to(root): (p.read_bytes() if p.is_file() else None) for p in root.rglob("*")}
+
+
+def test_nothing_tgedge_did_not_write_is_ever_deleted(w, tmp_path, capsys, monkeypatch):
+    user = tmp_path / "user"
+    (user / "notes").mkdir(parents=True)
+    (user / "notes" / "todo.txt").write_text("mine")
+    (user / "photo.png").write_bytes(w.image.read_bytes())
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(w.ckpt, ckpt)
+    mine = tmp_path / "mine"
+    assert main(["data", "shapes", "-n", "2", "--size", "24", "-o", str(mine)]) == 0
+    (mine / "added-by-user.txt").write_text("mine too")
+    monkeypatch.chdir(user)
+    before = snapshot(tmp_path)
+    attempts = [
+        ["data", "shapes", "-n", "2", "--size", "24", "-o", user],
+        ["data", "shapes", "-n", "2", "--size", "24", "-o", "."],
+        ["data", "shapes", "-n", "2", "--size", "24", "-o", "..", "--force"],
+        ["data", "shapes", "-n", "2", "--size", "24", "-o", user / "photo.png"],
+        ["data", "shapes", "-n", "2", "--size", "24", "-o", mine],
+        ["data", "shapes", "-n", "2", "--size", "24", "-o", ckpt],
+        ["export", ckpt, "-o", ckpt, "--force"],
+        ["export", ckpt, "-o", tmp_path, "--force"],
+        ["export", ckpt, "-o", user],
+        ["quantize", ckpt, "--precision", "fp16", "-o", ckpt],
+        ["build", ckpt, "-o", ckpt / "engines"],
+        ["train-demo", "-o", user],
+        ["train-demo", "-o", ".", "--force"],
+    ]
+    for argv in attempts:
+        code, _, err = run(capsys, argv)
+        assert code == 2 and len(err.strip().splitlines()) == 1, (argv, err)
+    assert snapshot(tmp_path) == before
+    assert not (user / MARKER).exists()
+
+
+def test_fake_nvidia_smi_with_odd_numbers(tmp_path, monkeypatch, capsys):
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\nprintf 'Odd GPU, 1e999, 550.1, abc\\nOther, -3, , 8.9\\nbroken line\\n\\377\\376\\n'\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    code, out, err = run(capsys, ["device", "--json"])
+    assert code == 0, err
+    gpus = json.loads(out)["gpus"]
+    assert [(g["memory_mb"], g["compute_capability"]) for g in gpus] == [(None, None), (None, "8.9")]
