@@ -312,3 +312,18 @@ def test_fake_nvidia_smi_with_odd_numbers(tmp_path, monkeypatch, capsys):
     assert code == 0, err
     gpus = json.loads(out)["gpus"]
     assert [(g["memory_mb"], g["compute_capability"]) for g in gpus] == [(None, None), (None, "8.9")]
+
+
+@pytest.mark.parametrize("make, expected", [
+    (lambda: json.loads("{oops"), "malformed JSON (Expecting property name enclosed in double quotes at line 1 column 2)"),
+    (lambda: __import__("tomllib").loads("a = "), "malformed TOML (Invalid value"),
+    (lambda: b"\xff".decode("utf-8"), "not UTF-8 text (byte b'\\xff' at offset 0)"),
+    (lambda: open("/nonexistent/x"), "/nonexistent/x: no such file or directory"),
+])
+def test_boundary_translates_library_errors(make, expected):
+    from tgedge.errors import as_user_error
+
+    with pytest.raises(Exception) as info:
+        make()
+    assert str(as_user_error(info.value)).startswith(expected)
+    assert as_user_error(RuntimeError("a bug")) is None

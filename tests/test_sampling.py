@@ -33,7 +33,8 @@ def test_stop_strings_and_eos():
 
 
 @pytest.mark.parametrize("kw, msg", [({"max_new_tokens": 0}, "max_new_tokens"), ({"temperature": -1}, "temperature"),
-                                     ({"top_p": 0}, "top_p")])
+                                     ({"top_p": 0}, "top_p"), ({"temperature": float("nan")}, "temperature must be a finite"),
+                                     ({"top_p": float("nan"), "seed": -1}, r"top_p must be in \(0, 1\] \(got nan\); seed")])
 def test_bad_options(kw, msg):
     with pytest.raises(TgedgeError, match=msg):
         GenerationOptions(**kw)

@@ -46,6 +46,13 @@ def as_user_error(e: BaseException) -> TgedgeError | None:
         return TgedgeError(f"not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} at offset {e.start})")
     if isinstance(e, UnicodeEncodeError):
         return TgedgeError(f"text is not valid UTF-8 ({e.reason} at character {e.start})")
+    if type(e).__name__ == "JSONDecodeError":  # json's, in a file the caller did not name
+        return TgedgeError(f"malformed JSON ({e.msg} at line {e.lineno} column {e.colno})")
+    if type(e).__name__ == "TOMLDecodeError":
+        return TgedgeError(f"malformed TOML ({e})")
+    protobuf = sys.modules.get("google.protobuf.message")
+    if protobuf is not None and isinstance(e, protobuf.DecodeError):
+        return TgedgeError(f"not a valid ONNX (protobuf) file ({e})")
     if isinstance(e, MemoryError):
         return TgedgeError("not enough memory for this input (lower the sizes or limits asked for)")
     image = sys.modules.get("PIL.Image")

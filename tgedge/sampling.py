@@ -6,6 +6,7 @@ last logits and `StopCriteria.done` after each token; they know nothing else abo
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -25,14 +26,28 @@ class GenerationOptions:
     stop_strings: list[str] = field(default_factory=list)
 
     def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise TgedgeError(f"max_new_tokens must be >= 1 (got {self.max_new_tokens})")
-        if self.temperature < 0:
-            raise TgedgeError(f"temperature must be >= 0 (got {self.temperature})")
-        if not 0 < self.top_p <= 1:
-            raise TgedgeError(f"top_p must be in (0, 1] (got {self.top_p})")
-        if self.top_k < 0:
-            raise TgedgeError(f"top_k must be >= 0 (got {self.top_k})")
+        """Every problem in one message; NaN fails every comparison, so each check is written to refuse it."""
+        problems = []
+        if not (_is_int(self.max_new_tokens) and self.max_new_tokens >= 1):
+            problems.append(f"max_new_tokens must be >= 1 (got {self.max_new_tokens})")
+        if not (_is_real(self.temperature) and self.temperature >= 0):
+            problems.append(f"temperature must be a finite number >= 0 (got {self.temperature})")
+        if not (_is_real(self.top_p) and 0 < self.top_p <= 1):
+            problems.append(f"top_p must be in (0, 1] (got {self.top_p})")
+        if not (_is_int(self.top_k) and self.top_k >= 0):
+            problems.append(f"top_k must be >= 0 (got {self.top_k})")
+        if not (_is_int(self.seed) and self.seed >= 0):
+            problems.append(f"seed must be an integer >= 0 (got {self.seed})")
+        if problems:
+            raise TgedgeError("; ".join(problems))
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 class Sampler:
