@@ -143,7 +143,10 @@ def _find_image_settings(*dirs: Path) -> ImageSettings:
 
 def _find_chat_template(d: Path) -> str | None:
     if (d / "chat_template.jinja").exists():
-        return (d / "chat_template.jinja").read_text()
+        try:
+            return (d / "chat_template.jinja").read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise TgedgeError(f"{d / 'chat_template.jinja'}: not UTF-8 text (at byte {e.start})") from None
     for name in ("chat_template.json", "processor_config.json", "tokenizer_config.json"):
         if (d / name).exists():
             t = C.read_config_json(d / name).get("chat_template")
