@@ -198,3 +198,28 @@ def test_inside(tmp_path):
                         ("", "expected a file name"), (3, "expected a file name"), ("a\x00b", "NUL")]:
         with pytest.raises(TgedgeError, match=f"^f.json key: .*{match}"):
             inside(d, name, "f.json key")
+
+
+def test_fingerprint_sees_size_head_and_tail(tmp_path):
+    from tgedge.fileio import fingerprint
+
+    f = tmp_path / "g.onnx"
+    data = bytearray(os.urandom(3 << 20))
+    f.write_bytes(data)
+    before = fingerprint(f)
+    for at in (0, len(data) - 1):
+        changed = bytearray(data)
+        changed[at] ^= 1
+        f.write_bytes(changed)
+        assert fingerprint(f) != before
+    f.write_bytes(data + b"\0")
+    assert fingerprint(f) != before
+
+
+def test_bad_numbers():
+    from tgedge.config import bad_numbers
+
+    tree = {"vision": {"max_abs": float("nan"), "ok": 1.0, "flag": True}, "graphs": {"a": [0.5, 1e30, float("-inf")]}}
+    assert bad_numbers(tree) == ["vision.max_abs nan", "graphs.a[2] -inf"]
+    assert bad_numbers(tree, "calibration.json", max_abs=1e6) == [
+        "calibration.json.vision.max_abs nan", "calibration.json.graphs.a[1] 1e+30", "calibration.json.graphs.a[2] -inf"]

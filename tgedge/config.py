@@ -224,6 +224,21 @@ def read_config_json(path: Path) -> dict:
     return d
 
 
+def bad_numbers(tree, where: str = "", max_abs: float | None = None) -> list[str]:
+    """`key: value` for every number in a JSON/TOML tree that is NaN or infinite (or above `max_abs` in
+    magnitude): policies, calibration ranges. An empty list when all are fine; booleans are not numbers."""
+    out: list[str] = []
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list) else ()
+    for key, value in items:
+        name = f"{where}.{key}" if where and isinstance(key, str) else f"{where}[{key}]" if where else str(key)
+        if isinstance(value, (dict, list)):
+            out += bad_numbers(value, name, max_abs)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value) or (max_abs is not None and abs(value) > max_abs):
+                out.append(f"{name} {value!r}")
+    return out
+
+
 # -- config.json schema: types, ranges, finiteness and consistency, every problem in one message -----------------
 # Kinds: "+int" integer >= 1, "0int" integer >= 0, "int", "+num" finite number > 0, "bool", "str", "dict",
 # "id" token id >= 0, "ids" one id or a list of ids; a trailing "?" allows null (the loader's default then).
