@@ -1,0 +1,112 @@
+"""CLI commands that make checkpoints: `tgedge checkpoint random` and `tgedge checkpoint presets`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from tgedge.cli_common import EPILOG, SEED, add_output
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """argparse type: '5GB', '500MB', '2GiB' or a byte count -> bytes (decimal units, as transformers' shards)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmg]i?b|b)?\s*", text, re.IGNORECASE)
+    size = int(float(m.group(1)) * _UNITS[(m.group(2) or "").upper()]) if m else 0
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"expected a size such as 5GB, 500MB or 2GiB, got {text!r}")
+    return size
+
+
+def register(sub) -> None:
+    from tgedge.presets import DTYPES, PRESETS
+
+    p = sub.add_parser("checkpoint", help="make checkpoints: random weights at real TG-LLaVA / LLaVA sizes",
+                       description="Make checkpoints without downloads. `random` writes random weights at the real "
+                                   "sizes (for memory, time and shape tests: the answers are noise); `presets` lists "
+                                   "what it can write.", epilog=EPILOG)
+    kinds = p.add_subparsers(dest="checkpoint_command", metavar="SUBCOMMAND", required=True)
+    r = kinds.add_parser(
+        "random", help="write a random-weight checkpoint at a real size (original TG-LLaVA layout + CLIP dir)",
+        description="Write a checkpoint with random weights in the original TG-LLaVA / LLaVA layout (config.json "
+                    "with mm_* keys, model.*.safetensors, a synthetic tokenizer.json of the real vocabulary size) and "
+                    "its CLIP directory in DIR/clip (both towers, CLIP tokenizer, image processor), tensor by tensor "
+                    "so that memory stays small. The same preset and seed give byte-identical files. The weights are "
+                    "random: use it for memory, time and shape tests, never for quality.", epilog=EPILOG)
+    r.add_argument("--preset", metavar="NAME", required=True,
+                   help=f"what to write: {', '.join(PRESETS)} (`tgedge checkpoint presets` lists their sizes)")
+    add_output(r, "checkpoint directory to write, with the CLIP directory in DIR/clip; an earlier output of this "
+                  "command is replaced")
+    r.add_argument("--seed", type=SEED, default=0, help="random seed (default 0)")
+    r.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="weight dtype (default bf16, as released)")
+    r.add_argument("--max-shard-size", metavar="SIZE", type=parse_size, default="5GB",
+                   help="largest weight file, e.g. 5GB (default), 500MB; larger models are split into shards "
+                        "listed in model.safetensors.index.json")
+    r.add_argument("--json", action="store_true", help="print the result (files, sizes, parameters) as JSON")
+    r.set_defaults(func=cmd_random)
+    s = kinds.add_parser("presets", help="list the presets with parameter counts and sizes",
+                         description="The presets `tgedge checkpoint random` writes: layout, decoder, parameters "
+                                     "(all stored tensors, and those tgedge loads) and weight bytes.", epilog=EPILOG)
+    s.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="dtype the sizes are given for (default bf16)")
+    s.add_argument("--json", action="store_true", help="print the list as JSON")
+    s.set_defaults(func=cmd_presets)
+
+
+def cmd_presets(args) -> int:
+    from tgedge.presets import PRESETS, summary
+
+    rows = [summary(p, args.dtype) for p in PRESETS.values()]
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    print(f"{'preset':<18}{'decoder':<22}{'TG':<4}{'parameters':>11}{'loaded':>11}{'weights':>11}")
+    for row in rows:
+        n = row["parameters"]
+        print(f"{row['preset']:<18}{row['decoder']:<22}{'yes' if row['tg'] else 'no':<4}{_count(n['total']):>11}"
+              f"{_count(n['loaded']):>11}{_gb(row['weight_bytes']):>11}")
+    print(f"weights at {args.dtype}; loaded: what tgedge uses (the rest is saved by the reference, unused)\n"
+          "all weights are random: for memory, time and shape tests only")
+    return 0
+
+
+def cmd_random(args) -> int:
+    from tqdm import tqdm
+
+    from tgedge.presets import CLIP_SUBDIR, get, plan, write_random
+
+    preset = get(args.preset)
+    start = time.perf_counter()
+    with tqdm(total=len(plan(preset)), desc=preset.name, unit="tensor", disable=None, file=sys.stderr) as bar:
+        info = write_random(preset.name, args.output, args.seed, args.dtype, args.max_shard_size,
+                            progress=lambda spec: bar.update(), force=args.force)
+    out = Path(args.output)
+    clip = out / CLIP_SUBDIR
+    run = (f"tgedge run {shlex.quote(str(out))} --clip {shlex.quote(str(clip))} --image IMAGE "
+           f"--prompt 'What is in the picture?'")
+    result = {**info, "path": str(out), "clip": str(clip), "seconds": round(time.perf_counter() - start, 3),
+              "run": run}
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    n = info["parameters"]
+    print(f"wrote {preset.name}: {n['total']:,} parameters ({n['loaded']:,} loaded by tgedge), random {args.dtype} "
+          f"weights (seed {args.seed}), {_gb(info['bytes'])} in {result['seconds']:.1f} s")
+    print(f"  {out}  checkpoint ({preset.model_type}, original LLaVA layout)")
+    print(f"  {clip}  CLIP towers, tokenizer and image processor")
+    print("random weights: for memory, time and shape tests only; the answers are noise")
+    print(f"run it with:\n  {run}")
+    return 0
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.3f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
