@@ -14,20 +14,35 @@ from typing import Any
 import numpy as np
 
 from tgedge.errors import TgedgeError
+from tgedge.runtime.backends import make_runner
+from tgedge.runtime.runner import BaseRunner
 
 
-class RecordingRunner:
-    """Wraps a runner; keeps a host copy of every feed it is given."""
+class RecordingRunner(BaseRunner):
+    """A runner around another one that keeps a host copy of every feed it is given."""
 
-    def __init__(self, runner, feeds: list[dict[str, np.ndarray]]):
+    def __init__(self, runner: BaseRunner, feeds: list[dict[str, np.ndarray]]):
+        super().__init__(runner.name)
         self.runner, self.feeds = runner, feeds
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.runner, name)
+    def activate_impl(self) -> None:
+        self.runner.activate()
 
-    def infer(self, feed: dict[str, Any], **kwargs) -> dict[str, Any]:
+    def deactivate_impl(self) -> None:
+        self.runner.deactivate()
+
+    def get_input_metadata_impl(self):
+        return self.runner.get_input_metadata()
+
+    def get_output_metadata_impl(self):
+        return self.runner.get_output_metadata()
+
+    def describe_value(self, value: Any):
+        return self.runner.describe_value(value)
+
+    def infer_impl(self, feed: dict[str, Any], **kwargs) -> dict[str, Any]:
         self.feeds.append({k: np.array(v if isinstance(v, np.ndarray) else v.numpy()) for k, v in feed.items()})
-        return self.runner.infer(feed, **kwargs)
+        return self.runner.infer(feed, check_inputs=False, **kwargs)
 
 
 class FeedReader:
@@ -61,17 +76,17 @@ def collect(export_dir: str | Path, data: str | Path, limit: int | None = None, 
 
     records = read_folder(data)[:limit]
     feeds: dict[str, list] = {}
-    with Pipeline(export_dir) as pipe:
+
+    def recording(manifest, graph: str) -> RecordingRunner:
+        return RecordingRunner(make_runner("onnxruntime", manifest, graph), feeds.setdefault(graph, []))
+
+    with Pipeline(export_dir, runner_factory=recording) as pipe:
         bad = {g: e.precision for g, e in pipe.manifest.graphs.items() if e.precision != "fp32"}
         if bad:
             raise TgedgeError(f"{export_dir}: calibrate on the fp32 export (these graphs are not fp32: {bad})")
-        for graph, runner in list(pipe.runners.items()):
-            pipe.runners[graph] = RecordingRunner(runner, feeds.setdefault(graph, []))
         options = pipe.options(max_new_tokens=max_new_tokens)
         for r in records:
             pipe.answer(r.image, r.prompt, options)
             if progress is not None:
                 progress()
-        for graph, runner in pipe.runners.items():
-            pipe.runners[graph] = runner.runner
     return feeds

@@ -38,7 +38,7 @@ WEIGHT_ONLY = ("int4w", "int8w")
 BLOCK_SIZE = 32
 FP16_KEEP_OPS = ["Softmax", "LayerNormalization"]
 CALIBRATION = "calibration.json"
-# A whole-export precision: which graphs it applies to (the rest stay fp32).
+# A whole-export precision: which stages' graphs it applies to (the rest stay fp32); weight-only is for the decoder.
 WHOLE = {"fp32": GRAPHS, "fp16": GRAPHS, "int8": GRAPHS, "int8w": ("decoder",), "int4w": ("decoder",)}
 
 
@@ -281,6 +281,7 @@ def quantize_export(export_dir: str | Path, out: str | Path, precision: str, cal
             (tmp / CALIBRATION).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
         manifest = Manifest(graphs=graphs, dims=src.dims, max_context=src.max_context, opset=src.opset,
                             model=src.model, source=src.source, reference=src.reference, files=src.files,
+                            contract=src.contract,
                             quantization={"precision": precision, "method": method if ranges else None,
                                           "graphs": {g: r.to_dict() for g, r in reports.items()},
                                           "calibration": CALIBRATION if ranges else None})

@@ -22,7 +22,8 @@ import torch
 
 from tgedge import __version__
 from tgedge.errors import TgedgeError
-from tgedge.export.specs import BATCH, GUIDE, PAST, SEQ, TOTAL, VIEWS, GraphSpec, graph_specs
+from tgedge.contract import PAST, StageContract
+from tgedge.export.specs import GraphSpec, graph_specs
 from tgedge.fileio import atomic_dir, sha256_files
 from tgedge.runtime.manifest import GraphEntry, Manifest
 
@@ -71,20 +72,6 @@ class ExportResult:
 def checkpoint_hash(directory: Path) -> str:
     files = sorted(p for p in directory.iterdir() if p.suffix in (".safetensors", ".bin", ".json") and p.is_file())
     return sha256_files(files)
-
-
-def profile_dims(model, max_context: int, max_batch: int = 1) -> dict[str, dict[str, int]]:
-    """min/opt/max of every symbolic dim: TensorRT's optimisation profiles and the memory estimates."""
-    cfg = model.cfg
-    views = 5 if cfg.detail_perceiver is not None else 1
-    guide = cfg.text_guide.max_position_embeddings if cfg.text_guide else 1
-    opt_seq = min(cfg.num_image_tokens + 32, max_context)
-    return {BATCH: {"min": 1, "opt": 1, "max": max_batch},
-            VIEWS: {"min": 1, "opt": views, "max": views * max_batch},
-            GUIDE: {"min": 1, "opt": min(16, guide), "max": guide},
-            SEQ: {"min": 1, "opt": opt_seq, "max": max_context},
-            PAST: {"min": 0, "opt": opt_seq, "max": max_context - 1},
-            TOTAL: {"min": 1, "opt": opt_seq + 1, "max": max_context}}
 
 
 def _as_tuple(out) -> tuple[torch.Tensor, ...]:
@@ -175,7 +162,8 @@ def export_model(checkpoint: str | Path, out: str | Path, opset: int = DEFAULT_O
     if not model.cfg.num_image_tokens < max_context <= positions:
         raise TgedgeError(f"--max-context must be in ({model.cfg.num_image_tokens}, {positions}] "
                           f"(image tokens, the model's max positions); got {max_context}")
-    specs = graph_specs(model)
+    contract = StageContract.from_config(model.cfg.to_dict(), max_context)
+    specs = graph_specs(model, contract)
     result = ExportResult(Path(out), None)  # type: ignore[arg-type]
     with atomic_dir(out) as tmp:
         graphs, reference = {}, {}
@@ -191,9 +179,10 @@ def export_model(checkpoint: str | Path, out: str | Path, opset: int = DEFAULT_O
         files = {"preprocess": "preprocess.json", "tokenizer": "tokenizer.json"}
         if ckpt.preprocessor.guide_tokenizer is not None:
             files["guide_tokenizer"] = "guide_tokenizer.json"
-        result.manifest = Manifest(graphs=graphs, dims=profile_dims(model, max_context), max_context=max_context,
+        result.manifest = Manifest(graphs=graphs, dims=contract.dims, max_context=max_context,
                                    opset=opset, model=model.cfg.to_dict(), files=files, reference=reference,
-                                   source={"checkpoint": str(checkpoint), "sha256": checkpoint_hash(ckpt.path)})
+                                   source={"checkpoint": str(checkpoint), "sha256": checkpoint_hash(ckpt.path)},
+                                   contract=contract)
         result.manifest.save(tmp)
     result.manifest.directory = Path(out)
     return result

@@ -29,19 +29,12 @@ from tgedge.runtime.manifest import Manifest
 from tgedge.runtime.tensorrt import device_info, import_tensorrt
 
 BACKENDS = ("tensorrt", "tensorrt_rtx")
-PAST, SEQ, TOTAL = "past_sequence_length", "sequence_length", "total_sequence_length"
 
 
 def profiles(manifest: Manifest, graph: str) -> list[dict[str, tuple[int, int, int]]]:
-    """Symbolic dim -> (min, opt, max) per optimisation profile."""
-    dims = {k: (v["min"], v["opt"], v["max"]) for k, v in manifest.dims.items()}
-    if graph != "decoder":
-        return [dims]
-    seq, past = dims[SEQ], dims[PAST]
-    prefill = {**dims, SEQ: seq, PAST: (0, 0, 0), TOTAL: seq}
-    decode = {**dims, SEQ: (1, 1, 1), PAST: (max(past[0], 1), past[1], past[2]),
-              TOTAL: (max(past[0], 1) + 1, past[1] + 1, past[2] + 1)}
-    return [prefill, decode]
+    """Symbolic dim -> (min, opt, max) per optimisation profile: the stage contract's (the decoder's are its KV
+    cache's prefill and decode profiles, in the order `TensorRTRunner` selects them)."""
+    return manifest.contract.stage_profiles(graph)
 
 
 def _shapes(tensor, profile) -> tuple[list[int], list[int], list[int]]:

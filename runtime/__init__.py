@@ -5,10 +5,13 @@
         print(pipe.answer("image.png", "What colour is the circle?").text)
 """
 
-from tgedge.runtime.manifest import GRAPHS, Manifest, TensorMeta
+from tgedge.contract import StageContract, TensorMeta
+from tgedge.runtime.backends import BACKENDS, make_runner
+from tgedge.runtime.cache import GrowingCache, KVCache
+from tgedge.runtime.manifest import GRAPHS, Manifest
 from tgedge.runtime.onnxrt import OnnxRuntimeRunner, SessionFromOnnx
-from tgedge.runtime.pipeline import BACKENDS, Pipeline
+from tgedge.runtime.pipeline import Pipeline
 from tgedge.runtime.runner import BaseRunner
 
-__all__ = ["BACKENDS", "GRAPHS", "BaseRunner", "Manifest", "OnnxRuntimeRunner", "Pipeline", "SessionFromOnnx",
-           "TensorMeta"]
+__all__ = ["BACKENDS", "GRAPHS", "BaseRunner", "GrowingCache", "KVCache", "Manifest", "OnnxRuntimeRunner", "Pipeline",
+           "SessionFromOnnx", "StageContract", "TensorMeta", "make_runner"]

@@ -11,36 +11,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tgedge import __version__
+from tgedge.contract import ALL_STAGES, StageContract, TensorMeta
 from tgedge.errors import TgedgeError
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
-# Every stage the runtime knows, in pipeline order; a model without a text guide has no `text_guide` graph.
-GRAPHS = ("text_guide", "vision", "fusion", "embed", "decoder")
+GRAPHS = ALL_STAGES  # one graph per stage
 PRECISIONS = ("fp32", "fp16", "int8", "int8w", "int4w")
 
 
 def _major_minor(version: str) -> str:
     return ".".join(version.split(".")[:2])
-
-
-@dataclass(frozen=True)
-class TensorMeta:
-    """A graph input or output: numpy dtype name and a shape whose symbolic dims are names."""
-    name: str
-    dtype: str
-    shape: tuple[int | str, ...]
-
-    def describe(self) -> str:
-        dims = ", ".join(str(d) for d in self.shape)
-        return f"{self.dtype} ({dims}{',' if len(self.shape) == 1 else ''})"
-
-    def to_dict(self) -> dict:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TensorMeta":
-        return cls(d["name"], d["dtype"], tuple(d["shape"]))
 
 
 def io_differences(listed: list[TensorMeta], actual: list[TensorMeta], full_shape: bool) -> list[str]:
@@ -95,6 +76,7 @@ class Manifest:
     files: dict = field(default_factory=dict)  # preprocessing files copied in
     quantization: dict = field(default_factory=dict)  # tgedge quantize: precision, method, per-graph coverage
     engines: dict = field(default_factory=dict)  # tgedge build: graph -> engine file and build metadata
+    contract: StageContract | None = None  # derived from `model` at load; saved as fusion_family/stages/kv_cache
     tgedge_version: str = __version__
     manifest_version: int = MANIFEST_VERSION
     directory: Path | None = None
@@ -104,7 +86,8 @@ class Manifest:
                 "opset": self.opset, "max_context": self.max_context,
                 "graphs": {k: g.to_dict() for k, g in self.graphs.items()}, "dims": self.dims,
                 "files": self.files, "source": self.source, "reference": self.reference,
-                "quantization": self.quantization, "engines": self.engines, "model": self.model}
+                "quantization": self.quantization, "engines": self.engines,
+                **(self.contract.to_dict() if self.contract else {}), "model": self.model}
 
     def save(self, directory: str | Path) -> Path:
         path = Path(directory) / MANIFEST
@@ -135,14 +118,16 @@ class Manifest:
                     quantization=d.get("quantization", {}), engines=d.get("engines", {}),
                     tgedge_version=written_by,
                     manifest_version=version, directory=directory)
-        except (KeyError, TypeError) as e:
+            m.contract = load_contract(d)
+        except (KeyError, TypeError, ValueError) as e:
             raise TgedgeError(f"{path}: malformed manifest ({type(e).__name__}: {e})") from None
         unknown = sorted(set(m.graphs) - set(GRAPHS))
         if unknown:
             raise TgedgeError(f"{path}: unknown graph(s) {', '.join(unknown)} (known: {', '.join(GRAPHS)})")
-        for name in ("vision", "fusion", "embed", "decoder"):
-            if name not in m.graphs:
-                raise TgedgeError(f"{path}: no {name!r} graph listed")
+        missing = [s for s in m.contract.stage_names if s not in m.graphs]
+        if missing:
+            raise TgedgeError(f"{path}: no {missing[0]!r} graph listed (a {m.contract.family} model's stages: "
+                              f"{', '.join(m.contract.stage_names)})")
         for g in m.graphs.values():
             if not (directory / g.file).exists():
                 raise TgedgeError(f"{directory}: graph {g.name!r} is missing ({g.file} not found)")
@@ -156,10 +141,17 @@ class Manifest:
     def graph_path(self, name: str) -> Path:
         return self.directory / self.graphs[name].file
 
-    @property
-    def has_text_guide(self) -> bool:
-        return "text_guide" in self.graphs
 
-    @property
-    def num_layers(self) -> int:
-        return sum(1 for t in self.graphs["decoder"].inputs if t.name.endswith(".key"))
+
+def load_contract(d: dict) -> StageContract:
+    """The stage contract of a manifest's model config; where the manifest records one (tgedge >= 0.1 exports
+    record `fusion_family`, `stages`, `kv_cache`), it must be the one the config gives."""
+    saved_cache = d.get("kv_cache") or {}
+    contract = StageContract.from_config(d["model"], d["max_context"], saved_cache.get("mode", "growing"), d["dims"])
+    saved = {k: d[k] for k in ("fusion_family", "stages", "kv_cache") if k in d}
+    derived = contract.to_dict()
+    differing = [k for k, v in saved.items() if v != derived[k]]
+    if differing:
+        raise TgedgeError(f"manifest.json: {', '.join(differing)} differ from what its model config gives "
+                          f"({'; '.join(f'{k}: {derived[k]}' for k in differing)})")
+    return contract

@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
+from tgedge.contract import TensorMeta
 from tgedge.errors import TgedgeError
-from tgedge.runtime.manifest import TensorMeta
-from tgedge.runtime.runner import BaseRunner
+from tgedge.runtime.runner import BaseRunner, describe_array
 
 ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
               "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(int8)": "int8", "tensor(uint8)": "uint8",
@@ -81,6 +81,11 @@ class OnnxRuntimeRunner(BaseRunner):
     def deactivate_impl(self) -> None:
         self.session = None
 
+    def describe_value(self, value: Any) -> tuple[str, tuple[int, ...]]:
+        if callable(getattr(value, "data_type", None)) and callable(getattr(value, "shape", None)):  # an OrtValue
+            return ORT_DTYPES.get(value.data_type(), value.data_type()), tuple(value.shape())
+        return describe_array(value)
+
     def get_input_metadata_impl(self) -> dict[str, TensorMeta]:
         return {i.name: _meta(i) for i in self.session.get_inputs()}
 
@@ -100,3 +105,8 @@ class OnnxRuntimeRunner(BaseRunner):
         self.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
         return {n: (v if n in keep else v.numpy()) for n, v in zip(self.output_names, outputs)}
+
+
+def runner_for(manifest, graph: str, device: str = "cpu") -> OnnxRuntimeRunner:
+    """The backend registry's door (tgedge.runtime.backends): a graph of an export directory on a device."""
+    return OnnxRuntimeRunner(SessionFromOnnx(manifest.graph_path(graph), device), graph)

@@ -4,7 +4,8 @@
         outputs = runner.infer({"pixel_values": pixels})
 
 Backends implement `activate_impl`, `infer_impl`, `deactivate_impl` and `get_input_metadata_impl`;
-inputs are checked here, against the graph's own metadata, before the backend sees them.
+inputs are checked here, against the graph's own metadata, before the backend sees them. This module imports
+no backend: a runner that hands out device arrays describes them itself (`describe_value`).
 """
 
 from __future__ import annotations
@@ -13,25 +14,22 @@ from typing import Any
 
 import numpy as np
 
+from tgedge.contract import TensorMeta
 from tgedge.errors import TgedgeError, TgedgeInternalError
-from tgedge.runtime.manifest import TensorMeta
 
 
-def describe_value(value: Any) -> tuple[str, tuple[int, ...]]:
-    """(numpy dtype name, shape) of a numpy array or a backend's device array."""
+def describe_array(value: Any) -> tuple[str, tuple[int, ...]]:
+    """(numpy dtype name, shape) of a numpy array or a device array of tgedge's own runners (`tgedge_meta`)."""
     if isinstance(value, np.ndarray):
         return value.dtype.name, tuple(value.shape)
-    meta = getattr(value, "tgedge_meta", None)  # a device array of tgedge's own runners
+    meta = getattr(value, "tgedge_meta", None)
     if callable(meta):
         return meta()
-    if callable(getattr(value, "data_type", None)) and callable(getattr(value, "shape", None)):  # an ORT OrtValue
-        from tgedge.runtime.onnxrt import ORT_DTYPES
-
-        return ORT_DTYPES.get(value.data_type(), value.data_type()), tuple(value.shape())
     raise TgedgeError(f"cannot feed a {type(value).__name__} (expected a numpy array)")
 
 
-def check_feed(graph: str, feed: dict[str, Any], expected: dict[str, TensorMeta]) -> None:
+def check_feed(graph: str, feed: dict[str, Any], expected: dict[str, TensorMeta],
+               describe=describe_array) -> None:
     """Names, dtypes, ranks and static dims; one symbolic dim must have one value across all inputs."""
     missing = [n for n in expected if n not in feed]
     unexpected = [n for n in feed if n not in expected]
@@ -40,7 +38,7 @@ def check_feed(graph: str, feed: dict[str, Any], expected: dict[str, TensorMeta]
                           f"expected {list(expected)}")
     bound: dict[str, tuple[int, str]] = {}  # symbolic dim -> (value, the input that set it)
     for name, meta in expected.items():
-        dtype, shape = describe_value(feed[name])
+        dtype, shape = describe(feed[name])
         problem = ""
         if dtype != meta.dtype or len(shape) != len(meta.shape) or any(
                 isinstance(want, int) and got != want for got, want in zip(shape, meta.shape)):
@@ -96,8 +94,12 @@ class BaseRunner:
         if not self.is_active:
             raise TgedgeInternalError(f"runner {self.name!r} must be activated before infer()")
         if check_inputs:
-            check_feed(self.name, feed, self.get_input_metadata())
+            check_feed(self.name, feed, self.get_input_metadata(), self.describe_value)
         return self.infer_impl(feed, **kwargs)
+
+    def describe_value(self, value: Any) -> tuple[str, tuple[int, ...]]:
+        """(dtype name, shape) of a value this runner accepts; backends with device arrays extend it."""
+        return describe_array(value)
 
     # -- for backends ---------------------------------------------------------------------------------------
     def activate_impl(self) -> None:

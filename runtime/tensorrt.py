@@ -12,8 +12,9 @@ from typing import Any
 
 import numpy as np
 
+from tgedge.contract import TensorMeta
 from tgedge.errors import TgedgeError
-from tgedge.runtime.manifest import Manifest, TensorMeta
+from tgedge.runtime.manifest import Manifest
 from tgedge.runtime.runner import BaseRunner
 
 MODULES = {"tensorrt": ("tensorrt",), "tensorrt_rtx": ("tensorrt_rtx", "tensorrt_rtx_bindings")}
@@ -118,32 +119,47 @@ class DeviceArray:
             pass
 
 
-class TensorRTRunner(BaseRunner):
-    """One engine of an engine directory (`tgedge build`); the decoder picks its prefill or decode profile."""
+class EngineFromManifest:
+    """Lazy loader: the deserialised engine of one graph of an engine directory (`tgedge build`), refused before
+    it is read when it was built with another TensorRT or for another GPU."""
 
     def __init__(self, manifest: Manifest, graph: str):
-        super().__init__(graph)
-        self.manifest, self.graph = manifest, graph
         if graph not in manifest.engines:
             raise TgedgeError(f"{manifest.directory}: no TensorRT engine for {graph!r} (build them with: tgedge build "
                               f"{manifest.directory} -o ENGINES)")
-        self.meta = manifest.engines[graph]
+        self.path = manifest.directory / manifest.engines[graph]["file"]
+        self.graph, self.meta = graph, manifest.engines[graph]
+
+    def __call__(self):
+        """-> (tensorrt module, engine)."""
+        trt = import_tensorrt(self.meta.get("backend", "tensorrt"))
+        check_engine(self.graph, self.meta, trt.__version__, device_info())
+        engine = trt.Runtime(trt.Logger(trt.Logger.ERROR)).deserialize_cuda_engine(self.path.read_bytes())
+        if engine is None:
+            raise TgedgeError(f"{self.path.name}: TensorRT could not load this engine")
+        return trt, engine
+
+
+class TensorRTRunner(BaseRunner):
+    """One engine; `select_profile(feed)` picks the optimisation profile of a call (the decoder's prefill or
+    decode profile, from the manifest's KV cache layout)."""
+
+    def __init__(self, engine_loader: EngineFromManifest, name: str, inputs: list[TensorMeta],
+                 outputs: list[TensorMeta], select_profile=None):
+        super().__init__(name)
+        self.loader, self.graph = engine_loader, name
+        self.inputs, self.outputs_meta = inputs, outputs
+        self.select_profile = select_profile
 
     def activate_impl(self) -> None:
-        trt = import_tensorrt(self.meta.get("backend", "tensorrt"))
         self.cudart = _cudart()
         if self.cudart is None:
             raise TgedgeError("the tensorrt backend needs cuda-python (pip install cuda-python)")
-        check_engine(self.graph, self.meta, trt.__version__, device_info())
-        self.trt = trt
-        runtime = trt.Runtime(trt.Logger(trt.Logger.ERROR))
-        self.engine = runtime.deserialize_cuda_engine((self.manifest.directory / self.meta["file"]).read_bytes())
-        if self.engine is None:
-            raise TgedgeError(f"{self.meta['file']}: TensorRT could not load this engine")
+        self.trt, self.engine = self.loader()
         self.context = self.engine.create_execution_context()
         self.stream = _check(self.cudart.cudaStreamCreate())
         self.names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        self.outputs = [n for n in self.names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        self.outputs = [n for n in self.names if self.engine.get_tensor_mode(n) == self.trt.TensorIOMode.OUTPUT]
         self.profile = -1
 
     def deactivate_impl(self) -> None:
@@ -151,15 +167,14 @@ class TensorRTRunner(BaseRunner):
         self.cudart.cudaStreamDestroy(self.stream)
 
     def get_input_metadata_impl(self) -> dict[str, TensorMeta]:
-        return {t.name: t for t in self.manifest.graphs[self.graph].inputs}  # the engine was built from these
+        return {t.name: t for t in self.inputs}  # the engine was built from these
 
     def get_output_metadata_impl(self) -> dict[str, TensorMeta]:
-        return {t.name: t for t in self.manifest.graphs[self.graph].outputs}
+        return {t.name: t for t in self.outputs_meta}
 
     def infer_impl(self, feed: dict[str, Any], keep: tuple[str, ...] = ()) -> dict[str, Any]:
-        if self.graph == "decoder":  # profile 0 prefill (no past), 1 decode
-            past = next(v for k, v in feed.items() if k.startswith("past_key_values."))
-            profile = 0 if past.shape[2] == 0 else 1
+        if self.select_profile is not None:
+            profile = self.select_profile(feed)
             if profile != self.profile:
                 self.context.set_optimization_profile_async(profile, self.stream)
                 self.profile = profile
@@ -180,3 +195,14 @@ class TensorRTRunner(BaseRunner):
             raise TgedgeError(f"{self.graph}: TensorRT execution failed")
         _check(self.cudart.cudaStreamSynchronize(self.stream))
         return {n: (v if n in keep else v.numpy()) for n, v in outputs.items()}
+
+
+def runner_for(manifest: Manifest, graph: str) -> TensorRTRunner:
+    """The backend registry's door (tgedge.runtime.backends): one engine of an engine directory."""
+    entry, contract = manifest.graphs[graph], manifest.contract
+    select = None
+    if graph == "decoder":
+        cache = contract.cache
+        first_past = cache.past_names()[0]
+        select = lambda feed: cache.profile_index(feed[first_past].shape[2])  # noqa: E731
+    return TensorRTRunner(EngineFromManifest(manifest, graph), graph, entry.inputs, entry.outputs, select)

@@ -2,7 +2,8 @@ import json
 
 from tgedge.checkpoint import load_model
 from tgedge.cli import main
-from tgedge.demo import random_tg_checkpoint, shapes_image
+from tgedge.demo import shapes_image
+from tgedge.train_demo import random_tg_checkpoint
 
 
 def test_demo_checkpoint_builds_and_runs(tmp_path, capsys):

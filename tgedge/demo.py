@@ -1,5 +1,5 @@
-"""Helpers around the demo model: word-level tokenizers, an untrained demo-architecture checkpoint for
-tests, a sample picture. The trained model itself is `tgedge.demo_checkpoint()`."""
+"""Helpers around the demo model: word-level tokenizers and a sample picture. The trained model itself is
+`tgedge.demo_checkpoint()`; an untrained one of its architecture is `tgedge.train_demo.random_tg_checkpoint`."""
 
 from __future__ import annotations
 
@@ -27,24 +27,6 @@ def word_tokenizer(path: Path, specials: list[str], bos: str | None, eos: str | 
     path.parent.mkdir(parents=True, exist_ok=True)
     tok.save(str(path))
     return path
-
-
-def random_tg_checkpoint(out: Path, seed: int = 0) -> Path:
-    """The demo architecture with untrained weights (zero_layer non-zero so that TG-FOM takes part), in
-    tgedge's layout: a full TG-LLaVA checkpoint for tests, seconds to make."""
-    import tempfile
-
-    import torch
-
-    from tgedge.checkpoint import save_checkpoint
-    from tgedge.train_demo import build_demo_model
-
-    torch.manual_seed(seed)
-    with tempfile.TemporaryDirectory() as tmp:
-        model, pre = build_demo_model(Path(tmp))
-        with torch.no_grad():
-            torch.nn.init.normal_(model.mm_cross_attn.zero_layer.weight, std=0.02)
-        return save_checkpoint(model, pre, out)
 
 
 def shapes_image(path: Path) -> Path:

@@ -126,14 +126,10 @@ def memory_estimate(manifest, graphs: dict[str, GraphSummary]) -> dict:
     """Weights + KV cache at max context + prefill activations at max context (bytes), and per-device fit."""
     ctx = manifest.max_context
     weights = sum(g.weight_bytes for g in graphs.values())
-    dec = manifest.graphs["decoder"]
-    kv = 0
-    for t in dec.inputs:
-        if t.name.startswith("past_key_values."):
-            kv += t.shape[1] * ctx * t.shape[3] * BITS.get(t.dtype, 32) // 8
-    hidden = dec.inputs[0].shape[2]
-    vocab = dec.outputs[0].shape[2]
-    heads = manifest.model.get("decoder", {}).get("num_heads", 1)
+    cache = manifest.contract.cache
+    kv = 2 * cache.num_layers * cache.num_kv_heads * ctx * cache.head_dim * BITS.get(cache.dtype, 32) // 8
+    dec = manifest.model["decoder"]
+    hidden, vocab, heads = dec["hidden_size"], dec["vocab_size"], dec["num_heads"]
     act = 4 * (ctx * vocab + heads * ctx * ctx + 8 * ctx * hidden)  # logits, one layer's scores, hidden states
     total = weights + kv + act
     fits = {}

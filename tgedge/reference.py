@@ -4,18 +4,32 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from tgedge.generate import Answer, AnswerMixin
+from tgedge.contract import StageContract
+from tgedge.generate import Answer
 from tgedge.preprocess import Inputs, Preprocessor
+from tgedge.stageflow import StageFlow
 
 __all__ = ["Answer", "TorchPipeline"]
 
 
-class TorchPipeline(AnswerMixin):
+class TorchPipeline(StageFlow):
+    """The model's stages with numpy in and out (the stage flow is the runtime's), and its own KV cache."""
+
     def __init__(self, model, preprocessor: Preprocessor, context: int | None = None):
         self.model, self.pre = model.eval(), preprocessor
         self.context = context or model.cfg.decoder.max_position_embeddings
+
+    @property
+    def contract(self) -> StageContract:
+        return self.model.contract
+
+    @torch.no_grad()
+    def run_stage(self, name: str, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = self.model.run_stage(name, {k: torch.from_numpy(v) for k, v in feed.items()})
+        return {k: v.numpy() for k, v in out.items()}
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, clip: str | Path | None = None, context: int | None = None):
@@ -46,12 +60,9 @@ class TorchPipeline(AnswerMixin):
             self.pre = self.pre.replace(num_image_tokens=model.cfg.num_image_tokens, detail_crops=False)
         return self
 
-    @torch.no_grad()
     def embeddings(self, inputs: Inputs) -> torch.Tensor:
-        """Prompt embeddings (1, T, D) with the image (and TG-DP detail) tokens in place."""
-        t = lambda a: None if a is None else torch.from_numpy(a)  # noqa: E731
-        image = self.model.encode_image(t(inputs.pixel_values), t(inputs.crops), t(inputs.guide_ids))
-        return self.model.embed(t(inputs.input_ids), image)
+        """Prompt embeddings (1, T, D) with the image (and TG-DP detail) tokens in place, as a torch tensor."""
+        return torch.from_numpy(super().embeddings(inputs))
 
     # -- decode steps (tgedge.generate drives them) -----------------------------------------------------------
     def setup_cache(self, max_len: int) -> None:
@@ -61,8 +72,9 @@ class TorchPipeline(AnswerMixin):
         self.model.language_model.clear_cache()
 
     @torch.no_grad()
-    def prefill(self, x: torch.Tensor):
+    def prefill(self, x):
         """Prompt embeddings (1, T, D) -> last logits (V,) as numpy; fills the KV cache."""
+        x = torch.as_tensor(x)
         return self.model(x, torch.arange(x.shape[1]))[0, -1].numpy()
 
     @torch.no_grad()
@@ -72,6 +84,7 @@ class TorchPipeline(AnswerMixin):
         return self.model(x, torch.tensor([pos]))[0, -1].numpy()
 
     @torch.no_grad()
-    def logits(self, x: torch.Tensor):
+    def logits(self, x):
         """Full-sequence logits (1, T, V) without a cache: teacher forcing in `tgedge validate`."""
+        x = torch.as_tensor(x)
         return self.model(x, torch.arange(x.shape[1])).numpy()

@@ -272,3 +272,18 @@ def train_demo(out: Path, cfg: TrainSettings, ablate_tg: bool = False) -> Path:
     (out / "train_settings.json").write_text(json.dumps({**cfg.__dict__, "ablate_tg": ablate_tg,
                                                          "seconds": round(time.perf_counter() - start, 1)}) + "\n")
     return out
+
+
+def random_tg_checkpoint(out: Path, seed: int = 0) -> Path:
+    """The demo architecture with untrained weights (zero_layer non-zero so that TG-FOM takes part), in
+    tgedge's layout: a full TG-LLaVA checkpoint for tests, seconds to make."""
+    import tempfile
+
+    from tgedge.checkpoint import save_checkpoint
+
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        model, pre = build_demo_model(Path(tmp))
+        with torch.no_grad():
+            torch.nn.init.normal_(model.mm_cross_attn.zero_layer.weight, std=0.02)
+        return save_checkpoint(model, pre, out)

@@ -17,11 +17,14 @@ from xml.etree import ElementTree as ET
 
 import numpy as np
 
+from tgedge.contract import ALL_STAGES
 from tgedge.errors import TgedgeError
+from tgedge.stageflow import StageFlow
 
 log = logging.getLogger("tgedge")
 
-STAGES = ("preprocess", "text_guide", "vision", "fusion", "embed", "decoder", "answers", "accuracy")
+# What a report judges, in order: preprocessing, every stage of the contract, then end to end.
+STAGES = ("preprocess", *ALL_STAGES, "answers", "accuracy")
 PRECISION_ORDER = ("fp32", "fp16", "int8w", "int8", "int4w")  # highest first
 DEFAULT_POLICY = Path(__file__).parent / "policies" / "default.toml"
 # limit key -> (figure it bounds, True when the figure must stay at or below the limit)
@@ -182,83 +185,106 @@ class ValidationReport:
         return "\n".join(lines + ["", self.summary()]) + "\n"
 
 
-# -- the comparison ---------------------------------------------------------------------------------------------
+# -- run, then compare -------------------------------------------------------------------------------------------
+@dataclass
+class SampleRun:
+    """One sample through both pipelines: the data `compare` judges."""
+    preprocess: list[tuple[np.ndarray, np.ndarray]]  # (runtime's, reference's) ids, pixels, crops, guide ids
+    stages: list[tuple[str, dict, dict]]  # (stage, runtime outputs, reference outputs), both fed the reference's inputs
+    forced: tuple[np.ndarray, np.ndarray]  # decoder logits (n, V) teacher-forced on the reference's answer: (rt, ref)
+    tokens: tuple[list[int], list[int]]  # greedy answers (runtime, reference)
+    texts: tuple[str, str]
+    expected: str | None = None  # the data folder's answer
+
+
+class _Traced(StageFlow):
+    """A pipeline's stage flow that records each stage call (name, feed, outputs)."""
+
+    def __init__(self, pipe):
+        self.pipe, self.contract, self.pre, self.calls = pipe, pipe.contract, pipe.pre, []
+
+    def run_stage(self, name, feed):
+        out = self.pipe.run_stage(name, feed)
+        self.calls.append((name, feed, {k: v.copy() for k, v in out.items()}))  # the flow may write into `out`
+        return out
+
+
+def run_sample(runtime, reference, record, max_new_tokens: int = 8) -> SampleRun:
+    inputs, rt_inputs = reference.pre(record.image, record.prompt), runtime.pre(record.image, record.prompt)
+    preprocess = []
+    for field_name in ("input_ids", "pixel_values", "crops", "guide_ids"):
+        a, b = getattr(rt_inputs, field_name), getattr(inputs, field_name)
+        if (a is None) != (b is None):
+            raise TgedgeError("the export's preprocessing and the reference's disagree on which inputs exist")
+        if a is not None:
+            preprocess.append((a, b))
+    traced = _Traced(reference)
+    x = traced.embeddings(inputs)
+    stages = [(name, runtime.run_stage(name, feed), want) for name, feed, want in traced.calls]
+    # Greedy answers from the inputs preprocessed above (each pipeline its own, as deployed).
+    ref_answer = reference.answer_inputs(inputs, reference.options(max_new_tokens=max_new_tokens))
+    rt_answer = runtime.answer_inputs(rt_inputs, runtime.options(max_new_tokens=max_new_tokens))
+    # Teacher forcing: the prompt and the reference's answer, both pipelines on the same embeddings.
+    n = len(ref_answer.tokens)
+    answer = reference.embed_tokens(np.array([ref_answer.tokens[:-1]], np.int64))
+    forced = np.concatenate([x, answer], axis=1)
+    logits = (runtime.logits(forced)[0, -n:], reference.logits(forced)[0, -n:])
+    return SampleRun(preprocess, stages, logits, (rt_answer.tokens, ref_answer.tokens),
+                     (rt_answer.text, ref_answer.text), record.answer)
+
+
+def run_samples(runtime, reference, records, max_new_tokens: int = 8, progress=None):
+    """Every record through both pipelines, one `SampleRun` at a time."""
+    for record in records:
+        yield run_sample(runtime, reference, record, max_new_tokens)
+        if progress is not None:
+            progress()
+
+
 def _stage_precisions(manifest) -> dict[str, str]:
     graphs = {g: e.precision for g, e in manifest.graphs.items()}
     lowest = max(graphs.values(), key=lambda p: PRECISION_ORDER.index(p) if p in PRECISION_ORDER else 0)
     return {"preprocess": lowest, **graphs, "answers": lowest, "accuracy": lowest}
 
 
-def compare(runtime, reference, records, policy: dict, max_new_tokens: int = 8, progress=None) -> list[StageResult]:
-    """Every record through both pipelines; figures per stage, judged by the policy."""
-    import torch
-
+def compare(runs, precisions: dict[str, str], policy: dict) -> list[StageResult]:
+    """Figures per stage over every run, judged by the policy."""
     from tgedge.evaluate import normalize
-    from tgedge.preprocess import split_views, stack_views
 
-    model = reference.model
-    diffs = {s: Diff() for s in ("preprocess", "text_guide", "vision", "fusion", "embed", "decoder")}
-    top1 = positions = exact = ref_ok = rt_ok = answered = 0
+    diffs = {s: Diff() for s in ("preprocess", *ALL_STAGES)}
+    top1 = positions = exact = ref_ok = rt_ok = answered = samples = 0
     kl_max, kl_sum, first_divergence = 0.0, 0.0, []
-    t = torch.from_numpy
-    for r in records:
-        inputs, rt_inputs = reference.pre(r.image, r.prompt), runtime.pre(r.image, r.prompt)
-        for a, b in ((rt_inputs.input_ids, inputs.input_ids), (rt_inputs.pixel_values, inputs.pixel_values),
-                     (rt_inputs.crops, inputs.crops), (rt_inputs.guide_ids, inputs.guide_ids)):
-            if (a is None) != (b is None):
-                raise TgedgeError("the export's preprocessing and the reference's disagree on which inputs exist")
-            if a is not None:
-                diffs["preprocess"].add(a, b)
-        with torch.no_grad():
-            tokens = pooled = None
-            if runtime.manifest.has_text_guide:
-                tokens, pooled = model.text_guide(t(inputs.guide_ids))
-                for got, want in zip(runtime.text_guide(inputs.guide_ids), (tokens, pooled)):
-                    diffs["text_guide"].add(got, want.numpy())
-            views = stack_views(inputs.pixel_values, inputs.crops)
-            feats = model.vision(t(views))
-            diffs["vision"].add(runtime.vision(views), feats.numpy())
-            main, crops = split_views(feats, 1)
-            image = model.fuse(main, crops, tokens, pooled)
-            diffs["fusion"].add(runtime.fuse(main.numpy(), None if crops is None else crops.numpy(),
-                                             None if tokens is None else tokens.numpy(),
-                                             None if pooled is None else pooled.numpy()), image.numpy())
-            x = model.embed(t(inputs.input_ids), image)
-            diffs["embed"].add(runtime.embed(inputs.input_ids, image.numpy()), x.numpy())
-            # Greedy answers from the inputs preprocessed above (each pipeline its own, as deployed).
-            ref_answer = reference.answer_inputs(inputs, reference.options(max_new_tokens=max_new_tokens))
-            rt_answer = runtime.answer_inputs(rt_inputs, runtime.options(max_new_tokens=max_new_tokens))
-            # Teacher forcing: the prompt and the reference's answer, both pipelines on the same embeddings.
-            n = len(ref_answer.tokens)
-            answer_ids = torch.tensor([ref_answer.tokens[:-1]], dtype=torch.int64)
-            forced = torch.cat([x, model.language_model.embed_tokens(answer_ids)], dim=1)
-            want = reference.logits(forced)[0, -n:]
-            got = runtime.logits(forced.numpy())[0, -n:]
+    for run in runs:
+        samples += 1
+        for got, want in run.preprocess:
+            diffs["preprocess"].add(got, want)
+        for stage, got, want in run.stages:
+            for name, value in want.items():
+                diffs[stage].add(got[name], value)
+        got, want = run.forced
         diffs["decoder"].add(got, want)
         top1 += int((got.argmax(-1) == want.argmax(-1)).sum())
-        positions += n
+        positions += len(want)
         kl = (np.exp(log_softmax(want)) * (log_softmax(want) - log_softmax(got))).sum(-1)
         kl_max, kl_sum = max(kl_max, float(kl.max())), kl_sum + float(kl.sum())
-        exact += rt_answer.tokens == ref_answer.tokens
-        if rt_answer.tokens != ref_answer.tokens:
-            first_divergence.append(next((i for i, (a, b) in enumerate(zip(rt_answer.tokens, ref_answer.tokens))
-                                          if a != b), min(len(rt_answer.tokens), len(ref_answer.tokens))))
-        if r.answer is not None:
+        rt_tokens, ref_tokens = run.tokens
+        exact += rt_tokens == ref_tokens
+        if rt_tokens != ref_tokens:
+            first_divergence.append(next((i for i, (a, b) in enumerate(zip(rt_tokens, ref_tokens)) if a != b),
+                                         min(len(rt_tokens), len(ref_tokens))))
+        if run.expected is not None:
             answered += 1
-            ref_ok += normalize(ref_answer.text) == normalize(r.answer)
-            rt_ok += normalize(rt_answer.text) == normalize(r.answer)
-        if progress is not None:
-            progress()
+            ref_ok += normalize(run.texts[1]) == normalize(run.expected)
+            rt_ok += normalize(run.texts[0]) == normalize(run.expected)
 
     figures = {s: d.figures() for s, d in diffs.items() if d.count}
     figures["decoder"].update(top1=top1 / positions, kl_mean=kl_sum / positions, kl_max=kl_max)
-    figures["answers"] = {"exact_match": exact / len(records),
+    figures["answers"] = {"exact_match": exact / samples,
                           "first_divergence_min": min(first_divergence) if first_divergence else -1,
                           "diverged": len(first_divergence)}
     if answered:
         figures["accuracy"] = {"reference": ref_ok / answered, "runtime": rt_ok / answered,
                                "drop_points": 100 * (ref_ok - rt_ok) / answered, "n": answered}
-    precisions = _stage_precisions(runtime.manifest)
     return [StageResult(s, precisions[s], figures[s], dict(policy.get(precisions[s], {}).get(s, {}))).judge()
             for s in STAGES if s in figures]
 
@@ -293,7 +319,8 @@ def validate(export_dir: str | Path, data: str | Path, reference: str | Path | N
         ref = TorchPipeline(model, ckpt.preprocessor, runtime.context)
         with tqdm(total=len(records), desc="validate", unit="sample", disable=not show_progress or None,
                   file=sys.stderr) as bar:
-            stages = compare(runtime, ref, records, rules, max_new_tokens, progress=bar.update)
+            runs = run_samples(runtime, ref, records, max_new_tokens, progress=bar.update)
+            stages = compare(runs, _stage_precisions(runtime.manifest), rules)
     return ValidationReport(str(export_dir), str(reference), backend, len(records), stages,
                             time.perf_counter() - start)
 

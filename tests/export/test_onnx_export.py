@@ -38,7 +38,7 @@ def test_graph_matches_its_spec_and_torch(demo_export, name):
 
 def test_decoder_io_names_follow_optimum(demo_export):
     dec = demo_export.manifest.graphs["decoder"]
-    layers = demo_export.manifest.num_layers
+    layers = demo_export.manifest.contract.cache.num_layers
     assert [t.name for t in dec.inputs[:3]] == ["inputs_embeds", "attention_mask", "position_ids"]
     assert [t.name for t in dec.inputs[3:]] == [f"past_key_values.{i}.{k}" for i in range(layers) for k in ("key", "value")]
     assert [t.name for t in dec.outputs] == ["logits"] + [f"present.{i}.{k}" for i in range(layers) for k in ("key", "value")]
@@ -57,6 +57,13 @@ def test_manifest_makes_the_directory_self_contained(demo_export):
     assert dims["past_sequence_length"]["min"] == 0
     assert dims["sequence_length"]["max"] == raw["max_context"]
     assert Manifest.load(d).graphs.keys() == raw["graphs"].keys()
+    # the stage contract, genai_config style: the cache names, mode and TensorRT profiles in their order
+    assert raw["fusion_family"] == "tg" and raw["stages"] == list(raw["graphs"])
+    kv = raw["kv_cache"]
+    assert kv["mode"] == "growing" and not kv["past_present_share_buffer"]
+    assert kv["past_key_names"] == "past_key_values.%d.key" and kv["present_value_names"] == "present.%d.value"
+    assert [p["name"] for p in kv["profiles"]] == ["prefill", "decode"]
+    assert kv["profiles"][1]["dims"]["sequence_length"] == [1, 1, 1]
 
 
 def test_same_checkpoint_gives_byte_identical_files(demo_export, tmp_path):

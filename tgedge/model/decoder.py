@@ -70,12 +70,14 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(h * hd, d, bias=cfg.o_bias)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, mask, input_pos):
+    def forward(self, x, cos, sin, mask, input_pos, cache=None):
+        """`cache` (anything with `update(input_pos, k, v)`) overrides the module's own preallocated one."""
         q = apply_rope(split_heads(self.q_proj(x), self.num_heads), cos, sin)  # (B, H, T, D)
         k = apply_rope(split_heads(self.k_proj(x), self.num_kv_heads), cos, sin)  # (B, Hkv, T, D)
         v = split_heads(self.v_proj(x), self.num_kv_heads)
-        if self.kv_cache is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)  # (B, Hkv, S, D)
+        cache = cache if cache is not None else self.kv_cache
+        if cache is not None:
+            k, v = cache.update(input_pos, k, v)  # (B, Hkv, S, D)
         return self.o_proj(merge_heads(attention(q, k, v, mask)))
 
 
@@ -98,8 +100,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, input_pos):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos)
+    def forward(self, x, cos, sin, mask, input_pos, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -138,19 +140,8 @@ class Decoder(nn.Module):
         mask = torch.where(keys[None, :] <= input_pos[:, None], 0.0, torch.finfo(x.dtype).min).to(x.dtype)  # (T, S)
         return self.run_layers(x, cos, sin, mask, input_pos)
 
-    def run_layers(self, x, cos, sin, mask, input_pos) -> torch.Tensor:
-        for layer in self.layers:
-            x = layer(x, cos, sin, mask, input_pos)
+    def run_layers(self, x, cos, sin, mask, input_pos, caches=None) -> torch.Tensor:
+        """`caches`: one per layer, in place of the layers' own (the exported decoder graph's past/present)."""
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, input_pos, None if caches is None else caches[i])
         return self.norm(x)
-
-
-class PastKV(nn.Module):
-    """The exported graphs' cache contract: past keys/values come in, present (past + new) go out."""
-
-    def __init__(self, k: torch.Tensor, v: torch.Tensor):
-        super().__init__()
-        self.k, self.v = k, v  # (B, Hkv, P, D)
-
-    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        self.k, self.v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)  # (B, Hkv, P+T, D)
-        return self.k, self.v

@@ -1,24 +1,34 @@
-"""The whole TG-LLaVA model: vision tower, text guide, TG-FOM, TG-DP, projector, decoder.
+"""The whole TG-LLaVA model: vision tower, text guide, fusion (its family's modules), projector, decoder.
 
-Its methods are the runtime stages (text_guide, vision, fuse, embed, decoder) so that the exported
-graphs and the reference compute the same things. Parameter names are tgedge's checkpoint layout (c).
+Its methods are the stages of the stage contract (`tgedge.contract`): text_guide, vision, fuse, embed_ids and
+the decoder, with the contract's tensor names as their argument names, so that the exported graphs, the
+reference pipeline and training compute the same things. Parameter names are tgedge's checkpoint layout (c).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 
 import torch
 from torch import nn
 
 from tgedge.config import ModelConfig
+from tgedge.contract import StageContract
 from tgedge.model.decoder import Decoder
-from tgedge.model.fom import FeatureOptimizationMask
-from tgedge.model.perceiver import DetailPerceiver
 from tgedge.model.projector import Projector
-from tgedge.model.text import TextGuideEncoder
 from tgedge.model.vision import VisionTower
-from tgedge.preprocess import IMAGE_PLACEHOLDER_ID, split_views
+from tgedge.preprocess import IMAGE_PLACEHOLDER_ID
+from tgedge.stageflow import encode_image
+
+# contract stage -> the model method that computes it (its arguments are the stage's input names)
+STAGE_METHODS = {"text_guide": "text_guide", "vision": "vision", "fusion": "fuse", "embed": "embed_ids"}
+
+
+def fusion_model(contract: StageContract):
+    """The torch implementation of a contract's fusion family (`module:Class` in its registry entry)."""
+    module, _, name = contract.fusion_family.model.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 class TGLlava(nn.Module):
@@ -30,9 +40,16 @@ class TGLlava(nn.Module):
         self.language_model = Decoder(cfg.decoder)
         if not cfg.decoder.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.decoder.hidden_size, cfg.decoder.vocab_size, bias=False)
-        self.text_tower = TextGuideEncoder(cfg.text_guide) if cfg.text_guide else None
-        self.mm_cross_attn = FeatureOptimizationMask(cfg.feature_mask) if cfg.feature_mask else None
-        self.mm_patch_encoder = DetailPerceiver(cfg.detail_perceiver) if cfg.detail_perceiver else None
+        fusion_model(self.contract).build(self, cfg)  # text_tower, mm_cross_attn, mm_patch_encoder
+
+    @property
+    def contract(self) -> StageContract:
+        """The stage contract of the model as it is now (an ablation changes it), at its max positions."""
+        cached = self.__dict__.get("_contract")
+        if cached is None or cached[0] is not self.cfg:
+            contract = StageContract.from_config(self.cfg.to_dict(), self.cfg.decoder.max_position_embeddings)
+            self.__dict__["_contract"] = cached = (self.cfg, contract)
+        return cached[1]
 
     @property
     def image_token_id(self) -> int:
@@ -40,23 +57,26 @@ class TGLlava(nn.Module):
         return IMAGE_PLACEHOLDER_ID if idx is None else idx
 
     # -- stages -------------------------------------------------------------------------------------------
-    def text_guide(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def text_guide(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """CLIP token ids (B, T) -> token features (B, T, Dt), pooled (B, Dt)."""
-        return self.text_tower(ids)
+        return self.text_tower(input_ids)
 
-    def vision(self, views: torch.Tensor) -> torch.Tensor:
+    def vision(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(V, 3, H, W) views -> (V, num_features, Dv); V = B for plain LLaVA, 5B with TG-DP's crops."""
-        return self.vision_tower(views)
+        return self.vision_tower(pixel_values)
 
-    def fuse(self, features: torch.Tensor, crop_features: torch.Tensor | None = None,
-             text_tokens: torch.Tensor | None = None, text_pooled: torch.Tensor | None = None) -> torch.Tensor:
-        """Main view features (B, N, Dv) [+ crops (B, 4N, Dv), text] -> image embeddings (B, N[+L], D)."""
-        if self.mm_cross_attn is not None:
-            features = features + self.mm_cross_attn(text_pooled)  # F' = F + Z(M_t)
-        embeds = self.multi_modal_projector(features)
-        if self.mm_patch_encoder is not None:
-            embeds = torch.cat([embeds, self.mm_patch_encoder(crop_features, text_tokens)], dim=1)
-        return embeds
+    def fuse(self, image_features: torch.Tensor, **inputs: torch.Tensor) -> torch.Tensor:
+        """Main view features (B, N, Dv) and the family's other fusion inputs -> image embeddings (B, N[+L], D)."""
+        return fusion_model(self.contract).fuse(self, image_features, **inputs)
+
+    def embed_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, T) -> embeddings (B, T, D), every id a text token (the `embed` stage)."""
+        return self.language_model.embed_tokens(input_ids)
+
+    def run_stage(self, name: str, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One stage of the contract, named tensors in and out."""
+        out = getattr(self, STAGE_METHODS[name])(**feed)
+        return dict(zip(self.contract.stages[name].output_names, out if isinstance(out, tuple) else (out,)))
 
     def embed(self, ids: torch.Tensor, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Token ids (B, T) -> embeddings (B, T, D), image embeddings placed at the image-token positions."""
@@ -83,14 +103,8 @@ class TGLlava(nn.Module):
     # -- conveniences ---------------------------------------------------------------------------------------
     def encode_image(self, pixel_values: torch.Tensor, crops: torch.Tensor | None = None,
                      guide_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """pixels (B, 3, H, W) [+ crops (B, 4, 3, H, W), text guide ids (B, T)] -> image embeddings."""
-        b = pixel_values.shape[0]
-        views = pixel_values if self.mm_patch_encoder is None else torch.cat([pixel_values, crops.flatten(0, 1)])
-        main, crop_feats = split_views(self.vision(views), b)
-        tokens = pooled = None
-        if self.text_tower is not None and self.cfg.has_tg:
-            tokens, pooled = self.text_guide(guide_ids)
-        return self.fuse(main, crop_feats, tokens, pooled)
+        """pixels (B, 3, H, W) [+ crops (B, 4, 3, H, W), text guide ids (B, T)] -> image embeddings (training)."""
+        return encode_image(self.run_stage, self.contract, pixel_values, crops, guide_ids)
 
     def without_tg(self, feature_mask: bool = True, detail_perceiver: bool = True) -> "TGLlava":
         """Drop TG modules in place (the ablations): the model then runs as plain LLaVA for what was dropped."""

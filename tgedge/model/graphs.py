@@ -1,0 +1,73 @@
+"""The model's stages as graph modules: exactly one stage contract's inputs (positional, in the contract's order)
+and outputs. `tgedge export` traces these; they hold the model, so parameter names stay `model.*`."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tgedge.model.llava import STAGE_METHODS
+
+
+class StageGraph(nn.Module):
+    """text_guide, vision, fusion: the model's stage method with the contract's inputs by position."""
+
+    def __init__(self, model, stage: str):
+        super().__init__()
+        self.model = model
+        self.method = STAGE_METHODS[stage]
+        self.input_names = model.contract.stages[stage].input_names
+
+    def forward(self, *inputs):
+        return getattr(self.model, self.method)(**dict(zip(self.input_names, inputs)))
+
+
+class EmbedGraph(nn.Module):
+    """The embedding table alone (its parameter is `embed_tokens.weight` in the graph)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.embed_tokens = model.language_model.embed_tokens
+
+    def forward(self, input_ids):
+        return self.embed_tokens(input_ids)
+
+
+class PastKV:
+    """The growing cache of the exported decoder: past keys/values come in, present (past + new) go out."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+        self.k, self.v = k, v  # (B, Hkv, P, D)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        self.k, self.v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)  # (B, Hkv, P+T, D)
+        return self.k, self.v
+
+
+class DecoderGraph(nn.Module):
+    """inputs_embeds + attention_mask + position_ids + past -> logits + present (one graph, prefill and decode)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs_embeds, attention_mask, position_ids, *past):
+        dec = self.model.language_model
+        t, p = inputs_embeds.shape[1], past[0].shape[2]
+        caches = [PastKV(past[2 * i], past[2 * i + 1]) for i in range(len(dec.layers))]
+        cos, sin = dec.rope(position_ids, inputs_embeds.dtype)  # (B, T, D)
+        q_idx = torch.arange(t, device=inputs_embeds.device) + p  # (T,)
+        k_idx = torch.arange(p + t, device=inputs_embeds.device)  # (S,)
+        allowed = (k_idx[None, :] <= q_idx[:, None])[None, None] & (attention_mask[:, None, None, :] > 0)
+        mask = torch.where(allowed, 0.0, torch.finfo(inputs_embeds.dtype).min)  # (B, 1, T, S)
+        h = dec.run_layers(inputs_embeds, cos[:, None], sin[:, None], mask, None, caches)
+        logits = self.model.lm_logits(h)
+        return (logits, *[x for c in caches for x in (c.k, c.v)])
+
+
+def stage_graph(model, stage: str) -> nn.Module:
+    if stage == "embed":
+        return EmbedGraph(model)
+    if stage == "decoder":
+        return DecoderGraph(model)
+    return StageGraph(model, stage)

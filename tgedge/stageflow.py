@@ -1,0 +1,76 @@
+"""The stage flow every pipeline shares: views -> vision -> text guide -> fusion -> embed, by the stage contract.
+
+A pipeline provides `run_stage(name, feed) -> outputs` (named tensors in and out, the contract's names) and
+`contract`; `StageFlow` strings the stages together the same way for the PyTorch reference (`TorchPipeline`)
+and the torch-free runtime (`runtime.Pipeline`), so that `tgedge validate` can feed one side's stage the other
+side's inputs and compare like with like. `encode_image` also serves training (torch tensors, with gradients).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+
+from tgedge.contract import StageContract
+from tgedge.errors import TgedgeError
+from tgedge.generate import AnswerMixin
+from tgedge.preprocess import Inputs, split_views
+
+RunStage = Callable[[str, dict[str, Any]], dict[str, Any]]
+
+
+def _stack_views(pixel_values, crops):
+    """(B, 3, H, W) [+ crops (B, 4, 3, H, W)] -> the vision stage's batch of views (B [+ 4B], 3, H, W)."""
+    if crops is None:
+        return pixel_values
+    flat = crops.reshape(-1, *crops.shape[2:])
+    if isinstance(pixel_values, np.ndarray):
+        return np.concatenate([pixel_values, flat])
+    import torch  # torch tensors: the reference model in training
+
+    return torch.cat([pixel_values, flat])
+
+
+def encode_image(run_stage: RunStage, contract: StageContract, pixel_values, crops=None, guide_ids=None):
+    """pixels (B, 3, H, W) [+ crops (B, 4, 3, H, W), text guide ids (B, T)] -> image embeddings (B, N, D)."""
+    features = run_stage("vision", {"pixel_values": _stack_views(pixel_values, crops)})["image_features"]
+    main, crop_features = split_views(features, pixel_values.shape[0])
+    named = {"image_features": main, "crop_features": crop_features}
+    if contract.has("text_guide"):
+        named.update(run_stage("text_guide", {"input_ids": guide_ids}))
+    return run_stage("fusion", {n: named[n] for n in contract.stages["fusion"].input_names})["image_embeds"]
+
+
+class StageFlow(AnswerMixin):
+    """Inference through the stages (numpy between them): needs `contract`, `pre`, `run_stage` and the decode
+    steps of `tgedge.generate`."""
+
+    contract: StageContract
+
+    def run_stage(self, name: str, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def encode_image(self, pixel_values: np.ndarray, crops: np.ndarray | None = None,
+                     guide_ids: np.ndarray | None = None) -> np.ndarray:
+        return encode_image(self.run_stage, self.contract, pixel_values, crops, guide_ids)
+
+    def embed_tokens(self, ids: np.ndarray) -> np.ndarray:
+        """Token ids (1, T) -> embeddings (1, T, D), every id a text token (a generated id is always text)."""
+        return self.run_stage("embed", {"input_ids": ids})["inputs_embeds"]
+
+    def embed(self, ids: np.ndarray, image_embeds: np.ndarray | None = None) -> np.ndarray:
+        """Token ids (1, T) -> embeddings (1, T, D), image embeddings placed at the image-token positions."""
+        is_image = ids == self.pre.spec.image_token_id
+        x = self.embed_tokens(np.where(is_image, 0, ids))
+        n = int(is_image.sum())
+        if n:
+            if image_embeds is None or image_embeds.shape[0] * image_embeds.shape[1] != n:
+                got = "none" if image_embeds is None else tuple(image_embeds.shape)
+                raise TgedgeError(f"{n} image-token positions but image embeddings {got}")
+            x[is_image] = image_embeds.reshape(n, -1)
+        return x
+
+    def embeddings(self, inputs: Inputs) -> np.ndarray:
+        """Prompt embeddings (1, T, D) with the image (and detail) tokens in place."""
+        return self.embed(inputs.input_ids, self.encode_image(inputs.pixel_values, inputs.crops, inputs.guide_ids))
