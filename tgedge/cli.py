@@ -7,7 +7,7 @@ import logging
 import sys
 import traceback
 
-from tgedge import __version__, cli_deploy, cli_device
+from tgedge import __version__, cli_checkpoint, cli_deploy, cli_device
 from tgedge.cli_common import BACKENDS, EPILOG, SEED, Parser, add_output, integer, open_pipeline, real, text
 from tgedge.errors import TgedgeError, as_user_error, one_line
 
@@ -179,6 +179,7 @@ def build_parser() -> Parser:
     _add_eval(sub)
     cli_deploy.register(sub)
     cli_device.register(sub)
+    cli_checkpoint.register(sub)
     _add_train_demo(sub)
     return parser
 

@@ -6,8 +6,9 @@ import argparse
 import math
 
 from tgedge.errors import TgedgeError
+from tgedge.runtime.backends import BACKENDS as RUNTIME_BACKENDS
 
-BACKENDS = ["torch", "onnxruntime", "onnxruntime-cuda", "onnxruntime-trt", "tensorrt"]
+BACKENDS = ["torch", *RUNTIME_BACKENDS]  # the reference, then the runtime registry (tgedge.runtime.backends)
 EPILOG = ("Exit codes: 0 ok, 1 a check failed, 2 bad input, 3 internal error (a bug), 130 interrupted. "
           "Add --debug for a traceback. docs/ERRORS.md lists the rules.")
 SEED_MAX = 2 ** 32 - 1  # numpy, torch and Python's random all take it
