@@ -27,8 +27,9 @@ import onnx
 
 from tgedge.errors import TgedgeError
 from tgedge.calibration.collect import FeedReader
-from tgedge.fileio import atomic_dir, sha256_files
-from tgedge.runtime.manifest import GRAPHS, PRECISIONS, Manifest
+from tgedge.config import bad_numbers
+from tgedge.fileio import atomic_dir, inside, sha256_files
+from tgedge.runtime.manifest import GRAPHS, PRECISIONS, Manifest, graph_fingerprint
 
 log = logging.getLogger("tgedge")
 
@@ -207,7 +208,7 @@ def _data_hash(folder: Path) -> str:
 def quantize_export(export_dir: str | Path, out: str | Path, precision: str, calib: str | Path | None = None,
                     method: str = "minmax", exclude: list[str] | None = None, calibration: str | Path | None = None,
                     calib_limit: int | None = None, on_step: Callable[[str], None] | None = None,
-                    progress=None) -> QuantizeResult:
+                    progress=None, force: bool = False) -> QuantizeResult:
     say = on_step or (lambda s: None)
     src = Manifest.load(export_dir)
     if method not in METHODS:
@@ -224,6 +225,12 @@ def quantize_export(export_dir: str | Path, out: str | Path, precision: str, cal
             saved = json.loads(Path(calibration).read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise TgedgeError(f"{calibration}: cannot read calibration ({e})") from None
+        if not isinstance(saved, dict) or not isinstance(saved.get("graphs"), dict):
+            raise TgedgeError(f"{calibration}: not a tgedge calibration file (no 'graphs' object)")
+        bad = bad_numbers(saved["graphs"], f"{calibration} graphs", max_abs=1e6)
+        if bad:
+            raise TgedgeError(f"{calibration}: calibration ranges that are not finite or beyond 1e6: {', '.join(bad[:5])}"
+                              + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""))
         missing = [g for g in int8 if g not in saved.get("graphs", {})]
         if missing:
             raise TgedgeError(f"{calibration}: no calibration for {', '.join(missing)}")
@@ -240,9 +247,11 @@ def quantize_export(export_dir: str | Path, out: str | Path, precision: str, cal
     reports: dict[str, GraphReport] = {}
     used_patterns: set[str] = set()
     ranges: dict[str, dict] = {}
-    with atomic_dir(out) as tmp, tempfile.TemporaryDirectory() as work:
-        for name in [*src.files.values()]:
-            shutil.copyfile(src.directory / name, tmp / name)
+    with atomic_dir(out, kind="export", inputs=[export_dir, calib, calibration], force=force) as tmp, \
+            tempfile.TemporaryDirectory() as work:
+        for key, name in src.files.items():
+            shutil.copyfile(inside(src.directory, name, f"{src.directory}/manifest.json files.{key}"),
+                            inside(tmp, name, f"manifest.json files.{key}"))
         graphs = {}
         for graph, entry in src.graphs.items():
             p, path = plan[graph], src.graph_path(graph)
@@ -250,7 +259,7 @@ def quantize_export(export_dir: str | Path, out: str | Path, precision: str, cal
             excluded = _matched(proto, exclude)
             used_patterns |= {p for p in exclude if any(fnmatch.fnmatchcase(n, p) for n in excluded)}
             say(f"{graph}: {p}" + (f" ({len(excluded)} nodes excluded)" if excluded else ""))
-            target = tmp / entry.file
+            target = inside(tmp, entry.file, f"manifest.json graphs.{graph}.file")
             if p == "fp32" or (p != "fp16" and not any(n.op_type in QUANT_OPS for n in proto.graph.node)):
                 onnx.save_model(proto, str(target))
                 report = GraphReport("fp32")
@@ -271,7 +280,7 @@ def quantize_export(export_dir: str | Path, out: str | Path, precision: str, cal
             reports[graph] = report
             onnx.checker.check_model(str(target))
             graphs[graph] = type(entry)(graph, entry.file, report.precision, entry.inputs, entry.outputs,
-                                        sha256_files([target]))
+                                        sha256_files([target]), fingerprint=graph_fingerprint([target]))
         record = None
         if ranges:
             record = saved if saved is not None else {

@@ -24,8 +24,8 @@ from tgedge import __version__
 from tgedge.errors import TgedgeError
 from tgedge.contract import PAST, StageContract
 from tgedge.export.specs import GraphSpec, graph_specs
-from tgedge.fileio import atomic_dir, sha256_files
-from tgedge.runtime.manifest import GraphEntry, Manifest
+from tgedge.fileio import atomic_dir, checkpoint_hash, sha256_files
+from tgedge.runtime.manifest import GraphEntry, Manifest, graph_fingerprint
 
 log = logging.getLogger("tgedge")
 
@@ -67,11 +67,6 @@ class ExportResult:
         return {"directory": str(self.directory), "passed": self.passed,
                 "graphs": {k: g.file for k, g in self.manifest.graphs.items()},
                 "checks": [c.to_dict() for c in self.checks], "seconds": self.seconds}
-
-
-def checkpoint_hash(directory: Path) -> str:
-    files = sorted(p for p in directory.iterdir() if p.suffix in (".safetensors", ".bin", ".json") and p.is_file())
-    return sha256_files(files)
 
 
 def _as_tuple(out) -> tuple[torch.Tensor, ...]:
@@ -119,7 +114,7 @@ def export_graph(spec: GraphSpec, path: Path, opset: int, external_data: bool | 
     Path(str(path) + ".inferred").unlink()
     files = [path] + ([path.parent / data_name] if data_name else [])
     return GraphEntry(spec.name, path.name, "fp32", list(spec.inputs), list(spec.outputs), sha256_files(files),
-                      data_name)
+                      data_name, graph_fingerprint(files))
 
 
 def check_graph(spec: GraphSpec, path: Path) -> tuple[list[CheckResult], dict]:
@@ -149,7 +144,7 @@ def check_graph(spec: GraphSpec, path: Path) -> tuple[list[CheckResult], dict]:
 
 def export_model(checkpoint: str | Path, out: str | Path, opset: int = DEFAULT_OPSET, max_context: int | None = None,
                  clip: str | Path | None = None, external_data: bool | None = None,
-                 on_step: Callable[[str], None] | None = None) -> ExportResult:
+                 on_step: Callable[[str], None] | None = None, force: bool = False) -> ExportResult:
     """Export every stage of a checkpoint to `out`, check each graph against torch, write manifest.json."""
     from tgedge.checkpoint import load_model
 
@@ -158,14 +153,14 @@ def export_model(checkpoint: str | Path, out: str | Path, opset: int = DEFAULT_O
     say = on_step or (lambda s: None)
     model, ckpt = load_model(checkpoint, clip)
     positions = model.cfg.decoder.max_position_embeddings
-    max_context = max_context or min(positions, 4096)
+    max_context = min(positions, 4096) if max_context is None else max_context
     if not model.cfg.num_image_tokens < max_context <= positions:
         raise TgedgeError(f"--max-context must be in ({model.cfg.num_image_tokens}, {positions}] "
                           f"(image tokens, the model's max positions); got {max_context}")
     contract = StageContract.from_config(model.cfg.to_dict(), max_context)
     specs = graph_specs(model, contract)
     result = ExportResult(Path(out), None)  # type: ignore[arg-type]
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, kind="export", inputs=[ckpt.path, clip], force=force) as tmp:
         graphs, reference = {}, {}
         for spec in specs:
             start = time.perf_counter()

@@ -24,7 +24,7 @@ from typing import Callable
 
 from tgedge import __version__
 from tgedge.errors import TgedgeError
-from tgedge.fileio import atomic_dir, write_atomic
+from tgedge.fileio import atomic_dir, inside, write_atomic
 from tgedge.runtime.manifest import Manifest
 from tgedge.runtime.tensorrt import device_info, import_tensorrt
 
@@ -59,6 +59,16 @@ def trtexec_line(backend: str, manifest: Manifest, graph: str, engine: str, work
     if timing_cache:
         args.append(f"--timingCacheFile={timing_cache}")
     return shlex.join(args)
+
+
+def listed_files(manifest: Manifest) -> list[str]:
+    """The files an export directory's manifest names: manifest, graphs, their weights, preprocessing, calibration."""
+    names = ["manifest.json", *manifest.files.values()]
+    for g in manifest.graphs.values():
+        names += [g.file] + ([g.external_data] if g.external_data else [])
+    if manifest.quantization.get("calibration"):
+        names.append(manifest.quantization["calibration"])
+    return names
 
 
 @dataclass
@@ -145,7 +155,7 @@ def build_engine(trt, manifest: Manifest, graph: str, workspace_mb: int, cache_b
 
 def build_engines(export_dir: str | Path, out: str | Path, backend: str = "tensorrt", workspace_mb: int = 1024,
                   timing_cache: str | Path | None = None, graphs: list[str] | None = None,
-                  on_step: Callable[[str], None] | None = None) -> BuildResult:
+                  on_step: Callable[[str], None] | None = None, force: bool = False) -> BuildResult:
     say = on_step or (lambda s: None)
     if backend not in BACKENDS:
         raise TgedgeError(f"unknown build backend {backend!r} (choose from {', '.join(BACKENDS)})")
@@ -166,10 +176,9 @@ def build_engines(export_dir: str | Path, out: str | Path, backend: str = "tenso
     use_cache = backend != "tensorrt_rtx"
     gpu = device_info()
     result = BuildResult(Path(out))
-    with atomic_dir(out) as tmp:
-        for f in Path(export_dir).iterdir():
-            if f.is_file() and f.suffix != ".engine":
-                shutil.copyfile(f, tmp / f.name)
+    with atomic_dir(out, kind="engines", inputs=[export_dir, timing_cache], force=force) as tmp:
+        for name in listed_files(manifest):  # what the manifest names, nothing else of the folder
+            shutil.copyfile(inside(manifest.directory, name, f"{manifest.directory}/manifest.json"), tmp / name)
         engines = {}
         for graph in names:
             engine_file = f"{graph}.engine"

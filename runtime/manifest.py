@@ -11,8 +11,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tgedge import __version__
-from tgedge.contract import ALL_STAGES, StageContract, TensorMeta
+from tgedge.contract import ALL_STAGES, CACHE_MODES, StageContract, TensorMeta
 from tgedge.errors import TgedgeError
+from tgedge.fileio import fingerprint, inside, sha256_files
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
@@ -49,6 +50,7 @@ class GraphEntry:
     outputs: list[TensorMeta]
     sha256: str = ""
     external_data: str | None = None
+    fingerprint: str = ""  # size + first/last MiB of each file: the cheap identity `run` checks on every start
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -97,16 +99,15 @@ class Manifest:
     @classmethod
     def load(cls, directory: str | Path) -> "Manifest":
         """Read and check an export directory: version, graph files present, preprocessing files present."""
+        from tgedge.config import read_config_json
+
         directory = Path(directory)
         path = directory / MANIFEST
         if not directory.is_dir():
             raise TgedgeError(f"{directory}: export directory not found")
         if not path.exists():
             raise TgedgeError(f"{directory}: no {MANIFEST} (not a tgedge export directory; make one with tgedge export)")
-        try:
-            d = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise TgedgeError(f"{path}: not valid JSON ({e})") from None
+        d = read_config_json(path)
         version, written_by = d.get("manifest_version"), d.get("tgedge_version", "?")
         if version != MANIFEST_VERSION or _major_minor(str(written_by)) != _major_minor(__version__):
             raise TgedgeError(f"{path}: written by tgedge {written_by} (manifest version {version}); this is tgedge "
@@ -129,25 +130,53 @@ class Manifest:
             raise TgedgeError(f"{path}: no {missing[0]!r} graph listed (a {m.contract.family} model's stages: "
                               f"{', '.join(m.contract.stage_names)})")
         for g in m.graphs.values():
-            if not (directory / g.file).exists():
+            if not inside(directory, g.file, f"{path} graphs.{g.name}.file").exists():
                 raise TgedgeError(f"{directory}: graph {g.name!r} is missing ({g.file} not found)")
-            if g.external_data and not (directory / g.external_data).exists():
+            if g.external_data and not inside(directory, g.external_data,
+                                              f"{path} graphs.{g.name}.external_data").exists():
                 raise TgedgeError(f"{directory}: graph {g.name!r} is missing its weights ({g.external_data} not found)")
-        for f in m.files.values():
-            if not (directory / f).exists():
+        for key, f in m.files.items():
+            if not inside(directory, f, f"{path} files.{key}").exists():
                 raise TgedgeError(f"{directory}: {f} is missing (listed in {MANIFEST})")
         return m
 
-    def graph_path(self, name: str) -> Path:
-        return self.directory / self.graphs[name].file
+    def graph_files(self, name: str) -> list[Path]:
+        """A graph's files: the graph and its external weights, if any."""
+        entry = self.graphs[name]
+        weights = [inside(self.directory, entry.external_data, f"{self.directory}/{MANIFEST} graphs.{name}"
+                          ".external_data")] if entry.external_data else []
+        return [self.graph_path(name)] + weights
 
+    def verify(self, name: str, full: bool) -> None:
+        """The graph's files are the ones this manifest describes: all bytes (sha256, `full`) or a fingerprint."""
+        entry, files = self.graphs[name], self.graph_files(name)
+        if full and entry.sha256:
+            kind, differs = "sha256", sha256_files(files) != entry.sha256
+        elif not full and entry.fingerprint:
+            kind, differs = "fingerprint", graph_fingerprint(files) != entry.fingerprint
+        else:
+            return  # written without one (an older tgedge)
+        if differs:
+            raise TgedgeError(f"{self.directory}: graph {name!r} ({entry.file}) is not the one {MANIFEST} describes "
+                              f"({kind} differs): it changed after export; export again, or pass --no-verify")
+
+    def graph_path(self, name: str) -> Path:
+        return inside(self.directory, self.graphs[name].file, f"{self.directory}/{MANIFEST} graphs.{name}.file")
+
+
+
+def graph_fingerprint(files: list[Path]) -> str:
+    return ",".join(fingerprint(f) for f in files)
 
 
 def load_contract(d: dict) -> StageContract:
     """The stage contract of a manifest's model config; where the manifest records one (tgedge >= 0.1 exports
     record `fusion_family`, `stages`, `kv_cache`), it must be the one the config gives."""
-    saved_cache = d.get("kv_cache") or {}
-    contract = StageContract.from_config(d["model"], d["max_context"], saved_cache.get("mode", "growing"), d["dims"])
+    mode = (d.get("kv_cache") or {}).get("mode", "growing")
+    if mode not in CACHE_MODES:
+        raise TgedgeError(f"{MANIFEST}: kv_cache mode {mode!r} is not one this tgedge runs ({', '.join(CACHE_MODES)}): "
+                          "export the model again with this tgedge")
+    contract = StageContract.from_config(d["model"], d["max_context"], mode, d["dims"])
     saved = {k: d[k] for k in ("fusion_family", "stages", "kv_cache") if k in d}
     derived = contract.to_dict()
     differing = [k for k, v in saved.items() if v != derived[k]]

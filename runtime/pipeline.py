@@ -37,14 +37,24 @@ def check_against_manifest(runner: BaseRunner, manifest: Manifest, graph: str) -
                               f"(differing: {', '.join(diff)})")
 
 
+VERIFY = ("fingerprint", "sha256", None)
+
+
 class Pipeline(StageFlow):
-    """`runner_factory(manifest, graph)` replaces the backend's runners (calibration records through it)."""
+    """`runner_factory(manifest, graph)` replaces the backend's runners (calibration records through it);
+    `verify` checks each ONNX graph against the manifest first: a fingerprint (cheap, the default), every byte
+    (sha256, what validate does) or not at all (None)."""
 
     def __init__(self, export_dir: str | Path, backend: str = "onnxruntime", context: int | None = None,
-                 runner_factory: RunnerFactory | None = None):
+                 runner_factory: RunnerFactory | None = None, verify: str | None = "fingerprint"):
         self.manifest = Manifest.load(export_dir)
+        if verify not in VERIFY:
+            raise TgedgeError(f"unknown verify mode {verify!r} (choose from fingerprint, sha256, None)")
+        if verify and backend != "tensorrt":  # TensorRT runs engines, checked against their own metadata
+            for graph in self.manifest.graphs:
+                self.manifest.verify(graph, full=verify == "sha256")
         self.contract = self.manifest.contract
-        self.pre = Preprocessor.from_dir(export_dir)
+        self.pre = Preprocessor.from_dir(export_dir, self.manifest.files)
         self.backend = backend
         self.context = min(context or self.manifest.max_context, self.manifest.max_context)
         factory = runner_factory or (lambda manifest, graph: make_runner(backend, manifest, graph))

@@ -11,6 +11,8 @@ from onnx import numpy_helper
 
 from tgedge.cli import main
 from tgedge.errors import TgedgeError
+from tgedge.fileio import sha256_files
+from tgedge.runtime.manifest import graph_fingerprint
 from tgedge.validate import STAGES, load_policy, validate
 
 DEFECT_SAMPLES = 8
@@ -27,6 +29,10 @@ def plant_defect(export_dir, graph, tmp_path):
     target = weights[len(weights) // 2]
     target.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(target) * np.float32(1.05), target.name))
     onnx.save(proto, str(path))
+    # a faulty export, not a tampered one: its manifest describes the bytes it has (the gate is tests/test_gate.py)
+    raw = json.loads((out / "manifest.json").read_text())
+    raw["graphs"][graph].update(sha256=sha256_files([path]), fingerprint=graph_fingerprint([path]))
+    (out / "manifest.json").write_text(json.dumps(raw))
     return out
 
 

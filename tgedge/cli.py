@@ -34,11 +34,14 @@ def _add_run(sub) -> None:
     p.add_argument("--seed", type=SEED, default=0, help="sampling seed (default 0)")
     p.add_argument("--max-context", type=integer(1), help="KV-cache length (default: the model's max positions)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the check that an export's graphs are the ones its manifest describes (a fingerprint: "
+                        "size + first and last MiB)")
     p.set_defaults(func=cmd_run)
 
 
 def cmd_run(args) -> int:
-    pipe = open_pipeline(args.checkpoint, args.backend, args.clip, args.max_context)
+    pipe = open_pipeline(args.checkpoint, args.backend, args.clip, args.max_context, not args.no_verify)
     options = pipe.options(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                            top_p=args.top_p, seed=args.seed)
     stream = None if args.json else (lambda s: (sys.stdout.write(s), sys.stdout.flush()))

@@ -92,8 +92,10 @@ def add_output(p, help: str) -> None:
                    help="replace -o even if it holds other files (never an input or the working directory)")
 
 
-def open_pipeline(model: str, backend: str | None, clip: str | None = None, context: int | None = None):
-    """A checkpoint runs on torch; an export directory (it has manifest.json) on a runtime backend."""
+def open_pipeline(model: str, backend: str | None, clip: str | None = None, context: int | None = None,
+                  verify: bool = True):
+    """A checkpoint runs on torch; an export directory (it has manifest.json) on a runtime backend, its graphs
+    first checked against the manifest's fingerprints unless `verify` is False."""
     from pathlib import Path
 
     is_export = (Path(model) / "manifest.json").exists()
@@ -110,4 +112,4 @@ def open_pipeline(model: str, backend: str | None, clip: str | None = None, cont
                           f"(make one with: tgedge export {model} -o DIR)")
     from tgedge.runtime.pipeline import Pipeline
 
-    return Pipeline(model, backend, context)
+    return Pipeline(model, backend, context, verify="fingerprint" if verify else None)

@@ -309,3 +309,10 @@ def sha256_files(paths: list[Path]) -> str:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
     return h.hexdigest()
+
+
+def checkpoint_hash(directory: str | Path) -> str:
+    """One hash over a checkpoint's weights and JSON files: what an export records as its source."""
+    directory = Path(directory)
+    files = sorted(p for p in directory.iterdir() if p.suffix in (".safetensors", ".bin", ".json") and p.is_file())
+    return sha256_files(files)

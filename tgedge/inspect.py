@@ -187,6 +187,11 @@ def summarize_layers(info: dict) -> dict:
             "per_layer": rows}
 
 
+# The first 4 bytes of a serialised engine: TensorRT's plans ("ftrt"; "ptrt" for the safety runtime) and
+# TensorRT for RTX's ("vtrt", seen on engines built by tensorrt-rtx 1.x).
+ENGINE_TAGS = (b"ftrt", b"ptrt", b"vtrt")
+
+
 def inspect_engine(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():
@@ -194,6 +199,11 @@ def inspect_engine(path: str | Path) -> dict:
     size = path.stat().st_size
     if size < 1024:
         raise TgedgeError(f"{path}: not a TensorRT engine, or truncated ({size} bytes)")
+    with open(path, "rb") as f:
+        tag = f.read(4)
+    if tag not in ENGINE_TAGS:  # checked here: without a GPU TensorRT cannot deserialise even a good engine
+        raise TgedgeError(f"{path}: not a TensorRT engine (starts with {tag!r}; TensorRT plans start with "
+                          f"{' or '.join(repr(t) for t in ENGINE_TAGS)})")
     out: dict = {"path": str(path), "bytes": size, "metadata": None, "layers": None}
     manifest_path = path.parent / "manifest.json"
     if manifest_path.exists():

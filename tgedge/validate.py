@@ -17,6 +17,7 @@ from xml.etree import ElementTree as ET
 
 import numpy as np
 
+from tgedge.config import bad_numbers
 from tgedge.contract import ALL_STAGES
 from tgedge.errors import TgedgeError
 from tgedge.stageflow import StageFlow
@@ -39,9 +40,13 @@ def _toml(path: Path) -> dict:
     except ModuleNotFoundError:  # Python 3.10
         import tomli as tomllib
     try:
-        return tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise TgedgeError(f"{path}: policy file not found") from None
+    except OSError as e:
+        raise TgedgeError(f"{path}: cannot read the policy ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise TgedgeError(f"{path}: the policy is not UTF-8 text ({e.reason} at byte {e.start})") from None
     except tomllib.TOMLDecodeError as e:
         raise TgedgeError(f"{path}: not valid TOML ({e})") from None
 
@@ -52,6 +57,9 @@ def load_policy(path: str | Path | None = None) -> dict[str, dict[str, dict[str,
     if path is None:
         return policy
     user = _toml(Path(path))
+    bad = bad_numbers(user, str(path))
+    if bad:  # a NaN limit would pass everything: every comparison with NaN is False
+        raise TgedgeError(f"{path}: limits must be finite numbers: {', '.join(bad)}")
     for precision, stages in user.items():
         if precision not in PRECISION_ORDER or not isinstance(stages, dict):
             raise TgedgeError(f"{path}: unknown precision section [{precision}] (known: {', '.join(PRECISION_ORDER)})")
@@ -241,6 +249,17 @@ def run_samples(runtime, reference, records, max_new_tokens: int = 8, progress=N
             progress()
 
 
+def check_precisions(manifest) -> None:
+    """Each graph's label in the manifest is the precision the graph really has (read from its ops and weights)."""
+    from tgedge.inspect import inspect_onnx
+
+    wrong = [f"{g} says {e.precision}, its graph is {actual}" for g, e in manifest.graphs.items()
+             if (actual := inspect_onnx(manifest.graph_path(g)).precision) != e.precision]
+    if wrong:
+        raise TgedgeError(f"{manifest.directory}: precision labels do not match the graphs ({'; '.join(wrong)}): the "
+                          "wrong policy would judge them; quantize again, or pass --no-verify")
+
+
 def _stage_precisions(manifest) -> dict[str, str]:
     graphs = {g: e.precision for g, e in manifest.graphs.items()}
     lowest = max(graphs.values(), key=lambda p: PRECISION_ORDER.index(p) if p in PRECISION_ORDER else 0)
@@ -291,7 +310,10 @@ def compare(runs, precisions: dict[str, str], policy: dict) -> list[StageResult]
 
 def validate(export_dir: str | Path, data: str | Path, reference: str | Path | None = None,
              backend: str = "onnxruntime", policy: str | Path | None = None, limit: int | None = None,
-             max_new_tokens: int = 8, clip: str | Path | None = None, show_progress: bool = True) -> ValidationReport:
+             max_new_tokens: int = 8, clip: str | Path | None = None, show_progress: bool = True,
+             verify: bool = True) -> ValidationReport:
+    """`verify`: before judging, check each graph's bytes against the manifest (sha256) and that each graph has the
+    precision its label says (the policy is chosen by that label)."""
     import time
 
     from tqdm import tqdm
@@ -306,13 +328,15 @@ def validate(export_dir: str | Path, data: str | Path, reference: str | Path | N
     rules = load_policy(policy)
     records = read_folder(data)[:limit]
     start = time.perf_counter()
-    with Pipeline(export_dir, backend) as runtime:
+    with Pipeline(export_dir, backend, verify="sha256" if verify else None) as runtime:
+        if verify:
+            check_precisions(runtime.manifest)
         source = runtime.manifest.source
         reference = reference or source.get("checkpoint")
         if not reference:
             raise TgedgeError(f"{export_dir}: the manifest names no source checkpoint: pass --reference MODEL")
         model, ckpt = load_model(reference, clip)
-        from tgedge.export.onnx_export import checkpoint_hash
+        from tgedge.fileio import checkpoint_hash
 
         if source.get("sha256") and checkpoint_hash(ckpt.path) != source["sha256"]:
             log.warning("%s is not the checkpoint this export was made from (weights hash differs)", reference)
