@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q "$(ORACLE_SPEC)" -e ".[export,quantize,dev]"
+	$(PY) -m pip install -q "$(ORACLE_SPEC)" -e ".[export,quantize,dev,serve]"
 	touch $@
 
 install: $(VENV)/.installed
