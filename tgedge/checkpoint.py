@@ -35,6 +35,7 @@ HF_PREFIXES = [
     ("model.multi_modal_projector.", "multi_modal_projector."), ("multi_modal_projector.", "multi_modal_projector."),
     ("text_tower.text_model.", "text_tower."), ("text_tower.", "text_tower."),
     ("mm_cross_attn.", "mm_cross_attn."), ("mm_patch_encoder.", "mm_patch_encoder."),
+    ("mm_gated_fusion.", "mm_gated_fusion."),
 ]
 ORIGINAL_PREFIXES = [
     ("model.vision_tower.vision_tower.vision_model.", "vision_tower."),
@@ -270,7 +271,8 @@ def load_model(path: str | Path, clip: str | Path | None = None):
 
 def save_checkpoint(model, preprocessor: Preprocessor, out: str | Path, chat_template: str | None = None,
                     force: bool = False, extra_files: dict[str, str] | None = None) -> Path:
-    """Write tgedge's own layout (c): HF LLaVA layout + `tg` config section + TG weights + CLIP text tower.
+    """Write tgedge's own layout (c): HF LLaVA layout + `tg` config section + TG (or gated fusion) weights + CLIP
+    text tower.
 
     `out` follows tgedge's output rule (tgedge.fileio): new, empty or an earlier checkpoint it wrote, unless
     `force`; never the directory the tokenizers are read from. `extra_files` (name -> text, e.g. a training
@@ -365,5 +367,7 @@ def config_json(cfg: C.ModelConfig) -> dict:
         if dp is not None:
             tg.update(tg_dp_num_latents=dp.num_latents, tg_dp_depth=dp.depth, tg_dp_num_heads=dp.num_heads,
                       tg_dp_head_dim=dp.head_dim, tg_dp_num_kv_heads=dp.num_kv_heads, tg_dp_rms_norm_eps=dp.rms_norm_eps)
+        if cfg.gated_fusion is not None:
+            tg["tg_fusion"] = C.gated_config_json(cfg.gated_fusion)
         out["tg"] = tg
     return out

@@ -3,7 +3,8 @@
 Three checkpoint layouts are understood (see docs/CHECKPOINTS.md):
   a. Hugging Face transformers LLaVA (`model_type: llava`),
   b. the original LLaVA / TG-LLaVA repository (`model_type: llava_llama`, `llava_qwen`, ...; `mm_*` keys),
-  c. tgedge's own: layout a plus a `tg` section describing the TG modules and the CLIP text tower.
+  c. tgedge's own: layout a plus a `tg` section describing the text-guided modules and the CLIP text tower
+     (TG-FOM / TG-DP, or, under `tg.tg_fusion`, the gated cross-modal fusion family).
 Sizes that the TG-LLaVA reference code hard-codes (Q-Former heads, perceiver latents/heads) have the
 reference's values as defaults and may be overridden by `tg_*` keys, which is how tiny test models are made.
 """
@@ -127,6 +128,31 @@ class DetailPerceiverConfig:
             raise TgedgeError(f"TG-DP num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
 
 
+GATED_STRATEGIES = ("adaptive_gating", "attention_weights")
+
+
+@dataclass
+class GatedFusionConfig:
+    """Gated cross-modal fusion (the Open-AutoGLM design): the main view's patch features cross-attend to the
+    question's text tokens in `num_layers` pre-norm layers, and a gate mixes that text context into each patch."""
+    vision_width: int
+    text_width: int
+    num_layers: int = 6
+    num_heads: int = 16
+    strategy: str = "adaptive_gating"  # or attention_weights (softmax modality weights)
+    intermediate_size: int = 0  # 0: 4 x vision_width
+    layer_norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        if self.strategy not in GATED_STRATEGIES:
+            raise TgedgeError(f"unknown gated fusion strategy {self.strategy!r} "
+                              f"(choose from {', '.join(GATED_STRATEGIES)})")
+        if self.vision_width % self.num_heads:
+            raise TgedgeError(f"gated fusion width {self.vision_width} is not a multiple of {self.num_heads} heads")
+        if not self.intermediate_size:
+            self.intermediate_size = 4 * self.vision_width
+
+
 @dataclass
 class ProjectorConfig:
     in_features: int
@@ -183,6 +209,7 @@ class ModelConfig:
     text_guide: TextGuideConfig | None = None
     feature_mask: FeatureMaskConfig | None = None
     detail_perceiver: DetailPerceiverConfig | None = None
+    gated_fusion: GatedFusionConfig | None = None  # the `gated` family (never with TG-FOM / TG-DP)
     image_token_index: int | None = None  # None: the layout has no image token in its vocabulary
     image_token: str = "<image>"
     pad_to_square: bool = False  # LLaVA-1.5 `image_aspect_ratio: pad`
@@ -192,7 +219,8 @@ class ModelConfig:
 
     @property
     def has_tg(self) -> bool:
-        return self.feature_mask is not None or self.detail_perceiver is not None
+        """Text-guided: a text guide feeds the fusion (TG-FOM / TG-DP, or gated fusion); else plain LLaVA."""
+        return self.feature_mask is not None or self.detail_perceiver is not None or self.gated_fusion is not None
 
     @property
     def num_image_tokens(self) -> int:
@@ -256,7 +284,10 @@ _DECODER = {"vocab_size": "+int", "hidden_size": "+int", "intermediate_size": "+
 _TG = {"feature_mask": "bool", "detail_perceiver": "bool", "tg_fom_num_queries": "+int", "tg_fom_num_layers": "+int",
        "tg_fom_num_heads": "+int", "tg_fom_intermediate_size": "0int", "tg_dp_num_latents": "+int",
        "tg_dp_depth": "+int", "tg_dp_num_heads": "+int", "tg_dp_head_dim": "+int", "tg_dp_num_kv_heads": "+int",
-       "tg_dp_rms_norm_eps": "+num", "text_config": "dict?"}
+       "tg_dp_rms_norm_eps": "+num", "text_config": "dict?", "tg_fusion": "dict?"}
+# tg.tg_fusion (layout c): the gated cross-modal fusion family's settings.
+_GATED = {"family": "str", "layers": "+int", "heads": "+int", "strategy": "str", "intermediate_size": "0int",
+          "layer_norm_eps": "+num"}
 _HF_TOP = {"image_token_index": "id?", "vision_feature_select_strategy": "str", "projector_hidden_act": "str",
            "multimodal_projector_bias": "bool", "tie_word_embeddings": "bool", "image_aspect_ratio": "str?",
            "vision_config": "dict?", "text_config": "dict", "tg": "dict"}
@@ -332,12 +363,45 @@ def _consistency(vision: dict, decoder: dict, text: dict | None, tg: dict, top_i
         if _is_int(t["eos_token_id"]) and _is_int(t["vocab_size"]) and t["eos_token_id"] >= t["vocab_size"]:
             out.append(f"{where['text']}eos_token_id {t['eos_token_id']} is outside its vocabulary "
                        f"(vocab_size {t['vocab_size']})")
-        if tg.get("feature_mask", True):
+        if tg.get("feature_mask", _tg_default(tg)):
             _divides(out, where["tg"], v["hidden_size"], _get(tg, "tg_fom_num_heads", 16), "vision hidden_size",
                      "tg_fom_num_heads")
-        if tg.get("detail_perceiver", True):
+        if tg.get("detail_perceiver", _tg_default(tg)):
             _divides(out, where["tg"], _get(tg, "tg_dp_num_heads", 16), _get(tg, "tg_dp_num_kv_heads", 4),
                      "tg_dp_num_heads", "tg_dp_num_kv_heads")
+    return out
+
+
+def _tg_default(tg: dict) -> bool:
+    """Whether TG-FOM / TG-DP exist when `tg` does not say: yes, unless the section configures gated fusion."""
+    return not isinstance(tg.get("tg_fusion"), dict)
+
+
+def _fusion_problems(tg: dict, vision: dict) -> list[str]:
+    """tg.tg_fusion: known keys of the right kinds, family gated, a known strategy, heads dividing the width,
+    and not beside TG-FOM / TG-DP (a model has one fusion family)."""
+    f = tg.get("tg_fusion")
+    if not isinstance(f, dict):
+        return []  # absent, null, or a wrong type that the `tg` section's schema names
+    out = _section_problems(f, _GATED, "tg.tg_fusion.")
+    unknown = sorted(set(f) - set(_GATED))
+    if unknown:
+        out.append(f"tg.tg_fusion has unknown key(s) {', '.join(map(repr, unknown))} (known: {', '.join(_GATED)})")
+    family = f.get("family")
+    if family is None:
+        out.append('tg.tg_fusion.family is missing (the fusion family it configures: "gated")')
+    elif isinstance(family, str) and family != "gated":
+        out.append(f"tg.tg_fusion.family {family!r} is not one tg_fusion configures (gated; the tg family is "
+                   "tg.feature_mask / tg.detail_perceiver)")
+    strategy = f.get("strategy")
+    if isinstance(strategy, str) and strategy not in GATED_STRATEGIES:
+        out.append(f"tg.tg_fusion.strategy {strategy!r} is unknown (choose from {', '.join(GATED_STRATEGIES)})")
+    for key in ("feature_mask", "detail_perceiver"):
+        if tg.get(key) is True:
+            out.append(f"tg.{key} is true beside tg.tg_fusion (gated): a model has one fusion family")
+    width, heads = _get(vision, "hidden_size", _CLIP_VISION_DEFAULTS["hidden_size"]), _get(f, "heads", 16)
+    if _is_int(width) and _is_int(heads) and heads >= 1 and width % heads:
+        out.append(f"tg.tg_fusion.heads {heads} does not divide the vision hidden_size {width}")
     return out
 
 
@@ -367,6 +431,8 @@ def check_config_json(d: dict, path, clip: dict | None = None, clip_path=None) -
                                       (tg, _TG, "tg."), (text, _CLIP_TEXT, "tg.text_config.")):
             if isinstance(section, dict):
                 problems += _section_problems(section, schema, name)
+        if isinstance(tg, dict) and isinstance(vision, dict):
+            problems += _fusion_problems(tg, vision)
         if "text_config" in d and isinstance(decoder, dict):
             problems += [f"text_config.{k} is missing" for k in ("vocab_size", "hidden_size", "intermediate_size",
                                                                   "num_hidden_layers", "num_attention_heads")
@@ -468,6 +534,23 @@ def tg_configs(d: dict, vision: VisionConfig, text: TextGuideConfig, llm_width: 
     return fom, dp
 
 
+def gated_config(d: dict | None, vision: VisionConfig, text: TextGuideConfig) -> GatedFusionConfig | None:
+    """tg.tg_fusion (checked by check_config_json) -> the gated fusion config; None when absent."""
+    if d is None:
+        return None
+    return GatedFusionConfig(vision_width=vision.hidden_size, text_width=text.hidden_size,
+                             num_layers=d.get("layers", 6), num_heads=d.get("heads", 16),
+                             strategy=d.get("strategy", "adaptive_gating"),
+                             intermediate_size=d.get("intermediate_size", 0),
+                             layer_norm_eps=d.get("layer_norm_eps", 1e-5))
+
+
+def gated_config_json(g: GatedFusionConfig) -> dict:
+    """The gated fusion config as tg.tg_fusion (what gated_config reads back)."""
+    return {"family": "gated", "layers": g.num_layers, "heads": g.num_heads, "strategy": g.strategy,
+            "intermediate_size": g.intermediate_size, "layer_norm_eps": g.layer_norm_eps}
+
+
 def detect_layout(d: dict, path: Path) -> str:
     model_type = d.get("model_type")
     if model_type == "llava":
@@ -492,18 +575,19 @@ def hf_model_config(d: dict, layout: str) -> ModelConfig:
     decoder = decoder_config_from(text_d, family, tie_default=bool(d.get("tie_word_embeddings", False)))
     projector = ProjectorConfig(vision.hidden_size, decoder.hidden_size, d.get("projector_hidden_act", "gelu"),
                                 bool(d.get("multimodal_projector_bias", True)))
-    text = fom = dp = None
+    text = fom = dp = gated = None
     if layout == TGEDGE_LAYOUT:
         tg = d["tg"]
         text = text_config_from_clip(tg.get("text_config") or {})
-        fom, dp = tg_configs(tg, vision, text, decoder.hidden_size, bool(tg.get("feature_mask", True)),
-                             bool(tg.get("detail_perceiver", True)))
-        if fom is None and dp is None:
+        gated = gated_config(tg.get("tg_fusion"), vision, text)
+        fom, dp = tg_configs(tg, vision, text, decoder.hidden_size, bool(tg.get("feature_mask", gated is None)),
+                             bool(tg.get("detail_perceiver", gated is None)))
+        if fom is None and dp is None and gated is None:
             text = None
     # `image_token_index: null` is tgedge's mark for a vocabulary without an image token (from layout b).
     image_token_index = d["image_token_index"] if "image_token_index" in d else 32000
     return ModelConfig(layout=layout, vision=vision, projector=projector, decoder=decoder, text_guide=text,
-                       feature_mask=fom, detail_perceiver=dp, image_token_index=image_token_index,
+                       feature_mask=fom, detail_perceiver=dp, gated_fusion=gated, image_token_index=image_token_index,
                        pad_to_square=d.get("image_aspect_ratio") == "pad",
                        bos_token_id=text_d.get("bos_token_id"),
                        eos_token_id=_eos_list(text_d.get("eos_token_id")), model_type="llava")

@@ -100,6 +100,21 @@ TG = FusionFamily(
     num_image_tokens=lambda cfg: _features(cfg) + (cfg["detail_perceiver"]["num_latents"]
                                                    if cfg.get("detail_perceiver") else 0))
 
+
+def _gated_inputs(cfg: dict) -> list[TensorMeta]:
+    """Main view patches and the question's text tokens (unpadded, batch 1, as TG-DP gets them)."""
+    return [TensorMeta("image_features", "float32", (BATCH, _features(cfg), cfg["vision"]["hidden_size"])),
+            TensorMeta("text_features", "float32", (BATCH, GUIDE, cfg["text_guide"]["hidden_size"]))]
+
+
+GATED = FusionFamily(
+    "gated", "tgedge.model.fusion_gated:GatedFusion",
+    detects=lambda cfg: bool(cfg.get("gated_fusion")),
+    uses_text_guide=lambda cfg: True,
+    views=lambda cfg: 1,
+    fusion_inputs=_gated_inputs,
+    num_image_tokens=_features)  # one token per patch
+
 PLAIN = FusionFamily(
     "plain", "tgedge.model.fusion_plain:PlainFusion",
     detects=lambda cfg: True,
@@ -110,7 +125,7 @@ PLAIN = FusionFamily(
     num_image_tokens=_features)
 
 # Detection order: the first family whose `detects` holds (plain last: it takes any LLaVA).
-FAMILIES: dict[str, FusionFamily] = {f.name: f for f in (TG, PLAIN)}
+FAMILIES: dict[str, FusionFamily] = {f.name: f for f in (TG, GATED, PLAIN)}
 
 
 def family_of(cfg: dict) -> FusionFamily:
