@@ -139,10 +139,13 @@ def cmd_eval(args) -> int:
 
 
 def _add_train_demo(sub) -> None:
-    p = sub.add_parser("train-demo", help="train the small demo TG-LLaVA from scratch on the shapes task",
+    p = sub.add_parser("train-demo", help="train a small demo model (TG-LLaVA, gated fusion or plain LLaVA) from "
+                                          "scratch on the shapes task",
                        description="Staged training (towers on dense labels, then answers) of the demo model; "
                                    "seeded, data generated on the fly. Writes a checkpoint in tgedge's layout with "
-                                   "train_log.jsonl. The defaults are the shipped model's command (58 min on 2 CPU cores).",
+                                   "train_log.jsonl and train_settings.json. The defaults are the shipped model's "
+                                   "command (58 min on 2 idle CPU cores); --fusion picks the fusion family, with "
+                                   "the same sizes for the shared parts and the same budget.",
                        epilog=EPILOG)
     add_output(p, "output checkpoint folder")
     p.add_argument("--seed", type=SEED, default=0)
@@ -152,7 +155,12 @@ def _add_train_demo(sub) -> None:
     p.add_argument("--lr", type=real(0, lo_open=True), default=1e-3)
     p.add_argument("--vision-lr-scale", type=real(0), default=0.1,
                    help="stage 2 fine-tunes the vision tower at lr x this (0 freezes it; default 0.1)")
-    p.add_argument("--no-tg", action="store_true", help="ablation: train plain LLaVA (no TG-FOM/TG-DP) on the same budget")
+    p.add_argument("--fusion", choices=["tg", "gated", "plain"],
+                   help="fusion family: tg (TG-FOM + TG-DP, the shipped demo; default), gated (gated cross-modal "
+                        "fusion, demo-gated), plain (LLaVA, no text guide)")
+    p.add_argument("--gate-strategy", choices=["adaptive_gating", "attention_weights"],
+                   help="--fusion gated: sigmoid gate (adaptive_gating, default) or softmax modality weights")
+    p.add_argument("--no-tg", action="store_true", help="the same as --fusion plain (the ablation of the TG modules)")
     p.set_defaults(func=cmd_train_demo)
 
 
@@ -162,10 +170,15 @@ def cmd_train_demo(args) -> int:
     from tgedge.fileio import check_output
     from tgedge.train_demo import TrainSettings, train_demo
 
+    if args.no_tg and args.fusion not in (None, "plain"):
+        raise TgedgeError(f"--no-tg means --fusion plain; it cannot be combined with --fusion {args.fusion}")
+    fusion = "plain" if args.no_tg else args.fusion or "tg"
+    if args.gate_strategy and fusion != "gated":
+        raise TgedgeError(f"--gate-strategy is for --fusion gated (this run trains {fusion})")
     cfg = TrainSettings(seed=args.seed, vision_steps=args.vision_steps, answer_steps=args.answer_steps,
                         batch=args.batch, lr=args.lr, vision_lr_scale=args.vision_lr_scale)
     check_output(args.output, "checkpoint", force=args.force)  # before an hour of training, not after
-    out = train_demo(Path(args.output), cfg, ablate_tg=args.no_tg)
+    out = train_demo(Path(args.output), cfg, fusion, args.gate_strategy or "adaptive_gating", force=args.force)
     print(f"wrote {out}")
     return 0
 

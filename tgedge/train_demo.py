@@ -3,12 +3,18 @@
 Stage 1 (towers): the vision tower learns dense labels the generator knows for free - per patch, which
 (shape, colour, size) covers it and whether a shape's centre lies in it - on the main view and on the
 x2 crops; the text tower learns what a question asks (type, shape, colour, position) from its pooled
-output. Stage 2 (answers): the vision tower fine-tuned at a tenth of the learning rate, projector + decoder + TG-FOM + TG-DP + text tower
-learn to answer (answer token + EOS) with teacher forcing. Seeded; data is generated on the fly.
+output. Stage 2 (answers): the vision tower fine-tuned at a tenth of the learning rate, projector + decoder + the
+fusion modules (TG-FOM + TG-DP, or gated fusion) + text tower learn to answer (answer token + EOS) with teacher
+forcing. Seeded; data is generated on the fly.
+
+Fusion families (`fusion`): `tg` (the shipped demo), `gated` (gated cross-modal fusion in place of TG-FOM and
+TG-DP) and `plain` (LLaVA: no text tower). All three share the architecture sizes of their common parts and start
+from the same initial weights there (the TG model is built first, then its fusion modules are swapped).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -22,10 +28,13 @@ from torch import nn
 
 from tgedge import config as C
 from tgedge.data import shapes
+from tgedge.errors import TgedgeError
 from tgedge.model import TGLlava
 from tgedge.preprocess import ImageSettings, Preprocessor, PreprocessSpec, Tokenizer, detail_crops
 from tgedge.prompt import PromptTemplate
 
+FUSIONS = ("tg", "gated", "plain")
+GATED_DEMO = {"num_layers": 2, "num_heads": 4}  # 2 layers as TG-FOM's Q-Former; 4 heads of 24 as the vision tower
 LLM_SPECIALS = ["<unk>", "<s>", "</s>", "<image>"]
 GUIDE_SPECIALS = ["!", "<|startoftext|>", "<|endoftext|>"]  # "!" at id 0, as in CLIP's vocabulary
 
@@ -43,8 +52,14 @@ class TrainSettings:
     eval_samples: int = 250
 
 
-def build_demo_model(directory: Path) -> tuple[TGLlava, Preprocessor]:
-    """The demo architecture (~2M parameters) and its tokenizers, written under `directory`."""
+def build_demo_model(directory: Path, fusion: str = "tg",
+                     strategy: str = "adaptive_gating") -> tuple[TGLlava, Preprocessor]:
+    """The demo architecture (~2M parameters) of a fusion family and its tokenizers, written under `directory`.
+
+    `plain` and `gated` are the TG model with its fusion modules swapped, so that the parts they share get the
+    same initial weights for a seed (and `plain` the weights of the published `--no-tg` run)."""
+    if fusion not in FUSIONS:
+        raise TgedgeError(f"unknown demo fusion family {fusion!r} (choose from {', '.join(FUSIONS)})")
     from tgedge.demo import PUNCTUATION, word_tokenizer
 
     words = shapes.vocabulary() + ["USER", "ASSISTANT"] + PUNCTUATION
@@ -68,7 +83,20 @@ def build_demo_model(directory: Path) -> tuple[TGLlava, Preprocessor]:
                           num_image_tokens=cfg.num_image_tokens, image_token_id=cfg.image_token_index,
                           pad_to_square=True, detail_crops=True, text_guide_length=text.max_position_embeddings,
                           eos_token_ids=cfg.eos_token_id)
-    return TGLlava(cfg), Preprocessor(spec, tok, guide)
+    model, pre = TGLlava(cfg), Preprocessor(spec, tok, guide)
+    if fusion == "tg":
+        return model, pre
+    model.without_tg()
+    if fusion == "plain":  # no text guide either
+        model.text_tower = None
+        return model, pre.replace(num_image_tokens=model.cfg.num_image_tokens, detail_crops=False)
+    from tgedge.model.fusion_gated import GatedCrossModalFusion
+
+    gated = C.GatedFusionConfig(vision_width=vision.hidden_size, text_width=text.hidden_size, strategy=strategy,
+                                **GATED_DEMO)
+    model.cfg = dataclasses.replace(model.cfg, text_guide=text, gated_fusion=gated)
+    model.mm_gated_fusion = GatedCrossModalFusion(gated)
+    return model, pre.replace(num_image_tokens=model.cfg.num_image_tokens, detail_crops=False)
 
 
 class Batches:
@@ -203,9 +231,17 @@ def first_token_accuracy(model: TGLlava, batches: Batches, samples: list[shapes.
     return out
 
 
+def _image_embeds(model: TGLlava, pix, crops, guide) -> torch.Tensor:
+    """Image embeddings of a training batch. Gated fusion attends to every text-guide token, and a batch pads the
+    guide with id 0: it gets `text_mask` so that it computes what the unpadded batch-1 inference path computes."""
+    if model.contract.family != "gated":
+        return model.encode_image(pix, crops, guide)
+    text_features, _ = model.text_guide(guide)
+    return model.fuse(model.vision(pix), text_features=text_features, text_mask=guide != 0)
+
+
 def _logits(model: TGLlava, ids, pix, crops, guide) -> torch.Tensor:
-    image = model.encode_image(pix, crops, guide)
-    x = model.embed(ids, image)
+    x = model.embed(ids, _image_embeds(model, pix, crops, guide))
     return model(x, torch.arange(ids.shape[1]))
 
 
@@ -236,22 +272,25 @@ def train_answers(model: TGLlava, batches: Batches, cfg: TrainSettings, held_out
         progress()
 
 
-def train_demo(out: Path, cfg: TrainSettings, ablate_tg: bool = False) -> Path:
-    """Train and save a checkpoint in tgedge's layout; `train_log.jsonl` beside it records the curve."""
+def train_demo(out: Path, cfg: TrainSettings, fusion: str = "tg", strategy: str = "adaptive_gating",
+               ablate_tg: bool = False, force: bool = False) -> Path:
+    """Train and save a checkpoint of a fusion family (`FUSIONS`) in tgedge's layout, `train_log.jsonl` (the curve)
+    and `train_settings.json` inside it. `ablate_tg` is the older spelling of `fusion="plain"`; `strategy` is the
+    gated family's gate. `out` follows the output rule (`force` to replace)."""
     import tempfile
 
     from tqdm import tqdm
 
     from tgedge.checkpoint import save_checkpoint
 
+    if ablate_tg:
+        if fusion not in ("tg", "plain"):
+            raise TgedgeError(f"ablate_tg trains the plain family; it cannot be combined with fusion={fusion!r}")
+        fusion = "plain"
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     with tempfile.TemporaryDirectory() as tmp:
-        model, pre = build_demo_model(Path(tmp))
-        if ablate_tg:  # the same budget without TG-FOM / TG-DP (and the text tower): what the TG modules buy
-            model.without_tg()
-            model.text_tower = None
-            pre = pre.replace(num_image_tokens=model.cfg.num_image_tokens, detail_crops=False)
+        model, pre = build_demo_model(Path(tmp), fusion, strategy)
         model.train()
         batches = Batches(pre, cfg.seed, cfg.image_px)
         held_out = list(shapes.generate(seed=10_000 + cfg.seed, count=cfg.eval_samples, size=cfg.image_px))
@@ -267,11 +306,11 @@ def train_demo(out: Path, cfg: TrainSettings, ablate_tg: bool = False) -> Path:
             train_towers(model, batches, cfg, log, bar.update)
             train_answers(model, batches, cfg, held_out, log, bar.update)
         model.eval()
-        save_checkpoint(model, pre, out)
-    (out / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    (out / "train_settings.json").write_text(json.dumps({**cfg.__dict__, "ablate_tg": ablate_tg,
-                                                         "seconds": round(time.perf_counter() - start, 1)}) + "\n")
-    return out
+        settings = {**cfg.__dict__, "fusion": fusion, **({"gate_strategy": strategy} if fusion == "gated" else {}),
+                    "ablate_tg": fusion == "plain", "seconds": round(time.perf_counter() - start, 1)}
+        return save_checkpoint(model, pre, out, force=force, extra_files={
+            "train_log.jsonl": "".join(json.dumps(r) + "\n" for r in records),
+            "train_settings.json": json.dumps(settings) + "\n"})
 
 
 def random_tg_checkpoint(out: Path, seed: int = 0) -> Path:
@@ -287,3 +326,28 @@ def random_tg_checkpoint(out: Path, seed: int = 0) -> Path:
         with torch.no_grad():
             torch.nn.init.normal_(model.mm_cross_attn.zero_layer.weight, std=0.02)
         return save_checkpoint(model, pre, out)
+
+
+def random_gated_checkpoint(out: Path, seed: int = 0, strategy: str = "adaptive_gating") -> Path:
+    """The demo architecture with gated fusion and untrained weights, in tgedge's layout. The residual branches'
+    last layers and the gate (zero at initialisation) get random values so that the text context and the gate
+    take part: a gated checkpoint for tests, seconds to make."""
+    import tempfile
+
+    from tgedge.checkpoint import save_checkpoint
+
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        model, pre = build_demo_model(Path(tmp), "gated", strategy)
+        randomize_gated_fusion(model)
+        return save_checkpoint(model, pre, out)
+
+
+@torch.no_grad()
+def randomize_gated_fusion(model: TGLlava, std: float = 0.1) -> None:
+    """Non-zero values for what gated fusion initialises at zero (tests: the text path and the gate then count)."""
+    for name, p in model.mm_gated_fusion.named_parameters():
+        if name.endswith(("out_proj.weight", "fc2.weight", "gate.proj.weight", "gate.score.weight")):
+            p.normal_(0, std)
+        elif name.endswith(("out_proj.bias", "fc2.bias", "gate.proj.bias")):
+            p.normal_(0, std / 2)
