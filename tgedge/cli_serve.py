@@ -1,0 +1,267 @@
+"""CLI commands for serving on Triton Inference Server: triton, serve, client, loadtest (docs/SERVING.md)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+
+from tgedge.cli_common import EPILOG, SEED, add_output, integer, real, text
+from tgedge.errors import TgedgeError
+
+PORT = integer(1, 65535)
+
+
+def register(sub) -> None:
+    _add_triton(sub)
+    _add_serve(sub)
+    _add_client(sub)
+    _add_loadtest(sub)
+
+
+# -- tgedge triton ----------------------------------------------------------------------------------------------
+def _add_triton(sub) -> None:
+    p = sub.add_parser(
+        "triton", help="write a Triton Inference Server model repository from an export or engine directory",
+        description="One model per stage (config.pbtxt from the stage contract; text_guide and vision with dynamic "
+                    "batching), the graphs or engines under 1/, and the `tgedge` entry model: decoupled, image bytes "
+                    "+ question in, the answer streamed out, the decode loop and its KV cache in one instance. "
+                    "--backend python runs the stages with tgedge's ONNX Runtime runners inside Triton's Python "
+                    "backend (what `tgedge serve` runs); onnxruntime and tensorrt write the configs a full Triton "
+                    "container loads (docs/SERVING.md).", epilog=EPILOG)
+    p.add_argument("model", help="export directory (tgedge export / quantize), or engine directory (tgedge build) "
+                                 "for --backend tensorrt")
+    add_output(p, "model repository to write")
+    p.add_argument("--backend", choices=["python", "onnxruntime", "tensorrt"], default="python",
+                   help="python (tgedge's runners in Triton's Python backend; default), onnxruntime "
+                        "(platform onnxruntime_onnx), tensorrt (platform tensorrt_plan; an engine directory)")
+    p.add_argument("--instances", type=integer(1, 64), default=1, help="instances of each model (default 1)")
+    p.add_argument("--max-batch", type=integer(1, 1024), default=8,
+                   help="images per dynamic batch of text_guide and vision (default 8)")
+    p.add_argument("--queue-delay-us", type=integer(0, 10_000_000), default=2000,
+                   help="how long the dynamic batcher waits to fill a batch, microseconds (default 2000)")
+    p.add_argument("--max-inflight", type=integer(1, 1024), default=8,
+                   help="requests one entry instance decodes at once, each with its own KV cache (default 8; "
+                        "1 with --backend tensorrt)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_triton)
+
+
+def cmd_triton(args) -> int:
+    from tgedge.serving.repository import RepositorySettings, write_repository
+
+    settings = RepositorySettings(args.backend, args.instances, args.max_batch, args.queue_delay_us,
+                                  args.max_inflight)
+    result = write_repository(args.model, args.output, settings, force=args.force)
+    if args.json:
+        print(json.dumps(result.to_dict()))
+        return 0
+    for model, what in result.models.items():
+        print(f"  {model:<12} {what}")
+    for note in result.notes:
+        print(f"  note: {note}")
+    print(f"wrote a Triton model repository ({args.backend}) to {result.directory}; serve it with: "
+          f"tgedge serve {result.directory}")
+    return 0
+
+
+# -- tgedge serve -----------------------------------------------------------------------------------------------
+def _add_serve(sub) -> None:
+    p = sub.add_parser(
+        "serve", help="run tritonserver on a model repository until Ctrl-C",
+        description="Start the real tritonserver (--tritonserver, else one on PATH, else the one nvidia-pytriton "
+                    "bundles) on REPO, wait until it is ready, print its addresses, and serve until Ctrl-C or "
+                    "SIGTERM, then stop it and its Python-backend processes.", epilog=EPILOG)
+    p.add_argument("repository", help="model repository (tgedge triton)")
+    p.add_argument("--http-port", type=PORT, default=8000, help="HTTP/REST port (default 8000)")
+    p.add_argument("--grpc-port", type=PORT, default=8001, help="gRPC port (default 8001; tgedge client uses it)")
+    p.add_argument("--metrics-port", type=PORT, default=8002, help="Prometheus metrics port (default 8002)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1; 0.0.0.0 in a container or a cluster)")
+    p.add_argument("--tritonserver", metavar="PATH", help="the tritonserver binary to run")
+    p.add_argument("--timeout", type=real(1), default=180.0, help="seconds to wait for readiness (default 180)")
+    p.add_argument("--quiet", action="store_true", help="do not echo the server's log")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args) -> int:
+    from tgedge.serving.server import TritonServer
+
+    ports = [args.http_port, args.grpc_port, args.metrics_port]
+    if len(set(ports)) != 3:
+        raise TgedgeError(f"--http-port, --grpc-port and --metrics-port must differ (got {', '.join(map(str, ports))})")
+    server = TritonServer(args.repository, *ports, host=args.host, tritonserver=args.tritonserver,
+                          echo=not args.quiet)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        print(f"starting {server.install.source} on {args.repository}", file=sys.stderr, flush=True)
+        server.start(args.timeout)
+        print(f"ready: grpc {server.grpc_url}  http {server.http_url}  metrics "
+              f"http://{server.client_host}:{server.metrics_port}/metrics  (Ctrl-C stops)", flush=True)
+        while server.running:
+            time.sleep(0.5)
+        raise TgedgeError(f"tritonserver exited with code {server.process.returncode}: "
+                          f"{_last_error(server)}")
+    except KeyboardInterrupt:
+        print("stopping tritonserver", file=sys.stderr, flush=True)
+        return 0
+    finally:
+        server.stop()
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _last_error(server) -> str:
+    from tgedge.serving.server import error_line
+
+    return error_line(list(server.log))
+
+
+# -- tgedge client ----------------------------------------------------------------------------------------------
+def _add_sampling(p) -> None:
+    p.add_argument("--max-new-tokens", type=integer(1), default=64, help="most tokens to generate (default 64)")
+    p.add_argument("--temperature", type=real(0), default=0.0, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top-k", type=integer(0), default=0, help="sample from the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=real(0, 1, lo_open=True), default=1.0, help="nucleus sampling mass in (0, 1]")
+    p.add_argument("--seed", type=SEED, default=0, help="sampling seed (default 0)")
+
+
+def _options(args) -> dict:
+    return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
+            "top_p": args.top_p, "seed": args.seed}
+
+
+def _add_client(sub) -> None:
+    p = sub.add_parser(
+        "client", help="ask a tgedge model served by Triton (gRPC streaming), as tgedge run would",
+        description="Send an image and a question to the `tgedge` entry model of a Triton server and print the "
+                    "answer as `tgedge run` does: the text (--stream: as it arrives), or with --json one object "
+                    "with text, tokens, prompt_tokens and timings (the server's, plus first_text_s and "
+                    "round_trip_s measured here).", epilog=EPILOG)
+    p.add_argument("url", help="the server's gRPC address: HOST:PORT or grpc://HOST:PORT (tgedge serve prints it)")
+    p.add_argument("--image", required=True, help="image file (any format pillow reads); sent as its bytes")
+    p.add_argument("--prompt", required=True, type=text, help="the question; the model's chat template wraps it")
+    p.add_argument("--raw", action="store_true", help="use --prompt verbatim (it must contain <image> once)")
+    _add_sampling(p)
+    p.add_argument("--model", default="tgedge", help="the entry model's name (default tgedge)")
+    p.add_argument("--timeout", type=real(0.1), default=60.0, help="seconds to wait for the answer (default 60)")
+    p.add_argument("--stream", action="store_true",
+                   help="print the text as it arrives (with --json: one JSON line per piece, then the answer)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (tgedge run --json's keys)")
+    p.set_defaults(func=cmd_client)
+
+
+def cmd_client(args) -> int:
+    from tgedge.errors import os_error
+    from tgedge.serving.client import Session
+
+    try:
+        with open(args.image, "rb") as f:
+            image = f.read()
+    except OSError as e:
+        raise os_error(e, args.image) from None
+    on_text = None
+    if args.stream:
+        on_text = ((lambda s: print(json.dumps({"text": s}), flush=True)) if args.json
+                   else (lambda s: (sys.stdout.write(s), sys.stdout.flush())))
+    with Session(args.url, args.model, args.timeout) as session:
+        reply = session.ask(image, args.prompt, on_text=on_text, raw=args.raw, **_options(args))
+    answer = reply.answer
+    answer["timings"].update(first_text_s=None if reply.first_text_s is None else round(reply.first_text_s, 6),
+                             round_trip_s=round(reply.latency_s, 6))
+    if args.json:
+        print(json.dumps(answer))
+    elif args.stream:
+        print()
+    else:
+        print(answer["text"])
+    return 0
+
+
+# -- tgedge loadtest --------------------------------------------------------------------------------------------
+def _levels(value: str) -> list[int]:
+    import argparse
+
+    try:
+        levels = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, e.g. 1,4,16 (got {value!r})") from None
+    if not levels or any(not 1 <= c <= 256 for c in levels):
+        raise argparse.ArgumentTypeError(f"levels must be integers in [1, 256] (got {value!r})")
+    return levels
+
+
+def _add_loadtest(sub) -> None:
+    p = sub.add_parser(
+        "loadtest", help="measure a Triton server on this machine beside the single-process loop",
+        description="Send a data folder's samples to the `tgedge` entry model at each concurrency level (one gRPC "
+                    "stream per client), a bounded number of requests per level, and report requests/s, latency "
+                    "p50/p90/p99, time to first text, tokens/s and errors; with --baseline, the same samples "
+                    "answered one after another in this process (tgedge run's loop) first. Loopback addresses "
+                    "only.", epilog=EPILOG)
+    p.add_argument("url", help="the server's gRPC address on this machine, e.g. 127.0.0.1:8001")
+    p.add_argument("--data", required=True, help="data folder (images/ + samples.jsonl), e.g. tgedge data shapes")
+    p.add_argument("--concurrency", type=_levels, default=[1, 4, 16], help="concurrency levels (default 1,4,16)")
+    p.add_argument("--requests", type=integer(1, 100_000), default=200, help="requests per level (default 200)")
+    p.add_argument("--baseline", metavar="DIR",
+                   help="export directory, or the model repository (its tgedge/1/export), for the single-process "
+                        "loop on the same samples")
+    p.add_argument("--baseline-threads", type=_threads, default=(0,),
+                   help="ONNX Runtime intra-op threads of the baseline, comma-separated for several rows "
+                        "(0: ONNX Runtime's default, as tgedge run; default 0)")
+    _add_sampling(p)
+    p.add_argument("--timeout", type=real(0.1), default=60.0, help="seconds per request before it counts as an "
+                                                                  "error (default 60)")
+    p.add_argument("--json", metavar="FILE", help="write the report as JSON")
+    p.add_argument("--plot", metavar="FILE.png", help="write throughput and latency per level as a PNG")
+    p.set_defaults(func=cmd_loadtest)
+
+
+def _threads(value: str) -> tuple[int, ...]:
+    import argparse
+
+    try:
+        threads = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 0 (got {value!r})") from None
+    if not threads or any(t < 0 or t > 256 for t in threads):
+        raise argparse.ArgumentTypeError(f"thread counts must be in [0, 256] (got {value!r})")
+    return threads
+
+
+def cmd_loadtest(args) -> int:
+    from pathlib import Path
+
+    from tgedge.fileio import write_atomic
+    from tgedge.serving.loadtest import plot, run_loadtest
+
+    baseline = args.baseline
+    if baseline and not (Path(baseline) / "manifest.json").exists() and (Path(baseline) / "tgedge/1/export").is_dir():
+        baseline = str(Path(baseline) / "tgedge/1/export")
+
+    def show(level) -> None:
+        lat, ttft = level.latency_ms, level.ttft_ms
+        match = "" if level.matches is None else f"  same tokens {level.matches}/{level.requests - level.errors}"
+        print(f"{level.name:<46} {level.requests_per_s:8.1f} req/s  p50 {lat.get('p50', 0):7.1f}  p90 "
+              f"{lat.get('p90', 0):7.1f}  p99 {lat.get('p99', 0):7.1f} ms  ttft p50 {ttft.get('p50', 0):6.1f} ms  "
+              f"{level.tokens_per_s:8.1f} tok/s  errors {level.errors}{match}", flush=True)
+        if level.first_error:
+            print(f"  first error: {level.first_error}", flush=True)
+
+    report = run_loadtest(args.url, args.data, args.concurrency, args.requests, _options(args), baseline,
+                          args.baseline_threads, args.timeout, on_level=show)
+    if args.json:
+        write_atomic(args.json, json.dumps(report.to_dict(), indent=2) + "\n")
+    if args.plot:
+        plot(report, args.plot)
+    failed = sum(lv.errors for lv in report.levels)
+    if report.baselines and report.levels:
+        best = max(report.levels, key=lambda lv: lv.concurrency)
+        for b in report.baselines:
+            print(f"concurrency {best.concurrency} vs {b.name}: {best.requests_per_s / b.requests_per_s:.2f}x "
+                  "requests/s")
+    return 1 if failed else 0

@@ -1,0 +1,173 @@
+"""`tgedge client`: ask the `tgedge` entry model over gRPC streaming; the answer as `tgedge run` gives it.
+
+    with Session("127.0.0.1:8001") as s:
+        reply = s.ask(image_bytes, "what color is the square?", on_text=print)
+        reply.answer  # {"text", "tokens", "prompt_tokens", "timings"}: `tgedge run --json`'s object
+
+One stream per session, one request in flight on it at a time; a load test runs one session per worker.
+Errors (no server, no such model, a request the server refuses) are `TgedgeError`s: one line at the CLI.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import time
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import numpy as np
+
+from tgedge.errors import TgedgeError
+from tgedge.serving.protocol import DEFAULTS, ENTRY_MODEL, REQUEST, WIRE_TYPES
+
+DEFAULT_GRPC_PORT = 8001
+
+
+def grpc_target(url: str) -> str:
+    """`host:port` from `host[:port]` or `grpc://host[:port]`; an HTTP URL is refused with the way out."""
+    raw = url if "://" in url else f"grpc://{url}"
+    parts = urlsplit(raw)
+    if parts.scheme != "grpc":
+        raise TgedgeError(f"{url}: tgedge client streams over gRPC: give the server's gRPC address, "
+                          f"e.g. grpc://127.0.0.1:{DEFAULT_GRPC_PORT} (not {parts.scheme}://)")
+    try:
+        port = parts.port or DEFAULT_GRPC_PORT
+    except ValueError:
+        raise TgedgeError(f"{url}: not a valid port") from None
+    if not parts.hostname or parts.path not in ("", "/"):
+        raise TgedgeError(f"{url}: expected HOST:PORT or grpc://HOST:PORT")
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return f"{host}:{port}"
+
+
+def _grpc():
+    try:
+        import tritonclient.grpc as grpcclient
+        from tritonclient.utils import InferenceServerException
+    except ImportError as e:
+        raise TgedgeError(f"tgedge client needs tritonclient ({e.name} is missing): pip install 'tgedge[serve]'") \
+            from None
+    return grpcclient, InferenceServerException
+
+
+def request_inputs(image: bytes, question: str, **options) -> list:
+    """The entry model's request tensors (protocol.REQUEST); options left out take the server's defaults."""
+    grpcclient, _ = _grpc()
+    values = {"image": np.frombuffer(image, dtype=np.uint8),
+              "question": np.array([question.encode("utf-8")], dtype=np.object_)}
+    unknown = set(options) - set(DEFAULTS)
+    if unknown:
+        raise TgedgeError(f"unknown option(s) {', '.join(sorted(unknown))} (known: {', '.join(DEFAULTS)})")
+    inputs = []
+    for f in REQUEST:
+        if f.name in values:
+            value = values[f.name]
+        elif options.get(f.name) is not None:
+            value = np.array([options[f.name]], dtype=f.dtype)
+        else:
+            continue
+        tensor = grpcclient.InferInput(f.name, list(value.shape), WIRE_TYPES[f.dtype])
+        tensor.set_data_from_numpy(value)
+        inputs.append(tensor)
+    return inputs
+
+
+@dataclass
+class Reply:
+    answer: dict  # text, tokens, prompt_tokens, timings (the server's)
+    first_text_s: float | None  # when the first piece of text arrived (None: the answer has no text)
+    latency_s: float
+
+
+class Session:
+    """One gRPC stream to a Triton server serving the `tgedge` entry model."""
+
+    def __init__(self, url: str, model: str = ENTRY_MODEL, timeout: float = 60.0, check: bool = True):
+        grpcclient, self._error_type = _grpc()
+        self.url, self.target, self.model, self.timeout = url, grpc_target(url), model, timeout
+        self.client = grpcclient.InferenceServerClient(url=self.target)
+        self._responses: queue.Queue = queue.Queue()
+        self._streaming = False
+        self._count = 0
+        if check:
+            self.check()
+
+    def check(self) -> None:
+        """The server answers and the model is ready; otherwise one line saying which is not."""
+        try:
+            live = self.client.is_server_live(client_timeout=min(self.timeout, 10.0))
+            ready = live and self.client.is_model_ready(self.model, client_timeout=min(self.timeout, 10.0))
+        except self._error_type as e:
+            raise TgedgeError(f"{self.url}: no Triton server answers there ({_message(e)})") from None
+        if not live:
+            raise TgedgeError(f"{self.url}: the Triton server is not live")
+        if not ready:
+            raise TgedgeError(f"{self.url}: model {self.model!r} is not ready on this server (not in its repository, "
+                              "or it failed to load: see the server's log)")
+
+    def _stream(self) -> None:
+        if not self._streaming:
+            self._responses = queue.Queue()  # a fresh stream: nothing of an earlier one
+            self.client.start_stream(callback=lambda result, error: self._responses.put((result, error)))
+            self._streaming = True
+
+    def _restart(self) -> None:
+        if self._streaming:
+            try:
+                self.client.stop_stream(cancel_requests=True)
+            except Exception:  # noqa: BLE001 - a broken stream: it is being replaced anyway
+                pass
+            self._streaming = False
+
+    def ask(self, image: bytes, question: str, on_text=None, **options) -> Reply:
+        """Stream one answer; `on_text(piece)` is called as the text grows."""
+        inputs = request_inputs(image, question, **options)
+        self._stream()
+        self._count += 1
+        start = time.perf_counter()
+        try:
+            self.client.async_stream_infer(self.model, inputs, request_id=str(self._count),
+                                           enable_empty_final_response=True)
+        except self._error_type as e:
+            self._restart()
+            raise TgedgeError(f"{self.url}: {_message(e)}") from None
+        first, answer = None, None
+        while True:
+            remaining = self.timeout - (time.perf_counter() - start)
+            try:
+                result, error = self._responses.get(timeout=max(remaining, 0.0))
+            except queue.Empty:
+                self._restart()
+                raise TgedgeError(f"{self.url}: no answer within {self.timeout:g} s") from None
+            if error is not None:
+                self._restart()  # the request is over; a stream-level failure would leave the stream unusable
+                raise TgedgeError(f"{self.url}: {_message(error)}")
+            text, final = result.as_numpy("text"), result.as_numpy("answer")
+            if text is not None:
+                first = first if first is not None else time.perf_counter() - start
+                if on_text is not None:
+                    on_text(text.reshape(-1)[0].decode("utf-8"))
+            if final is not None:
+                answer = json.loads(final.reshape(-1)[0].decode("utf-8"))
+            if result.get_response().parameters["triton_final_response"].bool_param:
+                break
+        if answer is None:
+            raise TgedgeError(f"{self.url}: the stream ended without an answer")
+        return Reply(answer, first, time.perf_counter() - start)
+
+    def close(self) -> None:
+        self._restart()
+        self.client.close()
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _message(e) -> str:
+    """tritonclient's exception text, on one line, without its `[StatusCode...]` prefix."""
+    text = e.message() if callable(getattr(e, "message", None)) else str(e)
+    return " ".join(str(text).split())

@@ -1,0 +1,216 @@
+"""The `tgedge` entry model (Triton Python backend, decoupled): image bytes + question in, the answer streamed out.
+
+One instance holds one `tgedge.runtime.Pipeline` over the export copied into its version directory. The stages
+named in its `bls_stages` parameter (text_guide and vision) are runners that call the repository's stage models
+through BLS, so Triton's dynamic batcher batches them across requests; fusion, embed and the decoder run in this
+instance on its `runtime_backend`, and each request decodes with its own KV cache on shared sessions (threads,
+at most `max_inflight` at once; `execute` waits for a free slot, so the rest wait in Triton's queue).
+
+Imported by the model.py `tgedge triton` writes, inside the server only.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import threading
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from tgedge.contract import Stage, TensorMeta
+from tgedge.errors import TgedgeError, as_user_error
+from tgedge.preprocess import load_image
+from tgedge.runtime.backends import make_runner
+from tgedge.runtime.cache import make_cache
+from tgedge.runtime.onnxrt import OnnxRuntimeRunner, SessionFromOnnx
+from tgedge.runtime.pipeline import Pipeline
+from tgedge.runtime.runner import BaseRunner
+from tgedge.serving.protocol import DEFAULTS, OPTIONS, REQUEST
+from tgedge.serving.stage import error_response, parameters
+
+ORT_DEVICES = {"onnxruntime": "cpu", "onnxruntime-cuda": "cuda", "onnxruntime-trt": "trt"}
+
+
+class Cancelled(Exception):
+    """The client went away (Triton cancelled the request): stop decoding."""
+
+
+class RequestImage(io.BytesIO):
+    """The request's image bytes, named in messages as the client sent them (no file name)."""
+
+    def __str__(self) -> str:
+        return f"request image ({len(self.getbuffer())} bytes)"
+
+
+class TritonModelRunner(BaseRunner):
+    """A stage served by another model of the repository, called through BLS (Triton batches it across requests).
+    Its inputs and outputs are the stage contract's."""
+
+    def __init__(self, stage: Stage, model: str):
+        super().__init__(stage.name)
+        self.stage, self.model = stage, model
+
+    def activate_impl(self) -> None:
+        pass  # BLS is only possible inside execute; the stage model's readiness is Triton's to check
+
+    def deactivate_impl(self) -> None:
+        pass
+
+    def get_input_metadata_impl(self) -> dict[str, TensorMeta]:
+        return {t.name: t for t in self.stage.inputs}
+
+    def get_output_metadata_impl(self) -> dict[str, TensorMeta]:
+        return {t.name: t for t in self.stage.outputs}
+
+    def infer_impl(self, feed: dict, keep: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+        request = pb_utils.InferenceRequest(
+            model_name=self.model, requested_output_names=self.stage.output_names,
+            inputs=[pb_utils.Tensor(n, np.ascontiguousarray(v)) for n, v in feed.items()])
+        response = request.exec()
+        if response.has_error():
+            raise TgedgeError(f"stage model {self.model!r}: {response.error().message()}")
+        return {n: np.array(pb_utils.get_output_tensor_by_name(response, n).as_numpy())
+                for n in self.stage.output_names}
+
+
+def read_request(request) -> dict:
+    """The request's tensors as Python values: image bytes, question text, options (defaults filled in)."""
+    values = {}
+    for f in REQUEST:
+        tensor = pb_utils.get_input_tensor_by_name(request, f.name)
+        if tensor is None:
+            if not f.optional:
+                raise TgedgeError(f"missing input {f.name!r}")
+            values[f.name] = DEFAULTS[f.name]
+            continue
+        array = tensor.as_numpy()
+        if f.name == "image":
+            values[f.name] = array.tobytes()
+            continue
+        if array.size != 1:
+            raise TgedgeError(f"input {f.name!r} must hold one value (got {array.size})")
+        value = array.reshape(-1)[0]
+        if f.dtype == "bytes":
+            try:
+                value = value.decode("utf-8") if isinstance(value, bytes) else str(value)
+            except UnicodeDecodeError as e:
+                raise TgedgeError(f"input {f.name!r} is not UTF-8 text (byte at {e.start})") from None
+        else:
+            value = value.item()
+        values[f.name] = value
+    return values
+
+
+class Entry:
+    """The model instance's state: the pipeline, its worker threads and their slots."""
+
+    def __init__(self, export_dir: Path, params: dict[str, str]):
+        self.backend = params.get("runtime_backend") or "onnxruntime"
+        self.bls = [s for s in (params.get("bls_stages") or "").split(",") if s]
+        if "decoder" in self.bls:
+            raise TgedgeError("bls_stages: the decoder runs in the entry model (its KV cache stays here)")
+        self.threads = int(params.get("threads") or 0)
+        inflight = int(params.get("max_inflight") or 1)
+        self.pipe = Pipeline(export_dir, self.backend, runner_factory=self._runner)
+        self.slots = threading.BoundedSemaphore(inflight)
+        self.pool = ThreadPoolExecutor(inflight, thread_name_prefix="tgedge-request")
+        self.log = pb_utils.Logger
+
+    def _runner(self, manifest, graph: str) -> BaseRunner:
+        if graph in self.bls:
+            return TritonModelRunner(manifest.contract.stages[graph], graph)
+        if self.backend in ORT_DEVICES:
+            return OnnxRuntimeRunner(SessionFromOnnx(manifest.graph_path(graph), ORT_DEVICES[self.backend],
+                                                     self.threads), graph)
+        return make_runner(self.backend, manifest, graph)
+
+    def sequence(self) -> Pipeline:
+        """The pipeline with a KV cache of its own: one per request; the runners (sessions) are shared."""
+        view = copy.copy(self.pipe)
+        view.cache = make_cache(self.pipe.contract.cache)
+        return view
+
+    def submit(self, request) -> None:
+        sender = request.get_response_sender()
+        try:
+            values = read_request(request)
+        except TgedgeError as e:
+            sender.send(error_response(str(e)), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            return
+        self.slots.acquire()  # at most max_inflight decoding; Triton queues the rest
+        try:
+            self.pool.submit(self._serve, values, sender)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def _serve(self, values: dict, sender) -> None:
+        try:
+            answer = self.answer(values, sender)
+            final = pb_utils.InferenceResponse([text_tensor("answer", json.dumps(answer))])
+            sender.send(final, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        except Cancelled:
+            pass  # Triton completes a cancelled request itself
+        except Exception as e:
+            user = as_user_error(e)
+            if user is None:  # a bug: the client gets an error, the log the traceback, the server lives on
+                self.log.log_error(f"tgedge: internal error: {traceback.format_exc()}")
+            self._send_error(sender, str(user) if user else f"internal error ({type(e).__name__}: {e})")
+        finally:
+            self.slots.release()
+
+    @staticmethod
+    def _send_error(sender, message: str) -> None:
+        try:
+            sender.send(error_response(message), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        except Exception:  # noqa: BLE001 - the client is gone: nobody to tell
+            pass
+
+    def answer(self, values: dict, sender) -> dict:
+        start = time.perf_counter()
+        cancelled = getattr(sender, "is_cancelled", lambda: False)
+
+        def on_text(piece: str) -> None:
+            if cancelled():
+                raise Cancelled
+            sender.send(pb_utils.InferenceResponse([text_tensor("text", piece)]))
+
+        pipe = self.sequence()
+        image = load_image(RequestImage(values["image"]))
+        options = pipe.options(**{k: values[k] for k in OPTIONS})
+        if cancelled():
+            raise Cancelled
+        answer = pipe.answer(image, values["question"], options, raw=values["raw"], on_text=on_text)
+        result = answer.to_dict()
+        result["timings"]["server_s"] = round(time.perf_counter() - start, 6)
+        return result
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=False)
+        self.pipe.close()
+
+
+def text_tensor(name: str, text: str):
+    return pb_utils.Tensor(name, np.array([text.encode("utf-8")], dtype=np.object_))
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        params = parameters(config)
+        version = Path(args["model_repository"]) / args["model_version"]
+        self.entry = Entry(version / (params.get("export") or "export"), params)
+
+    def execute(self, requests):
+        for request in requests:
+            self.entry.submit(request)
+        return None
+
+    def finalize(self):
+        self.entry.close()

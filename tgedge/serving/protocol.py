@@ -1,0 +1,48 @@
+"""The entry model's request and response tensors: declared once, read by the repository writer (its
+config.pbtxt), the entry model (parsing a request) and the client (building one). Torch-free, Triton-free.
+
+A request is the image file's bytes and the question, plus the sampling options of `tgedge run`; the response
+stream is the answer's text as it grows (`text`, one piece per response, what `tgedge run` prints as it streams),
+then one final response holding `answer`: the JSON object `tgedge run --json` prints.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ENTRY_MODEL = "tgedge"
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str
+    dtype: str  # numpy dtype name, or "bytes" (Triton TYPE_STRING / BYTES)
+    dims: tuple[int, ...]  # -1: any length
+    optional: bool = False
+    help: str = ""
+
+
+REQUEST = (
+    Field("image", "uint8", (-1,), help="the image file's bytes (PNG, JPEG, any format pillow reads)"),
+    Field("question", "bytes", (1,), help="the question, UTF-8; the model's chat template wraps it"),
+    Field("max_new_tokens", "int32", (1,), True, "most tokens to generate (default 64)"),
+    Field("temperature", "float64", (1,), True, "0 = greedy (default); > 0 samples"),
+    Field("top_k", "int32", (1,), True, "sample from the k most likely tokens (0 = off)"),
+    Field("top_p", "float64", (1,), True, "nucleus sampling mass in (0, 1]"),
+    Field("seed", "int64", (1,), True, "sampling seed"),
+    Field("raw", "bool", (1,), True, "send the question verbatim (it must hold <image> once)"),
+)
+RESPONSE = (
+    Field("text", "bytes", (1,), help="the next piece of the answer's text (streamed)"),
+    Field("answer", "bytes", (1,), help="final response only: JSON with text, tokens, prompt_tokens, timings"),
+)
+# The options' defaults are `tgedge run`'s.
+DEFAULTS = {"max_new_tokens": 64, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": 0, "raw": False}
+OPTIONS = tuple(f.name for f in REQUEST if f.optional and f.name != "raw")
+
+TRITON_TYPES = {"bool": "TYPE_BOOL", "uint8": "TYPE_UINT8", "int8": "TYPE_INT8", "int32": "TYPE_INT32",
+                "int64": "TYPE_INT64", "float16": "TYPE_FP16", "float32": "TYPE_FP32", "float64": "TYPE_FP64",
+                "bytes": "TYPE_STRING"}
+# The names Triton's inference protocol (and tritonclient's InferInput) gives the same types.
+WIRE_TYPES = {"bool": "BOOL", "uint8": "UINT8", "int8": "INT8", "int32": "INT32", "int64": "INT64",
+              "float16": "FP16", "float32": "FP32", "float64": "FP64", "bytes": "BYTES"}

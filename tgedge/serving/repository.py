@@ -1,0 +1,258 @@
+"""`tgedge triton`: a Triton Inference Server model repository from an export or engine directory.
+
+    REPO/
+      tgedge/config.pbtxt        the entry model: Python backend, decoupled (streams the answer), image bytes +
+      tgedge/1/model.py          question in; it runs tgedge's Pipeline, the decode loop and its KV cache in one
+      tgedge/1/export/           instance, over the export (or engine) directory copied here whole
+      text_guide/config.pbtxt    one model per stage of the stage contract (names, dtypes, dims from it), the
+      text_guide/1/model.onnx    graph or engine under 1/; text_guide and vision batch dynamically: the entry
+      vision/ fusion/ ...        model calls them through BLS, so Triton batches them across requests
+
+`--backend python` serves each stage with tgedge's own ONNX Runtime runner inside Triton's Python backend (what
+the `tritonserver` of nvidia-pytriton runs); `onnxruntime` and `tensorrt` write the configs a full Triton
+container loads (platform onnxruntime_onnx / tensorrt_plan). Stage graphs are hard links to the entry model's
+copy (one copy on disk). Configs are written through Triton's own schema (tritonclient's model_config_pb2).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tgedge.contract import BATCH, VIEWS, StageContract, TensorMeta
+from tgedge.errors import TgedgeError
+from tgedge.fileio import atomic_dir, inside
+from tgedge.runtime.manifest import Manifest
+from tgedge.serving.protocol import ENTRY_MODEL, REQUEST, RESPONSE, TRITON_TYPES, Field
+
+BACKENDS = ("python", "onnxruntime", "tensorrt")
+# Stages the entry model calls through BLS by default: the image side, which Triton batches across requests.
+BLS_STAGES = ("text_guide", "vision")
+# The tgedge runtime backend the entry model runs its own stages (fusion, embed, decoder) on, per repository kind.
+RUNTIME_BACKEND = {"python": "onnxruntime", "onnxruntime": "onnxruntime-cuda", "tensorrt": "tensorrt"}
+EXPORT_SUBDIR = "export"
+
+MODEL_PY = '''"""Written by `tgedge triton`: Triton's Python backend runs tgedge's own code ({module}).
+
+The server's Python needs tgedge and its runtime (pip install "tgedge[serve]"). `tgedge serve` names the
+environment it runs from in TGEDGE_SITE (site directories, searched first); without it, the server's own.
+"""
+import os
+import site
+import sys
+
+_before = list(sys.path)
+for _dir in filter(None, os.environ.get("TGEDGE_SITE", "").split(os.pathsep)):
+    site.addsitedir(_dir)
+sys.path[:] = [p for p in sys.path if p not in _before] + _before
+
+from {module} import TritonPythonModel  # noqa: E402,F401
+'''
+
+
+@dataclass(frozen=True)
+class RepositorySettings:
+    backend: str = "python"
+    instances: int = 1  # instances of every model (instance_group count)
+    max_batch: int = 8  # images per batch of the batched stages
+    queue_delay_us: int = 2000  # how long the dynamic batcher waits to fill a batch
+    max_inflight: int = 8  # requests one entry instance decodes at once (threads; 1 for TensorRT)
+    threads: int = 1  # ONNX Runtime intra-op threads per session (parallelism comes from concurrent requests)
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise TgedgeError(f"unknown Triton backend {self.backend!r} (choose from {', '.join(BACKENDS)})")
+        for name in ("instances", "max_batch", "max_inflight", "threads"):
+            if getattr(self, name) < 1:
+                raise TgedgeError(f"{name} must be >= 1 (got {getattr(self, name)})")
+        if self.queue_delay_us < 0:
+            raise TgedgeError(f"queue_delay_us must be >= 0 (got {self.queue_delay_us})")
+
+
+@dataclass
+class RepositoryResult:
+    directory: Path
+    backend: str
+    models: dict[str, str] = field(default_factory=dict)  # model -> what it is
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"directory": str(self.directory), "backend": self.backend, "models": self.models, "notes": self.notes}
+
+
+def _pb2():
+    try:
+        from google.protobuf import text_format
+        from tritonclient.grpc import model_config_pb2
+    except ImportError as e:
+        raise TgedgeError(f"tgedge triton needs tritonclient ({e.name} is missing): pip install 'tgedge[serve]'") \
+            from None
+    return model_config_pb2, text_format
+
+
+# -- configs ----------------------------------------------------------------------------------------------------
+def _dims(shape, batched: bool) -> list[int]:
+    """A contract shape as Triton dims: symbolic dims are -1; the first dim is Triton's batch dim when batched."""
+    return [d if isinstance(d, int) else -1 for d in (shape[1:] if batched else shape)]
+
+
+def _tensor(pb, message, t: TensorMeta | Field, batched: bool):
+    dtype = t.dtype
+    if dtype not in TRITON_TYPES:
+        raise TgedgeError(f"tensor {t.name!r}: dtype {dtype} has no Triton type")
+    out = message(name=t.name, data_type=pb.DataType.Value(TRITON_TYPES[dtype]),
+                  dims=_dims(t.shape, batched) if isinstance(t, TensorMeta) else list(t.dims))
+    if isinstance(t, Field) and t.optional:
+        out.optional = True
+    return out
+
+
+def stage_batch(contract: StageContract, stage: str, max_batch: int, views: int, dims: dict | None) -> int:
+    """Triton's max_batch_size for a stage: its first dim is the batch (images) or the views (views per image
+    x images). An engine accepts what its optimisation profile allows, no more."""
+    first = contract.stages[stage].inputs[0].shape[0]
+    wanted = max_batch * (views if first == VIEWS else 1)
+    return wanted if dims is None else min(wanted, dims[first]["max"])
+
+
+def stage_config(contract: StageContract, stage: str, settings: RepositorySettings, views: int,
+                 engine_dims: dict | None = None):
+    """The ModelConfig of one stage model (`views`: vision views per image; `engine_dims`: an engine's profile)."""
+    pb, _ = _pb2()
+    s = contract.stages[stage]
+    batched = s.inputs[0].shape[0] in (BATCH, VIEWS)
+    config = pb.ModelConfig(name=stage)
+    if settings.backend == "python":
+        config.backend = "python"
+        config.parameters["stage"].string_value = stage
+        config.parameters["threads"].string_value = str(settings.threads)
+    elif settings.backend == "onnxruntime":
+        config.platform = "onnxruntime_onnx"
+        config.default_model_filename = "model.onnx"
+    else:
+        config.platform = "tensorrt_plan"
+        config.default_model_filename = "model.plan"
+    config.max_batch_size = stage_batch(contract, stage, settings.max_batch, views, engine_dims) if batched else 0
+    config.input.extend(_tensor(pb, pb.ModelInput, t, batched) for t in s.inputs)
+    config.output.extend(_tensor(pb, pb.ModelOutput, t, batched) for t in s.outputs)
+    if stage in BLS_STAGES:
+        config.dynamic_batching.max_queue_delay_microseconds = settings.queue_delay_us
+    kind = {"python": "KIND_CPU", "onnxruntime": "KIND_AUTO", "tensorrt": "KIND_GPU"}[settings.backend]
+    group = config.instance_group.add(count=settings.instances, kind=pb.ModelInstanceGroup.Kind.Value(kind))
+    if settings.backend == "tensorrt" and stage == "decoder":
+        group.profile.extend(str(i) for i in range(len(contract.cache.profiles)))  # prefill, decode: by shape
+    return config
+
+
+def entry_config(contract: StageContract, settings: RepositorySettings):
+    """The ModelConfig of the entry model: decoupled, image bytes + question in, the answer streamed out."""
+    pb, _ = _pb2()
+    config = pb.ModelConfig(name=ENTRY_MODEL, backend="python", max_batch_size=0)
+    config.model_transaction_policy.decoupled = True
+    config.input.extend(_tensor(pb, pb.ModelInput, f, False) for f in REQUEST)
+    config.output.extend(_tensor(pb, pb.ModelOutput, f, False) for f in RESPONSE)
+    kind = "KIND_CPU" if settings.backend == "python" else "KIND_GPU"
+    config.instance_group.add(count=settings.instances, kind=pb.ModelInstanceGroup.Kind.Value(kind))
+    params = {"runtime_backend": RUNTIME_BACKEND[settings.backend],
+              "bls_stages": ",".join(s for s in BLS_STAGES if contract.has(s)),
+              "max_inflight": str(1 if settings.backend == "tensorrt" else settings.max_inflight),
+              "threads": str(settings.threads), "export": EXPORT_SUBDIR}
+    for key, value in params.items():
+        config.parameters[key].string_value = value
+    return config
+
+
+def config_text(config) -> str:
+    _, text_format = _pb2()
+    return text_format.MessageToString(config)
+
+
+def parse_config(path: str | Path):
+    """A config.pbtxt read with Triton's own schema; a file that does not parse is named."""
+    pb, text_format = _pb2()
+    try:
+        return text_format.Parse(Path(path).read_text(encoding="utf-8"), pb.ModelConfig())
+    except text_format.ParseError as e:
+        raise TgedgeError(f"{path}: not a Triton model config ({e})") from None
+
+
+# -- files ------------------------------------------------------------------------------------------------------
+def listed_files(manifest: Manifest) -> list[str]:
+    """What an export or engine directory's manifest names: itself, graphs, weights, preprocessing, engines."""
+    names = ["manifest.json", *manifest.files.values()]
+    for g in manifest.graphs.values():
+        names += [g.file] + ([g.external_data] if g.external_data else [])
+    if manifest.quantization.get("calibration"):
+        names.append(manifest.quantization["calibration"])
+    names += [e["file"] for e in manifest.engines.values()]
+    return list(dict.fromkeys(names))
+
+
+def _link(src: Path, dst: Path) -> None:
+    """Hard link (one copy on disk), a copy where the file system has none."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def _check_engines(manifest: Manifest, source) -> None:
+    if not manifest.engines:
+        raise TgedgeError(f"{source}: --backend tensorrt needs an engine directory (tgedge build EXPORT -o DIR "
+                          "--backend tensorrt); this is an export directory")
+    missing = [s for s in manifest.contract.stage_names if s not in manifest.engines]
+    if missing:
+        raise TgedgeError(f"{source}: no engine for {', '.join(missing)} (build every graph for Triton)")
+    other = sorted({e.get("backend") for e in manifest.engines.values()} - {"tensorrt"})
+    if other:
+        raise TgedgeError(f"{source}: engines built with {', '.join(map(str, other))}; Triton's tensorrt backend "
+                          "runs TensorRT engines (tgedge build --backend tensorrt)")
+
+
+def write_repository(source: str | Path, out: str | Path, settings: RepositorySettings | None = None,
+                     force: bool = False) -> RepositoryResult:
+    settings = settings or RepositorySettings()
+    manifest = Manifest.load(source)
+    contract = manifest.contract
+    views = contract.fusion_family.views(manifest.model)
+    if settings.backend == "tensorrt":
+        _check_engines(manifest, source)
+    result = RepositoryResult(Path(out), settings.backend)
+    engine_dims = manifest.dims if settings.backend == "tensorrt" else None
+    # TODO(lead): a "triton" output kind in fileio.KINDS; until then the unspecified kind
+    with atomic_dir(out, kind="output", inputs=[source], force=force) as tmp:
+        export = tmp / ENTRY_MODEL / "1" / EXPORT_SUBDIR
+        for name in listed_files(manifest):
+            target = inside(tmp, f"{ENTRY_MODEL}/1/{EXPORT_SUBDIR}/{name}", f"{manifest.directory}/manifest.json")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(inside(manifest.directory, name, f"{manifest.directory}/manifest.json"), target)
+        (tmp / ENTRY_MODEL / "config.pbtxt").write_text(config_text(entry_config(contract, settings)))
+        (tmp / ENTRY_MODEL / "1" / "model.py").write_text(MODEL_PY.format(module="tgedge.serving.entry"))
+        result.models[ENTRY_MODEL] = (f"entry: decoupled Python model, {settings.instances} instance(s); its own "
+                                      f"stages on {RUNTIME_BACKEND[settings.backend]}, "
+                                      f"{entry_config(contract, settings).parameters['bls_stages'].string_value} "
+                                      "through BLS")
+        for stage in contract.stage_names:
+            config = stage_config(contract, stage, settings, views, engine_dims)
+            version = tmp / stage / "1"
+            entry = manifest.graphs[stage]
+            if settings.backend == "tensorrt":
+                _link(export / manifest.engines[stage]["file"], version / "model.plan")
+            else:
+                _link(export / entry.file, version / "model.onnx")
+                if entry.external_data:  # the graph names its weights file; it keeps that name beside it
+                    _link(export / entry.external_data, version / entry.external_data)
+            if settings.backend == "python":
+                (version / "model.py").write_text(MODEL_PY.format(module="tgedge.serving.stage"))
+            (tmp / stage / "config.pbtxt").write_text(config_text(config))
+            batching = (f", dynamic batching up to {config.max_batch_size}" if config.HasField("dynamic_batching")
+                        else "")
+            result.models[stage] = f"{config.backend or config.platform}{batching}"
+            if engine_dims is not None and stage in BLS_STAGES and config.max_batch_size < \
+                    stage_batch(contract, stage, settings.max_batch, views, None):
+                result.notes.append(f"{stage}: the engine's profile allows {config.max_batch_size} per batch; build "
+                                    "it from an export with a larger batch profile to batch more")
+    return result
