@@ -196,6 +196,8 @@ def build_parser() -> Parser:
     cli_deploy.register(sub)
     cli_device.register(sub)
     cli_checkpoint.register(sub)
+    from tgedge import cli_serve
+    cli_serve.register(sub)
     _add_train_demo(sub)
     return parser
 
