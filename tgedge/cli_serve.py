@@ -93,9 +93,11 @@ def cmd_serve(args) -> int:
         raise TgedgeError(f"--http-port, --grpc-port and --metrics-port must differ (got {', '.join(map(str, ports))})")
     server = TritonServer(args.repository, *ports, host=args.host, tritonserver=args.tritonserver,
                           echo=not args.quiet)
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    # Ctrl-C and SIGTERM stop the server (a shell that started us in the background may have ignored SIGINT)
+    previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        print(f"starting {server.install.source} on {args.repository}", file=sys.stderr, flush=True)
+        if not args.quiet:
+            print(f"starting {server.install.source} on {args.repository}", file=sys.stderr, flush=True)
         server.start(args.timeout)
         print(f"ready: grpc {server.grpc_url}  http {server.http_url}  metrics "
               f"http://{server.client_host}:{server.metrics_port}/metrics  (Ctrl-C stops)", flush=True)
@@ -104,11 +106,13 @@ def cmd_serve(args) -> int:
         raise TgedgeError(f"tritonserver exited with code {server.process.returncode}: "
                           f"{_last_error(server)}")
     except KeyboardInterrupt:
-        print("stopping tritonserver", file=sys.stderr, flush=True)
+        if not args.quiet:
+            print("stopping tritonserver", file=sys.stderr, flush=True)
         return 0
     finally:
         server.stop()
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _raise_interrupt(signum, frame):

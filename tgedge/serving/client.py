@@ -95,16 +95,20 @@ class Session:
 
     def check(self) -> None:
         """The server answers and the model is ready; otherwise one line saying which is not."""
+        wait = min(self.timeout, 10.0)
         try:
-            live = self.client.is_server_live(client_timeout=min(self.timeout, 10.0))
-            ready = live and self.client.is_model_ready(self.model, client_timeout=min(self.timeout, 10.0))
+            live = self.client.is_server_live(client_timeout=wait)
         except self._error_type as e:
             raise TgedgeError(f"{self.url}: no Triton server answers there ({_message(e)})") from None
         if not live:
             raise TgedgeError(f"{self.url}: the Triton server is not live")
+        try:
+            ready, why = self.client.is_model_ready(self.model, client_timeout=wait), ""
+        except self._error_type as e:
+            ready, why = False, f": {_message(e)}"
         if not ready:
             raise TgedgeError(f"{self.url}: model {self.model!r} is not ready on this server (not in its repository, "
-                              "or it failed to load: see the server's log)")
+                              f"or it failed to load: see the server's log){why}")
 
     def _stream(self) -> None:
         if not self._streaming:

@@ -38,6 +38,8 @@ from tgedge.errors import TgedgeError
 
 LOOPBACK = "127.0.0.1"
 STOP_GRACE_S = 10.0
+# What a CPU-only machine logs as errors at every start (no CUDA driver, no NVML): not why a start failed.
+GPU_NOISE = ("CudaDriverHelper", "NVML", "DCGM", "pinned memory", "CUDA driver")
 _PR_SET_PDEATHSIG = 1
 
 
@@ -105,10 +107,15 @@ def _die_with_parent() -> None:
 
 
 def error_line(log: list[str]) -> str:
-    """The server's first error message in its log (Triton writes `E<date> ... file.cc:N] "message"`)."""
+    """The reason the server gives in its log: a model's load failure from its status table, else its first error
+    line (`E<date> ... file.cc:N] "message"`) that is not about a missing GPU, else its last line."""
+    for line in log:
+        m = re.match(r"^\|\s*(\S+)\s*\|\s*\S+\s*\|\s*(UNAVAILABLE: .*?)\s*\|$", line)
+        if m:
+            return f"model {m.group(1)}: {m.group(2)}"
     for line in log:
         m = re.match(r"^E\d{4} [\d:.]+ +\d+ [^\]]+\] (.*)$", line)
-        if m:
+        if m and not any(gpu in line for gpu in GPU_NOISE):
             return m.group(1).strip().strip('"')
     tail = [line for line in log if line.strip()]
     return tail[-1].strip() if tail else "no output"

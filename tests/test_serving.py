@@ -1,0 +1,387 @@
+"""Serving on Triton Inference Server: the repository's configs against Triton's own schema, and the real
+`tritonserver` (nvidia-pytriton's) on the demo export: answers equal the single-process Pipeline's with 8
+concurrent streaming clients, a killed client does not wedge it, malformed requests get error responses, the CLI
+commands (client, loadtest, serve) behave. One server for the module, on free loopback ports, always stopped."""
+
+import ast
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tgedge.cli import main
+from tgedge.data.folder import read_folder
+from tgedge.errors import TgedgeError
+from tgedge.runtime.manifest import Manifest
+
+pytest.importorskip("tritonclient.grpc", reason="tritonclient is not installed (pip install 'tgedge[serve]')")
+
+from google.protobuf import text_format  # noqa: E402
+from tritonclient.grpc import model_config_pb2  # noqa: E402
+
+from tgedge.serving import repository  # noqa: E402
+from tgedge.serving.client import Session, request_inputs  # noqa: E402
+from tgedge.serving.protocol import ENTRY_MODEL, REQUEST  # noqa: E402
+from tgedge.serving.server import TritonServer, find_tritonserver, free_port  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = 20
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def parse(path: Path):
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+
+@pytest.fixture(scope="module")
+def repo(demo_export, tmp_path_factory):
+    out = tmp_path_factory.mktemp("triton") / "repo"
+    repository.write_repository(demo_export.directory, out, repository.RepositorySettings(max_batch=8))
+    return out
+
+
+def _runnable_tritonserver() -> None:
+    """Skip (saying why) where no tritonserver can run here; a server that runs but fails is a failure."""
+    try:
+        install = find_tritonserver()
+    except TgedgeError as e:
+        pytest.skip(f"no tritonserver here: {e}")
+    env = dict(os.environ, LD_LIBRARY_PATH=os.pathsep.join(map(str, install.libs)))
+    try:
+        probe = subprocess.run([str(install.binary), "--help"], env=env, capture_output=True, timeout=60)
+    except OSError as e:
+        pytest.skip(f"{install.binary} cannot run on this machine ({e.strerror})")
+    if probe.returncode == 127 or b"error while loading shared libraries" in probe.stderr:
+        pytest.skip(f"{install.binary} cannot run on this machine: {probe.stderr.decode(errors='replace')[:200]}")
+
+
+@pytest.fixture(scope="module")
+def server(repo):
+    _runnable_tritonserver()
+    server = TritonServer(repo)
+    server.start(timeout=240)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def samples(demo_eval):
+    return [(r.image, r.prompt, r.image.read_bytes()) for r in read_folder(demo_eval)[:SAMPLES]]
+
+
+@pytest.fixture(scope="module")
+def reference(demo_export, samples):
+    """Greedy answers of the single-process runtime, as `tgedge run` gives them."""
+    from tgedge.runtime.pipeline import Pipeline
+
+    with Pipeline(demo_export.directory) as pipe:
+        return [pipe.answer(path, prompt, pipe.options(max_new_tokens=64)).to_dict() for path, prompt, _ in samples]
+
+
+# -- the repository -------------------------------------------------------------------------------------------
+def _fake_engines(export: Path, out: Path) -> Path:
+    """An engine directory as tgedge build writes one (engines listed in the manifest), with placeholder plans."""
+    shutil.copytree(export, out)
+    d = json.loads((out / "manifest.json").read_text())
+    d["engines"] = {g: {"file": f"{g}.engine", "backend": "tensorrt"} for g in d["graphs"]}
+    for g in d["graphs"]:
+        (out / f"{g}.engine").write_bytes(b"plan " + g.encode())
+    (out / "manifest.json").write_text(json.dumps(d))
+    return out
+
+
+@pytest.mark.parametrize("backend", ["python", "onnxruntime", "tensorrt"])
+def test_every_config_parses_with_tritons_schema(backend, demo_export, tmp_path):
+    source = _fake_engines(demo_export.directory, tmp_path / "engines") if backend == "tensorrt" \
+        else demo_export.directory
+    out = tmp_path / "repo"
+    result = repository.write_repository(source, out, repository.RepositorySettings(backend, instances=2))
+    contract = Manifest.load(demo_export.directory).contract
+    configs = {p.parent.name: parse(p) for p in out.glob("*/config.pbtxt")}
+    assert set(configs) == {ENTRY_MODEL, *contract.stage_names} == set(result.models)
+    graph = {"python": "model.onnx", "onnxruntime": "model.onnx", "tensorrt": "model.plan"}[backend]
+    for stage in contract.stage_names:
+        c, s = configs[stage], contract.stages[stage]
+        assert [t.name for t in c.input] == s.input_names and [t.name for t in c.output] == s.output_names
+        first = s.inputs[0]
+        assert [list(t.dims) for t in c.input] == [[d if isinstance(d, int) else -1 for d in t.shape[1:]]
+                                                   for t in s.inputs]
+        wanted = 8 * 5 if first.shape[0] == "num_views" else 8
+        assert c.max_batch_size == (min(wanted, contract.dims[first.shape[0]]["max"]) if backend == "tensorrt"
+                                    else wanted)
+        assert c.HasField("dynamic_batching") == (stage in ("text_guide", "vision"))
+        assert c.instance_group[0].count == 2
+        assert (out / stage / "1" / graph).is_file()
+        plan = out / stage / "1" / graph
+        assert plan.stat().st_ino == (out / ENTRY_MODEL / "1" / "export" / (
+            f"{stage}.engine" if backend == "tensorrt" else f"{stage}.onnx")).stat().st_ino  # one copy on disk
+        if backend == "python":
+            assert c.backend == "python" and (out / stage / "1" / "model.py").is_file()
+        else:
+            assert c.platform == {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}[backend]
+    if backend == "tensorrt":
+        assert list(configs["decoder"].instance_group[0].profile) == ["0", "1"]
+        assert configs["vision"].max_batch_size == 5  # what the engine's profile allows
+        assert any("vision" in n for n in result.notes)
+    entry = configs[ENTRY_MODEL]
+    assert entry.model_transaction_policy.decoupled and entry.backend == "python"
+    assert [t.name for t in entry.input] == [f.name for f in REQUEST]
+    assert [t.name for t in entry.input if t.optional] == [f.name for f in REQUEST if f.optional]
+    assert Manifest.load(out / ENTRY_MODEL / "1" / "export").contract.stage_names == contract.stage_names
+
+
+def test_triton_refuses(demo_export, tmp_path, capsys):
+    code, _, err = run(capsys, "triton", demo_export.directory, "-o", tmp_path / "r", "--backend", "tensorrt")
+    assert code == 2 and "needs an engine directory" in err and len(err.strip().splitlines()) == 1
+    engines = _fake_engines(demo_export.directory, tmp_path / "rtx")
+    d = json.loads((engines / "manifest.json").read_text())
+    d["engines"]["vision"]["backend"] = "tensorrt_rtx"
+    (engines / "manifest.json").write_text(json.dumps(d))
+    code, _, err = run(capsys, "triton", engines, "-o", tmp_path / "r", "--backend", "tensorrt")
+    assert code == 2 and "tensorrt_rtx" in err
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    code, _, err = run(capsys, "triton", demo_export.directory, "-o", tmp_path / "busy")
+    assert code == 2 and "not a tgedge output" in err and (tmp_path / "busy" / "notes.txt").exists()
+    code, out, _ = run(capsys, "triton", demo_export.directory, "-o", tmp_path / "ok", "--instances", "2")
+    assert code == 0 and "vision" in out and (tmp_path / "ok" / "tgedge" / "config.pbtxt").exists()
+    code, _, err = run(capsys, "triton", demo_export.directory, "-o", tmp_path / "ok", "--instances", "0")
+    assert code == 2 and "--instances" in err
+
+
+def test_server_side_modules_import_no_torch():
+    """entry and stage run inside tritonserver's Python: the torch-free runtime and below, nothing heavier."""
+    for name in ("entry", "stage", "protocol", "repository"):
+        tree = ast.parse((ROOT / "tgedge" / "serving" / f"{name}.py").read_text())
+        imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        heavy = {m for m in imported if m.split(".")[0] == "torch" or m.startswith(("tgedge.model", "tgedge.export",
+                                                                                   "tgedge.reference"))}
+        assert not heavy, (name, heavy)
+
+
+# -- the real server ------------------------------------------------------------------------------------------
+def _ask_all(url, samples, workers, **options):
+    """Every sample answered by `workers` concurrent streaming clients (one stream each)."""
+    local = threading.local()
+    sessions = []
+
+    def ask(sample):
+        if not hasattr(local, "session"):
+            local.session = Session(url, timeout=60)
+            sessions.append(local.session)
+        pieces = []
+        reply = local.session.ask(sample[2], sample[1], on_text=pieces.append, **options)
+        return reply, "".join(pieces)
+
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            return list(pool.map(ask, samples))
+    finally:
+        for s in sessions:
+            s.close()
+
+
+def test_answers_equal_pipeline_with_8_streaming_clients(server, samples, reference):
+    replies = _ask_all(server.grpc_url, samples, 8, max_new_tokens=64)
+    for (reply, streamed), want in zip(replies, reference):
+        got = reply.answer
+        assert (got["tokens"], got["text"], got["prompt_tokens"]) == (want["tokens"], want["text"],
+                                                                      want["prompt_tokens"])
+        assert streamed.strip() == got["text"] and reply.first_text_s is not None
+        assert set(got) == set(want) and set(got["timings"]) >= set(want["timings"])
+
+
+KILLED_CLIENT = """
+import sys, time
+import tritonclient.grpc as grpcclient
+from tgedge.serving.client import request_inputs
+client = grpcclient.InferenceServerClient(sys.argv[1])
+client.start_stream(callback=lambda result, error: None)
+image = open(sys.argv[2], "rb").read()
+for i in range(24):
+    client.async_stream_infer("tgedge", request_inputs(image, sys.argv[3], max_new_tokens=64), request_id=str(i))
+print("sent", flush=True)
+time.sleep(120)
+"""
+
+
+def test_killed_client_does_not_wedge_the_server(server, samples, reference):
+    path, prompt, _ = samples[0]
+    client = subprocess.Popen([sys.executable, "-c", KILLED_CLIENT, server.grpc_url, str(path), prompt],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert client.stdout.readline().strip() == "sent"
+    finally:
+        client.kill()  # SIGKILL with 24 requests sent: its stream drops mid-answer
+        client.wait(30)
+    replies = _ask_all(server.grpc_url, samples[:8], 8, max_new_tokens=64)  # every decoding slot free again
+    assert [r.answer["tokens"] for r, _ in replies] == [w["tokens"] for w in reference[:8]]
+    assert server.running and server.ready()
+
+
+def _raw_request(url, inputs):
+    """Send tensors as given (no client-side checks); the error message, or None if it was answered."""
+    import tritonclient.grpc as grpcclient
+
+    errors, done = [], threading.Event()
+    client = grpcclient.InferenceServerClient(url)
+
+    def callback(result, error):
+        if error is not None:
+            errors.append(str(error))
+            done.set()
+        elif result.get_response().parameters["triton_final_response"].bool_param:
+            done.set()
+
+    client.start_stream(callback=callback)
+    try:
+        client.async_stream_infer(ENTRY_MODEL, inputs, enable_empty_final_response=True)
+        assert done.wait(60), "no response"
+    finally:
+        client.stop_stream()
+        client.close()
+    return errors[0] if errors else None
+
+
+def _tensor(name, value, datatype):
+    import tritonclient.grpc as grpcclient
+
+    t = grpcclient.InferInput(name, list(value.shape), datatype)
+    t.set_data_from_numpy(value)
+    return t
+
+
+def test_malformed_requests_get_error_responses(server, samples, reference):
+    url = server.grpc_url
+    _, prompt, image = samples[0]
+    with Session(url, timeout=60) as session:
+        for args, options, message in (((b"not an image", prompt), {}, "unreadable image"),
+                                       ((image, "   "), {}, "empty prompt"),
+                                       ((image, prompt), {"raw": True}, "<image> exactly once"),
+                                       ((image, prompt), {"temperature": -1.0}, "temperature must be")):
+            with pytest.raises(TgedgeError, match=message):
+                session.ask(*args, **options)
+        text = np.array([prompt.encode()], dtype=np.object_)
+        pixels = np.frombuffer(image, np.uint8)
+        assert "question" in _raw_request(url, [_tensor("image", pixels, "UINT8")])  # a required input missing
+        assert _raw_request(url, [_tensor("image", pixels, "UINT8"),
+                                  _tensor("question", np.zeros(1, np.float32), "FP32")])  # wrong type
+        assert "Expected [1]" in _raw_request(url, [_tensor("image", pixels, "UINT8"),
+                                                    _tensor("question", np.repeat(text, 2), "BYTES")])
+        assert "UTF-8" in _raw_request(url, [_tensor("image", pixels, "UINT8"),
+                                             _tensor("question", np.array([b"\xff\xfe"], np.object_), "BYTES")])
+        assert session.ask(image, prompt).answer["tokens"] == reference[0]["tokens"]  # and it still answers
+    assert server.running
+
+
+def test_client_cli_prints_what_run_prints(server, demo_export, samples, capsys, tmp_path):
+    path, prompt, _ = samples[1]
+    code, out, _ = run(capsys, "client", server.grpc_url, "--image", path, "--prompt", prompt, "--json")
+    assert code == 0
+    got = json.loads(out)
+    code, out, _ = run(capsys, "run", demo_export.directory, "--image", path, "--prompt", prompt, "--json")
+    want = json.loads(out)
+    assert set(got) == set(want) and (got["tokens"], got["text"]) == (want["tokens"], want["text"])
+    code, out, _ = run(capsys, "client", f"grpc://{server.grpc_url}", "--image", path, "--prompt", prompt, "--stream")
+    assert code == 0 and out.strip() == want["text"]
+    bad = tmp_path / "bad.png"
+    bad.write_text("not a picture")
+    for argv, message in ((["client", server.grpc_url, "--image", bad], "unreadable image"),
+                          (["client", server.grpc_url, "--image", tmp_path / "none.png"], "none.png"),
+                          (["client", f"127.0.0.1:{free_port()}", "--image", path, "--timeout", "5"],
+                           "no Triton server answers"),
+                          (["client", server.grpc_url, "--image", path, "--model", "nope"], "not ready"),
+                          (["client", server.http_url, "--image", path], "gRPC")):
+        code, out, err = run(capsys, *argv, "--prompt", prompt)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (argv, err)
+
+
+def test_loadtest(server, repo, demo_eval, capsys, tmp_path):
+    report, png = tmp_path / "load.json", tmp_path / "load.png"
+    code, out, err = run(capsys, "loadtest", server.grpc_url, "--data", demo_eval, "--concurrency", "1,2",
+                         "--requests", "6", "--baseline", repo, "--json", report, "--plot", png)
+    assert code == 0, err
+    d = json.loads(report.read_text())
+    assert [lv["concurrency"] for lv in d["levels"]] == [1, 2] and len(d["baselines"]) == 1
+    for lv in d["levels"]:
+        assert lv["errors"] == 0 and lv["requests"] == 6 and lv["matches"] == 6
+        assert set(lv["latency_ms"]) == {"p50", "p90", "p99", "mean"} and lv["requests_per_s"] > 0
+    assert png.read_bytes()[:4] == b"\x89PNG" and "req/s" in out
+
+
+def test_loadtest_refuses(demo_eval, capsys):
+    for argv, message in ((["10.1.2.3:8001"], "only loads a server on this machine"),
+                          (["grpc://0.0.0.0:8001"], "only loads a server on this machine"),
+                          (["127.0.0.1:1", "--concurrency", "0,4"], "--concurrency"),
+                          (["127.0.0.1:1", "--requests", "0"], "--requests")):
+        code, _, err = run(capsys, "loadtest", *argv, "--data", demo_eval)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (argv, err)
+
+
+def test_serve_cli_stops_cleanly_on_ctrl_c(repo):
+    _runnable_tritonserver()
+    ports = [str(free_port()) for _ in range(3)]
+    proc = subprocess.Popen([sys.executable, "-m", "tgedge", "serve", str(repo), "--quiet", "--http-port", ports[0],
+                             "--grpc-port", ports[1], "--metrics-port", ports[2]],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("ready: grpc"), line + proc.stderr.read()
+        server_pids = subprocess.run(["pgrep", "-g", str(_server_group(proc.pid))], capture_output=True,
+                                     text=True).stdout.split()
+        assert len(server_pids) >= 1 + 6  # tritonserver and a stub per model instance
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in server_pids):
+            time.sleep(0.2)
+        assert not [p for p in server_pids if Path(f"/proc/{p}").exists()], "server processes left behind"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+def _server_group(parent: int) -> int:
+    """The process group of `tgedge serve`'s tritonserver (its own session)."""
+    children = subprocess.run(["pgrep", "-P", str(parent)], capture_output=True, text=True).stdout.split()
+    assert children, "tgedge serve has no child"
+    return os.getpgid(int(children[0]))
+
+
+def test_serve_cli_errors_are_one_line(tmp_path, capsys):
+    code, _, err = run(capsys, "serve", tmp_path / "nothing")
+    assert code == 2 and "model repository not found" in err
+    (tmp_path / "empty").mkdir()
+    code, _, err = run(capsys, "serve", tmp_path / "empty")
+    assert code == 2 and "no model" in err
+    code, _, err = run(capsys, "serve", tmp_path / "empty", "--http-port", "8000", "--grpc-port", "8000")
+    assert code == 2 and "must differ" in err
+    _runnable_tritonserver()
+    broken = tmp_path / "broken" / "oops"
+    (broken / "1").mkdir(parents=True)
+    (broken / "config.pbtxt").write_text('backend: "python"\nmax_batch_size: 0\n'
+                                         'input [{ name: "x" data_type: TYPE_FP32 dims: [1] }]\n'
+                                         'output [{ name: "y" data_type: TYPE_FP32 dims: [1] }]\n')
+    (broken / "1" / "model.py").write_text("raise RuntimeError('this model cannot load')\n")
+    ports = [str(free_port()) for _ in range(3)]
+    code, _, err = run(capsys, "serve", broken.parent, "--quiet", "--timeout", "120", "--http-port", ports[0],
+                       "--grpc-port", ports[1], "--metrics-port", ports[2])
+    assert code == 2 and "this model cannot load" in err and len(err.strip().splitlines()) == 1, err
