@@ -143,21 +143,25 @@ class Entry:
         except TgedgeError as e:
             sender.send(error_response(str(e)), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
             return
+        # the client's going away shows on the sender (Triton >= 2.42) or the request
+        cancelled = getattr(sender, "is_cancelled", None) or request.is_cancelled
         self.slots.acquire()  # at most max_inflight decoding; Triton queues the rest
         try:
-            self.pool.submit(self._serve, values, sender)
+            self.pool.submit(self._serve, values, sender, cancelled)
         except BaseException:
             self.slots.release()
             raise
 
-    def _serve(self, values: dict, sender) -> None:
+    def _serve(self, values: dict, sender, cancelled) -> None:
         try:
-            answer = self.answer(values, sender)
+            answer = self.answer(values, sender, cancelled)
             final = pb_utils.InferenceResponse([text_tensor("answer", json.dumps(answer))])
             sender.send(final, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-        except Cancelled:
-            pass  # Triton completes a cancelled request itself
         except Exception as e:
+            if isinstance(e, Cancelled) or cancelled():  # the client has gone: close, nobody to tell
+                self.log.log_info("tgedge: request cancelled (the client has gone)")
+                self._send_final(sender)
+                return
             user = as_user_error(e)
             if user is None:  # a bug: the client gets an error, the log the traceback, the server lives on
                 self.log.log_error(f"tgedge: internal error: {traceback.format_exc()}")
@@ -167,14 +171,19 @@ class Entry:
 
     @staticmethod
     def _send_error(sender, message: str) -> None:
+        Entry._send_final(sender, error_response(message))
+
+    @staticmethod
+    def _send_final(sender, response=None) -> None:
+        """The request's last response (or none: where Triton closed a cancelled request already, a no-op)."""
         try:
-            sender.send(error_response(message), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         except Exception:  # noqa: BLE001 - the client is gone: nobody to tell
             pass
 
-    def answer(self, values: dict, sender) -> dict:
+    def answer(self, values: dict, sender, cancelled) -> dict:
+        """Decode one request, streaming the text to `sender`; `cancelled()` says the client has gone."""
         start = time.perf_counter()
-        cancelled = getattr(sender, "is_cancelled", lambda: False)
 
         def on_text(piece: str) -> None:
             if cancelled():
