@@ -29,7 +29,7 @@ from google.protobuf import text_format  # noqa: E402
 from tritonclient.grpc import model_config_pb2  # noqa: E402
 
 from tgedge.serving import repository  # noqa: E402
-from tgedge.serving.client import Session, request_inputs  # noqa: E402
+from tgedge.serving.client import Session  # noqa: E402
 from tgedge.serving.protocol import ENTRY_MODEL, REQUEST  # noqa: E402
 from tgedge.serving.server import TritonServer, find_tritonserver, free_port  # noqa: E402
 

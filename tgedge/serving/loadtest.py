@@ -9,7 +9,10 @@ tokens/s count generated tokens. Loopback only: this is a measuring tool, not a 
 
 from __future__ import annotations
 
+import io
 import ipaddress
+import os
+import platform
 import socket
 import threading
 import time
@@ -193,9 +196,6 @@ def run_loadtest(url: str, data: str | Path, concurrency: list[int], requests: i
 
 
 def machine() -> dict:
-    import os
-    import platform
-
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     return {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
             "load_average_at_start": [round(x, 2) for x in load] if load else None}
@@ -228,8 +228,6 @@ def plot(report: Report, path: str | Path) -> None:
         ax.legend(fontsize=7)
     fig.suptitle(f"tgedge on Triton: {report.requests} requests per level, {report.samples} samples", fontsize=9)
     fig.tight_layout()
-    import io
-
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
