@@ -65,10 +65,10 @@ def listed_files(manifest: Manifest) -> list[str]:
     """The files an export directory's manifest names: manifest, graphs, their weights, preprocessing, calibration."""
     names = ["manifest.json", *manifest.files.values()]
     for g in manifest.graphs.values():
-        names += [g.file] + ([g.external_data] if g.external_data else [])
+        names += [g.file] + ([g.external_data] if g.external_data else []) + list(g.shared_data)
     if manifest.quantization.get("calibration"):
         names.append(manifest.quantization["calibration"])
-    return names
+    return list(dict.fromkeys(names))
 
 
 @dataclass

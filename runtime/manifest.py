@@ -51,6 +51,7 @@ class GraphEntry:
     sha256: str = ""
     external_data: str | None = None
     fingerprint: str = ""  # size + first/last MiB of each file: the cheap identity `run` checks on every start
+    shared_data: list[str] = field(default_factory=list)  # other graphs' weight files it reads (a tied table)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -143,9 +144,10 @@ class Manifest:
     def graph_files(self, name: str) -> list[Path]:
         """A graph's files: the graph and its external weights, if any."""
         entry = self.graphs[name]
-        weights = [inside(self.directory, entry.external_data, f"{self.directory}/{MANIFEST} graphs.{name}"
-                          ".external_data")] if entry.external_data else []
-        return [self.graph_path(name)] + weights
+        where = f"{self.directory}/{MANIFEST} graphs.{name}"
+        weights = [inside(self.directory, entry.external_data, f"{where}.external_data")] if entry.external_data else []
+        return [self.graph_path(name)] + weights + [inside(self.directory, f, f"{where}.shared_data")
+                                                    for f in entry.shared_data]
 
     def verify(self, name: str, full: bool) -> None:
         """The graph's files are the ones this manifest describes: all bytes (sha256, `full`) or a fingerprint."""
@@ -172,11 +174,13 @@ def graph_fingerprint(files: list[Path]) -> str:
 def load_contract(d: dict) -> StageContract:
     """The stage contract of a manifest's model config; where the manifest records one (tgedge >= 0.1 exports
     record `fusion_family`, `stages`, `kv_cache`), it must be the one the config gives."""
-    mode = (d.get("kv_cache") or {}).get("mode", "growing")
+    saved_cache = d.get("kv_cache") or {}
+    mode = saved_cache.get("mode", "growing")
     if mode not in CACHE_MODES:
         raise TgedgeError(f"{MANIFEST}: kv_cache mode {mode!r} is not one this tgedge runs ({', '.join(CACHE_MODES)}): "
                           "export the model again with this tgedge")
-    contract = StageContract.from_config(d["model"], d["max_context"], mode, d["dims"])
+    contract = StageContract.from_config(d["model"], d["max_context"], mode, d["dims"],
+                                         saved_cache.get("dtype", "float32"))
     saved = {k: d[k] for k in ("fusion_family", "stages", "kv_cache") if k in d}
     derived = contract.to_dict()
     differing = [k for k, v in saved.items() if v != derived[k]]

@@ -91,10 +91,6 @@ class Pipeline(StageFlow):
                 "position_ids": np.arange(past_len, past_len + t, dtype=np.int64)[None], **past}
         return self.run_stage("decoder", feed, keep=keep)
 
-    def logits(self, x: np.ndarray) -> np.ndarray:
-        """Full-sequence logits (1, T, V) from an empty cache (teacher forcing in `tgedge validate`)."""
-        return self.decoder(x, self.cache.empty(), 0)["logits"]
-
     # -- decode steps (tgedge.generate drives them) -----------------------------------------------------------
     def setup_cache(self, max_len: int) -> None:
         if max_len > self.manifest.max_context:

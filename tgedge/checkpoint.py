@@ -23,6 +23,7 @@ from tgedge.errors import TgedgeError
 from tgedge.fileio import atomic_dir, inside, usual_file_mode
 from tgedge.preprocess import IMAGE_PLACEHOLDER_ID, ImageSettings, Preprocessor, PreprocessSpec, Tokenizer
 from tgedge.prompt import PromptTemplate, template_for_family
+from tgedge.weights import LazyWeights
 
 log = logging.getLogger("tgedge")
 
@@ -68,10 +69,9 @@ def _rename(keys, prefixes) -> dict[str, str]:
     return out
 
 
-def read_weights(directory: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint directory, as float32 where they were floating point."""
-    from safetensors.torch import load_file
-
+def read_weights(directory: Path) -> LazyWeights:
+    """All tensors of a checkpoint directory, read when asked (float32 where floating point): safetensors through
+    their memory map, one tensor at a time; a pickled `.bin` (weights only) has to be loaded whole."""
     index = directory / "model.safetensors.index.json"
     if index.exists():
         files = shard_files(index)
@@ -81,15 +81,7 @@ def read_weights(directory: Path) -> dict[str, torch.Tensor]:
         files = sorted(p.name for p in directory.glob("*.safetensors"))
     tensors: dict[str, torch.Tensor] = {}
     if files:
-        for f in files:
-            try:
-                tensors.update(load_file(str(inside(directory, f, f"{index} weight_map"))))
-            except FileNotFoundError:
-                raise TgedgeError(f"{directory / f}: shard named in the index is missing") from None
-            except TgedgeError:
-                raise
-            except Exception as e:
-                raise TgedgeError(f"{directory / f}: unreadable safetensors file ({e})") from None
+        return LazyWeights.from_safetensors([inside(directory, f, f"{index} weight_map") for f in files])
     else:
         bins = sorted(directory.glob("pytorch_model*.bin"))
         if not bins:
@@ -99,7 +91,7 @@ def read_weights(directory: Path) -> dict[str, torch.Tensor]:
                 tensors.update(torch.load(f, map_location="cpu", weights_only=True))
             except Exception as e:
                 raise TgedgeError(f"{f}: cannot load with torch.load(weights_only=True) ({e})") from None
-    return {k: (v.float() if v.is_floating_point() else v) for k, v in tensors.items()}
+    return LazyWeights.from_tensors(tensors)
 
 
 def shard_files(index: Path) -> list[str]:
@@ -114,17 +106,24 @@ def shard_files(index: Path) -> list[str]:
     return files
 
 
-def non_finite(weights: dict[str, torch.Tensor]) -> list[str]:
-    """Names of floating-point tensors holding NaN or inf (buffers the model ignores excepted)."""
-    return sorted(k for k, v in weights.items()
-                  if v.is_floating_point() and not IGNORED.fullmatch(k) and not bool(torch.isfinite(v).all()))
+def non_finite(weights: LazyWeights) -> list[str]:
+    """Names of floating-point tensors holding NaN or inf (buffers the model ignores excepted), reading one
+    tensor at a time as stored."""
+    bad = []
+    for k in weights:
+        if IGNORED.fullmatch(k):
+            continue
+        v = weights.raw(k)
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            bad.append(k)
+    return sorted(bad)
 
 
 @dataclass
 class Checkpoint:
     path: Path
     config: C.ModelConfig
-    weights: dict[str, torch.Tensor]  # tgedge names
+    weights: LazyWeights  # tgedge names, read when asked
     preprocessor: Preprocessor
     raw_config: dict
 
@@ -190,8 +189,7 @@ def load_checkpoint(path: str | Path, clip: str | Path | None = None) -> Checkpo
         clip_dir = _clip_dir(raw, Path(clip) if clip else None, path)
         clip_raw = C.read_config_json(clip_dir / "config.json")
         C.check_config_json(raw, path / "config.json", clip_raw, clip_dir / "config.json")
-        names = _rename(weights, ORIGINAL_PREFIXES)
-        weights = {names[k]: v for k, v in weights.items()}
+        weights = weights.renamed(_rename(weights, ORIGINAL_PREFIXES))
         with_mask = any(k.startswith("mm_cross_attn.") for k in weights)
         with_perceiver = any(k.startswith("mm_patch_encoder.") for k in weights)
         if raw["model_type"] in C.TG_MODEL_TYPES and not (with_mask or with_perceiver):
@@ -201,17 +199,15 @@ def load_checkpoint(path: str | Path, clip: str | Path | None = None) -> Checkpo
         if "vision_tower" not in present or ((with_mask or with_perceiver) and "text_tower" not in present):
             # Towers the checkpoint does not carry come from the CLIP directory.
             clip_w = read_weights(clip_dir)
-            for old_name, new_name in _rename(clip_w, CLIP_PREFIXES).items():
-                if new_name.split(".")[0] not in present:
-                    weights[new_name] = clip_w[old_name]
+            clip_w = clip_w.renamed(_rename(clip_w, CLIP_PREFIXES))
+            weights = weights.merged(clip_w.only(lambda k: k.split(".")[0] not in present))
         cfg = C.original_model_config(raw, clip_raw, with_mask, with_perceiver)
         image = _find_image_settings(clip_dir, path)
         tokenizer = Tokenizer(path / "tokenizer.json")
         template = template_for_family(cfg.decoder.family, tokenizer.token_to_id("<|start_header_id|>") is not None)
         guide_tok_path = clip_dir / "tokenizer.json"
     else:
-        names = _rename(weights, HF_PREFIXES)
-        weights = {names[k]: v for k, v in weights.items()}
+        weights = weights.renamed(_rename(weights, HF_PREFIXES))
         cfg = C.hf_model_config(raw, layout)
         image = _find_image_settings(path)
         tokenizer = Tokenizer(path / "tokenizer.json")
@@ -221,7 +217,7 @@ def load_checkpoint(path: str | Path, clip: str | Path | None = None) -> Checkpo
             guide_tok_path = path / "text_guide" / "tokenizer.json"
     if not cfg.has_tg:
         log.warning("%s: no TG-LLaVA weights: running as plain LLaVA", path)
-        weights = {k: v for k, v in weights.items() if not k.startswith("text_tower.")}
+        weights = weights.only(lambda k: not k.startswith("text_tower."))
         guide_tok_path = None
     bad = non_finite(weights)
     if bad:
@@ -242,31 +238,67 @@ def load_checkpoint(path: str | Path, clip: str | Path | None = None) -> Checkpo
     return Checkpoint(path, cfg, weights, Preprocessor(spec, tokenizer, guide), raw)
 
 
-def load_state(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: Path) -> None:
-    """Strict load with every problem in one error: missing, unexpected and mis-shaped tensors."""
+def load_state(model: torch.nn.Module, weights: LazyWeights, source: Path, copy: bool = True) -> None:
+    """Strict load with every problem in one error: missing, unexpected and mis-shaped tensors; then one tensor
+    at a time into the model (never a second copy of the whole model)."""
     expected = model.state_dict()
     tied = getattr(model, "cfg", None) is not None and model.cfg.decoder.tie_word_embeddings
     missing = sorted(k for k in expected if k not in weights)
     unexpected = sorted(k for k in weights if k not in expected and not IGNORED.fullmatch(k)
                         and not (tied and k == "lm_head.weight"))
-    misshaped = sorted(f"{k} {tuple(weights[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
-                       if k in weights and tuple(weights[k].shape) != tuple(v.shape))
+    misshaped = sorted(f"{k} {weights.shape(k)} != {tuple(v.shape)}" for k, v in expected.items()
+                       if k in weights and weights.shape(k) != tuple(v.shape))
     problems = [f"{label} ({len(items)}): {', '.join(items[:12])}{' ...' if len(items) > 12 else ''}"
                 for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
                 if items]
     if problems:
         raise TgedgeError(f"{source}: checkpoint does not match the model: " + "; ".join(problems))
-    model.load_state_dict({k: weights[k] for k in expected}, strict=True)
+    if not copy:  # a meta-device model: names and shapes checked, weights loaded later (materialize)
+        return
+    with torch.no_grad():
+        for k, target in expected.items():
+            target.copy_(weights[k])
 
 
-def load_model(path: str | Path, clip: str | Path | None = None):
-    """-> (TGLlava in eval mode, fp32, Checkpoint)."""
+def load_model(path: str | Path, clip: str | Path | None = None, device: str = "cpu"):
+    """-> (TGLlava in eval mode, fp32, Checkpoint). `device="meta"`: the model without weights (nothing allocated),
+    checked against the checkpoint's names and shapes; `materialize` then loads the parts a step needs."""
     from tgedge.model import TGLlava
 
     ckpt = load_checkpoint(path, clip)
+    if device == "meta":
+        with torch.device("meta"):
+            model = TGLlava(ckpt.config)
+        load_state(model, ckpt.weights, ckpt.path, copy=False)
+        return model.eval(), ckpt
     model = TGLlava(ckpt.config)
     load_state(model, ckpt.weights, ckpt.path)
     return model.eval(), ckpt
+
+
+def materialize(model: torch.nn.Module, weights: LazyWeights, prefixes: tuple[str, ...]) -> None:
+    """Load the parameters under `prefixes` (module paths) of a meta-device model; buffers are recomputed."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith(prefixes):
+                _set_tensor(model, name, torch.nn.Parameter(weights[name], requires_grad=False))
+    if any(p.startswith("language_model") for p in prefixes):
+        from tgedge.model.decoder import rope_inv_freq
+
+        dec = model.language_model
+        dec.inv_freq = rope_inv_freq(dec.cfg)
+
+
+def release(model: torch.nn.Module, prefixes: tuple[str, ...]) -> None:
+    """Drop the parameters under `prefixes` back to the meta device (their memory is freed)."""
+    for name, p in model.named_parameters():
+        if name.startswith(prefixes) and not p.is_meta:
+            _set_tensor(model, name, torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False))
+
+
+def _set_tensor(model: torch.nn.Module, name: str, value: torch.nn.Parameter) -> None:
+    module_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(module_name), attr, value)
 
 
 def save_checkpoint(model, preprocessor: Preprocessor, out: str | Path, chat_template: str | None = None,

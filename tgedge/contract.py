@@ -247,7 +247,7 @@ class StageContract:
 
     @classmethod
     def from_config(cls, cfg: dict, max_context: int, cache_mode: str = "growing",
-                    dims: dict[str, dict[str, int]] | None = None) -> "StageContract":
+                    dims: dict[str, dict[str, int]] | None = None, cache_dtype: str = "float32") -> "StageContract":
         """The contract of a model config (`ModelConfig.to_dict()`), exported for `max_context` positions;
         `dims` (min/opt/max per symbolic dim) as recorded in a manifest, else derived."""
         family = family_of(cfg)
@@ -269,7 +269,7 @@ class StageContract:
         dims = dims or profile_dims(cfg, max_context)
         if cache_mode not in CACHE_MODES:
             raise TgedgeError(f"unknown KV cache mode {cache_mode!r} (choose from {', '.join(CACHE_MODES)})")
-        cache = CacheLayout(cache_mode, dec["num_layers"], dec["num_kv_heads"], dec["head_dim"],
+        cache = CacheLayout(cache_mode, dec["num_layers"], dec["num_kv_heads"], dec["head_dim"], cache_dtype,
                             profiles=decoder_profiles(dims))
         stages.append(Stage(
             "decoder",
@@ -277,7 +277,8 @@ class StageContract:
              TensorMeta("attention_mask", "int64", (BATCH, TOTAL)),
              TensorMeta("position_ids", "int64", (BATCH, SEQ)))
             + tuple(TensorMeta(n, cache.dtype, cache.past_shape) for n in cache.past_names()),
-            (TensorMeta("logits", "float32", (BATCH, SEQ, dec["vocab_size"])),)
+            # logits of the last position only: what generation needs (validate teacher-forces step by step)
+            (TensorMeta("logits", "float32", (BATCH, 1, dec["vocab_size"])),)
             + tuple(TensorMeta(n, cache.dtype, cache.present_shape) for n in cache.present_names())))
         return cls(family.name, {s.name: s for s in stages}, dims, cache, max_context)
 

@@ -11,6 +11,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy as np
+
 from tgedge.errors import TgedgeError
 from tgedge.sampling import GenerationOptions, Sampler, StopCriteria
 
@@ -63,6 +65,20 @@ def generate(pipe, x: Any, options: GenerationOptions, context: int, stop: StopC
     steps = max(len(tokens) - 1, 1)
     return GenerationResult(tokens, {"prefill_s": first - start, "decode_s": end - first,
                                      "decode_tokens_per_s": steps / max(end - first, 1e-9)})
+
+
+def forced_logits(pipe, x: Any, tokens: list[int]) -> np.ndarray:
+    """Teacher forcing through the decode path: the logits (n, V) the pipeline gives before each of `tokens` when
+    fed the prompt embeddings x (1, T, D) and then `tokens[:-1]` one at a time (what `tgedge validate` compares)."""
+    t = x.shape[1]
+    pipe.setup_cache(t + len(tokens))
+    try:
+        out = [np.asarray(pipe.prefill(x))]
+        for i, token in enumerate(tokens[:-1]):
+            out.append(np.asarray(pipe.decode_one_token(token, t + i)))
+    finally:
+        pipe.clear_cache()
+    return np.stack(out)
 
 
 class AnswerMixin:

@@ -82,9 +82,3 @@ class TorchPipeline(StageFlow):
         """A generated id is always text, even the image token's id: it goes through the embedding table."""
         x = self.model.language_model.embed_tokens(torch.tensor([[token]]))
         return self.model(x, torch.tensor([pos]))[0, -1].numpy()
-
-    @torch.no_grad()
-    def logits(self, x):
-        """Full-sequence logits (1, T, V) without a cache: teacher forcing in `tgedge validate`."""
-        x = torch.as_tensor(x)
-        return self.model(x, torch.arange(x.shape[1])).numpy()

@@ -20,6 +20,7 @@ import numpy as np
 from tgedge.config import bad_numbers
 from tgedge.contract import ALL_STAGES
 from tgedge.errors import TgedgeError
+from tgedge.generate import forced_logits
 from tgedge.stageflow import StageFlow
 
 log = logging.getLogger("tgedge")
@@ -232,11 +233,8 @@ def run_sample(runtime, reference, record, max_new_tokens: int = 8) -> SampleRun
     # Greedy answers from the inputs preprocessed above (each pipeline its own, as deployed).
     ref_answer = reference.answer_inputs(inputs, reference.options(max_new_tokens=max_new_tokens))
     rt_answer = runtime.answer_inputs(rt_inputs, runtime.options(max_new_tokens=max_new_tokens))
-    # Teacher forcing: the prompt and the reference's answer, both pipelines on the same embeddings.
-    n = len(ref_answer.tokens)
-    answer = reference.embed_tokens(np.array([ref_answer.tokens[:-1]], np.int64))
-    forced = np.concatenate([x, answer], axis=1)
-    logits = (runtime.logits(forced)[0, -n:], reference.logits(forced)[0, -n:])
+    # Teacher forcing on the reference's answer, both pipelines from the same prompt embeddings, step by step.
+    logits = (forced_logits(runtime, x, ref_answer.tokens), forced_logits(reference, x, ref_answer.tokens))
     return SampleRun(preprocess, stages, logits, (rt_answer.tokens, ref_answer.tokens),
                      (rt_answer.text, ref_answer.text), record.answer)
 

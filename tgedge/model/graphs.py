@@ -45,7 +45,9 @@ class PastKV:
 
 
 class DecoderGraph(nn.Module):
-    """inputs_embeds + attention_mask + position_ids + past -> logits + present (one graph, prefill and decode)."""
+    """inputs_embeds + attention_mask + position_ids + past -> last-position logits + present (prefill and decode).
+
+    `tgedge export` writes this graph directly (export/decoder_graph.py) and checks it against this module."""
 
     def __init__(self, model):
         super().__init__()
@@ -61,7 +63,7 @@ class DecoderGraph(nn.Module):
         allowed = (k_idx[None, :] <= q_idx[:, None])[None, None] & (attention_mask[:, None, None, :] > 0)
         mask = torch.where(allowed, 0.0, torch.finfo(inputs_embeds.dtype).min)  # (B, 1, T, S)
         h = dec.run_layers(inputs_embeds, cos[:, None], sin[:, None], mask, None, caches)
-        logits = self.model.lm_logits(h)
+        logits = self.model.lm_logits(h[:, -1:])  # the last position: (B, 1, V)
         return (logits, *[x for c in caches for x in (c.k, c.v)])
 
 

@@ -73,6 +73,15 @@ class TGLlava(nn.Module):
         """Token ids (B, T) -> embeddings (B, T, D), every id a text token (the `embed` stage)."""
         return self.language_model.embed_tokens(input_ids)
 
+    def stage_prefixes(self, name: str) -> tuple[str, ...]:
+        """The parameters (module paths) a stage computes with: what export loads for that stage's graph alone."""
+        own = {"text_guide": ("text_tower.",), "vision": ("vision_tower.",), "embed": ("language_model.embed_tokens.",),
+               "decoder": ("language_model.", "lm_head.")}
+        if name != "fusion":
+            return own[name]
+        others = {"text_tower", "vision_tower", "language_model", "lm_head"}  # fusion: the projector and the family's
+        return tuple(f"{n}." for n, m in self.named_children() if n not in others and m is not None)
+
     def run_stage(self, name: str, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """One stage of the contract, named tensors in and out."""
         out = getattr(self, STAGE_METHODS[name])(**feed)

@@ -1,0 +1,290 @@
+"""The decoder and embed graphs written directly from the config, weights streamed from the checkpoint.
+
+What onnxruntime-genai's builder and TensorRT Edge-LLM's exporter do for LLMs: no tracing, so no second copy of the
+model in memory. Each weight is read from the checkpoint (`tgedge.weights.LazyWeights`), converted to the export
+dtype, written to the external data file and dropped: peak memory is one tensor plus the graph's structure.
+
+The graph computes what `tgedge.model.graphs.DecoderGraph` computes (it is checked against it), op for op:
+RMSNorm in fp32, RoPE from position ids, grouped-query attention as MatMul/Softmax (softmax in fp32) over
+past + new keys (the growing cache of the stage contract), SwiGLU, and logits for the **last position only**
+(prefill needs no more; validate teacher-forces step by step). A tied embedding table is stored once: the embed
+graph holds it and the decoder's LM head (`Gemm` with `transB`) reads the same bytes of `embed.onnx.data`.
+Standard ONNX ops, opset 17.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper
+
+from tgedge.contract import StageContract
+from tgedge.errors import TgedgeError
+from tgedge.model.decoder import rope_inv_freq
+
+DTYPES = {"fp32": (TensorProto.FLOAT, torch.float32), "fp16": (TensorProto.FLOAT16, torch.float16)}
+ALIGN = 64  # bytes; external tensors start aligned so that a memory map can use them in place
+
+
+class WeightStore:
+    """Initializers of one graph: inline (small graphs) or streamed to an external data file, one at a time."""
+
+    def __init__(self, directory: Path, data_file: str | None):
+        self.directory, self.data_file = directory, data_file
+        self.initializers: list[TensorProto] = []
+        self.bytes = 0
+        self._f = open(directory / data_file, "wb") if data_file else None
+
+    def add(self, name: str, tensor: torch.Tensor, elem_type: int) -> str:
+        """A weight tensor (converted already), written and forgotten; returns its name in the graph."""
+        data = tensor.contiguous().view(torch.uint8).numpy().tobytes() if tensor.dtype == torch.bfloat16 \
+            else tensor.contiguous().numpy().tobytes()
+        proto = TensorProto(name=name, data_type=elem_type, dims=list(tensor.shape))
+        if self._f is None:
+            proto.raw_data = data
+        else:
+            offset = self._write(data)
+            self._external(proto, self.data_file, offset, len(data))
+        self.initializers.append(proto)
+        self.bytes += len(data)
+        return name
+
+    def share(self, name: str, source: TensorProto) -> str:
+        """The same bytes as an initializer of another graph (its external file): stored once."""
+        proto = TensorProto(name=name, data_type=source.data_type, dims=list(source.dims))
+        if source.HasField("raw_data"):
+            proto.raw_data = source.raw_data
+        else:
+            proto.data_location = TensorProto.EXTERNAL
+            proto.external_data.extend(source.external_data)
+        self.initializers.append(proto)
+        return name
+
+    def _write(self, data: bytes) -> int:
+        pad = -self._f.tell() % ALIGN
+        self._f.write(b"\0" * pad)
+        offset = self._f.tell()
+        self._f.write(data)
+        return offset
+
+    @staticmethod
+    def _external(proto: TensorProto, location: str, offset: int, length: int) -> None:
+        proto.data_location = TensorProto.EXTERNAL
+        for k, v in (("location", location), ("offset", str(offset)), ("length", str(length))):
+            proto.external_data.add(key=k, value=v)
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+
+class GraphWriter:
+    """Nodes with unique names under a module path (`/layers.3/self_attn/q_proj/MatMul`), as a traced graph has."""
+
+    def __init__(self, store: WeightStore, dtype: str):
+        self.store, self.nodes, self.consts = store, [], []
+        self.elem, self.torch_dtype = DTYPES[dtype]
+        self._names: set[str] = set()
+
+    def op(self, op_type: str, inputs: list[str], scope: str, outputs: int = 1, **attrs) -> str | list[str]:
+        name = f"{scope}/{op_type}"
+        i = 0
+        while name in self._names:
+            i += 1
+            name = f"{scope}/{op_type}_{i}"
+        self._names.add(name)
+        outs = [f"{name}_output_{k}" for k in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=name, **attrs))
+        return outs[0] if outputs == 1 else outs
+
+    def const(self, name: str, value: np.ndarray) -> str:
+        self.consts.append(onnx.numpy_helper.from_array(value, name))
+        return name
+
+    def cast(self, x: str, to: int, scope: str) -> str:
+        return x if to is None else self.op("Cast", [x], scope, to=to)
+
+
+def _weight(w: GraphWriter, weights, name: str, transpose: bool = False) -> str:
+    t = weights.raw(name)
+    t = (t.t() if transpose else t).to(w.torch_dtype)
+    return w.store.add(name + (".T" if transpose else ""), t, w.elem)
+
+
+def _linear(w: GraphWriter, weights, x: str, prefix: str, scope: str, bias: bool) -> str:
+    y = w.op("MatMul", [x, _weight(w, weights, f"{prefix}.weight", transpose=True)], scope)
+    if bias:
+        y = w.op("Add", [y, _weight(w, weights, f"{prefix}.bias")], scope)
+    return y
+
+
+def _rms_norm(w: GraphWriter, weights, x: str, name: str, eps: float, scope: str) -> str:
+    """x * rsqrt(mean(x^2) + eps) in fp32, then back to the compute dtype and scaled (tgedge.model.common.RMSNorm)."""
+    fp32 = w.elem != TensorProto.FLOAT
+    xf = w.op("Cast", [x], scope, to=TensorProto.FLOAT) if fp32 else x
+    var = w.op("ReduceMean", [w.op("Pow", [xf, "two_f32"], scope)], scope, axes=[-1], keepdims=1)
+    inv = w.op("Reciprocal", [w.op("Sqrt", [w.op("Add", [var, w.const(f"{scope}/eps", np.array(eps, np.float32))],
+                                                  scope)], scope)], scope)
+    y = w.op("Mul", [xf, inv], scope)
+    y = w.op("Cast", [y], scope, to=w.elem) if fp32 else y
+    return w.op("Mul", [_weight(w, weights, name), y], scope)
+
+
+def _rotate(w: GraphWriter, x: str, cos: str, sin: str, scope: str) -> str:
+    x1, x2 = w.op("Split", [x, "half_split"], scope, outputs=2, axis=-1)
+    rotated = w.op("Concat", [w.op("Neg", [x2], scope), x1], scope, axis=-1)
+    return w.op("Add", [w.op("Mul", [x, cos], scope), w.op("Mul", [rotated, sin], scope)], scope)
+
+
+def build_decoder(cfg, contract: StageContract, weights, directory: Path, file: str, dtype: str,
+                  external: bool, embed_table: TensorProto | None) -> tuple[onnx.ModelProto, WeightStore]:
+    """The decoder graph (tgedge names: `language_model.*`, `lm_head.*`); `embed_table` is the embed graph's table
+    initializer when the embeddings are tied (the LM head reads it)."""
+    d = cfg.decoder
+    store = WeightStore(directory, f"{file}.data" if external else None)
+    w = GraphWriter(store, dtype)
+    hd, h, hkv = d.head_dim, d.num_heads, d.num_kv_heads
+    groups = h // hkv
+    cache = contract.cache
+    stage = contract.stages["decoder"]
+    past = cache.past_names()
+    w.const("two_f32", np.array(2.0, np.float32))
+    w.const("half_split", np.array([hd // 2, hd // 2], np.int64))
+    w.const("minus_one", np.array([-1], np.int64))
+    w.const("big", np.array([np.iinfo(np.int64).max], np.int64))
+    w.const("axis1", np.array([1], np.int64))
+    w.const("zero_i", np.array(0, np.int64))
+    w.const("one_i", np.array(1, np.int64))
+    try:
+        x = w.cast("inputs_embeds", w.elem if w.elem != TensorProto.FLOAT else None, "/embeds")
+        # RoPE angles from the positions: (B, S, D/2) -> cos, sin (B, 1, S, D)
+        inv_freq = w.const("rope/inv_freq", rope_inv_freq(d).numpy().astype(np.float32))
+        pos = w.op("Cast", ["position_ids"], "/rope", to=TensorProto.FLOAT)
+        freqs = w.op("Mul", [w.op("Unsqueeze", [pos, "minus_one"], "/rope"), inv_freq], "/rope")
+        emb = w.op("Concat", [freqs, freqs], "/rope", axis=-1)
+        cos, sin = (w.op("Unsqueeze", [w.cast(w.op(f, [emb], "/rope"), w.elem if w.elem != TensorProto.FLOAT else None,
+                                              "/rope"), "axis1"], "/rope") for f in ("Cos", "Sin"))
+        # additive mask (B, 1, S, P+S): causal over past + new positions, and the attention mask's padding
+        seq = w.op("Gather", [w.op("Shape", ["inputs_embeds"], "/mask"), "one_i"], "/mask", axis=0)
+        p = w.op("Gather", [w.op("Shape", [past[0]], "/mask"), w.const("two_i", np.array(2, np.int64))], "/mask",
+                 axis=0)
+        total = w.op("Add", [p, seq], "/mask")
+        q_idx = w.op("Range", [p, total, "one_i"], "/mask")
+        k_idx = w.op("Range", ["zero_i", total, "one_i"], "/mask")
+        causal = w.op("LessOrEqual", [w.op("Unsqueeze", [k_idx, w.const("axis0", np.array([0], np.int64))], "/mask"),
+                                      w.op("Unsqueeze", [q_idx, "axis1"], "/mask")], "/mask")  # (S, P+S)
+        padded = w.op("Greater", ["attention_mask", w.const("zero_mask", np.array(0, np.int64))], "/mask")
+        padded = w.op("Unsqueeze", [padded, w.const("axes12", np.array([1, 2], np.int64))], "/mask")
+        allowed = w.op("And", [causal, padded], "/mask")
+        np_dt = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}.get(w.elem, np.float32)
+        lowest = torch.finfo(w.torch_dtype).min
+        mask = w.op("Where", [allowed, w.const("mask_zero", np.array(0, np_dt)),
+                              w.const("mask_min", np.array(lowest, np_dt))], "/mask")
+        scale = w.const("attn_scale", np.array(math.sqrt(hd), np_dt))
+        q_shape = w.const("q_shape", np.array([0, 0, h, hd], np.int64))
+        kv_shape = w.const("kv_shape", np.array([0, 0, hkv, hd], np.int64))
+        rep_shape = w.const("rep_shape", np.array([0, h, -1, hd], np.int64))
+        out_shape = w.const("out_shape", np.array([0, 0, h * hd], np.int64))
+        expand_axis = w.const("axis2", np.array([2], np.int64))
+        presents = []
+        for i in range(d.num_layers):
+            pre, s = f"language_model.layers.{i}", f"/layers.{i}"
+            a = _rms_norm(w, weights, x, f"{pre}.input_layernorm.weight", d.rms_norm_eps, f"{s}/input_layernorm")
+            sa = f"{s}/self_attn"
+            heads = []
+            for proj, n, shape in (("q_proj", h, q_shape), ("k_proj", hkv, kv_shape), ("v_proj", hkv, kv_shape)):
+                y = _linear(w, weights, a, f"{pre}.self_attn.{proj}", f"{sa}/{proj}", d.qkv_bias)
+                heads.append(w.op("Transpose", [w.op("Reshape", [y, shape], sa)], sa, perm=[0, 2, 1, 3]))
+            q, k, v = heads  # (B, H, S, D), (B, Hkv, S, D)
+            q, k = _rotate(w, q, cos, sin, f"{sa}/rope_q"), _rotate(w, k, cos, sin, f"{sa}/rope_k")
+            k = w.op("Concat", [past[2 * i], k], sa, axis=2)  # (B, Hkv, P+S, D): the present
+            v = w.op("Concat", [past[2 * i + 1], v], sa, axis=2)
+            presents += [k, v]
+            if groups > 1:  # repeat_interleave over heads: (B, Hkv, 1, T, D) -> (B, Hkv, g, T, D) -> (B, H, T, D)
+                rep = w.op("Concat", [w.op("Shape", [k], sa, start=0, end=2),
+                                      w.const(f"{sa}/groups", np.array([groups], np.int64)),
+                                      w.op("Shape", [k], sa, start=2)], sa, axis=0)
+                k, v = (w.op("Reshape", [w.op("Expand", [w.op("Unsqueeze", [t, expand_axis], sa), rep], sa),
+                                         rep_shape], sa) for t in (k, v))
+            scores = w.op("Div", [w.op("MatMul", [q, w.op("Transpose", [k], sa, perm=[0, 1, 3, 2])], sa), scale], sa)
+            scores = w.op("Add", [scores, mask], sa)
+            if w.elem != TensorProto.FLOAT:
+                scores = w.op("Cast", [scores], sa, to=TensorProto.FLOAT)
+            probs = w.op("Softmax", [scores], sa, axis=-1)
+            if w.elem != TensorProto.FLOAT:
+                probs = w.op("Cast", [probs], sa, to=w.elem)
+            o = w.op("Reshape", [w.op("Transpose", [w.op("MatMul", [probs, v], sa)], sa, perm=[0, 2, 1, 3]),
+                                 out_shape], sa)
+            x = w.op("Add", [x, _linear(w, weights, o, f"{pre}.self_attn.o_proj", f"{sa}/o_proj", d.o_bias)], s)
+            m = _rms_norm(w, weights, x, f"{pre}.post_attention_layernorm.weight", d.rms_norm_eps,
+                          f"{s}/post_attention_layernorm")
+            ms = f"{s}/mlp"
+            gate = _linear(w, weights, m, f"{pre}.mlp.gate_proj", f"{ms}/gate_proj", False)
+            up = _linear(w, weights, m, f"{pre}.mlp.up_proj", f"{ms}/up_proj", False)
+            act = w.op("Mul", [gate, w.op("Sigmoid", [gate], ms)], ms)  # SiLU
+            x = w.op("Add", [x, _linear(w, weights, w.op("Mul", [act, up], ms), f"{pre}.mlp.down_proj",
+                                        f"{ms}/down_proj", False)], s)
+        x = _rms_norm(w, weights, x, "language_model.norm.weight", d.rms_norm_eps, "/norm")
+        # the last position only, (B, 1, D) -> (B, D) for the LM head's Gemm -> (B, 1, V)
+        last = w.op("Slice", [x, "minus_one", "big", "axis1"], "/lm_head")
+        flat = w.op("Reshape", [last, w.const("flat_shape", np.array([-1, d.hidden_size], np.int64))], "/lm_head")
+        if d.tie_word_embeddings:
+            table = store.share("lm_head.tied_embed_tokens", embed_table)
+        else:
+            table = _weight(w, weights, "lm_head.weight")  # (V, D): Gemm's transB reads it as stored
+        logits = w.op("Unsqueeze", [w.op("Gemm", [flat, table], "/lm_head", transB=1), "axis1"], "/lm_head")
+        if w.elem != TensorProto.FLOAT:
+            logits = w.op("Cast", [logits], "/lm_head", to=TensorProto.FLOAT)
+        w.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="/lm_head/logits"))
+        for name, value in zip(cache.present_names(), presents):
+            w.nodes.append(helper.make_node("Identity", [value], [name], name=f"/present/{name}"))
+    finally:
+        store.close()
+    graph = helper.make_graph(w.nodes, "decoder", [_value_info(t) for t in stage.inputs],
+                              [_value_info(t) for t in stage.outputs], store.initializers + w.consts)
+    return _model(graph), store
+
+
+def build_embed(cfg, contract: StageContract, weights, directory: Path, file: str, dtype: str,
+                external: bool) -> tuple[onnx.ModelProto, WeightStore]:
+    store = WeightStore(directory, f"{file}.data" if external else None)
+    w = GraphWriter(store, dtype)
+    try:
+        table = _weight(w, weights, "language_model.embed_tokens.weight")
+    finally:
+        store.close()
+    out = w.op("Gather", [table, "input_ids"], "/embed_tokens", axis=0)
+    w.nodes.append(helper.make_node("Cast", [out], ["inputs_embeds"], name="/embed_tokens/Cast",
+                                    to=TensorProto.FLOAT) if w.elem != TensorProto.FLOAT else
+                   helper.make_node("Identity", [out], ["inputs_embeds"], name="/embed_tokens/Identity"))
+    stage = contract.stages["embed"]
+    graph = helper.make_graph(w.nodes, "embed", [_value_info(t) for t in stage.inputs],
+                              [_value_info(t) for t in stage.outputs], store.initializers + w.consts)
+    return _model(graph), store
+
+
+def _value_info(t) -> onnx.ValueInfoProto:
+    elem = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16,
+            "int64": TensorProto.INT64}[t.dtype]
+    return helper.make_tensor_value_info(t.name, elem, list(t.shape))
+
+
+def _model(graph) -> onnx.ModelProto:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="tgedge")
+    model.ir_version = 8  # what onnxruntime >= 1.14 and TensorRT 8.6+ read
+    return model
+
+
+def save(model: onnx.ModelProto, path: Path) -> None:
+    """Write the graph's structure; its weights are already in place (inline or in the data file)."""
+    if model.ByteSize() > (2 << 30) - (64 << 20):
+        raise TgedgeError(f"{path}: graph over protobuf's 2 GiB limit with inline weights: export with external data")
+    with open(path, "wb") as f:
+        f.write(model.SerializeToString())
+    os.chmod(path, 0o644)
