@@ -89,4 +89,9 @@ def collect(export_dir: str | Path, data: str | Path, limit: int | None = None, 
             pipe.answer(r.image, r.prompt, options)
             if progress is not None:
                 progress()
+    # The vision stage sees the main view and its crops in one batch; the calibrator runs every feed through a graph
+    # that outputs every activation, so one view at a time bounds its memory (a ViT-L/336 batch of 5 views is ~10 GiB
+    # of activations). Min/max (and histogram) ranges over single views are the ranges over the batch.
+    feeds["vision"] = [{"pixel_values": f["pixel_values"][i:i + 1]} for f in feeds.get("vision", [])
+                       for i in range(f["pixel_values"].shape[0])]
     return feeds

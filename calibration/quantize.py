@@ -36,6 +36,7 @@ log = logging.getLogger("tgedge")
 METHODS = ("minmax", "entropy", "percentile")
 QUANT_OPS = ("MatMul", "Gemm", "Conv")
 WEIGHT_ONLY = ("int4w", "int8w")
+EXTERNAL_DATA_BYTES = 512 << 20  # as tgedge export: graphs with more weight bytes keep them in `<graph>.onnx.data`
 BLOCK_SIZE = 32
 FP16_KEEP_OPS = ["Softmax", "LayerNormalization"]
 CALIBRATION = "calibration.json"
@@ -159,7 +160,8 @@ def to_weight_only(proto: onnx.ModelProto, bits: int, exclude: list[str]) -> tup
     return out, GraphReport(f"int{bits}w", quantized_nodes=done, fp32_nodes=exclude)
 
 
-def to_int8(src: Path, dst: Path, reader, method: str, exclude: list[str], cache: Path) -> GraphReport:
+def to_int8(src: Path, dst: Path, reader, method: str, exclude: list[str], cache: Path,
+            external: bool = False) -> GraphReport:
     import onnxruntime
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -175,6 +177,7 @@ def to_int8(src: Path, dst: Path, reader, method: str, exclude: list[str], cache
                 str(src), str(dst), reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=list(QUANT_OPS),
                 per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                 nodes_to_exclude=exclude, calibrate_method=calibrate, calibration_cache_path=str(cache),
+                use_external_data_format=external,
                 extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
                                "QuantizeBias": False,  # TensorRT has no int32 DequantizeLinear
                                # one sample at a time: the histogram calibrators cannot stack feeds of
@@ -182,10 +185,61 @@ def to_int8(src: Path, dst: Path, reader, method: str, exclude: list[str], cache
                                "CalibStridedMinMax": 1})
     finally:
         root.setLevel(level)
-    out = onnx.load(str(dst))
+    out = onnx.load(str(dst), load_external_data=False)
     dq_outputs = {o for n in out.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
     done = [n.name for n in out.graph.node if n.op_type in QUANT_OPS and any(i in dq_outputs for i in n.input)]
     return GraphReport("int8", quantized_nodes=done, fp32_nodes=exclude)
+
+
+def _shared_refs(structure: onnx.ModelProto, own: str | None, available: set[str]) -> dict[str, onnx.TensorProto]:
+    """Initializers a graph reads from another graph's weight file (a tied table) that this output keeps."""
+    out = {}
+    for t in structure.graph.initializer:
+        location = next((e.value for e in t.external_data if e.key == "location"), None)
+        if location and location != own and location in available:
+            out[t.name] = onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims,
+                                           data_location=t.data_location, external_data=t.external_data)
+    return out
+
+
+def _restore_shared(proto: onnx.ModelProto, shared: dict[str, onnx.TensorProto]) -> None:
+    """Point still-unchanged shared initializers back at the other graph's file: stored once, as exported."""
+    for t in proto.graph.initializer:
+        ref = shared.get(t.name)
+        if ref is not None and t.data_type == ref.data_type and list(t.dims) == list(ref.dims):
+            t.ClearField("raw_data")
+            t.data_location = onnx.TensorProto.EXTERNAL
+            del t.external_data[:]
+            t.external_data.extend(ref.external_data)
+
+
+def save_graph(proto: onnx.ModelProto, target: Path) -> None:
+    """Save with its weights in `<graph>.onnx.data` when they are over EXTERNAL_DATA_BYTES (a graph file never
+    nears protobuf's 2 GiB), inline otherwise; tensors kept in another graph's file stay there."""
+    from tgedge.fileio import usual_file_mode
+
+    weight_bytes = sum(len(t.raw_data) for t in proto.graph.initializer if t.HasField("raw_data"))
+    external = weight_bytes > EXTERNAL_DATA_BYTES
+    onnx.save_model(proto, str(target), save_as_external_data=external, all_tensors_to_one_file=True,
+                    location=f"{target.name}.data", size_threshold=1024)
+    for f in target.parent.glob(f"{target.name}*"):
+        usual_file_mode(f)
+    onnx.checker.check_model(str(target))
+
+
+def _entry(entry, precision: str, target: Path):
+    """The manifest entry of a rewritten graph: its files as they are now."""
+    from tgedge.fileio import usual_file_mode
+
+    for f in target.parent.glob(f"{target.name}*"):
+        usual_file_mode(f)
+    structure = onnx.load(str(target), load_external_data=False)
+    locations = {e.value for t in structure.graph.initializer for e in t.external_data if e.key == "location"}
+    own = f"{target.name}.data" if f"{target.name}.data" in locations else None
+    shared = sorted(locations - {own} if own else locations)
+    files = [target] + ([target.parent / own] if own else []) + [target.parent / f for f in shared]
+    return type(entry)(entry.name, entry.file, precision, entry.inputs, entry.outputs, sha256_files(files), own,
+                       graph_fingerprint(files), shared)
 
 
 @dataclass
@@ -252,39 +306,50 @@ def quantize_export(export_dir: str | Path, out: str | Path, precision: str, cal
         for key, name in src.files.items():
             shutil.copyfile(inside(src.directory, name, f"{src.directory}/manifest.json files.{key}"),
                             inside(tmp, name, f"manifest.json files.{key}"))
-        graphs = {}
+        graphs, verbatim = {}, set()  # graphs copied byte for byte, and the weight files they brought
         for graph, entry in src.graphs.items():
             p, path = plan[graph], src.graph_path(graph)
-            proto = onnx.load(str(path))
-            excluded = _matched(proto, exclude)
+            structure = onnx.load(str(path), load_external_data=False)  # ops and names; weights stay on disk
+            excluded = _matched(structure, exclude)
             used_patterns |= {p for p in exclude if any(fnmatch.fnmatchcase(n, p) for n in excluded)}
             say(f"{graph}: {p}" + (f" ({len(excluded)} nodes excluded)" if excluded else ""))
             target = inside(tmp, entry.file, f"manifest.json graphs.{graph}.file")
-            if p == "fp32" or (p != "fp16" and not any(n.op_type in QUANT_OPS for n in proto.graph.node)):
-                onnx.save_model(proto, str(target))
+            keep = p == "fp32" or (p != "fp16" and not any(n.op_type in QUANT_OPS for n in structure.graph.node))
+            if keep and all(f in verbatim for f in entry.shared_data):
+                for f in src.graph_files(graph)[:2 if entry.external_data else 1]:
+                    shutil.copyfile(f, tmp / f.name)
+                verbatim |= {entry.external_data} if entry.external_data else set()
+                graphs[graph] = entry
                 report = GraphReport("fp32")
                 if p != "fp32":  # nothing to quantise (e.g. embed, a Gather): it stays fp32, and says so
                     report.note = f"no {'/'.join(QUANT_OPS)} to quantize: kept fp32"
-            elif p == "fp16":
-                proto, report = to_fp16(proto, excluded)
-                onnx.save_model(proto, str(target))
-            elif p in WEIGHT_ONLY:
-                proto, report = to_weight_only(proto, 4 if p == "int4w" else 8, excluded)
-                onnx.save_model(proto, str(target))
-            else:
+                reports[graph] = report
+                continue
+            shared = _shared_refs(structure, entry.external_data, verbatim)
+            if p == "int8":
                 cache = Path(work) / f"{graph}.calibration.json"
                 if saved is not None:
                     cache.write_text(json.dumps(saved["graphs"][graph]))
-                report = to_int8(path, target, FeedReader(feeds.get(graph, [])), method, excluded, cache)
+                report = to_int8(path, target, FeedReader(feeds.get(graph, [])), method, excluded, cache,
+                                 external=bool(entry.external_data))
                 ranges[graph] = json.loads(cache.read_text())
+            else:
+                proto = onnx.load(str(path))
+                if keep:
+                    report = GraphReport("fp32", note="its shared weights were re-written")
+                elif p == "fp16":
+                    proto, report = to_fp16(proto, excluded)
+                else:
+                    proto, report = to_weight_only(proto, 4 if p == "int4w" else 8, excluded)
+                _restore_shared(proto, shared)
+                save_graph(proto, target)
+                del proto
             reports[graph] = report
-            onnx.checker.check_model(str(target))
-            graphs[graph] = type(entry)(graph, entry.file, report.precision, entry.inputs, entry.outputs,
-                                        sha256_files([target]), fingerprint=graph_fingerprint([target]))
+            graphs[graph] = _entry(entry, report.precision, target)
         record = None
         if ranges:
             record = saved if saved is not None else {
-                "method": method, "data": {"path": str(calib), "samples": len(feeds.get("vision", [])),
+                "method": method, "data": {"path": str(calib), "samples": len(feeds.get("fusion", [])),
                                            "sha256": _data_hash(Path(calib))}}
             record = {**{k: v for k, v in record.items() if k != "graphs"}, "graphs": ranges}
             (tmp / CALIBRATION).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")

@@ -85,11 +85,14 @@ class WeightStore:
 
 
 class GraphWriter:
-    """Nodes with unique names under a module path (`/layers.3/self_attn/q_proj/MatMul`), as a traced graph has."""
+    """Nodes with unique names under a module path (`/layers.3/self_attn/q_proj/MatMul`), as a traced graph has.
+    `weight_bits` 4 or 8: linear layers' weights written as onnxruntime's MatMulNBits blocks (block 32, symmetric),
+    what `tgedge quantize --precision int4w|int8w` makes, quantised one tensor at a time."""
 
-    def __init__(self, store: WeightStore, dtype: str):
+    def __init__(self, store: WeightStore, dtype: str, weight_bits: int | None = None):
         self.store, self.nodes, self.consts = store, [], []
         self.elem, self.torch_dtype = DTYPES[dtype]
+        self.weight_bits = weight_bits
         self._names: set[str] = set()
 
     def op(self, op_type: str, inputs: list[str], scope: str, outputs: int = 1, **attrs) -> str | list[str]:
@@ -117,7 +120,33 @@ def _weight(w: GraphWriter, weights, name: str, transpose: bool = False) -> str:
     return w.store.add(name + (".T" if transpose else ""), t, w.elem)
 
 
+BLOCK_SIZE = 32
+
+
+def _nbits(w: GraphWriter, weights, x: str, name: str, scope: str) -> str:
+    """x @ W^T with W quantised block-wise along K by onnxruntime's own kernel (as its MatMulNBitsQuantizer does)."""
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
+
+    wt = np.ascontiguousarray(weights.raw(name).float().t().numpy())  # (K, N)
+    k, n = wt.shape
+    bits, blocks = w.weight_bits, (k + BLOCK_SIZE - 1) // BLOCK_SIZE
+    packed = np.zeros((n, blocks, BLOCK_SIZE * bits // 8), np.uint8)
+    scales = np.zeros((n, blocks), np.float32)
+    zero_points = np.zeros((n, (blocks + 1) // 2 if bits == 4 else blocks), np.uint8)
+    (quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits)(packed, wt, scales, zero_points, BLOCK_SIZE, n, k,
+                                                                   True)
+    del wt
+    q = w.store.add(f"{name}_Q{bits}", torch.from_numpy(packed), TensorProto.UINT8)
+    sc = w.store.add(f"{name}_scales", torch.from_numpy(scales).to(w.torch_dtype), w.elem)
+    return w.op("MatMulNBits", [x, q, sc], scope, domain="com.microsoft", K=k, N=n, bits=bits, block_size=BLOCK_SIZE)
+
+
 def _linear(w: GraphWriter, weights, x: str, prefix: str, scope: str, bias: bool) -> str:
+    if w.weight_bits:
+        y = _nbits(w, weights, x, f"{prefix}.weight", scope)
+        if bias:
+            y = w.op("Add", [y, _weight(w, weights, f"{prefix}.bias")], scope)
+        return y
     y = w.op("MatMul", [x, _weight(w, weights, f"{prefix}.weight", transpose=True)], scope)
     if bias:
         y = w.op("Add", [y, _weight(w, weights, f"{prefix}.bias")], scope)
@@ -143,12 +172,13 @@ def _rotate(w: GraphWriter, x: str, cos: str, sin: str, scope: str) -> str:
 
 
 def build_decoder(cfg, contract: StageContract, weights, directory: Path, file: str, dtype: str,
-                  external: bool, embed_table: TensorProto | None) -> tuple[onnx.ModelProto, WeightStore]:
+                  external: bool, embed_table: TensorProto | None,
+                  weight_bits: int | None = None) -> tuple[onnx.ModelProto, WeightStore]:
     """The decoder graph (tgedge names: `language_model.*`, `lm_head.*`); `embed_table` is the embed graph's table
     initializer when the embeddings are tied (the LM head reads it)."""
     d = cfg.decoder
     store = WeightStore(directory, f"{file}.data" if external else None)
-    w = GraphWriter(store, dtype)
+    w = GraphWriter(store, dtype, weight_bits)
     hd, h, hkv = d.head_dim, d.num_heads, d.num_kv_heads
     groups = h // hkv
     cache = contract.cache
@@ -248,7 +278,7 @@ def build_decoder(cfg, contract: StageContract, weights, directory: Path, file: 
         store.close()
     graph = helper.make_graph(w.nodes, "decoder", [_value_info(t) for t in stage.inputs],
                               [_value_info(t) for t in stage.outputs], store.initializers + w.consts)
-    return _model(graph), store
+    return _model(graph, ms_domain=bool(weight_bits)), store
 
 
 def build_embed(cfg, contract: StageContract, weights, directory: Path, file: str, dtype: str,
@@ -275,8 +305,9 @@ def _value_info(t) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(t.name, elem, list(t.shape))
 
 
-def _model(graph) -> onnx.ModelProto:
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="tgedge")
+def _model(graph, ms_domain: bool = False) -> onnx.ModelProto:
+    opsets = [helper.make_opsetid("", 17)] + ([helper.make_opsetid("com.microsoft", 1)] if ms_domain else [])
+    model = helper.make_model(graph, opset_imports=opsets, producer_name="tgedge")
     model.ir_version = 8  # what onnxruntime >= 1.14 and TensorRT 8.6+ read
     return model
 

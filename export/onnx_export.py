@@ -40,7 +40,7 @@ EXTERNAL_DATA_BYTES = 512 << 20  # graphs with more weight bytes keep them in `<
 
 # A graph output passes when its relative L2 error ||onnx - torch|| / ||torch|| is within this (per export dtype):
 # fp32 noise is ~1e-6 on the demo and ~1e-4 on a 24-layer 0.5 B decoder; a 5% error in one weight is ~1e-2.
-REL_L2_LIMIT = {"fp32": 1e-3, "fp16": 2e-2}
+REL_L2_LIMIT = {"fp32": 1e-3, "fp16": 2e-2, "int8w": 5e-2, "int4w": 0.25}
 CHECK_MEMORY_FACTOR = 3.0  # torch weights + onnxruntime's copy + activations, in units of the graph's fp32 weights
 
 
@@ -148,7 +148,8 @@ def export_graph(spec: GraphSpec, path: Path, opset: int, external_data: bool | 
 
 
 def write_graph(spec: GraphSpec, model, contract: StageContract, weights, path: Path, dtype: str,
-                external_data: bool | None, embed_table=None) -> tuple[GraphEntry, object]:
+                external_data: bool | None, embed_table=None, decoder_weights: str | None = None
+                ) -> tuple[GraphEntry, object]:
     """Write the embed or decoder graph from the config, weights streamed (export/decoder_graph.py).
     -> (its manifest entry, the embed table's initializer for a tied decoder to share)."""
     from tgedge.export import decoder_graph
@@ -161,8 +162,9 @@ def write_graph(spec: GraphSpec, model, contract: StageContract, weights, path: 
         proto, store = decoder_graph.build_embed(model.cfg, contract, weights, path.parent, path.name, dtype, external)
         table = store.initializers[0]
     else:
+        bits = {"int4w": 4, "int8w": 8}.get(decoder_weights or "")
         proto, store = decoder_graph.build_decoder(model.cfg, contract, weights, path.parent, path.name, dtype, external,
-                                                   embed_table)
+                                                   embed_table, bits)
         table = None
     _stamp(proto, spec.name)
     decoder_graph.save(proto, path)
@@ -171,7 +173,8 @@ def write_graph(spec: GraphSpec, model, contract: StageContract, weights, path: 
     shared = sorted({e.value for t in proto.graph.initializer for e in t.external_data
                      if e.key == "location" and e.value != data_name})
     files = [path] + ([path.parent / data_name] if data_name else []) + [path.parent / f for f in shared]
-    entry = GraphEntry(spec.name, path.name, dtype, list(spec.inputs), list(spec.outputs), sha256_files(files),
+    precision = decoder_weights if spec.name == "decoder" and decoder_weights else dtype
+    entry = GraphEntry(spec.name, path.name, precision, list(spec.inputs), list(spec.outputs), sha256_files(files),
                        data_name, graph_fingerprint(files), shared)
     return entry, table
 
@@ -233,16 +236,20 @@ def check_graph(spec: GraphSpec, path: Path, model, weights, dtype: str) -> tupl
 def export_model(checkpoint: str | Path, out: str | Path, opset: int = DEFAULT_OPSET, max_context: int | None = None,
                  clip: str | Path | None = None, external_data: bool | None = None,
                  on_step: Callable[[str], None] | None = None, force: bool = False, dtype: str = "fp32",
-                 check: bool = True) -> ExportResult:
+                 check: bool = True, decoder_weights: str | None = None) -> ExportResult:
     """Export every stage of a checkpoint to `out`, check each graph against torch, write manifest.json.
 
     Memory: one graph's weights at a time (the model is built on the meta device, each graph's weights loaded from
-    the checkpoint for it alone), the embed and decoder graphs streamed tensor by tensor."""
+    the checkpoint for it alone), the embed and decoder graphs streamed tensor by tensor. `decoder_weights`
+    int4w / int8w writes the decoder's linear weights as MatMulNBits blocks while streaming (what `tgedge quantize
+    --precision int4w` makes from an fp32 export, without the fp32 decoder in memory: how a 7 B model gets there)."""
     from tgedge.checkpoint import load_model, materialize, release
 
     if opset < MIN_OPSET:
         raise TgedgeError(f"--opset {opset} is too old: tgedge's graphs need opset >= {MIN_OPSET} (default {DEFAULT_OPSET})")
-    if dtype not in REL_L2_LIMIT:
+    if decoder_weights not in (None, "int4w", "int8w"):
+        raise TgedgeError(f"--decoder-weights {decoder_weights!r}: choose from int4w, int8w")
+    if dtype not in ("fp32", "fp16"):
         raise TgedgeError(f"--dtype {dtype!r}: choose from {', '.join(REL_L2_LIMIT)} (bf16: onnxruntime CPU cannot run "
                           "it to check the graphs here; export fp32 and let TensorRT choose)")
     say = on_step or (lambda s: None)
@@ -264,7 +271,7 @@ def export_model(checkpoint: str | Path, out: str | Path, opset: int = DEFAULT_O
             if spec.written:
                 say(f"writing {spec.name} ({dtype}, weights streamed from the checkpoint)")
                 graphs[spec.name], shared = write_graph(spec, model, contract, ckpt.weights, path, dtype, external_data,
-                                                        table)
+                                                        table, decoder_weights)
                 table = shared if shared is not None else table
             else:
                 say(f"exporting {spec.name}")
@@ -272,7 +279,8 @@ def export_model(checkpoint: str | Path, out: str | Path, opset: int = DEFAULT_O
                 graphs[spec.name] = export_graph(spec, path, opset, external_data, dtype)
             if check:
                 say(f"checking {spec.name} against torch")
-                checks, reference[spec.name] = check_graph(spec, path, model, ckpt.weights, dtype)
+                quantized = decoder_weights if spec.name == "decoder" else None
+                checks, reference[spec.name] = check_graph(spec, path, model, ckpt.weights, quantized or dtype)
                 result.checks += checks
             release(model, spec.prefixes)
             result.seconds[spec.name] = round(time.perf_counter() - start, 3)

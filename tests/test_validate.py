@@ -75,11 +75,11 @@ def test_planted_defect_is_named(graph, demo_export, demo_eval, tmp_path, capsys
 def test_policy_overrides_and_errors(demo_export, demo_eval, tmp_path):
     broken = plant_defect(demo_export.directory, "vision", tmp_path)
     policy = tmp_path / "loose.toml"
-    policy.write_text("[fp32.vision]\nmax_abs = 100.0\nmin_cosine = 0.0\n")
+    policy.write_text("[fp32.vision]\nmax_rel = 100.0\nmin_cosine = 0.0\n")
     report = validate(broken, demo_eval, policy=policy, limit=3, show_progress=False)
     vision = next(s for s in report.stages if s.name == "vision")
-    assert vision.passed and vision.limits == {"max_abs": 100.0, "min_cosine": 0.0}
-    assert load_policy()["fp32"]["vision"]["max_abs"] == 1e-3  # defaults untouched
+    assert vision.passed and vision.limits == {"max_rel": 100.0, "min_cosine": 0.0}
+    assert load_policy()["fp32"]["vision"] == {"max_rel": 1e-4, "min_cosine": 0.99999}  # defaults untouched
     for text, match in (("[fp32.vison]\nmax_abs = 1\n", r"unknown stage \[fp32.vison\]"),
                         ("[fp8.vision]\nmax_abs = 1\n", r"unknown precision section \[fp8\]"),
                         ("[fp32.vision]\nmax_abss = 1\n", "unknown limit"), ("[fp32\n", "not valid TOML")):
