@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import logging
 import time
 import warnings
@@ -179,6 +180,14 @@ def write_graph(spec: GraphSpec, model, contract: StageContract, weights, path: 
     return entry, table
 
 
+def source_record(given, path: Path, out: Path) -> dict:
+    """Where the reference checkpoint is, for validate: as given, absolute, and relative to the export directory
+    (found again when both move together), with the weights' hash."""
+    path = path.resolve()
+    return {"checkpoint": str(given), "path": str(path), "relative": os.path.relpath(path, out.resolve()),
+            "sha256": checkpoint_hash(path)}
+
+
 def _available_bytes() -> int:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -290,7 +299,7 @@ def export_model(checkpoint: str | Path, out: str | Path, opset: int = DEFAULT_O
             files["guide_tokenizer"] = "guide_tokenizer.json"
         result.manifest = Manifest(graphs=graphs, dims=contract.dims, max_context=max_context,
                                    opset=opset, model=model.cfg.to_dict(), files=files, reference=reference,
-                                   source={"checkpoint": str(checkpoint), "sha256": checkpoint_hash(ckpt.path)},
+                                   source=source_record(checkpoint, ckpt.path, Path(out)),
                                    contract=contract)
         result.manifest.save(tmp)
     result.manifest.directory = Path(out)

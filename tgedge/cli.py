@@ -24,7 +24,11 @@ def _add_run(sub) -> None:
                         "export directory (default onnxruntime, i.e. CPU)")
     p.add_argument("--image", required=True, help="image file (any format pillow reads)")
     p.add_argument("--prompt", required=True, type=text, help="the question; the model's chat template wraps it")
-    p.add_argument("--raw", action="store_true", help="use --prompt verbatim (it must contain <image> once)")
+    p.add_argument("--raw", action="store_true", help="use --prompt verbatim (it must contain <image> once); a TG model "
+                                                      "then needs --guide")
+    p.add_argument("--guide", metavar="TEXT", type=text,
+                   help="the text the text guide encodes (default: the question; with --raw, required for TG models: "
+                        "the question alone, as TG-LLaVA guides with it)")
     p.add_argument("--clip", metavar="DIR", help="transformers CLIPModel directory for original-layout checkpoints")
     p.add_argument("--max-new-tokens", type=integer(1), default=64, help="most tokens to generate (default 64)")
     p.add_argument("--temperature", type=real(0), default=0.0, help="0 = greedy (default); > 0 samples")
@@ -45,7 +49,7 @@ def cmd_run(args) -> int:
     options = pipe.options(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                            top_p=args.top_p, seed=args.seed)
     stream = None if args.json else (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
-    answer = pipe.answer(args.image, args.prompt, options, raw=args.raw, on_text=stream)
+    answer = pipe.answer(args.image, args.prompt, options, raw=args.raw, on_text=stream, guide=args.guide)
     if args.json:
         print(json.dumps(answer.to_dict()))
     else:

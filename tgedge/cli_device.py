@@ -124,6 +124,7 @@ def _add_bench(sub) -> None:
                        epilog=EPILOG)
     p.add_argument("model", help="checkpoint, `demo`, or an export/engine directory")
     p.add_argument("--backend", choices=BACKENDS, help="default: torch for a checkpoint, onnxruntime for an export")
+    p.add_argument("--clip", metavar="DIR", help="CLIPModel directory for original-layout checkpoints")
     p.add_argument("--image", help="image file (default: a generated shapes image)")
     p.add_argument("--prompt", type=text, help="the question (default: the generated image's question)")
     p.add_argument("--runs", type=integer(1, 100_000), default=10, help="timed runs (default 10)")
@@ -140,7 +141,7 @@ def cmd_bench(args) -> int:
 
     from tgedge.bench import bench
 
-    pipe = open_pipeline(args.model, args.backend)
+    pipe = open_pipeline(args.model, args.backend, args.clip)
     image, prompt = args.image, args.prompt
     if image is None:
         from tgedge.data import shapes

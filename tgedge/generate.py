@@ -90,9 +90,9 @@ class AnswerMixin:
         return GenerationOptions(**kw)
 
     def answer(self, image, question: str, options: GenerationOptions | None = None, raw: bool = False,
-               on_text: Callable[[str], None] | None = None) -> Answer:
+               on_text: Callable[[str], None] | None = None, guide: str | None = None) -> Answer:
         start = time.perf_counter()
-        return self.answer_inputs(self.pre(image, question, raw), options, on_text, start)
+        return self.answer_inputs(self.pre(image, question, raw, guide), options, on_text, start)
 
     def answer_inputs(self, inputs, options: GenerationOptions | None = None,
                       on_text: Callable[[str], None] | None = None, start: float | None = None) -> Answer:

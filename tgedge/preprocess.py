@@ -451,10 +451,16 @@ class Preprocessor:
         ids = self.guide_tokenizer.encode(split_question(question))[: self.spec.text_guide_length]
         return np.array([ids], dtype=np.int64)
 
-    def __call__(self, image: Image.Image | str | Path, question: str, raw: bool = False) -> Inputs:
+    def __call__(self, image: Image.Image | str | Path, question: str, raw: bool = False,
+                 guide: str | None = None) -> Inputs:
+        """`raw`: `question` is the whole prompt, used verbatim; the text guide then needs `guide` (the question
+        alone: TG-LLaVA guides with the question, never with the chat template around it)."""
+        if raw and guide is None and self.spec.text_guide_length:
+            raise TgedgeError("--raw needs --guide TEXT for this model: the question its text guide sees (TG-LLaVA "
+                              "guides with the question alone, not with the raw prompt)")
         if not isinstance(image, Image.Image):
             image = load_image(image)
         prompt = self.prompt(question, raw)
         pixel_values, crops = self.pixels(image)
-        guide_text = prompt if raw else question
+        guide_text = question if guide is None else guide
         return Inputs(prompt, self.input_ids(prompt), pixel_values, crops, self.guide_ids(guide_text))

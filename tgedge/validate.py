@@ -247,6 +247,26 @@ def run_samples(runtime, reference, records, max_new_tokens: int = 8, progress=N
             progress()
 
 
+def source_checkpoint(manifest) -> Path:
+    """The checkpoint an export was made from: the word `demo`, else its absolute path, its path relative to the
+    export directory, or (older manifests) the path as given, relative to the export directory or to here."""
+    from tgedge import DEMO_NAME, demo_checkpoint
+
+    source = manifest.source
+    given = source.get("checkpoint")
+    if not given:
+        raise TgedgeError(f"{manifest.directory}: the manifest names no source checkpoint: pass --reference MODEL")
+    if given == DEMO_NAME:
+        return demo_checkpoint()
+    candidates = [source.get("path"), source.get("relative") and manifest.directory / source["relative"],
+                  manifest.directory / given, given]
+    for c in candidates:
+        if c and (Path(c) / "config.json").exists():
+            return Path(c)
+    raise TgedgeError(f"{manifest.directory}: its source checkpoint {given!r} is not found (looked at "
+                      f"{', '.join(str(c) for c in candidates if c)}): pass --reference MODEL")
+
+
 def check_precisions(manifest) -> None:
     """Each graph's label in the manifest is the precision the graph really has (read from its ops and weights)."""
     from tgedge.inspect import inspect_onnx
@@ -330,9 +350,7 @@ def validate(export_dir: str | Path, data: str | Path, reference: str | Path | N
         if verify:
             check_precisions(runtime.manifest)
         source = runtime.manifest.source
-        reference = reference or source.get("checkpoint")
-        if not reference:
-            raise TgedgeError(f"{export_dir}: the manifest names no source checkpoint: pass --reference MODEL")
+        reference = reference or source_checkpoint(runtime.manifest)
         model, ckpt = load_model(reference, clip)
         from tgedge.fileio import checkpoint_hash
 
