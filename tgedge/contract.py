@@ -10,7 +10,8 @@ what `manifest.json` stores), and read by every layer: the model's stage methods
     contract.cache.past_names()     # ['past_key_values.0.key', ...]
 
 Fusion families (how image features and the question meet before the decoder) are registered by name:
-`tg` (TG-FOM + TG-DP, TG-LLaVA) and `plain` (LLaVA's projector alone). A family is one model file (its torch
+`tg` (TG-FOM + TG-DP, TG-LLaVA), `gated` (cross-attention fusion layers with an adaptive gate, the Open-AutoGLM
+design) and `plain` (LLaVA's projector alone). A family is one model file (its torch
 module, imported only when a model is built) plus one `FusionFamily` entry below.
 """
 
