@@ -251,11 +251,18 @@ def detail_crops(pixels: np.ndarray) -> np.ndarray:
     return np.stack([big[:, :h, :w], big[:, :h, w:], big[:, h:, :w], big[:, h:, w:]])
 
 
-def stack_views(pixel_values: np.ndarray, crops: np.ndarray | None) -> np.ndarray:
-    """(B, 3, H, W) [+ crops (B, 4, 3, H, W)] -> the vision tower's batch of views (B [+ 4B], 3, H, W)."""
+def stack_views(pixel_values, crops):
+    """(B, 3, H, W) [+ crops (B, 4, 3, H, W)] -> the vision tower's batch of views (B [+ 4B], 3, H, W).
+
+    numpy arrays (inference) or torch tensors (the reference model in training, with gradients) alike."""
     if crops is None:
         return pixel_values
-    return np.concatenate([pixel_values, crops.reshape(-1, *crops.shape[2:])])
+    flat = crops.reshape(-1, *crops.shape[2:])
+    if isinstance(pixel_values, np.ndarray):
+        return np.concatenate([pixel_values, flat])
+    import torch
+
+    return torch.cat([pixel_values, flat])
 
 
 def split_views(features, batch: int):

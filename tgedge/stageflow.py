@@ -15,26 +15,14 @@ import numpy as np
 from tgedge.contract import StageContract
 from tgedge.errors import TgedgeError
 from tgedge.generate import AnswerMixin
-from tgedge.preprocess import Inputs, split_views
+from tgedge.preprocess import Inputs, split_views, stack_views
 
 RunStage = Callable[[str, dict[str, Any]], dict[str, Any]]
 
 
-def _stack_views(pixel_values, crops):
-    """(B, 3, H, W) [+ crops (B, 4, 3, H, W)] -> the vision stage's batch of views (B [+ 4B], 3, H, W)."""
-    if crops is None:
-        return pixel_values
-    flat = crops.reshape(-1, *crops.shape[2:])
-    if isinstance(pixel_values, np.ndarray):
-        return np.concatenate([pixel_values, flat])
-    import torch  # torch tensors: the reference model in training
-
-    return torch.cat([pixel_values, flat])
-
-
 def encode_image(run_stage: RunStage, contract: StageContract, pixel_values, crops=None, guide_ids=None):
     """pixels (B, 3, H, W) [+ crops (B, 4, 3, H, W), text guide ids (B, T)] -> image embeddings (B, N, D)."""
-    features = run_stage("vision", {"pixel_values": _stack_views(pixel_values, crops)})["image_features"]
+    features = run_stage("vision", {"pixel_values": stack_views(pixel_values, crops)})["image_features"]
     main, crop_features = split_views(features, pixel_values.shape[0])
     named = {"image_features": main, "crop_features": crop_features}
     if contract.has("text_guide"):
