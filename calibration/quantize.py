@@ -6,8 +6,9 @@
 - int8: onnxruntime `quantize_static` in QDQ format as TensorRT wants it: symmetric int8, weights
   per channel, activations per tensor, on MatMul / Gemm / Conv, ranges calibrated on the real inputs of
   each graph (`tgedge.calibration.collect`). The ranges are saved as `calibration.json`.
-- int4w / int8w: weight-only, block-wise (32), symmetric, for constant-weight MatMuls: onnxruntime's
-  MatMulNBits (what onnxruntime runs fastest).
+- int4w / int8w: weight-only, block-wise, symmetric, for constant-weight MatMuls: onnxruntime's MatMulNBits (what
+  onnxruntime runs fastest), with a block size and accuracy level (`WeightOnly`; docs/BENCHMARKS.md has the
+  measurements behind the defaults). `tgedge export --decoder-weights` writes the same blocks while streaming.
 """
 
 from __future__ import annotations
@@ -37,11 +38,42 @@ METHODS = ("minmax", "entropy", "percentile")
 QUANT_OPS = ("MatMul", "Gemm", "Conv")
 WEIGHT_ONLY = ("int4w", "int8w")
 EXTERNAL_DATA_BYTES = 512 << 20  # as tgedge export: graphs with more weight bytes keep them in `<graph>.onnx.data`
-BLOCK_SIZE = 32
+BLOCK_SIZE = 32  # MatMulNBits block along K
+# MatMulNBits accuracy_level: 0 computes in the activations' dtype; 4 quantises the activations to int8 per block
+# (onnxruntime's int8 kernels: VNNI on x86, dot-product on Arm).
+ACCURACY_LEVEL = 4
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 FP16_KEEP_OPS = ["Softmax", "LayerNormalization"]
 CALIBRATION = "calibration.json"
 # A whole-export precision: which stages' graphs it applies to (the rest stay fp32); weight-only is for the decoder.
 WHOLE = {"fp32": GRAPHS, "fp16": GRAPHS, "int8": GRAPHS, "int8w": ("decoder",), "int4w": ("decoder",)}
+
+
+@dataclass(frozen=True)
+class WeightOnly:
+    """How int4w / int8w weights are written as onnxruntime MatMulNBits: bits, block size, accuracy level."""
+    bits: int = 4
+    block_size: int = BLOCK_SIZE
+    accuracy_level: int = ACCURACY_LEVEL
+
+    def __post_init__(self):
+        if self.bits not in (4, 8):
+            raise TgedgeError(f"weight-only bits {self.bits}: choose 4 or 8")
+        if self.block_size not in BLOCK_SIZES:
+            raise TgedgeError(f"--block-size {self.block_size}: choose from {', '.join(map(str, BLOCK_SIZES))}")
+        if self.accuracy_level not in ACCURACY_LEVELS:
+            raise TgedgeError(f"--accuracy-level {self.accuracy_level}: choose from "
+                              f"{', '.join(map(str, ACCURACY_LEVELS))} (0: fp32 activations, 4: int8)")
+
+    @classmethod
+    def of(cls, precision: str, block_size: int | None = None, accuracy_level: int | None = None) -> "WeightOnly":
+        """int4w / int8w with the defaults where None."""
+        return cls(4 if precision == "int4w" else 8, BLOCK_SIZE if block_size is None else block_size,
+                   ACCURACY_LEVEL if accuracy_level is None else accuracy_level)
+
+    def to_dict(self) -> dict:
+        return {"bits": self.bits, "block_size": self.block_size, "accuracy_level": self.accuracy_level}
 
 
 def parse_precision(spec: str, graphs: list[str]) -> dict[str, str]:
@@ -86,11 +118,24 @@ def _norm_nodes(proto: onnx.ModelProto) -> list[str]:
     return [n.name for n in proto.graph.node if any("norm" in part for part in n.name.split("/")[:-1])]
 
 
+def inferred_types(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Shape inference on the graph's skeleton (initializers' names, types and dims, not their bytes): what types
+    need, without a second copy of a multi-GB graph in memory."""
+    light = onnx.ModelProto(ir_version=proto.ir_version, opset_import=proto.opset_import)
+    g = light.graph
+    g.node.extend(proto.graph.node)
+    g.input.extend(proto.graph.input)
+    g.output.extend(proto.graph.output)
+    for t in proto.graph.initializer:
+        g.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims)
+    return onnx.shape_inference.infer_shapes(light)
+
+
 def drop_noop_casts(proto: onnx.ModelProto) -> onnx.ModelProto:
     """Remove Casts to the type their input already has (the fp32 export's `.float()`s).
 
     The float16 converter retypes their outputs but keeps `to=FLOAT`, which onnxruntime then rejects."""
-    inferred = onnx.shape_inference.infer_shapes(proto)
+    inferred = inferred_types(proto)
     types = {v.name: v.type.tensor_type.elem_type for v in
              list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)}
     types.update({t.name: t.data_type for t in proto.graph.initializer})
@@ -136,28 +181,34 @@ def to_fp16(proto: onnx.ModelProto, exclude: list[str]) -> tuple[onnx.ModelProto
     top = [n.name for n in proto.graph.node if n.name.count("/") <= 1 and n.op_type != "MatMul"]
     casts = [n.name for n in proto.graph.node if n.op_type == "Cast"]
     keep = sorted(set(_norm_nodes(proto) + logits + top + casts + exclude))
+    kept = keep + [n.name for n in proto.graph.node if n.op_type in FP16_KEEP_OPS]
+    original_outputs = onnx.ModelProto()
+    original_outputs.graph.output.extend(proto.graph.output)
+    del proto.graph.value_info[:]
+    proto.graph.value_info.extend(inferred_types(proto).graph.value_info)  # the converter's types, in place
     with warnings.catch_warnings():  # constants beyond fp16's range (the -3.4e38 masks) are clipped, as intended
         warnings.simplefilter("ignore", UserWarning)
         converted = float16.convert_float_to_float16(
-            proto, keep_io_types=True, disable_shape_infer=False,
+            proto, keep_io_types=True, disable_shape_infer=True,
             op_block_list=list(float16.DEFAULT_OP_BLOCK_LIST) + FP16_KEEP_OPS, node_block_list=keep)
-    converted = restore_output_types(converted, proto)
+    converted = restore_output_types(converted, original_outputs)
     from onnxruntime.transformers.onnx_model import OnnxModel
 
     OnnxModel(converted).topological_sort()  # the converter appends its Casts at the end
-    kept = keep + [n.name for n in proto.graph.node if n.op_type in FP16_KEEP_OPS]
     return converted, GraphReport("fp16", fp32_nodes=sorted(set(kept)))
 
 
-def to_weight_only(proto: onnx.ModelProto, bits: int, exclude: list[str]) -> tuple[onnx.ModelProto, GraphReport]:
+def to_weight_only(proto: onnx.ModelProto, q: WeightOnly, exclude: list[str]) -> tuple[onnx.ModelProto, GraphReport]:
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    quantizer = MatMulNBitsQuantizer(proto, bits=bits, block_size=BLOCK_SIZE, is_symmetric=True,
-                                     nodes_to_exclude=exclude, op_types_to_quantize=("MatMul",))
+    quantizer = MatMulNBitsQuantizer(proto, bits=q.bits, block_size=q.block_size, is_symmetric=True,
+                                     accuracy_level=q.accuracy_level, nodes_to_exclude=exclude,
+                                     op_types_to_quantize=("MatMul",))
     quantizer.process()
     out = quantizer.model.model
     done = [n.name for n in out.graph.node if n.op_type == "MatMulNBits"]
-    return out, GraphReport(f"int{bits}w", quantized_nodes=done, fp32_nodes=exclude)
+    return out, GraphReport(f"int{q.bits}w", quantized_nodes=done, fp32_nodes=exclude,
+                            note=f"block {q.block_size}, accuracy level {q.accuracy_level}")
 
 
 def to_int8(src: Path, dst: Path, reader, method: str, exclude: list[str], cache: Path,
@@ -262,8 +313,11 @@ def _data_hash(folder: Path) -> str:
 def quantize_export(export_dir: str | Path, out: str | Path, precision: str, calib: str | Path | None = None,
                     method: str = "minmax", exclude: list[str] | None = None, calibration: str | Path | None = None,
                     calib_limit: int | None = None, on_step: Callable[[str], None] | None = None,
-                    progress=None, force: bool = False) -> QuantizeResult:
+                    progress=None, force: bool = False, block_size: int | None = None,
+                    accuracy_level: int | None = None) -> QuantizeResult:
+    """`block_size`, `accuracy_level`: int4w / int8w's MatMulNBits settings (None: the defaults, `WeightOnly`)."""
     say = on_step or (lambda s: None)
+    WeightOnly.of("int4w", block_size, accuracy_level)  # settings refused before any work
     src = Manifest.load(export_dir)
     if method not in METHODS:
         raise TgedgeError(f"unknown calibration method {method!r} (choose from {', '.join(METHODS)})")
@@ -340,7 +394,7 @@ def quantize_export(export_dir: str | Path, out: str | Path, precision: str, cal
                 elif p == "fp16":
                     proto, report = to_fp16(proto, excluded)
                 else:
-                    proto, report = to_weight_only(proto, 4 if p == "int4w" else 8, excluded)
+                    proto, report = to_weight_only(proto, WeightOnly.of(p, block_size, accuracy_level), excluded)
                 _restore_shared(proto, shared)
                 save_graph(proto, target)
                 del proto

@@ -12,7 +12,6 @@ shapes, by relative error (what stays meaningful at depth and logit scale), wher
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import logging
 import time
@@ -123,14 +122,17 @@ def export_graph(spec: GraphSpec, path: Path, opset: int, external_data: bool | 
     gen = torch.Generator().manual_seed(0)
     dims = {**spec.check_shapes[1], PAST: max(spec.check_shapes[1].get(PAST, 0), 3)}  # trace a non-empty past
     args = tuple(spec.make_inputs(dims, gen).values())
-    buf = io.BytesIO()
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # the exporter's deprecation and tracer notes are not the user's to fix
-        torch.onnx.export(spec.module.eval(), args, buf, dynamo=False, opset_version=opset,
-                          input_names=[t.name for t in spec.inputs], output_names=[t.name for t in spec.outputs],
-                          dynamic_axes=spec.dynamic_axes, do_constant_folding=True)
-    proto = onnx.load_from_string(buf.getvalue())
-    del buf
+    traced = path.with_name(f".{path.name}.traced")  # a file, not a buffer: one in-memory copy of the graph, not three
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # the exporter's deprecation and tracer notes are not the user's to fix
+            torch.onnx.export(spec.module.eval(), args, str(traced), dynamo=False, opset_version=opset,
+                              input_names=[t.name for t in spec.inputs], output_names=[t.name for t in spec.outputs],
+                              dynamic_axes=spec.dynamic_axes, do_constant_folding=True)
+        proto = onnx.load(str(traced))
+    finally:
+        for f in path.parent.glob(f".{path.name}.traced*"):
+            f.unlink()
     _set_dims(proto, spec)
     if dtype == "fp16":
         from tgedge.calibration.quantize import to_fp16
@@ -149,10 +151,10 @@ def export_graph(spec: GraphSpec, path: Path, opset: int, external_data: bool | 
 
 
 def write_graph(spec: GraphSpec, model, contract: StageContract, weights, path: Path, dtype: str,
-                external_data: bool | None, embed_table=None, decoder_weights: str | None = None
-                ) -> tuple[GraphEntry, object]:
-    """Write the embed or decoder graph from the config, weights streamed (export/decoder_graph.py).
-    -> (its manifest entry, the embed table's initializer for a tied decoder to share)."""
+                external_data: bool | None, embed_table=None, decoder_weights=None) -> tuple[GraphEntry, object]:
+    """Write the embed or decoder graph from the config, weights streamed (export/decoder_graph.py); `decoder_weights`
+    a `WeightOnly` (int4w / int8w MatMulNBits) or None. -> (its manifest entry, the embed table's initializer for a
+    tied decoder to share)."""
     from tgedge.export import decoder_graph
 
     names = [n for n in weights if n.startswith(spec.prefixes)]
@@ -163,9 +165,8 @@ def write_graph(spec: GraphSpec, model, contract: StageContract, weights, path: 
         proto, store = decoder_graph.build_embed(model.cfg, contract, weights, path.parent, path.name, dtype, external)
         table = store.initializers[0]
     else:
-        bits = {"int4w": 4, "int8w": 8}.get(decoder_weights or "")
         proto, store = decoder_graph.build_decoder(model.cfg, contract, weights, path.parent, path.name, dtype, external,
-                                                   embed_table, bits)
+                                                   embed_table, decoder_weights)
         table = None
     _stamp(proto, spec.name)
     decoder_graph.save(proto, path)
@@ -174,7 +175,7 @@ def write_graph(spec: GraphSpec, model, contract: StageContract, weights, path: 
     shared = sorted({e.value for t in proto.graph.initializer for e in t.external_data
                      if e.key == "location" and e.value != data_name})
     files = [path] + ([path.parent / data_name] if data_name else []) + [path.parent / f for f in shared]
-    precision = decoder_weights if spec.name == "decoder" and decoder_weights else dtype
+    precision = f"int{decoder_weights.bits}w" if spec.name == "decoder" and decoder_weights else dtype
     entry = GraphEntry(spec.name, path.name, precision, list(spec.inputs), list(spec.outputs), sha256_files(files),
                        data_name, graph_fingerprint(files), shared)
     return entry, table
@@ -232,6 +233,9 @@ def check_graph(spec: GraphSpec, path: Path, model, weights, dtype: str) -> tupl
             with torch.no_grad():
                 want = [t.float().numpy() for t in _as_tuple(spec.module(*feed.values()))]
             got = runner.infer({k: v.numpy() for k, v in feed.items()})
+            if spec.defined is not None:
+                got = {k: v[spec.defined(k, dims)] for k, v in got.items()}
+                want = [w[spec.defined(meta.name, dims)] for meta, w in zip(spec.outputs, want)]
             for meta, w in zip(spec.outputs, want):
                 max_abs, rel, cos = _figures(got[meta.name], w)
                 results.append(CheckResult(spec.name, dict(dims), meta.name, max_abs, rel, cos, limit))
@@ -245,19 +249,28 @@ def check_graph(spec: GraphSpec, path: Path, model, weights, dtype: str) -> tupl
 def export_model(checkpoint: str | Path, out: str | Path, opset: int = DEFAULT_OPSET, max_context: int | None = None,
                  clip: str | Path | None = None, external_data: bool | None = None,
                  on_step: Callable[[str], None] | None = None, force: bool = False, dtype: str = "fp32",
-                 check: bool = True, decoder_weights: str | None = None) -> ExportResult:
+                 check: bool = True, decoder_weights: str | None = None, cache_mode: str = "growing",
+                 block_size: int | None = None, accuracy_level: int | None = None) -> ExportResult:
     """Export every stage of a checkpoint to `out`, check each graph against torch, write manifest.json.
 
     Memory: one graph's weights at a time (the model is built on the meta device, each graph's weights loaded from
     the checkpoint for it alone), the embed and decoder graphs streamed tensor by tensor. `decoder_weights`
     int4w / int8w writes the decoder's linear weights as MatMulNBits blocks while streaming (what `tgedge quantize
-    --precision int4w` makes from an fp32 export, without the fp32 decoder in memory: how a 7 B model gets there)."""
+    --precision int4w` makes from an fp32 export, without the fp32 decoder in memory: how a 7 B model gets there),
+    with `block_size` and `accuracy_level` as quantize takes them. `cache_mode` growing | static: the decoder's KV
+    cache (tgedge.contract.CACHE_MODES; static = GroupQueryAttention over buffers shared in place, onnxruntime only)."""
+    from tgedge.calibration.quantize import WeightOnly
     from tgedge.checkpoint import load_model, materialize, release
+    from tgedge.contract import CACHE_MODES
+    from tgedge.export.decoder_graph import check_static
 
     if opset < MIN_OPSET:
         raise TgedgeError(f"--opset {opset} is too old: tgedge's graphs need opset >= {MIN_OPSET} (default {DEFAULT_OPSET})")
     if decoder_weights not in (None, "int4w", "int8w"):
         raise TgedgeError(f"--decoder-weights {decoder_weights!r}: choose from int4w, int8w")
+    if cache_mode not in CACHE_MODES:
+        raise TgedgeError(f"--cache {cache_mode!r}: choose from {', '.join(CACHE_MODES)}")
+    weight_only = WeightOnly.of(decoder_weights, block_size, accuracy_level) if decoder_weights else None
     if dtype not in ("fp32", "fp16"):
         raise TgedgeError(f"--dtype {dtype!r}: choose from {', '.join(REL_L2_LIMIT)} (bf16: onnxruntime CPU cannot run "
                           "it to check the graphs here; export fp32 and let TensorRT choose)")
@@ -268,7 +281,9 @@ def export_model(checkpoint: str | Path, out: str | Path, opset: int = DEFAULT_O
     if not model.cfg.num_image_tokens < max_context <= positions:
         raise TgedgeError(f"--max-context must be in ({model.cfg.num_image_tokens}, {positions}] "
                           f"(image tokens, the model's max positions); got {max_context}")
-    contract = StageContract.from_config(model.cfg.to_dict(), max_context,
+    if cache_mode == "static":
+        check_static(model.cfg.decoder)
+    contract = StageContract.from_config(model.cfg.to_dict(), max_context, cache_mode=cache_mode,
                                          cache_dtype="float16" if dtype == "fp16" else "float32")
     specs = graph_specs(model, contract)
     result = ExportResult(Path(out), None)  # type: ignore[arg-type]
@@ -280,7 +295,7 @@ def export_model(checkpoint: str | Path, out: str | Path, opset: int = DEFAULT_O
             if spec.written:
                 say(f"writing {spec.name} ({dtype}, weights streamed from the checkpoint)")
                 graphs[spec.name], shared = write_graph(spec, model, contract, ckpt.weights, path, dtype, external_data,
-                                                        table, decoder_weights)
+                                                        table, weight_only)
                 table = shared if shared is not None else table
             else:
                 say(f"exporting {spec.name}")
