@@ -7,6 +7,7 @@ new mappings without reading anything; nothing is cached, so a loop over every t
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Callable
@@ -14,6 +15,49 @@ from typing import Callable
 import torch
 
 from tgedge.errors import TgedgeError
+
+
+# safetensors dtype names -> torch dtypes (https://github.com/huggingface/safetensors, the format's header)
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+def _safetensors_index(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]:
+    """name -> (dtype, shape, absolute start, end) from a safetensors file's header."""
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 0 < size < 100 << 20:
+                raise ValueError(f"header length {size}")
+            header = json.loads(f.read(size))
+    except FileNotFoundError:
+        raise TgedgeError(f"{path}: shard named in the index is missing") from None
+    except (OSError, ValueError) as e:
+        raise TgedgeError(f"{path}: unreadable safetensors file ({e})") from None
+    base, out = 8 + size, {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = _DTYPES[info["dtype"]]
+            start, end = (base + int(x) for x in info["data_offsets"])
+            shape = tuple(int(d) for d in info["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise TgedgeError(f"{path}: tensor {name!r} has an unsupported or malformed header entry ({info})") from None
+        out[name] = (dtype, shape, start, end)
+    return out
+
+
+def _read(path: Path, dtype: torch.dtype, shape: tuple[int, ...], start: int, end: int) -> torch.Tensor:
+    buf = bytearray(end - start)
+    with open(path, "rb") as f:
+        f.seek(start)
+        if f.readinto(buf) != len(buf):
+            raise TgedgeError(f"{path}: truncated safetensors file")
+    if not buf:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(buf, dtype=dtype).reshape(shape)
 
 
 class LazyWeights(Mapping):
@@ -24,19 +68,13 @@ class LazyWeights(Mapping):
     # -- building ---------------------------------------------------------------------------------------------
     @classmethod
     def from_safetensors(cls, files: list[Path]) -> "LazyWeights":
-        from safetensors import safe_open
-
+        """Each tensor read from its file's byte range when asked (a plain read, not a memory map: only the tensor
+        being read is in memory, and a scan of every tensor leaves nothing resident)."""
         sources, shapes = {}, {}
         for path in files:
-            try:
-                handle = safe_open(str(path), framework="pt")
-            except FileNotFoundError:
-                raise TgedgeError(f"{path}: shard named in the index is missing") from None
-            except Exception as e:
-                raise TgedgeError(f"{path}: unreadable safetensors file ({e})") from None
-            for key in handle.keys():
-                sources[key] = (lambda h=handle, k=key: h.get_tensor(k))
-                shapes[key] = tuple(handle.get_slice(key).get_shape())
+            for key, (dtype, shape, start, end) in _safetensors_index(path).items():
+                sources[key] = (lambda p=path, d=dtype, s=shape, a=start, b=end: _read(p, d, s, a, b))
+                shapes[key] = shape
         return cls(sources, shapes)
 
     @classmethod
