@@ -222,29 +222,29 @@ def write_repository(source: str | Path, out: str | Path, settings: RepositorySe
         _check_engines(manifest, source)
     result = RepositoryResult(Path(out), settings.backend)
     engine_dims = manifest.dims if settings.backend == "tensorrt" else None
-    # TODO(lead): a "triton" output kind in fileio.KINDS; until then the unspecified kind
+    # fileio.KINDS has no kind for a model repository yet: the unspecified one (it matches any kind) until it has
     with atomic_dir(out, kind="output", inputs=[source], force=force) as tmp:
         export = tmp / ENTRY_MODEL / "1" / EXPORT_SUBDIR
         for name in listed_files(manifest):
             target = inside(tmp, f"{ENTRY_MODEL}/1/{EXPORT_SUBDIR}/{name}", f"{manifest.directory}/manifest.json")
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(inside(manifest.directory, name, f"{manifest.directory}/manifest.json"), target)
-        (tmp / ENTRY_MODEL / "config.pbtxt").write_text(config_text(entry_config(contract, settings)))
+        entry = entry_config(contract, settings)
+        (tmp / ENTRY_MODEL / "config.pbtxt").write_text(config_text(entry))
         (tmp / ENTRY_MODEL / "1" / "model.py").write_text(MODEL_PY.format(module="tgedge.serving.entry"))
-        result.models[ENTRY_MODEL] = (f"entry: decoupled Python model, {settings.instances} instance(s); its own "
-                                      f"stages on {RUNTIME_BACKEND[settings.backend]}, "
-                                      f"{entry_config(contract, settings).parameters['bls_stages'].string_value} "
-                                      "through BLS")
+        result.models[ENTRY_MODEL] = (f"entry: decoupled Python model, {settings.instances} instance(s); "
+                                      f"{entry.parameters['bls_stages'].string_value} through BLS, the rest on "
+                                      f"{RUNTIME_BACKEND[settings.backend]} in the instance")
         for stage in contract.stage_names:
             config = stage_config(contract, stage, settings, views, engine_dims)
             version = tmp / stage / "1"
-            entry = manifest.graphs[stage]
+            graph = manifest.graphs[stage]
             if settings.backend == "tensorrt":
                 _link(export / manifest.engines[stage]["file"], version / "model.plan")
             else:
-                _link(export / entry.file, version / "model.onnx")
-                if entry.external_data:  # the graph names its weights file; it keeps that name beside it
-                    _link(export / entry.external_data, version / entry.external_data)
+                _link(export / graph.file, version / "model.onnx")
+                if graph.external_data:  # the graph names its weights file; it keeps that name beside it
+                    _link(export / graph.external_data, version / graph.external_data)
             if settings.backend == "python":
                 (version / "model.py").write_text(MODEL_PY.format(module="tgedge.serving.stage"))
             (tmp / stage / "config.pbtxt").write_text(config_text(config))
