@@ -207,6 +207,21 @@ def test_text_ablation_removes_the_question(demo_gated, tmp_path):
     np.testing.assert_array_equal(embeds("what color is the circle?"), embeds("how many shapes are there?"))
 
 
+def test_eval_ablate_reaches_the_family(demo_gated, tmp_path, capsys):
+    """`tgedge eval --ablate gate|text` is the family's own ablation; a TG one on a gated model is refused."""
+    data = write_folder(shapes.generate(shapes.SPLIT_SEEDS["eval"], 3), tmp_path / "eval")
+    ckpt = demo_gated["adaptive_gating"]
+    assert main(["eval", str(ckpt), "--data", str(data), "--ablate", "gate", "--json"]) == 0
+    capsys.readouterr()
+    model, pre = load_model(ckpt)
+    pipe = TorchPipeline(model, pre.preprocessor).ablate("gate")
+    assert model.mm_gated_fusion.ablation == "gate"
+    assert main(["eval", str(ckpt), "--data", str(data), "--ablate", "fom"]) == 2
+    assert "this model has no TG-FOM to ablate" in capsys.readouterr().err
+    with pytest.raises(TgedgeError, match=r"unknown ablation 'x' \(choose from fom, dp, both, gate, text\)"):
+        pipe.ablate("x")
+
+
 # -- export, runtime, validate ------------------------------------------------------------------------------------
 def _same_answers(export_dir, checkpoint, pairs, max_new_tokens=8):
     ref = TorchPipeline.from_checkpoint(checkpoint)

@@ -99,8 +99,9 @@ def _add_eval(sub) -> None:
     p.add_argument("--limit", type=integer(1), help="evaluate the first N samples only")
     p.add_argument("--clip", metavar="DIR", help="CLIPModel directory for original-layout checkpoints")
     p.add_argument("--max-new-tokens", type=integer(1), default=8, help="answer length cap (default 8)")
-    p.add_argument("--ablate", choices=["fom", "dp", "both"],
-                   help="switch TG modules off at inference: fom zeroes TG-FOM's zero_layer, dp drops TG-DP's tokens")
+    p.add_argument("--ablate", choices=["fom", "dp", "both", "gate", "text"],
+                   help="switch modules off at inference: fom zeroes TG-FOM's zero_layer, dp drops TG-DP's tokens, both; "
+                        "for a gated-fusion model, gate forces g = 0 (image only) and text removes the text context")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.set_defaults(func=cmd_eval)
 

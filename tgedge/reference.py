@@ -42,11 +42,19 @@ class TorchPipeline(StageFlow):
 
     @torch.no_grad()
     def ablate(self, which: str) -> "TorchPipeline":
-        """Switch TG modules off at inference: `fom` zeroes TG-FOM's zero_layer, `dp` drops TG-DP's tokens."""
+        """Switch modules off at inference: `fom` zeroes TG-FOM's zero_layer, `dp` drops TG-DP's tokens, `both`; a
+        fusion family may offer its own (gated fusion: `gate` forces g = 0, `text` removes the text context)."""
         from tgedge.errors import TgedgeError
 
+        from tgedge.model.llava import fusion_model
+
+        family = fusion_model(self.model.contract)
+        if which in getattr(family, "ABLATIONS", ()):  # the family's own (gated: `gate`, `text`)
+            family.ablate(self.model, which)
+            return self
         if which not in self.ABLATIONS:
-            raise TgedgeError(f"unknown ablation {which!r} (choose from {', '.join(self.ABLATIONS)})")
+            known = [*self.ABLATIONS, *getattr(family, "ABLATIONS", ())]
+            raise TgedgeError(f"unknown ablation {which!r} (choose from {', '.join(known)})")
         model = self.model
         if which in ("fom", "both"):
             if model.mm_cross_attn is None:
