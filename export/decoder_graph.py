@@ -5,11 +5,17 @@ model in memory. Each weight is read from the checkpoint (`tgedge.weights.LazyWe
 dtype, written to the external data file and dropped: peak memory is one tensor plus the graph's structure.
 
 The graph computes what `tgedge.model.graphs.DecoderGraph` computes (it is checked against it), op for op:
-RMSNorm in fp32, RoPE from position ids, grouped-query attention as MatMul/Softmax (softmax in fp32) over
-past + new keys (the growing cache of the stage contract), SwiGLU, and logits for the **last position only**
-(prefill needs no more; validate teacher-forces step by step). A tied embedding table is stored once: the embed
-graph holds it and the decoder's LM head (`Gemm` with `transB`) reads the same bytes of `embed.onnx.data`.
-Standard ONNX ops, opset 17.
+RMSNorm in fp32, SwiGLU, and logits for the **last position only** (prefill needs no more; validate teacher-forces
+step by step). A tied embedding table is stored once: the embed graph holds it and the decoder's LM head (`Gemm` with
+`transB`) reads the same bytes of `embed.onnx.data`. Attention is one of two named variants, by the contract's KV cache
+mode:
+
+- `growing` (`GrowingAttention`): RoPE from position ids, grouped-query attention as MatMul/Softmax (softmax in fp32)
+  over past + new keys, present = Concat(past, new). Standard ONNX ops, opset 17: any backend runs it.
+- `static` (`StaticAttention`): onnxruntime's `com.microsoft.GroupQueryAttention` (onnxruntime-genai's builder) over
+  one buffer per layer at max context that the runtime binds as both past and present: the kernel writes the step's
+  keys and values in place and attends over the positions `seqlens_k` says are filled; q, k and v come from one
+  packed projection, RoPE is the kernel's (cos/sin tables of max context). onnxruntime CPU and CUDA run it.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
+from tgedge.calibration.weight_only import WeightOnly
 from tgedge.contract import StageContract
 from tgedge.errors import TgedgeError
 from tgedge.model.decoder import rope_inv_freq
@@ -86,23 +93,25 @@ class WeightStore:
 
 class GraphWriter:
     """Nodes with unique names under a module path (`/layers.3/self_attn/q_proj/MatMul`), as a traced graph has.
-    `weight_bits` 4 or 8: linear layers' weights written as onnxruntime's MatMulNBits blocks (block 32, symmetric),
-    what `tgedge quantize --precision int4w|int8w` makes, quantised one tensor at a time."""
+    `weight_only` (int4w / int8w): linear layers' weights written as onnxruntime's MatMulNBits blocks (symmetric,
+    its block size and accuracy level), what `tgedge quantize --precision int4w|int8w` makes, one tensor at a time."""
 
-    def __init__(self, store: WeightStore, dtype: str, weight_bits: int | None = None):
+    def __init__(self, store: WeightStore, dtype: str, weight_only: WeightOnly | None = None):
         self.store, self.nodes, self.consts = store, [], []
         self.elem, self.torch_dtype = DTYPES[dtype]
-        self.weight_bits = weight_bits
+        self.weight_only = weight_only
         self._names: set[str] = set()
 
-    def op(self, op_type: str, inputs: list[str], scope: str, outputs: int = 1, **attrs) -> str | list[str]:
+    def op(self, op_type: str, inputs: list[str], scope: str, outputs: int = 1, names: list | None = None,
+           **attrs) -> str | list[str]:
+        """`names`: output names to use instead of generated ones (None: generated)."""
         name = f"{scope}/{op_type}"
         i = 0
         while name in self._names:
             i += 1
             name = f"{scope}/{op_type}_{i}"
         self._names.add(name)
-        outs = [f"{name}_output_{k}" for k in range(outputs)]
+        outs = [(names or [None] * outputs)[k] or f"{name}_output_{k}" for k in range(outputs)]
         self.nodes.append(helper.make_node(op_type, inputs, outs, name=name, **attrs))
         return outs[0] if outputs == 1 else outs
 
@@ -120,36 +129,53 @@ def _weight(w: GraphWriter, weights, name: str, transpose: bool = False) -> str:
     return w.store.add(name + (".T" if transpose else ""), t, w.elem)
 
 
-BLOCK_SIZE = 32
+def _tensor(w: GraphWriter, name: str, t: torch.Tensor) -> str:
+    return w.store.add(name, t.to(w.torch_dtype), w.elem)
 
 
-def _nbits(w: GraphWriter, weights, x: str, name: str, scope: str) -> str:
-    """x @ W^T with W quantised block-wise along K by onnxruntime's own kernel (as its MatMulNBitsQuantizer does)."""
+def _nbits(w: GraphWriter, weight: torch.Tensor, x: str, name: str, scope: str) -> str:
+    """x @ W^T with W (N, K) quantised block-wise along K by onnxruntime's own kernel (as its MatMulNBitsQuantizer
+    does, and with the same attributes: `accuracy_level` only when not 0)."""
     from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
 
-    wt = np.ascontiguousarray(weights.raw(name).float().t().numpy())  # (K, N)
+    wt = np.ascontiguousarray(weight.float().t().numpy())  # (K, N)
     k, n = wt.shape
-    bits, blocks = w.weight_bits, (k + BLOCK_SIZE - 1) // BLOCK_SIZE
-    packed = np.zeros((n, blocks, BLOCK_SIZE * bits // 8), np.uint8)
+    q, block = w.weight_only, w.weight_only.block_size
+    bits, blocks = q.bits, (k + block - 1) // block
+    packed = np.zeros((n, blocks, block * bits // 8), np.uint8)
     scales = np.zeros((n, blocks), np.float32)
     zero_points = np.zeros((n, (blocks + 1) // 2 if bits == 4 else blocks), np.uint8)
-    (quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits)(packed, wt, scales, zero_points, BLOCK_SIZE, n, k,
-                                                                   True)
+    (quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits)(packed, wt, scales, zero_points, block, n, k, True)
     del wt
-    q = w.store.add(f"{name}_Q{bits}", torch.from_numpy(packed), TensorProto.UINT8)
+    qname = w.store.add(f"{name}_Q{bits}", torch.from_numpy(packed), TensorProto.UINT8)
     sc = w.store.add(f"{name}_scales", torch.from_numpy(scales).to(w.torch_dtype), w.elem)
-    return w.op("MatMulNBits", [x, q, sc], scope, domain="com.microsoft", K=k, N=n, bits=bits, block_size=BLOCK_SIZE)
+    level = {"accuracy_level": q.accuracy_level} if q.accuracy_level else {}
+    return w.op("MatMulNBits", [x, qname, sc], scope, domain="com.microsoft", K=k, N=n, bits=bits, block_size=block,
+                **level)
 
 
 def _linear(w: GraphWriter, weights, x: str, prefix: str, scope: str, bias: bool) -> str:
-    if w.weight_bits:
-        y = _nbits(w, weights, x, f"{prefix}.weight", scope)
+    if w.weight_only:
+        y = _nbits(w, weights.raw(f"{prefix}.weight"), x, f"{prefix}.weight", scope)
         if bias:
             y = w.op("Add", [y, _weight(w, weights, f"{prefix}.bias")], scope)
         return y
     y = w.op("MatMul", [x, _weight(w, weights, f"{prefix}.weight", transpose=True)], scope)
     if bias:
         y = w.op("Add", [y, _weight(w, weights, f"{prefix}.bias")], scope)
+    return y
+
+
+def _packed_linear(w: GraphWriter, weights, x: str, prefixes: list[str], name: str, scope: str, bias: bool) -> str:
+    """One projection for several (q, k, v): their weights concatenated along the output dim as they stream."""
+    weight = torch.cat([weights.raw(f"{p}.weight") for p in prefixes])  # (N_q + N_k + N_v, K)
+    if w.weight_only:
+        y = _nbits(w, weight, x, f"{name}.weight", scope)
+    else:
+        y = w.op("MatMul", [x, _tensor(w, f"{name}.weight.T", weight.t())], scope)
+    del weight
+    if bias:
+        y = w.op("Add", [y, _tensor(w, f"{name}.bias", torch.cat([weights.raw(f"{p}.bias") for p in prefixes]))], scope)
     return y
 
 
@@ -171,38 +197,25 @@ def _rotate(w: GraphWriter, x: str, cos: str, sin: str, scope: str) -> str:
     return w.op("Add", [w.op("Mul", [x, cos], scope), w.op("Mul", [rotated, sin], scope)], scope)
 
 
-def build_decoder(cfg, contract: StageContract, weights, directory: Path, file: str, dtype: str,
-                  external: bool, embed_table: TensorProto | None,
-                  weight_bits: int | None = None) -> tuple[onnx.ModelProto, WeightStore]:
-    """The decoder graph (tgedge names: `language_model.*`, `lm_head.*`); `embed_table` is the embed graph's table
-    initializer when the embeddings are tied (the LM head reads it)."""
-    d = cfg.decoder
-    store = WeightStore(directory, f"{file}.data" if external else None)
-    w = GraphWriter(store, dtype, weight_bits)
-    hd, h, hkv = d.head_dim, d.num_heads, d.num_kv_heads
-    groups = h // hkv
-    cache = contract.cache
-    stage = contract.stages["decoder"]
-    past = cache.past_names()
-    w.const("two_f32", np.array(2.0, np.float32))
-    w.const("half_split", np.array([hd // 2, hd // 2], np.int64))
-    w.const("minus_one", np.array([-1], np.int64))
-    w.const("big", np.array([np.iinfo(np.int64).max], np.int64))
-    w.const("axis1", np.array([1], np.int64))
-    w.const("zero_i", np.array(0, np.int64))
-    w.const("one_i", np.array(1, np.int64))
-    try:
-        x = w.cast("inputs_embeds", w.elem if w.elem != TensorProto.FLOAT else None, "/embeds")
+class GrowingAttention:
+    """Standard ops: RoPE from `position_ids`, scores over Concat(past, new) with a causal + padding mask."""
+
+    def __init__(self, w: GraphWriter, d, contract: StageContract):
+        self.d, self.past = d, contract.cache.past_names()
+        hd, h, hkv = d.head_dim, d.num_heads, d.num_kv_heads
+        w.const("half_split", np.array([hd // 2, hd // 2], np.int64))
+        w.const("zero_i", np.array(0, np.int64))
+        w.const("one_i", np.array(1, np.int64))
         # RoPE angles from the positions: (B, S, D/2) -> cos, sin (B, 1, S, D)
         inv_freq = w.const("rope/inv_freq", rope_inv_freq(d).numpy().astype(np.float32))
         pos = w.op("Cast", ["position_ids"], "/rope", to=TensorProto.FLOAT)
         freqs = w.op("Mul", [w.op("Unsqueeze", [pos, "minus_one"], "/rope"), inv_freq], "/rope")
         emb = w.op("Concat", [freqs, freqs], "/rope", axis=-1)
-        cos, sin = (w.op("Unsqueeze", [w.cast(w.op(f, [emb], "/rope"), w.elem if w.elem != TensorProto.FLOAT else None,
-                                              "/rope"), "axis1"], "/rope") for f in ("Cos", "Sin"))
+        self.cos, self.sin = (w.op("Unsqueeze", [w.cast(w.op(f, [emb], "/rope"), w.elem if w.elem != TensorProto.FLOAT
+                                                        else None, "/rope"), "axis1"], "/rope") for f in ("Cos", "Sin"))
         # additive mask (B, 1, S, P+S): causal over past + new positions, and the attention mask's padding
         seq = w.op("Gather", [w.op("Shape", ["inputs_embeds"], "/mask"), "one_i"], "/mask", axis=0)
-        p = w.op("Gather", [w.op("Shape", [past[0]], "/mask"), w.const("two_i", np.array(2, np.int64))], "/mask",
+        p = w.op("Gather", [w.op("Shape", [self.past[0]], "/mask"), w.const("two_i", np.array(2, np.int64))], "/mask",
                  axis=0)
         total = w.op("Add", [p, seq], "/mask")
         q_idx = w.op("Range", [p, total, "one_i"], "/mask")
@@ -214,43 +227,112 @@ def build_decoder(cfg, contract: StageContract, weights, directory: Path, file: 
         allowed = w.op("And", [causal, padded], "/mask")
         np_dt = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}.get(w.elem, np.float32)
         lowest = torch.finfo(w.torch_dtype).min
-        mask = w.op("Where", [allowed, w.const("mask_zero", np.array(0, np_dt)),
-                              w.const("mask_min", np.array(lowest, np_dt))], "/mask")
-        scale = w.const("attn_scale", np.array(math.sqrt(hd), np_dt))
-        q_shape = w.const("q_shape", np.array([0, 0, h, hd], np.int64))
-        kv_shape = w.const("kv_shape", np.array([0, 0, hkv, hd], np.int64))
-        rep_shape = w.const("rep_shape", np.array([0, h, -1, hd], np.int64))
-        out_shape = w.const("out_shape", np.array([0, 0, h * hd], np.int64))
-        expand_axis = w.const("axis2", np.array([2], np.int64))
+        self.mask = w.op("Where", [allowed, w.const("mask_zero", np.array(0, np_dt)),
+                                   w.const("mask_min", np.array(lowest, np_dt))], "/mask")
+        self.scale = w.const("attn_scale", np.array(math.sqrt(hd), np_dt))
+        self.q_shape = w.const("q_shape", np.array([0, 0, h, hd], np.int64))
+        self.kv_shape = w.const("kv_shape", np.array([0, 0, hkv, hd], np.int64))
+        self.rep_shape = w.const("rep_shape", np.array([0, h, -1, hd], np.int64))
+        self.out_shape = w.const("out_shape", np.array([0, 0, h * hd], np.int64))
+        self.expand_axis = w.const("axis2", np.array([2], np.int64))
+
+    def __call__(self, w: GraphWriter, weights, a: str, i: int, pre: str, sa: str) -> tuple[str, str, str]:
+        """Normalised hidden states (B, S, D) of layer i -> attention output (B, S, H*hd), present key, value."""
+        d = self.d
+        groups = d.num_heads // d.num_kv_heads
+        heads = []
+        for proj, shape in (("q_proj", self.q_shape), ("k_proj", self.kv_shape), ("v_proj", self.kv_shape)):
+            y = _linear(w, weights, a, f"{pre}.self_attn.{proj}", f"{sa}/{proj}", d.qkv_bias)
+            heads.append(w.op("Transpose", [w.op("Reshape", [y, shape], sa)], sa, perm=[0, 2, 1, 3]))
+        q, k, v = heads  # (B, H, S, D), (B, Hkv, S, D)
+        q, k = _rotate(w, q, self.cos, self.sin, f"{sa}/rope_q"), _rotate(w, k, self.cos, self.sin, f"{sa}/rope_k")
+        k = w.op("Concat", [self.past[2 * i], k], sa, axis=2)  # (B, Hkv, P+S, D): the present
+        v = w.op("Concat", [self.past[2 * i + 1], v], sa, axis=2)
+        present = (k, v)
+        if groups > 1:  # repeat_interleave over heads: (B, Hkv, 1, T, D) -> (B, Hkv, g, T, D) -> (B, H, T, D)
+            rep = w.op("Concat", [w.op("Shape", [k], sa, start=0, end=2),
+                                  w.const(f"{sa}/groups", np.array([groups], np.int64)),
+                                  w.op("Shape", [k], sa, start=2)], sa, axis=0)
+            k, v = (w.op("Reshape", [w.op("Expand", [w.op("Unsqueeze", [t, self.expand_axis], sa), rep], sa),
+                                     self.rep_shape], sa) for t in (k, v))
+        scores = w.op("Div", [w.op("MatMul", [q, w.op("Transpose", [k], sa, perm=[0, 1, 3, 2])], sa), self.scale], sa)
+        scores = w.op("Add", [scores, self.mask], sa)
+        if w.elem != TensorProto.FLOAT:
+            scores = w.op("Cast", [scores], sa, to=TensorProto.FLOAT)
+        probs = w.op("Softmax", [scores], sa, axis=-1)
+        if w.elem != TensorProto.FLOAT:
+            probs = w.op("Cast", [probs], sa, to=w.elem)
+        o = w.op("Reshape", [w.op("Transpose", [w.op("MatMul", [probs, v], sa)], sa, perm=[0, 2, 1, 3]),
+                             self.out_shape], sa)
+        return o, *present
+
+
+class StaticAttention:
+    """onnxruntime's GroupQueryAttention over the static cache's shared buffers (onnxruntime-genai's form):
+    `seqlens_k` = positions filled - 1 and `total_sequence_length` from the attention mask (ones, batch 1), RoPE by
+    the kernel from cos/sin tables of the export's max context, q/k/v from one packed projection."""
+
+    def __init__(self, w: GraphWriter, d, contract: StageContract):
+        self.d, self.past, self.present = d, contract.cache.past_names(), contract.cache.present_names()
+        length = contract.cache.max_length
+        filled = w.op("ReduceSum", ["attention_mask", "axis1"], "/gqa", keepdims=0)  # (B,)
+        self.seqlens_k = w.op("Cast", [w.op("Sub", [filled, w.const("one_i64", np.array(1, np.int64))], "/gqa")],
+                              "/gqa", to=TensorProto.INT32)
+        total = w.op("Gather", [w.op("Shape", ["attention_mask"], "/gqa"), w.const("one_s", np.array(1, np.int64))],
+                     "/gqa", axis=0)
+        self.total = w.op("Cast", [total], "/gqa", to=TensorProto.INT32)
+        # the angles as torch computes them (tgedge.model.decoder.Decoder.rope): fp32, then the compute dtype
+        angles = torch.outer(torch.arange(length, dtype=torch.int64).float(), rope_inv_freq(d))  # (M, hd/2)
+        self.cos = _tensor(w, "rope/cos_cache", angles.cos())
+        self.sin = _tensor(w, "rope/sin_cache", angles.sin())
+
+    def __call__(self, w: GraphWriter, weights, a: str, i: int, pre: str, sa: str) -> tuple[str, str, str]:
+        d = self.d
+        qkv = _packed_linear(w, weights, a, [f"{pre}.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj")],
+                             f"{pre}.self_attn.qkv_proj", f"{sa}/qkv_proj", d.qkv_bias)  # (B, S, (H + 2 Hkv) hd)
+        # the presents are the graph's outputs themselves: an Identity in between would give the kernel a buffer of
+        # its own to fill (a copy of the whole cache per step) instead of the one bound as the past
+        o, _, _ = w.op("GroupQueryAttention", [qkv, "", "", self.past[2 * i], self.past[2 * i + 1], self.seqlens_k,
+                                               self.total, self.cos, self.sin], sa, outputs=3,
+                       names=[None, *self.present[2 * i:2 * i + 2]], domain="com.microsoft", num_heads=d.num_heads,
+                       kv_num_heads=d.num_kv_heads, do_rotary=1, rotary_interleaved=0, scale=1.0 / math.sqrt(d.head_dim))
+        return o, self.present[2 * i], self.present[2 * i + 1]
+
+
+ATTENTION = {"growing": GrowingAttention, "static": StaticAttention}  # by the contract's KV cache mode
+
+
+def check_static(d) -> None:
+    """What GroupQueryAttention's CPU and CUDA kernels take: RoPE on the whole head, a head size of 16k."""
+    if d.head_dim % 16:
+        raise TgedgeError(f"--cache static: onnxruntime's GroupQueryAttention (with its RoPE) needs a head size that "
+                          f"is a multiple of 16; this decoder's is {d.head_dim}: export with --cache growing")
+
+
+def build_decoder(cfg, contract: StageContract, weights, directory: Path, file: str, dtype: str,
+                  external: bool, embed_table: TensorProto | None,
+                  weight_only: WeightOnly | None = None) -> tuple[onnx.ModelProto, WeightStore]:
+    """The decoder graph (tgedge names: `language_model.*`, `lm_head.*`) with the attention of the contract's cache
+    mode; `embed_table` is the embed graph's table initializer when the embeddings are tied (the LM head reads it)."""
+    d = cfg.decoder
+    store = WeightStore(directory, f"{file}.data" if external else None)
+    w = GraphWriter(store, dtype, weight_only)
+    cache = contract.cache
+    stage = contract.stages["decoder"]
+    w.const("two_f32", np.array(2.0, np.float32))
+    w.const("minus_one", np.array([-1], np.int64))
+    w.const("big", np.array([np.iinfo(np.int64).max], np.int64))
+    w.const("axis1", np.array([1], np.int64))
+    try:
+        x = w.cast("inputs_embeds", w.elem if w.elem != TensorProto.FLOAT else None, "/embeds")
+        attention = ATTENTION[cache.mode](w, d, contract)
         presents = []
         for i in range(d.num_layers):
             pre, s = f"language_model.layers.{i}", f"/layers.{i}"
             a = _rms_norm(w, weights, x, f"{pre}.input_layernorm.weight", d.rms_norm_eps, f"{s}/input_layernorm")
             sa = f"{s}/self_attn"
-            heads = []
-            for proj, n, shape in (("q_proj", h, q_shape), ("k_proj", hkv, kv_shape), ("v_proj", hkv, kv_shape)):
-                y = _linear(w, weights, a, f"{pre}.self_attn.{proj}", f"{sa}/{proj}", d.qkv_bias)
-                heads.append(w.op("Transpose", [w.op("Reshape", [y, shape], sa)], sa, perm=[0, 2, 1, 3]))
-            q, k, v = heads  # (B, H, S, D), (B, Hkv, S, D)
-            q, k = _rotate(w, q, cos, sin, f"{sa}/rope_q"), _rotate(w, k, cos, sin, f"{sa}/rope_k")
-            k = w.op("Concat", [past[2 * i], k], sa, axis=2)  # (B, Hkv, P+S, D): the present
-            v = w.op("Concat", [past[2 * i + 1], v], sa, axis=2)
+            o, k, v = attention(w, weights, a, i, pre, sa)
             presents += [k, v]
-            if groups > 1:  # repeat_interleave over heads: (B, Hkv, 1, T, D) -> (B, Hkv, g, T, D) -> (B, H, T, D)
-                rep = w.op("Concat", [w.op("Shape", [k], sa, start=0, end=2),
-                                      w.const(f"{sa}/groups", np.array([groups], np.int64)),
-                                      w.op("Shape", [k], sa, start=2)], sa, axis=0)
-                k, v = (w.op("Reshape", [w.op("Expand", [w.op("Unsqueeze", [t, expand_axis], sa), rep], sa),
-                                         rep_shape], sa) for t in (k, v))
-            scores = w.op("Div", [w.op("MatMul", [q, w.op("Transpose", [k], sa, perm=[0, 1, 3, 2])], sa), scale], sa)
-            scores = w.op("Add", [scores, mask], sa)
-            if w.elem != TensorProto.FLOAT:
-                scores = w.op("Cast", [scores], sa, to=TensorProto.FLOAT)
-            probs = w.op("Softmax", [scores], sa, axis=-1)
-            if w.elem != TensorProto.FLOAT:
-                probs = w.op("Cast", [probs], sa, to=w.elem)
-            o = w.op("Reshape", [w.op("Transpose", [w.op("MatMul", [probs, v], sa)], sa, perm=[0, 2, 1, 3]),
-                                 out_shape], sa)
             x = w.op("Add", [x, _linear(w, weights, o, f"{pre}.self_attn.o_proj", f"{sa}/o_proj", d.o_bias)], s)
             m = _rms_norm(w, weights, x, f"{pre}.post_attention_layernorm.weight", d.rms_norm_eps,
                           f"{s}/post_attention_layernorm")
@@ -273,12 +355,13 @@ def build_decoder(cfg, contract: StageContract, weights, directory: Path, file: 
             logits = w.op("Cast", [logits], "/lm_head", to=TensorProto.FLOAT)
         w.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="/lm_head/logits"))
         for name, value in zip(cache.present_names(), presents):
-            w.nodes.append(helper.make_node("Identity", [value], [name], name=f"/present/{name}"))
+            if value != name:
+                w.nodes.append(helper.make_node("Identity", [value], [name], name=f"/present/{name}"))
     finally:
         store.close()
     graph = helper.make_graph(w.nodes, "decoder", [_value_info(t) for t in stage.inputs],
                               [_value_info(t) for t in stage.outputs], store.initializers + w.consts)
-    return _model(graph, ms_domain=bool(weight_bits)), store
+    return _model(graph, ms_domain=bool(weight_only) or cache.shares_buffer), store
 
 
 def build_embed(cfg, contract: StageContract, weights, directory: Path, file: str, dtype: str,

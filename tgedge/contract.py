@@ -134,7 +134,10 @@ def family_of(cfg: dict) -> FusionFamily:
 
 
 # -- the KV cache -----------------------------------------------------------------------------------------------
-CACHE_MODES = ("growing",)  # growing: present = past + new, returned each step (the graph concatenates)
+# growing: present = past + new, returned each step (the graph concatenates; any backend runs it).
+# static: one buffer per layer at the export's max context, bound as both past and present and written in place at the
+# step's positions (onnxruntime's GroupQueryAttention; onnxruntime-genai's past_present_share_buffer).
+CACHE_MODES = ("growing", "static")
 
 
 @dataclass(frozen=True)
@@ -152,6 +155,12 @@ class CacheLayout:
     present_key: str = "present.{}.key"
     present_value: str = "present.{}.value"
     profiles: tuple[dict, ...] = ()  # ({"name": "prefill", "dims": {dim: [min, opt, max]}}, {"name": "decode", ..})
+    max_length: int = 0  # static: the buffers' length (the export's max context)
+
+    @property
+    def shares_buffer(self) -> bool:
+        """Past and present are one buffer (static), not past in and past + new out (growing)."""
+        return self.mode == "static"
 
     def past_names(self) -> list[str]:
         return [p.format(i) for i in range(self.num_layers) for p in (self.past_key, self.past_value)]
@@ -165,11 +174,11 @@ class CacheLayout:
 
     @property
     def past_shape(self) -> tuple[int | str, ...]:
-        return (BATCH, self.num_kv_heads, PAST, self.head_dim)
+        return (BATCH, self.num_kv_heads, self.max_length if self.shares_buffer else PAST, self.head_dim)
 
     @property
     def present_shape(self) -> tuple[int | str, ...]:
-        return (BATCH, self.num_kv_heads, TOTAL, self.head_dim)
+        return (BATCH, self.num_kv_heads, self.max_length if self.shares_buffer else TOTAL, self.head_dim)
 
     def profile_index(self, past_len: int) -> int:
         """The optimisation profile a decoder call runs under: prefill (nothing cached) or decode."""
@@ -181,7 +190,8 @@ class CacheLayout:
                 "past_value_names": self.past_value.replace("{}", "%d"),
                 "present_key_names": self.present_key.replace("{}", "%d"),
                 "present_value_names": self.present_value.replace("{}", "%d"),
-                "past_present_share_buffer": self.mode != "growing", "profiles": list(self.profiles)}
+                "past_present_share_buffer": self.shares_buffer, "profiles": list(self.profiles),
+                **({"max_length": self.max_length} if self.shares_buffer else {})}
 
     @classmethod
     def from_dict(cls, d: dict) -> "CacheLayout":
@@ -191,7 +201,7 @@ class CacheLayout:
         fmt = lambda key: str(d[key]).replace("%d", "{}")  # noqa: E731
         return cls(d["mode"], int(d["num_layers"]), int(d["num_kv_heads"]), int(d["head_dim"]), d.get("dtype", "float32"),
                    fmt("past_key_names"), fmt("past_value_names"), fmt("present_key_names"),
-                   fmt("present_value_names"), tuple(d.get("profiles", ())))
+                   fmt("present_value_names"), tuple(d.get("profiles", ())), int(d.get("max_length", 0)))
 
 
 # -- the contract -----------------------------------------------------------------------------------------------
@@ -271,12 +281,14 @@ class StageContract:
         if cache_mode not in CACHE_MODES:
             raise TgedgeError(f"unknown KV cache mode {cache_mode!r} (choose from {', '.join(CACHE_MODES)})")
         cache = CacheLayout(cache_mode, dec["num_layers"], dec["num_kv_heads"], dec["head_dim"], cache_dtype,
-                            profiles=decoder_profiles(dims))
+                            profiles=decoder_profiles(dims), max_length=max_context if cache_mode == "static" else 0)
+        # a static cache's positions are its slots: the graph derives them from the attention mask's length
+        positions = () if cache.shares_buffer else (TensorMeta("position_ids", "int64", (BATCH, SEQ)),)
         stages.append(Stage(
             "decoder",
             (TensorMeta("inputs_embeds", "float32", (BATCH, SEQ, dec["hidden_size"])),
-             TensorMeta("attention_mask", "int64", (BATCH, TOTAL)),
-             TensorMeta("position_ids", "int64", (BATCH, SEQ)))
+             TensorMeta("attention_mask", "int64", (BATCH, TOTAL)))
+            + positions
             + tuple(TensorMeta(n, cache.dtype, cache.past_shape) for n in cache.past_names()),
             # logits of the last position only: what generation needs (validate teacher-forces step by step)
             (TensorMeta("logits", "float32", (BATCH, 1, dec["vocab_size"])),)

@@ -67,9 +67,48 @@ class DecoderGraph(nn.Module):
         return (logits, *[x for c in caches for x in (c.k, c.v)])
 
 
-def stage_graph(model, stage: str) -> nn.Module:
+class StaticKV:
+    """The static cache of the exported decoder: one buffer per layer at max context, written at the step's positions
+    (gpt-fast's `KVCache.update`), attended over in full with the unwritten positions masked."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+        self.k, self.v = k, v  # (B, Hkv, M, D)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        self.k, self.v = self.k.index_copy(2, input_pos, k), self.v.index_copy(2, input_pos, v)  # (B, Hkv, M, D)
+        return self.k, self.v
+
+
+class StaticDecoderGraph(nn.Module):
+    """inputs_embeds + attention_mask + the static cache's buffers -> last-position logits + the buffers written at
+    positions total - T .. total - 1 (total: the attention mask's length; a static cache's positions are its slots).
+
+    What the `static` decoder graph (onnxruntime GroupQueryAttention over a shared buffer) computes; export checks
+    the written positions (past them, a buffer that is not shared holds whatever the kernel leaves)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs_embeds, attention_mask, *past):
+        dec = self.model.language_model
+        t, total, m = inputs_embeds.shape[1], attention_mask.shape[1], past[0].shape[2]
+        positions = torch.arange(total - t, total, device=inputs_embeds.device)  # (T,)
+        caches = [StaticKV(past[2 * i], past[2 * i + 1]) for i in range(len(dec.layers))]
+        cos, sin = dec.rope(positions, inputs_embeds.dtype)  # (T, D)
+        k_idx = torch.arange(m, device=inputs_embeds.device)  # (M,)
+        mask = torch.where(k_idx[None, :] <= positions[:, None], 0.0, torch.finfo(inputs_embeds.dtype).min)  # (T, M)
+        h = dec.run_layers(inputs_embeds, cos, sin, mask.to(inputs_embeds.dtype), positions, caches)
+        logits = self.model.lm_logits(h[:, -1:])  # (B, 1, V)
+        return (logits, *[x for c in caches for x in (c.k, c.v)])
+
+
+DECODER_GRAPHS = {"growing": DecoderGraph, "static": StaticDecoderGraph}  # by the contract's cache mode
+
+
+def stage_graph(model, stage: str, cache_mode: str = "growing") -> nn.Module:
     if stage == "embed":
         return EmbedGraph(model)
     if stage == "decoder":
-        return DecoderGraph(model)
+        return DECODER_GRAPHS[cache_mode](model)
     return StageGraph(model, stage)
