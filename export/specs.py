@@ -27,6 +27,9 @@ class GraphSpec:
     check_shapes: tuple[dict[str, int], dict[str, int]]  # two settings of the dims to validate at
     prefixes: tuple[str, ...] = ()  # the model's parameters the module computes with (loaded for this graph only)
     written: bool = False  # written from the config with streamed weights (export/decoder_graph.py), not traced
+    # the part of an output that is defined at a setting of the dims (all of it when None): a static cache's
+    # present buffer is defined at the written positions only, unless onnxruntime shares it with the past
+    defined: Callable[[str, dict[str, int]], tuple] | None = None
 
     @property
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
@@ -40,10 +43,11 @@ def _normal(gen: torch.Generator, *shape: int, scale: float = 1.0) -> torch.Tens
     return torch.randn(*shape, generator=gen) * scale
 
 
-def _spec(model, contract: StageContract, stage: str, make, check_shapes, written: bool = False) -> GraphSpec:
+def _spec(model, contract: StageContract, stage: str, make, check_shapes, written: bool = False,
+          defined=None) -> GraphSpec:
     s = contract.stages[stage]
-    return GraphSpec(stage, stage_graph(model, stage), list(s.inputs), list(s.outputs), make, check_shapes,
-                     model.stage_prefixes(stage), written)
+    return GraphSpec(stage, stage_graph(model, stage, contract.cache.mode), list(s.inputs), list(s.outputs), make,
+                     check_shapes, model.stage_prefixes(stage), written, defined)
 
 
 # -- the specs ----------------------------------------------------------------------------------------------
@@ -97,14 +101,19 @@ def decoder_spec(model, contract: StageContract) -> GraphSpec:
         emb_scale = float(model.language_model.embed_tokens.weight.detach().std())
         b, t, p = dims[BATCH], dims[SEQ], dims[PAST]
         feed = {"inputs_embeds": _normal(gen, b, t, cfg.hidden_size, scale=emb_scale),
-                "attention_mask": torch.ones(b, p + t, dtype=torch.int64),
-                "position_ids": (torch.arange(t) + p).expand(b, t).contiguous()}
+                "attention_mask": torch.ones(b, p + t, dtype=torch.int64)}
+        if not cache.shares_buffer:
+            feed["position_ids"] = (torch.arange(t) + p).expand(b, t).contiguous()
+        length = cache.max_length if cache.shares_buffer else p  # static: random past the written positions, too
         for name in cache.past_names():
-            feed[name] = _normal(gen, b, cache.num_kv_heads, p, cache.head_dim).to(DTYPE_OF[cache.dtype])
+            feed[name] = _normal(gen, b, cache.num_kv_heads, length, cache.head_dim).to(DTYPE_OF[cache.dtype])
         return feed
 
+    def defined(output, dims):  # a static buffer: the positions written so far
+        return (Ellipsis,) if output == "logits" else (slice(None), slice(None), slice(0, dims[PAST] + dims[SEQ]))
+
     return _spec(model, contract, "decoder", make, ({BATCH: 1, SEQ: 7, PAST: 0}, {BATCH: 1, SEQ: 33, PAST: 12}),
-                 written=True)
+                 written=True, defined=defined if cache.shares_buffer else None)
 
 
 # Registered specs, one per stage of the contract; tests check that each has a test.
