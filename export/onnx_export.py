@@ -259,7 +259,7 @@ def export_model(checkpoint: str | Path, out: str | Path, opset: int = DEFAULT_O
     --precision int4w` makes from an fp32 export, without the fp32 decoder in memory: how a 7 B model gets there),
     with `block_size` and `accuracy_level` as quantize takes them. `cache_mode` growing | static: the decoder's KV
     cache (tgedge.contract.CACHE_MODES; static = GroupQueryAttention over buffers shared in place, onnxruntime only)."""
-    from tgedge.calibration.quantize import WeightOnly
+    from tgedge.calibration.weight_only import WeightOnly
     from tgedge.checkpoint import load_model, materialize, release
     from tgedge.contract import CACHE_MODES
     from tgedge.export.decoder_graph import check_static
