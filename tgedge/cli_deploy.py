@@ -6,6 +6,7 @@ import json
 import sys
 
 from tgedge.cli_common import BACKENDS, EPILOG, add_output, integer, opset
+from tgedge.contract import CACHE_MODES
 from tgedge.fileio import check_output, write_atomic
 
 
@@ -34,12 +35,29 @@ def _add_export(sub) -> None:
                    help="weights and compute of every graph (fp16 keeps norms, softmax and positions in fp32, and "
                         "stores the KV cache in fp16); default fp32, the precision tgedge quantize starts from")
     p.add_argument("--decoder-weights", choices=["int4w", "int8w"],
-                   help="write the decoder's linear weights as int4/int8 blocks (onnxruntime MatMulNBits, block 32) "
-                        "while streaming them: what tgedge quantize --precision int4w makes from an fp32 export, "
-                        "without ever holding the fp32 decoder (a 7 B model on a 24 GB machine)")
+                   help="write the decoder's linear weights as int4/int8 blocks (onnxruntime MatMulNBits) while "
+                        "streaming them: what tgedge quantize --precision int4w makes from an fp32 export, without "
+                        "ever holding the fp32 decoder (a 7 B model on a 24 GB machine)")
+    _add_weight_only(p)
+    p.add_argument("--cache", choices=list(CACHE_MODES), default="growing",
+                   help="the decoder's KV cache: growing (past + new concatenated each step, standard ops: every "
+                        "backend) or static (one buffer per layer at --max-context, bound as both past and present "
+                        "and written in place by onnxruntime's GroupQueryAttention: the fast decode on onnxruntime "
+                        "CPU/CUDA; TensorRT cannot run it). Default growing")
     p.add_argument("--no-check", action="store_true", help="skip the torch-vs-onnxruntime check of each graph")
     p.add_argument("--json", action="store_true", help="print the result (graphs, checks, seconds) as JSON")
     p.set_defaults(func=cmd_export)
+
+
+def _add_weight_only(p) -> None:
+    from tgedge.calibration.weight_only import ACCURACY_LEVEL, ACCURACY_LEVELS, BLOCK_SIZE, BLOCK_SIZES
+
+    p.add_argument("--block-size", type=int, choices=BLOCK_SIZES, metavar="N",
+                   help=f"int4w/int8w: MatMulNBits block along K ({', '.join(map(str, BLOCK_SIZES))}; default "
+                        f"{BLOCK_SIZE})")
+    p.add_argument("--accuracy-level", type=int, choices=ACCURACY_LEVELS, metavar="L",
+                   help=f"int4w/int8w: MatMulNBits accuracy_level (0: fp32 activations, 4: int8 activations, what "
+                        f"CPUs with int8 dot products run fastest; default {ACCURACY_LEVEL}; docs/BENCHMARKS.md)")
 
 
 def cmd_export(args) -> int:
@@ -51,7 +69,8 @@ def cmd_export(args) -> int:
     say = None if args.json else (lambda s: print(f"  {s}", file=sys.stderr, flush=True))
     result = export_model(args.model, args.output, args.opset, args.max_context, args.clip, external, on_step=say,
                           force=args.force, dtype=args.dtype, check=not args.no_check,
-                          decoder_weights=args.decoder_weights)
+                          decoder_weights=args.decoder_weights, cache_mode=args.cache, block_size=args.block_size,
+                          accuracy_level=args.accuracy_level)
     if args.json:
         print(json.dumps(result.to_dict()))
         return 0 if result.passed else 1
@@ -100,6 +119,7 @@ def _add_quantize(sub) -> None:
                    help="activation range calibration (default minmax; docs/QUANTIZATION.md compares them)")
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                    help="keep nodes whose name matches this glob in fp32, e.g. '/layers.0/*' (repeatable)")
+    _add_weight_only(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_quantize)
 
@@ -114,7 +134,7 @@ def cmd_quantize(args) -> int:
     with tqdm(desc="calibrate", unit="sample", disable=None, file=sys.stderr, total=args.calib_limit) as bar:
         result = quantize_export(args.export_dir, args.output, args.precision, args.calib, args.method, args.exclude,
                                  args.calibration, args.calib_limit, on_step=say, progress=bar.update,
-                                 force=args.force)
+                                 force=args.force, block_size=args.block_size, accuracy_level=args.accuracy_level)
     if args.json:
         print(json.dumps(result.to_dict()))
         return 0
