@@ -2,7 +2,9 @@
 
 Inference goes through IO binding: outputs named in `keep` stay as OrtValues where ORT put them (on the
 GPU with CUDA/TensorRT), so the decoder's `present.*` feed the next step's `past_key_values.*` without a
-copy through the host.
+copy through the host. A static KV cache goes further: `buffer()` allocates its buffers on the session's device once
+and `bind()` binds each as both a past input and its present output, once; `infer(feed, bound=...)` then binds only
+the step's own inputs, and the graph writes the cache in place.
 """
 
 from __future__ import annotations
@@ -64,6 +66,14 @@ class SessionFromOnnx:
             raise TgedgeError(f"{self.path}: onnxruntime cannot load this graph ({str(e).splitlines()[0]})") from None
 
 
+class Bound:
+    """An IO binding kept across calls, with buffers bound once as inputs (`inputs`) and as outputs (`outputs`)."""
+
+    def __init__(self, io, inputs: dict[str, Any], outputs: list[str]):
+        self.io, self.inputs, self.outputs = io, inputs, outputs
+        self.order = list(outputs)  # output names in the binding's order (get_outputs follows it)
+
+
 class OnnxRuntimeRunner(BaseRunner):
     def __init__(self, session_loader: SessionFromOnnx, name: str | None = None):
         super().__init__(name or session_loader.path.stem)
@@ -92,19 +102,49 @@ class OnnxRuntimeRunner(BaseRunner):
     def get_output_metadata_impl(self) -> dict[str, TensorMeta]:
         return {o.name: _meta(o) for o in self.session.get_outputs()}
 
-    def infer_impl(self, feed: dict[str, Any], keep: tuple[str, ...] = ()) -> dict[str, Any]:
-        """Outputs as numpy arrays, except those named in `keep`: OrtValues left on the device."""
-        binding = self.session.io_binding()
+    def buffer(self, shape: tuple[int, ...], dtype: str):
+        """A tensor on the session's device that stays there between calls (a static KV cache's buffer)."""
+        import onnxruntime as ort
+
+        if self.device_type == "cpu":
+            return ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype))  # the array's memory, zeroed
+        return ort.OrtValue.ortvalue_from_shape_and_type(shape, np.dtype(dtype).type, self.device_type, 0)
+
+    def bind(self, buffers: dict[str, Any], outputs: dict[str, str]) -> Bound:
+        """Bind each buffer once as the input of its name and as the output `outputs[name]` (past and present in
+        one buffer: onnxruntime's kernels see the same address and write in place)."""
+        io = self.session.io_binding()
+        for name, value in buffers.items():
+            io.bind_ortvalue_input(name, value)
+            io.bind_ortvalue_output(outputs[name], value)
+        return Bound(io, dict(buffers), [outputs[n] for n in buffers])
+
+    def infer_impl(self, feed: dict[str, Any], keep: tuple[str, ...] = (), bound: Bound | None = None
+                   ) -> dict[str, Any]:
+        """Outputs as numpy arrays, except those named in `keep`: OrtValues left on the device. With `bound`, its
+        buffers are not bound again and its outputs come back as those buffers."""
+        if bound is None:
+            binding, fixed, order = self.session.io_binding(), {}, []
+        else:
+            binding, fixed, order = bound.io, bound.inputs, bound.order
         for name, value in feed.items():
+            if fixed.get(name) is value:
+                continue
             if isinstance(value, np.ndarray):
                 binding.bind_cpu_input(name, np.ascontiguousarray(value))
             else:
                 binding.bind_ortvalue_input(name, value)
         for name in self.output_names:
-            binding.bind_output(name, self.device_type)
+            if bound is None or name not in bound.outputs:
+                binding.bind_output(name, self.device_type)  # rebinding a name keeps its place in the binding
+                if name not in order:
+                    order.append(name)
         self.session.run_with_iobinding(binding)
-        outputs = binding.get_outputs()
-        return {n: (v if n in keep else v.numpy()) for n, v in zip(self.output_names, outputs)}
+        outputs = dict(zip(order, binding.get_outputs()))
+        if bound is not None:
+            outputs.update({n: bound.inputs[past] for past, n in zip(bound.inputs, bound.outputs)})
+        return {n: (outputs[n] if n in keep or (bound is not None and n in bound.outputs) else outputs[n].numpy())
+                for n in self.output_names}
 
 
 def runner_for(manifest, graph: str, device: str = "cpu") -> OnnxRuntimeRunner:

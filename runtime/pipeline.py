@@ -80,30 +80,25 @@ class Pipeline(StageFlow):
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def run_stage(self, name: str, feed: dict[str, np.ndarray], keep: tuple[str, ...] = ()) -> dict:
-        return self.runners[name].infer(feed, keep=keep)
-
-    # -- the decoder ----------------------------------------------------------------------------------------------
-    def decoder(self, x: np.ndarray, past: dict, past_len: int, keep: tuple[str, ...] = ()) -> dict:
-        """One decoder call: embeddings (1, T, D) after `past_len` cached positions -> logits + present."""
-        t = x.shape[1]
-        feed = {"inputs_embeds": x, "attention_mask": np.ones((1, past_len + t), np.int64),
-                "position_ids": np.arange(past_len, past_len + t, dtype=np.int64)[None], **past}
-        return self.run_stage("decoder", feed, keep=keep)
+    def run_stage(self, name: str, feed: dict[str, np.ndarray], **options) -> dict:
+        """`options` for the runner's infer (the decoder's: what the KV cache asks, `keep`, `bound`)."""
+        return self.runners[name].infer(feed, **options)
 
     # -- decode steps (tgedge.generate drives them) -----------------------------------------------------------
     def setup_cache(self, max_len: int) -> None:
         if max_len > self.manifest.max_context:
             raise TgedgeError(f"{max_len} positions exceed the export's max context ({self.manifest.max_context})")
-        self.cache.reset(max_len)
+        self.cache.reset(max_len, self.runners["decoder"])
 
     def clear_cache(self) -> None:
         self.cache.clear()
 
     def _step(self, x: np.ndarray) -> np.ndarray:
-        # the cache's outputs stay where the backend put them (the GPU on CUDA) and come back as the next feed.
-        out = self.decoder(x, self.cache.feed(), self.cache.length, keep=self.cache.keep)
-        self.cache.update(out, x.shape[1])
+        """One decoder call: embeddings (1, T, D) after the cached positions -> last logits (V,). The cache gives the
+        rest of the feed and how the runner treats it (outputs kept on the device, buffers bound in place)."""
+        t = x.shape[1]
+        out = self.run_stage("decoder", {"inputs_embeds": x, **self.cache.feed(t)}, **self.cache.options)
+        self.cache.update(out, t)
         return out["logits"][0, -1]
 
     def prefill(self, x: np.ndarray) -> np.ndarray:

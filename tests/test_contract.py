@@ -89,12 +89,16 @@ def test_growing_cache_hands_present_back_as_past(demo_cfg):
     cache = make_cache(layout)
     assert isinstance(cache, GrowingCache)
     cache.reset(10)
-    assert cache.length == 0 and all(v.shape[2] == 0 for v in cache.feed().values())
+    feed = cache.feed(3)
+    assert cache.length == 0 and all(feed[n].shape[2] == 0 for n in layout.past_names())
+    assert feed["attention_mask"].shape == (1, 3) and feed["position_ids"].tolist() == [[0, 1, 2]]
     present = {n: np.full((1, layout.num_kv_heads, 4, layout.head_dim), i, np.float32)
                for i, n in enumerate(layout.present_names())}
     cache.update(present, 4)
     assert cache.length == 4
-    assert all(cache.feed()[past] is present[pres] for past, pres in layout.present_for().items())
+    feed = cache.feed(1)
+    assert all(feed[past] is present[pres] for past, pres in layout.present_for().items())
+    assert feed["attention_mask"].shape == (1, 5) and feed["position_ids"].tolist() == [[4]]
     assert cache.keep == tuple(layout.present_names())
     with pytest.raises(TgedgeError, match=r"11 positions exceed the cache \(10\)"):
         cache.update(present, 7)

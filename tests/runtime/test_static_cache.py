@@ -1,0 +1,165 @@
+"""The static KV cache (GroupQueryAttention over one buffer per layer, bound once as past and present) decodes as the
+growing cache does: the same greedy tokens and logits within fp32 noise, on the demo, a tiny LLaMA, a tiny Qwen2 and
+the tg-tiny preset; nothing of the cache is allocated or copied per step."""
+
+import json
+
+import numpy as np
+import pytest
+
+import tiny
+from tgedge.cli import main
+from tgedge.errors import TgedgeError
+from tgedge.export.onnx_export import export_model
+from tgedge.generate import forced_logits
+from tgedge.runtime.cache import StaticCache
+from tgedge.runtime.pipeline import Pipeline
+
+NEW_TOKENS = 12
+LOGITS_ATOL = 1e-4
+
+
+def _samples(tmp_path, n=2):
+    images = [tiny.test_image(tmp_path / f"{i}.png", size=(40 + 9 * i, 30 + 5 * i), seed=i) for i in range(n)]
+    return list(zip(images, ["what color is the circle?", "how many are there?"][:n]))
+
+
+def assert_static_decodes_as_growing(growing_dir, static_dir, samples) -> float:
+    """Greedy tokens identical (EOS off: every run NEW_TOKENS long) and teacher-forced logits within LOGITS_ATOL."""
+    worst = 0.0
+    with Pipeline(growing_dir) as g, Pipeline(static_dir) as s:
+        assert isinstance(s.cache, StaticCache)
+        for image, prompt in samples:
+            a = g.answer(image, prompt, g.options(max_new_tokens=NEW_TOKENS, eos_token_ids=[], stop_strings=[]))
+            b = s.answer(image, prompt, s.options(max_new_tokens=NEW_TOKENS, eos_token_ids=[], stop_strings=[]))
+            assert a.tokens == b.tokens and len(a.tokens) == NEW_TOKENS, (prompt, a.tokens, b.tokens)
+            x = g.embeddings(g.pre(image, prompt))
+            worst = max(worst, float(np.abs(forced_logits(g, x, a.tokens) - forced_logits(s, x, a.tokens)).max()))
+    assert worst <= LOGITS_ATOL, worst
+    return worst
+
+
+@pytest.fixture(scope="module")
+def demo_static(tmp_path_factory):
+    result = export_model("demo", tmp_path_factory.mktemp("static") / "demo", cache_mode="static")
+    assert result.passed
+    return result
+
+
+def test_manifest_states_the_static_mode(demo_static):
+    m = json.loads((demo_static.directory / "manifest.json").read_text())
+    kv = m["kv_cache"]
+    assert kv["mode"] == "static" and kv["past_present_share_buffer"] is True and kv["max_length"] == m["max_context"]
+    dec = m["graphs"]["decoder"]
+    assert [i["name"] for i in dec["inputs"]][:2] == ["inputs_embeds", "attention_mask"]  # positions = the slots
+    past = next(i for i in dec["inputs"] if i["name"] == "past_key_values.0.key")
+    assert past["shape"] == ["batch_size", kv["num_kv_heads"], m["max_context"], kv["head_dim"]]
+    present = next(o for o in dec["outputs"] if o["name"] == "present.0.key")
+    assert present["shape"] == past["shape"]
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(demo_static.directory / "decoder.onnx")).graph.node}
+    assert "GroupQueryAttention" in ops and "Concat" not in ops
+
+
+def test_demo_static_decodes_as_growing(demo_export, demo_static, tmp_path):
+    from tgedge.data import shapes
+
+    samples = [(s.image, s.prompt) for s in shapes.generate(shapes.SPLIT_SEEDS["eval"], 3)]
+    assert_static_decodes_as_growing(demo_export.directory, demo_static.directory, samples)
+
+
+def test_buffers_are_bound_once_and_written_in_place(demo_export, demo_static):
+    """The same buffer objects (same device memory) every step, holding what the growing cache's present holds."""
+    from tgedge.data import shapes
+
+    sample = next(iter(shapes.generate(shapes.SPLIT_SEEDS["eval"], 1)))
+    with Pipeline(demo_export.directory) as g, Pipeline(demo_static.directory) as s:
+        x = g.embeddings(g.pre(sample.image, sample.prompt))
+        t = x.shape[1]
+        g.setup_cache(t + 3)
+        s.setup_cache(t + 3)
+        buffers = dict(s.cache.buffers)
+        pointers = {n: v.data_ptr() for n, v in buffers.items()}
+        token = int(np.argmax(g.prefill(x)))
+        s.prefill(x)
+        for i in range(2):
+            g.decode_one_token(token, t + i)
+            s.decode_one_token(token, t + i)
+        assert s.cache.buffers == buffers and all(v.data_ptr() == pointers[n] for n, v in s.cache.buffers.items())
+        assert s.cache.options["bound"].inputs == buffers
+        for past in g.cache.layout.past_names():
+            grown = g.cache.feed(1)[past].numpy()  # (1, Hkv, t + 2, D)
+            np.testing.assert_allclose(s.cache.buffers[past].numpy()[:, :, :t + 2], grown, atol=1e-5)
+        s.decode_one_token(token, t + 2)
+        with pytest.raises(TgedgeError, match=rf"{t + 4} positions exceed the cache \({t + 3}\)"):
+            s.decode_one_token(token, t + 3)
+        g.clear_cache()
+        s.clear_cache()
+        with pytest.raises(TgedgeError, match="exceed the static cache"):
+            s.cache.reset(s.cache.layout.max_length + 1, s.runners["decoder"])
+
+
+def test_a_runner_that_cannot_bind_gets_host_buffers(demo_export, demo_static):
+    """A wrapping runner (calibration's recorder, a remote stage) has no buffer/bind: the present comes back and is
+    the next past, and the answers do not change."""
+    from tgedge.data import shapes
+    from tgedge.runtime.backends import make_runner
+
+    class Wrapped:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            if name in ("buffer", "bind"):
+                raise AttributeError(name)
+            return getattr(self.inner, name)
+
+    samples = [(s.image, s.prompt) for s in shapes.generate(shapes.SPLIT_SEEDS["eval"], 1)]
+    with Pipeline(demo_static.directory, runner_factory=lambda m, g: Wrapped(make_runner("onnxruntime", m, g))) as w, \
+            Pipeline(demo_static.directory) as s:
+        for image, prompt in samples:
+            opts = dict(max_new_tokens=NEW_TOKENS, eos_token_ids=[], stop_strings=[])
+            assert w.answer(image, prompt, w.options(**opts)).tokens == s.answer(image, prompt, s.options(**opts)).tokens
+        assert w.cache.bound is None and w.cache.keep == tuple(w.cache.layout.present_names())
+        assert s.cache.bound is not None and s.cache.keep == ()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_tiny_llava_static_decodes_as_growing(family, tmp_path, monkeypatch):
+    # GroupQueryAttention's RoPE wants a head size of 16k: the tiny decoders at 64 wide, 4 heads
+    base = tiny.decoder_config_dict
+    monkeypatch.setattr(tiny, "decoder_config_dict", lambda f, v: {**base(f, v), "hidden_size": 64})
+    tiny.hf_llava(tmp_path / "ckpt", family)
+    export_model(tmp_path / "ckpt", tmp_path / "growing", check=False)
+    assert export_model(tmp_path / "ckpt", tmp_path / "static", cache_mode="static").passed
+    assert_static_decodes_as_growing(tmp_path / "growing", tmp_path / "static", _samples(tmp_path))
+
+
+def test_tg_tiny_preset_static_int4w(tmp_path):
+    """The original-layout TG preset (Qwen2: qkv bias, tied table), fp32 and int4w, static vs growing."""
+    from tgedge.presets import write_random
+
+    ckpt = tmp_path / "tg-tiny"
+    write_random("tg-tiny", ckpt)
+    for weights in (None, "int4w"):
+        kw = dict(clip=ckpt / "clip", decoder_weights=weights)
+        export_model(ckpt, tmp_path / f"growing-{weights}", check=False, **kw)
+        assert export_model(ckpt, tmp_path / f"static-{weights}", cache_mode="static", **kw).passed
+        assert_static_decodes_as_growing(tmp_path / f"growing-{weights}", tmp_path / f"static-{weights}",
+                                         _samples(tmp_path, 1))
+
+
+def test_static_needs_a_head_size_of_16k(tmp_path, capsys):
+    tiny.hf_llava(tmp_path / "ckpt", "llama")  # 48 wide, 4 heads: 12
+    with pytest.raises(TgedgeError, match="multiple of 16; this decoder's is 12: export with --cache growing"):
+        export_model(tmp_path / "ckpt", tmp_path / "out", cache_mode="static")
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_cache_option_is_one_line(tmp_path, capsys):
+    assert main(["export", "demo", "-o", str(tmp_path / "x"), "--cache", "paged"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--cache" in err and "static" in err
+    assert main(["export", "demo", "-o", str(tmp_path / "x"), "--block-size", "48"]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
