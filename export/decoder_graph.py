@@ -346,8 +346,10 @@ def build_decoder(cfg, contract: StageContract, weights, directory: Path, file: 
         # the last position only, (B, 1, D) -> (B, D) for the LM head's Gemm -> (B, 1, V)
         last = w.op("Slice", [x, "minus_one", "big", "axis1"], "/lm_head")
         flat = w.op("Reshape", [last, w.const("flat_shape", np.array([-1, d.hidden_size], np.int64))], "/lm_head")
-        if d.tie_word_embeddings:
+        if d.tie_word_embeddings and embed_table is not None:
             table = store.share("lm_head.tied_embed_tokens", embed_table)
+        elif d.tie_word_embeddings:  # no embed graph beside it (export's truncated check): its own copy
+            table = _weight(w, weights, "language_model.embed_tokens.weight")
         else:
             table = _weight(w, weights, "lm_head.weight")  # (V, D): Gemm's transB reads it as stored
         logits = w.op("Unsqueeze", [w.op("Gemm", [flat, table], "/lm_head", transB=1), "axis1"], "/lm_head")

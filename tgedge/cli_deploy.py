@@ -88,8 +88,9 @@ def cmd_export(args) -> int:
         if worst.skipped:
             table.add_row(graph, "-", str(len(checks)), "-", f"{worst.limit:.0e}", "-", f"skipped: {worst.skipped}")
             continue
+        ok = "yes" if all(c.passed for c in checks) else "NO"
         table.add_row(graph, " ".join(f"{k}={v}" for k, v in dims), str(len(checks)), f"{worst.rel_l2:.2e}",
-                      f"{worst.limit:.0e}", f"{worst.max_abs:.2e}", "yes" if all(c.passed for c in checks) else "NO")
+                      f"{worst.limit:.0e}", f"{worst.max_abs:.2e}", f"{ok}, {worst.scope}" if worst.scope else ok)
     Console().print(table)
     m = result.manifest
     print(f"wrote {len(m.graphs)} graphs (opset {m.opset}, max context {m.max_context}) and manifest.json to "

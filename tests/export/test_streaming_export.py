@@ -126,3 +126,20 @@ def test_streamed_int4w_is_onnxruntimes_quantisation(reads, tiny, tmp_path):
         np.testing.assert_array_equal(qa, qb)
         np.testing.assert_array_equal(sa, sb)
     assert json.loads((tmp_path / "direct" / "manifest.json").read_text())["graphs"]["decoder"]["precision"] == "int4w"
+
+
+def test_a_decoder_too_big_to_check_whole_is_checked_by_its_first_layers(tiny, tmp_path, monkeypatch):
+    """Where torch and onnxruntime cannot both hold the decoder (a 7 B one here), its first layers are written by the
+    same builder from the same weights and checked instead; the result says so."""
+    from tgedge.checkpoint import load_model
+    from tgedge.export import onnx_export
+
+    _, ckpt = load_model(tiny, tiny / "clip", device="meta")
+    whole = onnx_export._check_bytes(ckpt.weights, ("language_model.", "lm_head."))
+    monkeypatch.setattr(onnx_export, "_available_bytes", lambda: int(whole) - 1)
+    result = export_model(tiny, tmp_path / "e", clip=tiny / "clip")
+    decoder = [c for c in result.checks if c.graph == "decoder"]
+    assert result.passed and decoder and not any(c.skipped for c in decoder)
+    assert all(c.scope.startswith("first ") and "layers" in c.scope for c in decoder)
+    assert max(c.rel_l2 for c in decoder) < 1e-4
+    assert not list((tmp_path / "e").glob(".decoder-check*"))

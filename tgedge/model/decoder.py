@@ -141,7 +141,8 @@ class Decoder(nn.Module):
         return self.run_layers(x, cos, sin, mask, input_pos)
 
     def run_layers(self, x, cos, sin, mask, input_pos, caches=None) -> torch.Tensor:
-        """`caches`: one per layer, in place of the layers' own (the exported decoder graph's past/present)."""
-        for i, layer in enumerate(self.layers):
+        """`caches`: one per layer, in place of the layers' own (the exported decoder graph's past/present); given
+        fewer caches than layers, the first len(caches) layers run (export's check of a decoder too big to hold)."""
+        for i, layer in enumerate(self.layers if caches is None else self.layers[:len(caches)]):
             x = layer(x, cos, sin, mask, input_pos, None if caches is None else caches[i])
         return self.norm(x)

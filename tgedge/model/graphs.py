@@ -56,7 +56,7 @@ class DecoderGraph(nn.Module):
     def forward(self, inputs_embeds, attention_mask, position_ids, *past):
         dec = self.model.language_model
         t, p = inputs_embeds.shape[1], past[0].shape[2]
-        caches = [PastKV(past[2 * i], past[2 * i + 1]) for i in range(len(dec.layers))]
+        caches = [PastKV(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]  # the layers fed run
         cos, sin = dec.rope(position_ids, inputs_embeds.dtype)  # (B, T, D)
         q_idx = torch.arange(t, device=inputs_embeds.device) + p  # (T,)
         k_idx = torch.arange(p + t, device=inputs_embeds.device)  # (S,)
