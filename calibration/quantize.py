@@ -87,6 +87,9 @@ def _norm_nodes(proto: onnx.ModelProto) -> list[str]:
     return [n.name for n in proto.graph.node if any("norm" in part for part in n.name.split("/")[:-1])]
 
 
+SKELETON_KEEP_BYTES = 64 << 10  # initializers this small keep their bytes in the skeleton (axes, shapes, scalars)
+
+
 def inferred_types(proto: onnx.ModelProto) -> onnx.ModelProto:
     """Shape inference on the graph's skeleton (initializers' names, types and dims, not their bytes): what types
     need, without a second copy of a multi-GB graph in memory."""
@@ -95,9 +98,14 @@ def inferred_types(proto: onnx.ModelProto) -> onnx.ModelProto:
     g.node.extend(proto.graph.node)
     g.input.extend(proto.graph.input)
     g.output.extend(proto.graph.output)
-    for t in proto.graph.initializer:
-        g.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims)
+    for t in proto.graph.initializer:  # axes, shapes, scalars keep their values: inference reads them
+        small = t.data_location == onnx.TensorProto.DEFAULT and t.ByteSize() <= SKELETON_KEEP_BYTES
+        g.initializer.append(t if small else _dims_only(t))
     return onnx.shape_inference.infer_shapes(light)
+
+
+def _dims_only(t: onnx.TensorProto) -> onnx.TensorProto:
+    return onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims)
 
 
 def drop_noop_casts(proto: onnx.ModelProto) -> onnx.ModelProto:
