@@ -28,7 +28,7 @@ import onnx
 
 from tgedge.errors import TgedgeError
 from tgedge.calibration.collect import FeedReader
-from tgedge.calibration.weight_only import WeightOnly
+from tgedge.calibration.weight_only import WeightOnly, nbits_blocks
 from tgedge.config import bad_numbers
 from tgedge.fileio import atomic_dir, inside, sha256_files
 from tgedge.runtime.manifest import GRAPHS, PRECISIONS, Manifest, graph_fingerprint
@@ -183,9 +183,37 @@ def to_weight_only(proto: onnx.ModelProto, q: WeightOnly, exclude: list[str]) ->
                                      op_types_to_quantize=("MatMul",))
     quantizer.process()
     out = quantizer.model.model
+    if q.lm_head:
+        _lm_head_to_nbits(out, q, exclude)
     done = [n.name for n in out.graph.node if n.op_type == "MatMulNBits"]
     return out, GraphReport(f"int{q.bits}w", quantized_nodes=done, fp32_nodes=exclude,
-                            note=f"block {q.block_size}, accuracy level {q.accuracy_level}")
+                            note=f"block {q.block_size}, accuracy level {q.accuracy_level}"
+                                 + (", LM head too" if q.lm_head else ""))
+
+
+def _lm_head_to_nbits(proto: onnx.ModelProto, q: WeightOnly, exclude: list[str]) -> None:
+    """The decoder's LM head (`/lm_head/Gemm`, x @ table^T) as MatMulNBits blocks of its (V, D) table, as
+    `tgedge export --decoder-weights` writes it (the quantizer leaves Gemm alone); its fp32 table is dropped."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in proto.graph.initializer}
+    for i, node in enumerate(proto.graph.node):
+        transposed = any(a.name == "transB" and a.i == 1 for a in node.attribute)
+        if node.op_type != "Gemm" or not node.name.startswith("/lm_head/") or node.name in exclude \
+                or len(node.input) != 2 or node.input[1] not in inits or not transposed:
+            continue
+        table = inits[node.input[1]]
+        packed, scales = nbits_blocks(numpy_helper.to_array(table).astype("float32").T, q)
+        n, k = table.dims
+        proto.graph.initializer.extend([numpy_helper.from_array(packed, f"lm_head.weight_Q{q.bits}"),
+                                        numpy_helper.from_array(scales, "lm_head.weight_scales")])
+        level = {"accuracy_level": q.accuracy_level} if q.accuracy_level else {}
+        proto.graph.node[i].CopyFrom(onnx.helper.make_node(
+            "MatMulNBits", [node.input[0], f"lm_head.weight_Q{q.bits}", "lm_head.weight_scales"], list(node.output),
+            name=f"{node.name}_Q{q.bits}", domain="com.microsoft", K=k, N=n, bits=q.bits, block_size=q.block_size,
+            **level))
+        if not any(table.name in m.input for m in proto.graph.node):
+            proto.graph.initializer.remove(table)
 
 
 def to_int8(src: Path, dst: Path, reader, method: str, exclude: list[str], cache: Path,

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from tgedge.errors import TgedgeError
 
 BLOCK_SIZE = 32  # MatMulNBits block along K
 # MatMulNBits accuracy_level: 0 computes in the activations' dtype; 4 quantises the activations to int8 per block
 # (onnxruntime's int8 kernels: VNNI on x86, dot-product on Arm).
-ACCURACY_LEVEL = 0  # measured choice: docs/BENCHMARKS.md
+ACCURACY_LEVEL = 4  # measured on CPU: docs/BENCHMARKS.md (same error as 0, decode 1.4x)
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 
@@ -21,6 +23,7 @@ class WeightOnly:
     bits: int = 4
     block_size: int = BLOCK_SIZE
     accuracy_level: int = ACCURACY_LEVEL
+    lm_head: bool = True  # the LM head's table as blocks too (decode reads all of it every step)
 
     def __post_init__(self):
         if self.bits not in (4, 8):
@@ -32,10 +35,30 @@ class WeightOnly:
                               f"{', '.join(map(str, ACCURACY_LEVELS))} (0: fp32 activations, 4: int8)")
 
     @classmethod
-    def of(cls, precision: str, block_size: int | None = None, accuracy_level: int | None = None) -> "WeightOnly":
+    def of(cls, precision: str, block_size: int | None = None, accuracy_level: int | None = None,
+           lm_head: bool | None = None) -> "WeightOnly":
         """int4w / int8w with the defaults where None."""
         return cls(4 if precision == "int4w" else 8, BLOCK_SIZE if block_size is None else block_size,
-                   ACCURACY_LEVEL if accuracy_level is None else accuracy_level)
+                   ACCURACY_LEVEL if accuracy_level is None else accuracy_level,
+                   cls.lm_head if lm_head is None else lm_head)
 
     def to_dict(self) -> dict:
-        return {"bits": self.bits, "block_size": self.block_size, "accuracy_level": self.accuracy_level}
+        return {"bits": self.bits, "block_size": self.block_size, "accuracy_level": self.accuracy_level,
+                "lm_head": self.lm_head}
+
+
+def nbits_blocks(wt: np.ndarray, q: WeightOnly) -> tuple[np.ndarray, np.ndarray]:
+    """A weight as MatMulNBits reads it, from its (K, N) fp32 form (x @ W^T's right-hand side): packed blocks
+    (N, K / block, block * bits / 8) uint8 and scales (N, K / block), symmetric, by onnxruntime's own kernel (what
+    its MatMulNBitsQuantizer calls: byte-identical)."""
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
+
+    wt = np.ascontiguousarray(wt, np.float32)
+    k, n = wt.shape
+    blocks = (k + q.block_size - 1) // q.block_size
+    packed = np.zeros((n, blocks, q.block_size * q.bits // 8), np.uint8)
+    scales = np.zeros((n, blocks), np.float32)
+    zero_points = np.zeros((n, (blocks + 1) // 2 if q.bits == 4 else blocks), np.uint8)
+    (quantize_matmul_4bits if q.bits == 4 else quantize_matmul_8bits)(packed, wt, scales, zero_points, q.block_size,
+                                                                     n, k, True)
+    return packed, scales

@@ -29,7 +29,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
-from tgedge.calibration.weight_only import WeightOnly
+from tgedge.calibration.weight_only import WeightOnly, nbits_blocks
 from tgedge.contract import StageContract
 from tgedge.errors import TgedgeError
 from tgedge.model.decoder import rope_inv_freq
@@ -136,22 +136,14 @@ def _tensor(w: GraphWriter, name: str, t: torch.Tensor) -> str:
 def _nbits(w: GraphWriter, weight: torch.Tensor, x: str, name: str, scope: str) -> str:
     """x @ W^T with W (N, K) quantised block-wise along K by onnxruntime's own kernel (as its MatMulNBitsQuantizer
     does, and with the same attributes: `accuracy_level` only when not 0)."""
-    from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
-
-    wt = np.ascontiguousarray(weight.float().t().numpy())  # (K, N)
-    k, n = wt.shape
-    q, block = w.weight_only, w.weight_only.block_size
-    bits, blocks = q.bits, (k + block - 1) // block
-    packed = np.zeros((n, blocks, block * bits // 8), np.uint8)
-    scales = np.zeros((n, blocks), np.float32)
-    zero_points = np.zeros((n, (blocks + 1) // 2 if bits == 4 else blocks), np.uint8)
-    (quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits)(packed, wt, scales, zero_points, block, n, k, True)
-    del wt
-    qname = w.store.add(f"{name}_Q{bits}", torch.from_numpy(packed), TensorProto.UINT8)
+    q = w.weight_only
+    packed, scales = nbits_blocks(weight.float().t().numpy(), q)
+    n, k = weight.shape
+    qname = w.store.add(f"{name}_Q{q.bits}", torch.from_numpy(packed), TensorProto.UINT8)
     sc = w.store.add(f"{name}_scales", torch.from_numpy(scales).to(w.torch_dtype), w.elem)
     level = {"accuracy_level": q.accuracy_level} if q.accuracy_level else {}
-    return w.op("MatMulNBits", [x, qname, sc], scope, domain="com.microsoft", K=k, N=n, bits=bits, block_size=block,
-                **level)
+    return w.op("MatMulNBits", [x, qname, sc], scope, domain="com.microsoft", K=k, N=n, bits=q.bits,
+                block_size=q.block_size, **level)
 
 
 def _linear(w: GraphWriter, weights, x: str, prefix: str, scope: str, bias: bool) -> str:
@@ -203,7 +195,6 @@ class GrowingAttention:
     def __init__(self, w: GraphWriter, d, contract: StageContract):
         self.d, self.past = d, contract.cache.past_names()
         hd, h, hkv = d.head_dim, d.num_heads, d.num_kv_heads
-        w.const("half_split", np.array([hd // 2, hd // 2], np.int64))
         w.const("zero_i", np.array(0, np.int64))
         w.const("one_i", np.array(1, np.int64))
         # RoPE angles from the positions: (B, S, D/2) -> cos, sin (B, 1, S, D)
@@ -235,6 +226,11 @@ class GrowingAttention:
         self.rep_shape = w.const("rep_shape", np.array([0, h, -1, hd], np.int64))
         self.out_shape = w.const("out_shape", np.array([0, 0, h * hd], np.int64))
         self.expand_axis = w.const("axis2", np.array([2], np.int64))
+
+    @staticmethod
+    def constants(w: GraphWriter, d) -> None:
+        """Its constants declared before the graph's shared ones (the initializer order of earlier exports)."""
+        w.const("half_split", np.array([d.head_dim // 2, d.head_dim // 2], np.int64))
 
     def __call__(self, w: GraphWriter, weights, a: str, i: int, pre: str, sa: str) -> tuple[str, str, str]:
         """Normalised hidden states (B, S, D) of layer i -> attention output (B, S, H*hd), present key, value."""
@@ -286,6 +282,10 @@ class StaticAttention:
         self.cos = _tensor(w, "rope/cos_cache", angles.cos())
         self.sin = _tensor(w, "rope/sin_cache", angles.sin())
 
+    @staticmethod
+    def constants(w: GraphWriter, d) -> None:
+        pass
+
     def __call__(self, w: GraphWriter, weights, a: str, i: int, pre: str, sa: str) -> tuple[str, str, str]:
         d = self.d
         qkv = _packed_linear(w, weights, a, [f"{pre}.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj")],
@@ -319,13 +319,15 @@ def build_decoder(cfg, contract: StageContract, weights, directory: Path, file: 
     w = GraphWriter(store, dtype, weight_only)
     cache = contract.cache
     stage = contract.stages["decoder"]
+    variant = ATTENTION[cache.mode]
     w.const("two_f32", np.array(2.0, np.float32))
+    variant.constants(w, d)
     w.const("minus_one", np.array([-1], np.int64))
     w.const("big", np.array([np.iinfo(np.int64).max], np.int64))
     w.const("axis1", np.array([1], np.int64))
     try:
         x = w.cast("inputs_embeds", w.elem if w.elem != TensorProto.FLOAT else None, "/embeds")
-        attention = ATTENTION[cache.mode](w, d, contract)
+        attention = variant(w, d, contract)
         presents = []
         for i in range(d.num_layers):
             pre, s = f"language_model.layers.{i}", f"/layers.{i}"
@@ -346,13 +348,18 @@ def build_decoder(cfg, contract: StageContract, weights, directory: Path, file: 
         # the last position only, (B, 1, D) -> (B, D) for the LM head's Gemm -> (B, 1, V)
         last = w.op("Slice", [x, "minus_one", "big", "axis1"], "/lm_head")
         flat = w.op("Reshape", [last, w.const("flat_shape", np.array([-1, d.hidden_size], np.int64))], "/lm_head")
-        if d.tie_word_embeddings and embed_table is not None:
-            table = store.share("lm_head.tied_embed_tokens", embed_table)
-        elif d.tie_word_embeddings:  # no embed graph beside it (export's truncated check): its own copy
-            table = _weight(w, weights, "language_model.embed_tokens.weight")
+        if w.weight_only and w.weight_only.lm_head:  # decode reads the head's table every step: quantised too
+            source = "language_model.embed_tokens.weight" if d.tie_word_embeddings else "lm_head.weight"
+            scores = _nbits(w, weights.raw(source), flat, "lm_head.weight", "/lm_head")  # (V, D) is (N, K)
         else:
-            table = _weight(w, weights, "lm_head.weight")  # (V, D): Gemm's transB reads it as stored
-        logits = w.op("Unsqueeze", [w.op("Gemm", [flat, table], "/lm_head", transB=1), "axis1"], "/lm_head")
+            if d.tie_word_embeddings and embed_table is not None:
+                table = store.share("lm_head.tied_embed_tokens", embed_table)
+            elif d.tie_word_embeddings:  # no embed graph beside it (export's truncated check): its own copy
+                table = _weight(w, weights, "language_model.embed_tokens.weight")
+            else:
+                table = _weight(w, weights, "lm_head.weight")  # (V, D): Gemm's transB reads it as stored
+            scores = w.op("Gemm", [flat, table], "/lm_head", transB=1)
+        logits = w.op("Unsqueeze", [scores, "axis1"], "/lm_head")
         if w.elem != TensorProto.FLOAT:
             logits = w.op("Cast", [logits], "/lm_head", to=TensorProto.FLOAT)
         w.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="/lm_head/logits"))
