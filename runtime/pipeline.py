@@ -46,21 +46,27 @@ class Pipeline(StageFlow):
     (sha256, what validate does) or not at all (None)."""
 
     def __init__(self, export_dir: str | Path, backend: str = "onnxruntime", context: int | None = None,
-                 runner_factory: RunnerFactory | None = None, verify: str | None = "fingerprint"):
+                 runner_factory: RunnerFactory | None = None, verify: str | None = "fingerprint",
+                 stages: tuple[str, ...] | None = None):
+        """`stages`: load only these of the contract's stages (text-only use: embed and decoder)."""
         self.manifest = Manifest.load(export_dir)
         if verify not in VERIFY:
             raise TgedgeError(f"unknown verify mode {verify!r} (choose from fingerprint, sha256, None)")
-        if verify and backend != "tensorrt":  # TensorRT runs engines, checked against their own metadata
-            for graph in self.manifest.graphs:
-                self.manifest.verify(graph, full=verify == "sha256")
         self.contract = self.manifest.contract
+        stages = tuple(stages or self.contract.stage_names)
+        unknown = [s for s in stages if s not in self.contract.stage_names]
+        if unknown:
+            raise TgedgeError(f"unknown stage {unknown[0]!r} (this model's: {', '.join(self.contract.stage_names)})")
+        if verify and backend != "tensorrt":  # TensorRT runs engines, checked against their own metadata
+            for graph in stages:
+                self.manifest.verify(graph, full=verify == "sha256")
         self.pre = Preprocessor.from_dir(export_dir, self.manifest.files)
         self.backend = backend
         self.context = min(context or self.manifest.max_context, self.manifest.max_context)
         factory = runner_factory or (lambda manifest, graph: make_runner(backend, manifest, graph))
         self.runners: dict[str, BaseRunner] = {}
         try:
-            for graph in self.contract.stage_names:
+            for graph in stages:
                 runner = factory(self.manifest, graph)
                 runner.activate()
                 self.runners[graph] = runner
@@ -82,6 +88,8 @@ class Pipeline(StageFlow):
 
     def run_stage(self, name: str, feed: dict[str, np.ndarray], **options) -> dict:
         """`options` for the runner's infer (the decoder's: what the KV cache asks, `keep`, `bound`)."""
+        if name not in self.runners:
+            raise TgedgeError(f"stage {name!r} is not loaded in this pipeline (loaded: {', '.join(self.runners)})")
         return self.runners[name].infer(feed, **options)
 
     # -- decode steps (tgedge.generate drives them) -----------------------------------------------------------
