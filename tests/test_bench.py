@@ -1,20 +1,84 @@
-"""tgedge bench: medians over runs with a fixed token count; --power reads tegrastats (a stand-in prints recorded lines)."""
+"""tgedge bench: per-stage medians and p90 with floors, models side by side, JSON / Markdown / PNG reports; --power
+reads tegrastats (a stand-in prints recorded lines); bad arguments are one line and exit 2."""
 
 import json
 import os
 import stat
 from pathlib import Path
 
+import pytest
+
 from tgedge.cli import main
 
 DATA = Path(__file__).parent / "data" / "jetson"
+STAGES = {"preprocess", "text_guide", "vision", "fusion", "embed", "prefill", "decode_token"}
 
 
 def test_bench_json(demo_export, capsys):
     assert main(["bench", str(demo_export.directory), "--runs", "3", "--warmup", "1", "--new-tokens", "5", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
-    assert r["backend"] == "onnxruntime" and r["runs"] == 3 and r["new_tokens"] == 5
-    assert len(r["all_s"]["total_s"]) == 3 and r["median_s"]["decode_s"] > 0 and "power" not in r
+    assert r["settings"]["runs"] == 3 and r["settings"]["new_tokens"] == 5 and r["floors"]["bandwidth_gb_s"] > 0
+    (t,) = r["targets"]
+    assert t["backend"] == "onnxruntime" and t["runs"] == 3 and t["cache"] == "growing" and "power" not in t
+    image = t["image"]
+    assert set(image["stages"]) == STAGES and image["new_tokens"] == 5
+    assert image["stages"]["decode_token"]["n"] == 3 * 4 and image["stages"]["vision"]["n"] == 3
+    assert all(s["p90"] >= s["median"] > 0 for s in image["stages"].values())
+    assert image["decode_tokens_per_s"] > 0 and image["ttft"]["median"] > image["stages"]["prefill"]["median"]
+    assert set(image["of_floor"]) == {"vision", "prefill", "decode"} and len(image["load"]) == 3
+    assert t["memory"]["peak_rss_mb"] > 0 and t["decoder_weight_bytes"] > 0
+
+
+def test_reports_side_by_side(demo_export, tmp_path, capsys):
+    """Two models alternating, the image question and text-only contexts: well-formed JSON, Markdown, PNG."""
+    from tgedge.export.onnx_export import export_model
+
+    static = export_model("demo", tmp_path / "static", cache_mode="static", check=False).directory
+    out = {k: tmp_path / f"r.{k}" for k in ("json", "md", "png")}
+    assert main(["bench", str(demo_export.directory), str(static), "--runs", "2", "--warmup", "0", "--new-tokens", "4",
+                 "--prompt-tokens", "16,40", "--json", str(out["json"]), "--markdown", str(out["md"]),
+                 "--plot", str(out["png"])]) == 0
+    text = capsys.readouterr().out
+    assert "GB/s" in text and "static cache" in text
+    r = json.loads(out["json"].read_text())
+    assert [t["cache"] for t in r["targets"]] == ["growing", "static"]
+    for t in r["targets"]:
+        assert set(t["image"]["stages"]) == STAGES and [c["prompt_tokens"] for c in t["contexts"]] == [16, 40]
+        assert all(c["decode_tokens_per_s"] > 0 and c["floor_tokens_per_s"] > 0 for c in t["contexts"])
+        assert all("vision" not in c["stages"] for c in t["contexts"])
+    md = out["md"].read_text().splitlines()
+    tables = [ln for ln in md if ln.startswith("|")]
+    assert len(tables) == 2 + 2 + 2 + 4 + 2 + 2  # header + rule + rows, three tables
+    for block in (tables[:4], tables[4:10], tables[10:]):
+        assert len({ln.count("|") for ln in block}) == 1  # every row as wide as its header
+    png = out["png"].read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.image
+
+    assert matplotlib.image.imread(str(out["png"])).shape[0] > 100
+
+
+def test_text_only_loads_the_decoder_alone(demo_export, capsys):
+    assert main(["bench", str(demo_export.directory), "--no-image", "--prompt-tokens", "8", "--runs", "1",
+                 "--warmup", "0", "--new-tokens", "3", "--json"]) == 0
+    (t,) = json.loads(capsys.readouterr().out)["targets"]
+    assert "image" not in t and set(t["contexts"][0]["stages"]) == {"embed", "prefill", "decode_token"}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--prompt-tokens", "0"], "must be >= 1"),
+    (["--prompt-tokens", "12,x"], "comma-separated list"),
+    (["--compare", "genai"], "onnxruntime-genai cannot run here"),
+    (["--plot", "chart.jpg"], "must end in .png"),
+    (["--json", "/no/such/dir/r.json"], "no such directory"),
+    (["--no-image"], "--no-image needs --prompt-tokens"),
+    (["--new-tokens", "300"], "does not fit the context"),
+    (["--runs", "0"], "--runs"),
+])
+def test_bad_arguments_are_one_line(demo_export, args, message, capsys):
+    assert main(["bench", str(demo_export.directory), "--warmup", "0", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
 
 
 def test_power_from_tegrastats(demo_export, tmp_path, monkeypatch, capsys):
@@ -26,7 +90,7 @@ def test_power_from_tegrastats(demo_export, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
     assert main(["bench", str(demo_export.directory), "--runs", "5", "--warmup", "0", "--new-tokens", "4",
                  "--power", "--json"]) == 0
-    p = json.loads(capsys.readouterr().out)["power"]
+    p = json.loads(capsys.readouterr().out)["targets"][0]["power"]
     assert p["source"] == "tegrastats" and p["samples"] >= 1
     assert 4.285 <= p["average_w"] <= 9.876 and p["energy_per_token_j"] > 0
 
@@ -36,3 +100,8 @@ def test_power_without_a_source_is_a_clear_error(demo_export, monkeypatch, tmp_p
     monkeypatch.setattr("tgedge.bench.INA_ROOT", tmp_path / "none")
     assert main(["bench", str(demo_export.directory), "--runs", "1", "--power"]) == 2
     assert "no power source" in capsys.readouterr().err
+
+
+def test_power_measures_one_model(demo_export, capsys):
+    assert main(["bench", str(demo_export.directory), str(demo_export.directory), "--runs", "1", "--power"]) == 2
+    assert "one model at a time" in capsys.readouterr().err

@@ -1,12 +1,16 @@
-"""`tgedge bench`: latency and throughput of one model on one backend, medians over repeated runs, and with
-`--power` the board's power while it runs (tegrastats or the INA3221 rails on Jetson, nvidia-smi elsewhere).
+"""`tgedge bench`: per-stage latency, time to first token and decode speed of one or more models (and peers), run
+side by side in one process, alternating; each figure next to its floor measured in the same run (tgedge.floors);
+peak host memory; with `--power` the board's power (tegrastats or the INA3221 rails on Jetson, nvidia-smi elsewhere).
+Reports: JSON, Markdown, a PNG chart (tgedge.bench_report).
 
-Benchmarks are for the machine they run on: quote medians and ratios from runs made side by side.
+Benchmarks are for the machine and the moment they run on: quote medians and ratios from runs made side by side,
+with the load the machine carried (recorded with each run).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import re
 import shutil
 import statistics
@@ -100,74 +104,332 @@ class PowerSampler:
         self._thread.join(timeout=5)
 
 
+# -- what one run measures ----------------------------------------------------------------------------------------
+ENCODE_STAGES = ("text_guide", "vision", "fusion", "embed")
+STAGES = ("preprocess", *ENCODE_STAGES, "prefill", "decode_token")  # per-stage medians and p90, in this order
+
+
+def stats(values: list[float]) -> dict:
+    """Median and 90th percentile (nearest rank) of a list of seconds."""
+    ordered = sorted(values)
+    return {"median": statistics.median(ordered), "p90": ordered[min(len(ordered) - 1, math.ceil(0.9 * len(ordered)) - 1)],
+            "n": len(ordered)}
+
+
+class StageClock:
+    """Seconds spent in each stage a pipeline runs through its `run_stage` while the clock is on."""
+
+    def __init__(self, pipe):
+        self.pipe, self.seconds = pipe, {}
+
+    def __enter__(self) -> "StageClock":
+        inner = self.pipe.run_stage
+
+        def timed(name, feed, **options):
+            start = time.perf_counter()
+            try:
+                return inner(name, feed, **options)
+            finally:
+                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+        self.pipe.run_stage = timed  # the instance's attribute: StageFlow calls self.run_stage
+        return self
+
+    def __exit__(self, *exc) -> None:
+        del self.pipe.run_stage
+
+
+def _decode(pipe, x, new_tokens: int, out: dict, start: float) -> None:
+    """Greedy decoding of exactly `new_tokens` (EOS ignored): prefill, TTFT from `start`, each decode step."""
+    import numpy as np
+
+    t = x.shape[1]
+    pipe.setup_cache(t + new_tokens)
+    try:
+        s = time.perf_counter()
+        token = int(np.argmax(pipe.prefill(x)))
+        end = time.perf_counter()
+        out["prefill"], out["ttft"], out["decode_token"] = end - s, end - start, []
+        for i in range(new_tokens - 1):
+            s = time.perf_counter()
+            token = int(np.argmax(pipe.decode_one_token(token, t + i)))
+            out["decode_token"].append(time.perf_counter() - s)
+    finally:
+        pipe.clear_cache()
+
+
+def image_run(pipe, image, prompt: str, new_tokens: int) -> dict:
+    """One question about an image, stage by stage: preprocess, text guide, vision (all views), fusion, embed,
+    prefill, then `new_tokens - 1` decode steps; TTFT = preprocess through the first token."""
+    start = time.perf_counter()
+    inputs = pipe.pre(image, prompt)
+    out = {"preprocess": time.perf_counter() - start, "load": os.getloadavg()[0]}
+    with StageClock(pipe) as clock:
+        x = pipe.embeddings(inputs)
+    out.update(clock.seconds)
+    out["prompt_tokens"] = int(x.shape[1])
+    out["views"] = int(inputs.pixel_values.shape[0] + (0 if inputs.crops is None else inputs.crops.shape[1]))
+    _decode(pipe, x, new_tokens, out, start)
+    return out
+
+
+def context_run(pipe, prompt_tokens: int, new_tokens: int) -> dict:
+    """Text only: a prompt of `prompt_tokens` token ids (every id a text token), prefill, then decode steps."""
+    import numpy as np
+
+    vocab = _vocab(pipe)
+    ids = ((np.arange(prompt_tokens, dtype=np.int64) * 7919 + 11) % (vocab - 1))[None] + 1
+    out = {"load": os.getloadavg()[0], "prompt_tokens": prompt_tokens}
+    start = time.perf_counter()
+    with StageClock(pipe) as clock:
+        x = pipe.embed_tokens(ids)
+    out.update(clock.seconds)
+    _decode(pipe, x, new_tokens, out, start)
+    return out
+
+
+def _vocab(pipe) -> int:
+    return int(pipe.contract.stages["decoder"].outputs[0].shape[-1])
+
+
+# -- what is benched: a target opens a pipeline -------------------------------------------------------------------
 @dataclass
-class BenchResult:
+class Target:
+    """A model on a backend: `open()` gives a pipeline (tgedge's runtime or its torch reference)."""
+    name: str
     model: str
     backend: str
-    runs: int
-    new_tokens: int
-    prompt_tokens: int
-    seconds: dict[str, list[float]] = field(default_factory=dict)
-    power: dict | None = None
-    generated: list[int] = field(default_factory=list)  # tokens each timed run really generated
+    clip: str | None = None
+    kind: str = "tgedge"  # or torch (the reference)
+    info: dict = field(default_factory=dict)  # precision, cache mode, weight bytes, KV bytes per position, config
 
-    def medians(self) -> dict[str, float]:
-        return {k: statistics.median(v) for k, v in self.seconds.items()}
+    def open(self, text_only: bool = False):
+        """`text_only`: an export's embed and decoder graphs alone (text-only prompts need no more)."""
+        from tgedge.cli_common import open_pipeline
 
-    def to_dict(self) -> dict:
-        med = self.medians()
-        tokens = min(self.generated, default=self.new_tokens)
-        out = {"model": self.model, "backend": self.backend, "runs": self.runs, "new_tokens": self.new_tokens,
-               "generated_tokens": tokens,
-               "prompt_tokens": self.prompt_tokens, "median_s": {k: round(v, 6) for k, v in med.items()},
-               "decode_tokens_per_s": round((tokens - 1) / med["decode_s"], 2) if med.get("decode_s") else None,
-               "all_s": {k: [round(x, 6) for x in v] for k, v in self.seconds.items()}}
-        if self.power is not None:
-            out["power"] = self.power
-        return out
+        if text_only and self.kind == "tgedge":
+            from tgedge.runtime.pipeline import Pipeline
+
+            return Pipeline(self.model, self.backend, stages=("embed", "decoder"))
+        return open_pipeline(self.model, self.backend, self.clip)
 
 
-def bench(pipe, model: str, backend: str, image, prompt: str, runs: int = 10, warmup: int = 2,
-          new_tokens: int = 16, power: bool = False, progress=None) -> BenchResult:
-    """Every run generates exactly `new_tokens` (EOS and stop strings off) so that runs compare; a count the
-    context cannot hold after the prompt is refused, and the tokens really generated are what rates use."""
-    if runs < 1 or warmup < 0 or new_tokens < 2:
+def describe_target(target: Target, pipe) -> dict:
+    """What the floors need: the decoder's weight bytes and KV bytes per position, the model config."""
+    from tgedge.floors import graph_weight_bytes, kv_bytes_per_position
+
+    manifest = getattr(pipe, "manifest", None)
+    if manifest is not None:
+        cache = manifest.contract.cache
+        return {"precision": manifest.graphs["decoder"].precision, "cache": cache.mode, "model": manifest.model,
+                "weight_bytes": graph_weight_bytes(manifest.graph_path("decoder")),
+                "kv_per_position": kv_bytes_per_position(cache.num_layers, cache.num_kv_heads, cache.head_dim,
+                                                         cache.dtype)}
+    cfg = pipe.model.cfg.to_dict()
+    dec = cfg["decoder"]
+    params = list(pipe.model.language_model.parameters()) + (
+        list(pipe.model.lm_head.parameters()) if getattr(pipe.model, "lm_head", None) is not None else [])
+    return {"precision": "fp32", "cache": "preallocated (torch)", "model": cfg,
+            "weight_bytes": sum(p.numel() * p.element_size() for p in params),
+            "kv_per_position": kv_bytes_per_position(dec["num_layers"], dec["num_kv_heads"], dec["head_dim"])}
+
+
+class MemorySampler:
+    """Peak resident memory of this process (host) while it runs, sampled every `interval` seconds."""
+
+    def __init__(self, interval: float = 0.02):
+        self.interval, self.peak = interval, 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @staticmethod
+    def rss() -> int:
+        try:
+            return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            import resource
+
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, self.rss())
+
+    def __enter__(self) -> "MemorySampler":
+        self.peak = self.rss()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.peak = max(self.peak, self.rss())
+
+
+# -- the bench ----------------------------------------------------------------------------------------------------
+@dataclass
+class Settings:
+    runs: int = 5
+    warmup: int = 1
+    new_tokens: int = 16
+    prompt_tokens: tuple[int, ...] = ()  # text-only contexts, besides the image question (if any)
+    image: object = None
+    prompt: str | None = None
+    power: bool = False
+
+
+def _check(settings: Settings, pipe, target: Target) -> None:
+    context = getattr(pipe, "context", None)
+    if settings.runs < 1 or settings.warmup < 0 or settings.new_tokens < 2:
         raise TgedgeError("need --runs >= 1, --warmup >= 0 and --new-tokens >= 2")
-    context, pre = getattr(pipe, "context", None), getattr(pipe, "pre", None)
-    if context is not None and pre is not None:
-        prompt_len = int(pre(image, prompt).input_ids.shape[1])
-        if prompt_len + new_tokens > context:
-            raise TgedgeError(f"--new-tokens {new_tokens} does not fit: the prompt is {prompt_len} tokens and the "
-                              f"context {context} leaves room for {max(context - prompt_len, 0)}")
-    options = pipe.options(max_new_tokens=new_tokens, eos_token_ids=[], stop_strings=[])
-    sampler = PowerSampler() if power else None  # before the warm-up: a missing source fails fast
-    for _ in range(warmup):
-        pipe.answer(image, prompt, options)
-    result = BenchResult(model, backend, runs, new_tokens, 0)
-    start = time.perf_counter()
-    if sampler:
-        sampler.__enter__()
+    needs = [(f"--prompt-tokens {n}", n) for n in settings.prompt_tokens]
+    if settings.image is not None:
+        needs.append(("the question", int(pipe.pre(settings.image, settings.prompt).input_ids.shape[1])))
+    for what, n in needs:
+        if context is not None and n + settings.new_tokens > context:
+            raise TgedgeError(f"{target.name}: {what} ({n} tokens) + --new-tokens {settings.new_tokens} does not fit "
+                              f"the context ({context})")
+
+
+def _one(pipe, settings: Settings) -> dict:
+    """One timed run of every measurement: the image question, then each text-only context."""
+    out = {}
+    if settings.image is not None:
+        out["image"] = image_run(pipe, settings.image, settings.prompt, settings.new_tokens)
+    for n in settings.prompt_tokens:
+        out[f"context:{n}"] = context_run(pipe, n, settings.new_tokens)
+    return out
+
+
+def run_bench(targets: list[Target], settings: Settings, peaks=None, progress=None) -> dict:
+    """Open every target, warm each up, then `runs` rounds in which each target runs once (alternating, so that
+    the machine's load drifts over all of them alike); floors measured first on this machine (tgedge.floors)."""
+    from tgedge.floors import measure_host
+
+    if settings.power and len(targets) > 1:
+        raise TgedgeError("--power measures one model at a time (the board's power is not the model's alone)")
+    sampler = PowerSampler() if settings.power else None  # before any work: a missing source fails fast
+    opened, results = [], {}
     try:
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            answer = pipe.answer(image, prompt, options)
-            total = time.perf_counter() - t0
-            result.prompt_tokens = answer.prompt_tokens
-            result.generated.append(len(answer.tokens))
-            for key in ("preprocess_encode_s", "prefill_s", "decode_s"):
-                result.seconds.setdefault(key, []).append(answer.timings[key])
-            result.seconds.setdefault("total_s", []).append(total)
-            if progress:
-                progress()
-    finally:
+        for target in targets:
+            before = MemorySampler.rss()
+            pipe = target.open(text_only=settings.image is None)
+            opened.append((target, pipe))
+            _check(settings, pipe, target)
+            target.info = describe_target(target, pipe)
+            results[target.name] = {"runs": [], "rss_loaded": MemorySampler.rss() - before, "peak_rss": 0}
+        peaks = peaks or measure_host()  # with the models loaded, before their runs
+        for target, pipe in opened:
+            for _ in range(settings.warmup):
+                _one(pipe, settings)
+        start = time.perf_counter()
         if sampler:
-            sampler.__exit__(None, None, None)
-    elapsed = time.perf_counter() - start
-    if sampler:
-        if not sampler.samples:
-            raise TgedgeError(f"--power: {sampler.source} gave no readings during the run")
-        avg_w = statistics.fmean(sampler.samples) / 1000
-        result.power = {"source": sampler.source, "samples": len(sampler.samples), "average_w": round(avg_w, 3),
-                        "energy_j": round(avg_w * elapsed, 3),
-                        "energy_per_token_j": round(avg_w * elapsed / max(sum(result.generated), 1), 4)}
-    return result
+            sampler.__enter__()
+        try:
+            for _ in range(settings.runs):
+                for target, pipe in opened:
+                    with MemorySampler() as memory:
+                        results[target.name]["runs"].append(_one(pipe, settings))
+                    results[target.name]["peak_rss"] = max(results[target.name]["peak_rss"], memory.peak)
+                    if progress:
+                        progress()
+        finally:
+            if sampler:
+                sampler.__exit__(None, None, None)
+        if sampler:
+            results[targets[0].name]["power"] = _power(sampler, time.perf_counter() - start,
+                                                       settings.runs * settings.new_tokens * (
+                                                           len(settings.prompt_tokens) + (settings.image is not None)))
+    finally:
+        for _, pipe in opened:
+            close = getattr(pipe, "close", None)
+            if close:
+                close()
+    return summarize(targets, settings, peaks, results)
+
+
+def _power(sampler: PowerSampler, elapsed: float, tokens: int) -> dict:
+    if not sampler.samples:
+        raise TgedgeError(f"--power: {sampler.source} gave no readings during the run")
+    avg_w = statistics.fmean(sampler.samples) / 1000
+    return {"source": sampler.source, "samples": len(sampler.samples), "average_w": round(avg_w, 3),
+            "energy_j": round(avg_w * elapsed, 3), "energy_per_token_j": round(avg_w * elapsed / max(tokens, 1), 4)}
+
+
+def _ratio(floor: float, measured: float) -> float:
+    return round(floor / measured, 3) if measured > 0 else float("nan")
+
+
+def _measurement(runs: list[dict], key: str, cfg: dict, info: dict, floors) -> dict:
+    """Stage stats of one measurement (the image question or a context) over the runs, with floors and ratios."""
+    from tgedge.floors import decoder_flops, vision_flops
+
+    rows = [r[key] for r in runs]
+    first = rows[0]
+    t, n = first["prompt_tokens"], len(first["decode_token"]) + 1
+    stages = {s: stats([r[s] for r in rows]) for s in ("preprocess", *ENCODE_STAGES, "prefill") if s in first}
+    stages["decode_token"] = stats([x for r in rows for x in r["decode_token"]])
+    token_s = stages["decode_token"]["median"]
+    floor = {"prefill_s": floors.compute_s(decoder_flops(cfg["decoder"], t)),
+             "decode_token_s": floors.decode_step_s(t + n // 2)}  # the mean context while decoding
+    if "vision" in first:
+        floor["vision_s"] = floors.compute_s(vision_flops(cfg["vision"], first["views"]))
+    of_floor = {"prefill": _ratio(floor["prefill_s"], stages["prefill"]["median"]),
+                "decode": _ratio(floor["decode_token_s"], token_s)}
+    if "vision_s" in floor:
+        of_floor["vision"] = _ratio(floor["vision_s"], stages["vision"]["median"])
+    out = {"prompt_tokens": t, "new_tokens": n, "stages": {k: {m: round(v, 6) if m != "n" else v for m, v in s.items()}
+                                                             for k, s in stages.items()},
+           "ttft": {m: round(v, 6) if m != "n" else v for m, v in stats([r["ttft"] for r in rows]).items()},
+           "decode_tokens_per_s": round(1 / token_s, 2), "floor_tokens_per_s": round(1 / floor["decode_token_s"], 2),
+           "floors_s": {k: round(v, 6) for k, v in floor.items()}, "of_floor": of_floor,
+           "load": [round(r["load"], 2) for r in rows]}
+    if "views" in first:
+        out["views"] = first["views"]
+    return out
+
+
+def summarize(targets: list[Target], settings: Settings, peaks, results: dict) -> dict:
+    """The report: machine, settings, floors, and per target its measurements (JSON-ready)."""
+    import datetime
+    import platform
+
+    from tgedge import __version__
+    from tgedge.floors import Floors
+
+    out_targets = []
+    for target in targets:
+        r, info = results[target.name], target.info
+        floors = Floors(peaks, info["weight_bytes"], info["kv_per_position"])
+        entry = {"name": target.name, "kind": target.kind, "model": target.model, "backend": target.backend,
+                 "precision": info["precision"], "cache": info["cache"], "runs": len(r["runs"]),
+                 "decoder_weight_bytes": info["weight_bytes"], "kv_bytes_per_position": info["kv_per_position"],
+                 "memory": {"rss_loaded_mb": round(r["rss_loaded"] / 2**20, 1),
+                            "peak_rss_mb": round(r["peak_rss"] / 2**20, 1)}}
+        if settings.image is not None:
+            entry["image"] = _measurement(r["runs"], "image", info["model"], info, floors)
+        entry["contexts"] = [_measurement(r["runs"], f"context:{n}", info["model"], info, floors)
+                             for n in settings.prompt_tokens]
+        if "power" in r:
+            entry["power"] = r["power"]
+        out_targets.append(entry)
+    return {"tgedge_version": __version__, "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
+                        "load_average_end": [round(x, 2) for x in os.getloadavg()]},
+            "settings": {"runs": settings.runs, "warmup": settings.warmup, "new_tokens": settings.new_tokens,
+                         "prompt_tokens": list(settings.prompt_tokens), "image": settings.image is not None,
+                         "prompt": settings.prompt},
+            "floors": peaks.to_dict(), "targets": out_targets}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()

@@ -115,58 +115,146 @@ def cmd_device(args) -> int:
 
 
 def _add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="latency and tokens/s of a model on a backend (medians), optional power",
-                       description="Answer the same question --runs times after --warmup runs, each generating exactly "
-                                   "--new-tokens tokens, and report medians of encode (preprocess + vision + fusion), "
-                                   "prefill, decode and total, and decode tokens/s. --power samples board power "
-                                   "(tegrastats / INA3221 on Jetson, nvidia-smi on desktops) and reports average W and "
-                                   "energy per generated token. Compare backends in one session on one machine.",
-                       epilog=EPILOG)
-    p.add_argument("model", help="checkpoint, `demo`, or an export/engine directory")
+    p = sub.add_parser("bench", help="per-stage latency, TTFT and decode tokens/s of models side by side, against "
+                                     "floors measured in the same run",
+                       description="Answer the same question about an image (and, with --prompt-tokens, text-only "
+                                   "prompts of those lengths) --runs times per model after --warmup runs, alternating "
+                                   "between the models, each run generating exactly --new-tokens tokens (EOS "
+                                   "ignored). Reports per-stage medians and p90 (preprocess, text_guide, vision over "
+                                   "all views, fusion, embed, prefill, per-token decode), TTFT, decode tokens/s, peak "
+                                   "host memory, and each figure as a ratio to its floor, measured in the same run: "
+                                   "memory bandwidth (a large copy) -> decode floor from the bytes a step reads; peak "
+                                   "FLOP/s (a large matmul) -> vision and prefill floors. --compare adds peers on the "
+                                   "same weights. --power samples board power (tegrastats / INA3221 on Jetson, "
+                                   "nvidia-smi on desktops). Figures belong to the machine and its load: compare "
+                                   "models in one run.", epilog=EPILOG)
+    p.add_argument("model", nargs="+", help="export directories (or checkpoints, `demo`: the torch reference)")
     p.add_argument("--backend", choices=BACKENDS, help="default: torch for a checkpoint, onnxruntime for an export")
     p.add_argument("--clip", metavar="DIR", help="CLIPModel directory for original-layout checkpoints")
     p.add_argument("--image", help="image file (default: a generated shapes image)")
     p.add_argument("--prompt", type=text, help="the question (default: the generated image's question)")
-    p.add_argument("--runs", type=integer(1, 100_000), default=10, help="timed runs (default 10)")
-    p.add_argument("--warmup", type=integer(0, 100_000), default=2, help="untimed runs first (default 2)")
+    p.add_argument("--no-image", action="store_true", help="text-only prompts alone (needs --prompt-tokens)")
+    p.add_argument("--prompt-tokens", type=int_list, metavar="N,N,...",
+                   help="also text-only prompts of these lengths (decode speed against context), e.g. 128,671,2048")
+    p.add_argument("--runs", type=integer(1, 100_000), default=5, help="timed runs per model (default 5)")
+    p.add_argument("--warmup", type=integer(0, 100_000), default=1, help="untimed runs per model first (default 1)")
     p.add_argument("--new-tokens", type=integer(2), default=16,
                    help="tokens generated per run, EOS ignored (default 16; must fit the context after the prompt)")
-    p.add_argument("--power", action="store_true", help="sample board power during the timed runs")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--compare", type=peer_list, default=(), metavar="PEERS",
+                   help=f"peers on the same weights, comma-separated: {', '.join(PEERS)} (torch: tgedge's PyTorch "
+                        "reference of the first export's checkpoint)")
+    p.add_argument("--power", action="store_true", help="sample board power during the timed runs (one model)")
+    p.add_argument("--json", nargs="?", const="-", metavar="F", help="write the report as JSON to F (alone: stdout)")
+    p.add_argument("--markdown", metavar="F", help="write the report as Markdown tables to F")
+    p.add_argument("--plot", metavar="F.png", help="write a PNG chart: stage times, decode tok/s vs context")
     p.set_defaults(func=cmd_bench)
+
+
+PEERS = ("torch",)
+
+
+def int_list(value: str) -> tuple[int, ...]:
+    import argparse
+
+    try:
+        values = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a comma-separated list of whole numbers") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{value!r}: every prompt length must be >= 1")
+    return values
+
+
+def peer_list(value: str) -> tuple[str, ...]:
+    import argparse
+
+    peers = tuple(v.strip() for v in value.split(",") if v.strip())
+    unknown = [p for p in peers if p not in PEERS]
+    if unknown or not peers:
+        why = ("onnxruntime-genai cannot run here: its builder needs a Hugging Face decoder directory and its runtime "
+               "its own onnxruntime; docs/BENCHMARKS.md has the side-by-side commands" if "genai" in unknown else
+               "transformers generate runs plain-LLaVA checkpoints only; docs/BENCHMARKS.md" if "transformers"
+               in unknown else "")
+        raise argparse.ArgumentTypeError(f"unknown peer {', '.join(unknown) or value!r} (choose from "
+                                         f"{', '.join(PEERS)}){': ' + why if why else ''}")
+    return peers
+
+
+def _writable(path: str | None, what: str, suffix: str | None = None) -> None:
+    if path is None or path == "-":
+        return
+    if suffix and not path.lower().endswith(suffix):
+        raise TgedgeError(f"{what} {path!r}: the file name must end in {suffix}")
+    parent = Path(path).resolve().parent
+    if not parent.is_dir():
+        raise TgedgeError(f"{what} {path!r}: no such directory {str(parent)!r}")
+
+
+def _targets(args) -> list:
+    from tgedge.bench import Target
+
+    targets, seen = [], set()
+    for model in args.model:
+        is_export = (Path(model) / "manifest.json").exists()
+        backend = args.backend or ("onnxruntime" if is_export else "torch")
+        name = Path(model).name or model
+        name = f"{name} ({backend})" if name in seen or backend != "onnxruntime" else name
+        seen.add(name)
+        targets.append(Target(name, model, backend, args.clip, "torch" if backend == "torch" else "tgedge"))
+    if "torch" in args.compare:
+        from tgedge.runtime.manifest import Manifest
+        from tgedge.validate import source_checkpoint
+
+        export = next((m for m in args.model if (Path(m) / "manifest.json").exists()), None)
+        if export is None:
+            raise TgedgeError("--compare torch: give an export directory (its checkpoint is the reference)")
+        manifest = Manifest.load(export)
+        clip = args.clip or manifest.source.get("clip")
+        targets.append(Target("torch reference", str(source_checkpoint(manifest)), "torch", clip, "torch"))
+    return targets
 
 
 def cmd_bench(args) -> int:
     from tqdm import tqdm
 
-    from tgedge.bench import bench
+    from tgedge.bench import Settings, run_bench
+    from tgedge.bench_report import plot, summary_lines, to_markdown
 
-    pipe = open_pipeline(args.model, args.backend, args.clip)
+    _writable(args.json, "--json")
+    _writable(args.markdown, "--markdown")
+    _writable(args.plot, "--plot", ".png")
+    if args.no_image and not args.prompt_tokens:
+        raise TgedgeError("--no-image needs --prompt-tokens (text-only prompts to run)")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise TgedgeError("--plot needs matplotlib (pip install matplotlib, or the [serve] extra)") from None
     image, prompt = args.image, args.prompt
-    if image is None:
+    if args.no_image:
+        image = None
+    elif image is None:
         from tgedge.data import shapes
 
         sample = next(iter(shapes.generate(shapes.SPLIT_SEEDS["eval"], 1)))
         image, prompt = sample.image, prompt or sample.prompt
-    if prompt is None:
+    if image is not None and prompt is None:
         raise TgedgeError("--prompt is needed with --image")
-    backend = args.backend or ("torch" if type(pipe).__name__ == "TorchPipeline" else "onnxruntime")
-    with tqdm(total=args.runs, desc="bench", unit="run", disable=None, file=sys.stderr) as bar:
-        result = bench(pipe, args.model, backend, image, prompt, args.runs, args.warmup, args.new_tokens,
-                       args.power, progress=bar.update)
-    d = result.to_dict()
-    if args.json:
-        print(json.dumps(d))
+    targets = _targets(args)
+    settings = Settings(args.runs, args.warmup, args.new_tokens, args.prompt_tokens or (), image, prompt, args.power)
+    with tqdm(total=args.runs * len(targets), desc="bench", unit="run", disable=None, file=sys.stderr) as bar:
+        report = run_bench(targets, settings, progress=bar.update)
+    command = "tgedge " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith(("tgedge", "__main__.py")) else None
+    if args.markdown:
+        Path(args.markdown).write_text(to_markdown(report, command))
+    if args.plot:
+        plot(report, args.plot)
+    if args.json == "-":
+        print(json.dumps(report))
         return 0
-    med = d["median_s"]
-    print(f"{args.model} on {backend}: {result.prompt_tokens} prompt tokens, {d['generated_tokens']} new tokens, "
-          f"median of {args.runs} runs")
-    print(f"  encode {1e3 * med['preprocess_encode_s']:.1f} ms | prefill {1e3 * med['prefill_s']:.1f} ms | "
-          f"decode {1e3 * med['decode_s']:.1f} ms ({d['decode_tokens_per_s']} tok/s) | total {1e3 * med['total_s']:.1f} ms")
-    if result.power:
-        p = result.power
-        print(f"  power ({p['source']}, {p['samples']} samples): {p['average_w']} W average, "
-              f"{p['energy_per_token_j']} J per generated token")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+    print("\n".join(summary_lines(report)))
     return 0
 
 

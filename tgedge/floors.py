@@ -1,0 +1,132 @@
+"""Floors: the least time a stage can take on this machine, from what it must move or compute and what the machine
+measurably does, measured in the same run as the figures they judge (`tgedge bench`).
+
+- **Decode** is memory-bound at batch 1: a step reads every weight of the decoder once (the LM head's table
+  included) and the KV cache at the current context, so its floor is those bytes / the measured memory bandwidth
+  (a large copy: read + write bytes / time, the best of a few).
+- **Vision** and **prefill** are compute-bound: their floor is their FLOPs / the measured peak FLOP/s (a large
+  matmul). FLOPs count the matmuls (2 per multiply-add): linear layers, attention scores and values, the patch
+  convolution; norms, activations and softmax are left out (small, and memory-bound).
+
+A ratio to the floor is floor time / measured time (1.0 = at the floor). These are roofline floors from measured
+peaks, not promises: a kernel can beat a copy's bandwidth when weights stay in cache, and no kernel reaches the
+large-matmul peak at every shape.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "uint8": 1}
+
+
+@dataclass
+class Peaks:
+    """What the machine measurably does: bytes/s of a large copy, FLOP/s of a large matmul."""
+    bandwidth: float
+    flops: float
+    how: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"bandwidth_gb_s": round(self.bandwidth / 1e9, 2), "peak_gflop_s": round(self.flops / 1e9, 1),
+                "how": self.how}
+
+
+def best_time(fn, repeats: int) -> float:
+    fn()  # first touch: page faults and thread start-up are no part of a peak
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def measure_bandwidth(nbytes: int = 256 << 20, repeats: int = 5) -> tuple[float, str]:
+    """Host memory bandwidth: the best of `repeats` numpy copies of `nbytes` (far past the caches), counting the
+    bytes read and written."""
+    src = np.ones(nbytes // 4, np.float32)
+    dst = np.empty_like(src)
+    seconds = best_time(lambda: np.copyto(dst, src), repeats)
+    return 2 * nbytes / seconds, f"numpy copy of {nbytes >> 20} MiB, best of {repeats} (read + write bytes)"
+
+
+def measure_flops(n: int = 2048, repeats: int = 5) -> tuple[float, str]:
+    """Host peak: the best of `repeats` fp32 (n, n) @ (n, n) matmuls through numpy's BLAS (all its threads)."""
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((n, n), np.float32), rng.standard_normal((n, n), np.float32)
+    out = np.empty((n, n), np.float32)
+    seconds = best_time(lambda: np.matmul(a, b, out=out), repeats)
+    return 2 * n ** 3 / seconds, f"numpy fp32 matmul {n}x{n}x{n}, best of {repeats}"
+
+
+def measure_host() -> Peaks:
+    bandwidth, how_b = measure_bandwidth()
+    flops, how_f = measure_flops()
+    return Peaks(bandwidth, flops, {"bandwidth": how_b, "flops": how_f})
+
+
+# -- what a stage must move or compute --------------------------------------------------------------------------
+def graph_weight_bytes(path: str | Path) -> int:
+    """Bytes of an ONNX graph's initializers (inline or external, shared tables included): what a call reads."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    total = 0
+    for t in proto.graph.initializer:
+        length = next((int(e.value) for e in t.external_data if e.key == "length"), None)
+        if length is None:
+            length = len(t.raw_data) if t.raw_data else int(np.prod(t.dims)) * onnx.helper.tensor_dtype_to_np_dtype(
+                t.data_type).itemsize
+        total += length
+    return total
+
+
+def kv_bytes_per_position(layers: int, kv_heads: int, head_dim: int, dtype: str = "float32") -> int:
+    """Keys and values of one position across the layers."""
+    return 2 * layers * kv_heads * head_dim * ITEMSIZE[dtype]
+
+
+def decode_step_bytes(weight_bytes: int, kv_per_position: int, context: int) -> int:
+    """A decode step at `context` cached positions reads every weight once and the cache up to the context."""
+    return weight_bytes + kv_per_position * context
+
+
+def decoder_flops(dec: dict, new: int, past: int = 0, last_logits_only: bool = True) -> float:
+    """FLOPs of a decoder call over `new` positions after `past` (the config dict's `decoder`): the linear layers for
+    every new position, causal attention over past + the positions before it, the LM head (last position only)."""
+    d, layers, inter = dec["hidden_size"], dec["num_layers"], dec["intermediate_size"]
+    h, hkv, hd = dec["num_heads"], dec["num_kv_heads"], dec["head_dim"]
+    linear = d * h * hd + 2 * d * hkv * hd + h * hd * d + 3 * d * inter  # q, k, v, o, gate, up, down (per layer)
+    keys = new * past + new * (new + 1) // 2  # sum over new positions of the positions each attends to
+    attention = 4 * h * hd * keys  # scores and values, 2 FLOPs per multiply-add each
+    head = 2 * d * dec["vocab_size"] * (1 if last_logits_only else new)
+    return float(layers * (2 * new * linear + attention) + head)
+
+
+def vision_flops(vis: dict, views: int) -> float:
+    """FLOPs of a CLIP ViT over `views` images up to the layer the features come from (the config's `vision`)."""
+    d, inter, p, c = vis["hidden_size"], vis["intermediate_size"], vis["patch_size"], vis["num_channels"]
+    patches = (vis["image_size"] // p) ** 2
+    n = patches + 1  # the class token
+    layers = vis["select_layer"] % (vis["num_layers"] + 1)
+    per_layer = 2 * n * (4 * d * d + 2 * d * inter) + 4 * n * n * d
+    return float(views * (2 * patches * c * p * p * d + layers * per_layer))
+
+
+@dataclass
+class Floors:
+    """A model's floors on a machine: seconds per stage call and decode step."""
+    peaks: Peaks
+    weight_bytes: int  # the decoder graph's
+    kv_per_position: int
+
+    def decode_step_s(self, context: int) -> float:
+        return decode_step_bytes(self.weight_bytes, self.kv_per_position, context) / self.peaks.bandwidth
+
+    def compute_s(self, flops: float) -> float:
+        return flops / self.peaks.flops
