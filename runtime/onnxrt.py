@@ -38,10 +38,14 @@ def _meta(arg) -> TensorMeta:
 class SessionFromOnnx:
     """Lazy loader: an `onnxruntime.InferenceSession` for a graph on a device (`cpu`, `cuda`, `trt`)."""
 
-    def __init__(self, path: str | Path, device: str = "cpu", threads: int = 0, trt_cache: str | Path | None = None):
+    def __init__(self, path: str | Path, device: str = "cpu", threads: int = 0, trt_cache: str | Path | None = None,
+                 spin: bool = True):
+        """`threads`: intra-op threads (0: onnxruntime's default, one per core); `spin` False: idle threads block
+        instead of spinning (what a CPU shared with other work wants)."""
         if device not in DEVICES:
             raise TgedgeError(f"unknown onnxruntime device {device!r} (choose from {', '.join(DEVICES)})")
         self.path, self.device, self.threads, self.trt_cache = Path(path), device, threads, trt_cache
+        self.spin = spin
 
     def __call__(self):
         import onnxruntime as ort
@@ -60,6 +64,8 @@ class SessionFromOnnx:
         so.log_severity_level = 3
         if self.threads:
             so.intra_op_num_threads = self.threads
+        if not self.spin:
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             return ort.InferenceSession(str(self.path), so, providers=providers)
         except Exception as e:  # ORT raises its own exception types per failure; all mean "cannot load"
