@@ -68,7 +68,8 @@ def test_text_only_loads_the_decoder_alone(demo_export, capsys):
 @pytest.mark.parametrize("args, message", [
     (["--prompt-tokens", "0"], "must be >= 1"),
     (["--prompt-tokens", "12,x"], "comma-separated list"),
-    (["--compare", "genai"], "onnxruntime-genai cannot run here"),
+    (["--compare", "genai", "--prompt-tokens", "8"], "--compare genai needs --genai-model"),
+    (["--compare", "transformers"], "plain-LLaVA checkpoints only"),
     (["--plot", "chart.jpg"], "must end in .png"),
     (["--json", "/no/such/dir/r.json"], "no such directory"),
     (["--no-image"], "--no-image needs --prompt-tokens"),
@@ -105,3 +106,36 @@ def test_power_without_a_source_is_a_clear_error(demo_export, monkeypatch, tmp_p
 def test_power_measures_one_model(demo_export, capsys):
     assert main(["bench", str(demo_export.directory), str(demo_export.directory), "--runs", "1", "--power"]) == 2
     assert "one model at a time" in capsys.readouterr().err
+
+
+def test_genai_peer_through_its_worker_protocol(demo_export, tmp_path, capsys):
+    """--compare genai with a stand-in worker (onnxruntime-genai is not installed here): the peer's text-only
+    timings come back as a target of their own, with its floors from its graph and genai_config.json."""
+    import sys
+
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = tmp_path / "genai"
+    model.mkdir()
+    w = numpy_helper.from_array(np.zeros((8, 4), np.float32), "down.weight")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "down.weight"], ["y"], name="/l.0/mlp/down_proj/MatMul")],
+                              "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [w])
+    (model / "model.onnx").write_bytes(helper.make_model(graph).SerializeToString())
+    (model / "genai_config.json").write_text(json.dumps({"model": {"vocab_size": 50, "decoder": {
+        "filename": "model.onnx", "head_size": 8, "hidden_size": 4, "num_attention_heads": 2, "num_hidden_layers": 1,
+        "num_key_value_heads": 1}}}))
+    fake = tmp_path / "python"
+    fake.write_text(f"#!{sys.executable}\nimport json, sys\nprint(json.dumps({{'ready': 'stand-in'}}), flush=True)\n"
+                    "for line in sys.stdin:\n    r = json.loads(line)\n"
+                    "    print(json.dumps({'prompt_tokens': r['prompt_tokens'], 'prefill': 0.01, 'ttft': 0.01, "
+                    "'load': 1.0, 'decode_token': [0.002] * (r['new_tokens'] - 1)}), flush=True)\n")
+    fake.chmod(0o755)
+    assert main(["bench", str(demo_export.directory), "--no-image", "--prompt-tokens", "8", "--runs", "2",
+                 "--warmup", "0", "--new-tokens", "3", "--compare", "genai", "--genai-model", str(model),
+                 "--genai-python", str(fake), "--json"]) == 0
+    ours, peer = json.loads(capsys.readouterr().out)["targets"]
+    assert peer["kind"] == "genai" and peer["contexts"][0]["decode_tokens_per_s"] == 500.0
+    assert peer["decoder_weight_bytes"] == 128 and peer["kv_bytes_per_position"] == 2 * 1 * 1 * 8 * 4
+    assert ours["contexts"][0]["prompt_tokens"] == peer["contexts"][0]["prompt_tokens"] == 8

@@ -9,6 +9,7 @@ with the load the machine carried (recorded with each run).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -200,24 +201,115 @@ class Target:
     model: str
     backend: str
     clip: str | None = None
-    kind: str = "tgedge"  # or torch (the reference)
+    kind: str = "tgedge"  # or torch (the reference), genai (onnxruntime-genai)
     info: dict = field(default_factory=dict)  # precision, cache mode, weight bytes, KV bytes per position, config
+    threads: int = 0  # onnxruntime intra-op threads (0: its default)
+    spin: bool = True  # onnxruntime's idle threads spin
 
     def open(self, text_only: bool = False):
         """`text_only`: an export's embed and decoder graphs alone (text-only prompts need no more)."""
         from tgedge.cli_common import open_pipeline
 
-        if text_only and self.kind == "tgedge":
+        if self.kind == "genai":
+            return GenaiPeer(self.model, self.clip, self.threads)  # clip: the worker's python
+        if self.kind == "tgedge" and (text_only or self.threads or not self.spin):
+            from tgedge.runtime.backends import make_runner
+            from tgedge.runtime.onnxrt import DEVICES, OnnxRuntimeRunner, SessionFromOnnx
             from tgedge.runtime.pipeline import Pipeline
 
-            return Pipeline(self.model, self.backend, stages=("embed", "decoder"))
+            device = {"onnxruntime": "cpu", "onnxruntime-cuda": "cuda", "onnxruntime-trt": "trt"}.get(self.backend)
+
+            def runner(manifest, graph):
+                if device in DEVICES:
+                    return OnnxRuntimeRunner(SessionFromOnnx(manifest.graph_path(graph), device, self.threads,
+                                                             spin=self.spin), graph)
+                return make_runner(self.backend, manifest, graph)
+
+            return Pipeline(self.model, self.backend, runner_factory=runner,
+                            stages=("embed", "decoder") if text_only else None)
         return open_pipeline(self.model, self.backend, self.clip)
+
+
+class GenaiPeer:
+    """onnxruntime-genai over its builder's output (`python -m onnxruntime_genai.models.builder -i HF_DIR -o DIR -p
+    fp32|int4 -e cpu`), in a worker process of `python` (an environment with onnxruntime_genai: it brings its own
+    onnxruntime); text-only prompts, the same token ids as tgedge's text-only runs (tgedge/bench_genai.py)."""
+
+    def __init__(self, model_dir: str, python: str, threads: int = 0):
+        self.model_dir = model_dir
+        worker = Path(__file__).with_name("bench_genai.py")
+        try:
+            # isolated (-I): neither the working directory nor tgedge/ (whose inspect.py would shadow the standard
+            # library's) on its path
+            run = "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+            self.proc = subprocess.Popen([python, "-I", "-c", run, str(worker), model_dir, str(threads)],
+                                         stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        except OSError as e:
+            raise TgedgeError(f"--genai-python {python}: cannot start it ({e.strerror})") from None
+        ready = self.proc.stdout.readline()
+        if not ready:
+            err = self.proc.stderr.read().strip().splitlines()
+            raise TgedgeError(f"onnxruntime-genai worker ({python}) failed: {err[-1] if err else 'no output'}")
+
+    def bench_run(self, settings: "Settings") -> dict:
+        out = {}
+        for n in settings.prompt_tokens:
+            self.proc.stdin.write(json.dumps({"prompt_tokens": n, "new_tokens": settings.new_tokens}) + "\n")
+            self.proc.stdin.flush()
+            line = self.proc.stdout.readline()
+            if not line:
+                raise TgedgeError(f"onnxruntime-genai worker stopped: {self.proc.stderr.read().strip()[-300:]}")
+            out[f"context:{n}"] = json.loads(line)
+        return out
+
+    def describe(self) -> dict:
+        from tgedge.floors import graph_weight_bytes, kv_bytes_per_position
+
+        cfg = json.loads((Path(self.model_dir) / "genai_config.json").read_text())["model"]
+        dec = cfg["decoder"]
+        onnx_file = Path(self.model_dir) / dec["filename"]
+        return {"precision": "int4" if "int4" in str(self.model_dir) or _has_nbits(onnx_file) else "fp32",
+                "cache": "static (onnxruntime-genai)", "weight_bytes": graph_weight_bytes(onnx_file),
+                "kv_per_position": kv_bytes_per_position(dec["num_hidden_layers"], dec["num_key_value_heads"],
+                                                         dec["head_size"]),
+                "model": {"decoder": {"hidden_size": dec["hidden_size"], "num_layers": dec["num_hidden_layers"],
+                                      "num_heads": dec["num_attention_heads"], "head_dim": dec["head_size"],
+                                      "num_kv_heads": dec["num_key_value_heads"], "vocab_size": cfg["vocab_size"],
+                                      "intermediate_size": _intermediate(onnx_file)}}}
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=30)
+
+
+def _has_nbits(path: Path) -> bool:
+    import onnx
+
+    return any(n.op_type == "MatMulNBits" for n in onnx.load(str(path), load_external_data=False).graph.node)
+
+
+def _intermediate(path: Path) -> int:
+    """The MLP width from the graph (genai_config does not carry it): the first down projection's K."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    for node in proto.graph.node:
+        if "down_proj" in node.name and node.op_type in ("MatMul", "MatMulNBits"):
+            if node.op_type == "MatMulNBits":
+                return next(a.i for a in node.attribute if a.name == "K")
+            init = next(t for t in proto.graph.initializer if t.name == node.input[1])
+            return int(init.dims[0])
+    raise TgedgeError(f"{path}: no down_proj MatMul to read the MLP width from")
 
 
 def describe_target(target: Target, pipe) -> dict:
     """What the floors need: the decoder's weight bytes and KV bytes per position, the model config."""
     from tgedge.floors import graph_weight_bytes, kv_bytes_per_position
 
+    if isinstance(pipe, GenaiPeer):
+        return pipe.describe()
     manifest = getattr(pipe, "manifest", None)
     if manifest is not None:
         cache = manifest.contract.cache
@@ -284,6 +376,10 @@ def _check(settings: Settings, pipe, target: Target) -> None:
     if settings.runs < 1 or settings.warmup < 0 or settings.new_tokens < 2:
         raise TgedgeError("need --runs >= 1, --warmup >= 0 and --new-tokens >= 2")
     needs = [(f"--prompt-tokens {n}", n) for n in settings.prompt_tokens]
+    if isinstance(pipe, GenaiPeer):
+        if not settings.prompt_tokens:
+            raise TgedgeError("--compare genai runs text-only prompts: give --prompt-tokens")
+        return
     if settings.image is not None:
         needs.append(("the question", int(pipe.pre(settings.image, settings.prompt).input_ids.shape[1])))
     for what, n in needs:
@@ -294,6 +390,8 @@ def _check(settings: Settings, pipe, target: Target) -> None:
 
 def _one(pipe, settings: Settings) -> dict:
     """One timed run of every measurement: the image question, then each text-only context."""
+    if isinstance(pipe, GenaiPeer):
+        return pipe.bench_run(settings)
     out = {}
     if settings.image is not None:
         out["image"] = image_run(pipe, settings.image, settings.prompt, settings.new_tokens)
@@ -403,11 +501,12 @@ def summarize(targets: list[Target], settings: Settings, peaks, results: dict) -
         r, info = results[target.name], target.info
         floors = Floors(peaks, info["weight_bytes"], info["kv_per_position"])
         entry = {"name": target.name, "kind": target.kind, "model": target.model, "backend": target.backend,
+                 "threads": target.threads or "default", "spin": target.spin,
                  "precision": info["precision"], "cache": info["cache"], "runs": len(r["runs"]),
                  "decoder_weight_bytes": info["weight_bytes"], "kv_bytes_per_position": info["kv_per_position"],
                  "memory": {"rss_loaded_mb": round(r["rss_loaded"] / 2**20, 1),
                             "peak_rss_mb": round(r["peak_rss"] / 2**20, 1)}}
-        if settings.image is not None:
+        if settings.image is not None and "image" in r["runs"][0]:
             entry["image"] = _measurement(r["runs"], "image", info["model"], info, floors)
         entry["contexts"] = [_measurement(r["runs"], f"context:{n}", info["model"], info, floors)
                              for n in settings.prompt_tokens]

@@ -57,10 +57,12 @@ def to_markdown(report: dict, command: str | None = None) -> str:
                              f"| {_ms(st['decode_token'])} | {c['decode_tokens_per_s']} | {c['floor_tokens_per_s']} | "
                              f"{c['of_floor']['decode']} | {_load(c['load'])} |")
         lines.append("")
-    lines += ["| model | backend | decoder precision | KV cache | decoder weight MB | KV KB/position | loaded RSS MB |",
-              "|---|---|---|---|---:|---:|---:|"]
+    lines += ["| model | backend | threads | decoder precision | KV cache | decoder weight MB | KV KB/position | "
+              "loaded RSS MB |", "|---|---|---|---|---|---:|---:|---:|"]
     for t in report["targets"]:
-        lines.append(f"| {t['name']} | {t['backend']} | {t['precision']} | {t['cache']} | "
+        spin = "" if t.get("spin", True) else ", no spin"
+        lines.append(f"| {t['name']} | {t['backend']} | {t.get('threads', 'default')}{spin} | {t['precision']} | "
+                     f"{t['cache']} | "
                      f"{t['decoder_weight_bytes'] / 2**20:.1f} | {t['kv_bytes_per_position'] / 1024:.1f} | "
                      f"{t['memory']['rss_loaded_mb']} |")
     return "\n".join(lines) + "\n"

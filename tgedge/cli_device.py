@@ -143,6 +143,15 @@ def _add_bench(sub) -> None:
     p.add_argument("--compare", type=peer_list, default=(), metavar="PEERS",
                    help=f"peers on the same weights, comma-separated: {', '.join(PEERS)} (torch: tgedge's PyTorch "
                         "reference of the first export's checkpoint)")
+    p.add_argument("--genai-model", metavar="DIR", action="append", default=[],
+                   help="--compare genai: an onnxruntime-genai model directory (its builder's output over the same "
+                        "decoder weights; repeatable)")
+    p.add_argument("--genai-python", metavar="PY", default=sys.executable,
+                   help="--compare genai: a Python with onnxruntime_genai installed (default: this one)")
+    p.add_argument("--threads", type=integer(0, 1024), default=0,
+                   help="onnxruntime intra-op threads for every model and peer (default 0: onnxruntime's, one per core)")
+    p.add_argument("--no-spin", action="store_true",
+                   help="onnxruntime's idle threads block instead of spinning (a CPU shared with other work)")
     p.add_argument("--power", action="store_true", help="sample board power during the timed runs (one model)")
     p.add_argument("--json", nargs="?", const="-", metavar="F", help="write the report as JSON to F (alone: stdout)")
     p.add_argument("--markdown", metavar="F", help="write the report as Markdown tables to F")
@@ -150,7 +159,7 @@ def _add_bench(sub) -> None:
     p.set_defaults(func=cmd_bench)
 
 
-PEERS = ("torch",)
+PEERS = ("torch", "genai")
 
 
 def int_list(value: str) -> tuple[int, ...]:
@@ -171,10 +180,8 @@ def peer_list(value: str) -> tuple[str, ...]:
     peers = tuple(v.strip() for v in value.split(",") if v.strip())
     unknown = [p for p in peers if p not in PEERS]
     if unknown or not peers:
-        why = ("onnxruntime-genai cannot run here: its builder needs a Hugging Face decoder directory and its runtime "
-               "its own onnxruntime; docs/BENCHMARKS.md has the side-by-side commands" if "genai" in unknown else
-               "transformers generate runs plain-LLaVA checkpoints only; docs/BENCHMARKS.md" if "transformers"
-               in unknown else "")
+        why = ("transformers generate runs plain-LLaVA checkpoints only, not TG-LLaVA; docs/BENCHMARKS.md"
+               if "transformers" in unknown else "")
         raise argparse.ArgumentTypeError(f"unknown peer {', '.join(unknown) or value!r} (choose from "
                                          f"{', '.join(PEERS)}){': ' + why if why else ''}")
     return peers
@@ -200,7 +207,8 @@ def _targets(args) -> list:
         name = Path(model).name or model
         name = f"{name} ({backend})" if name in seen or backend != "onnxruntime" else name
         seen.add(name)
-        targets.append(Target(name, model, backend, args.clip, "torch" if backend == "torch" else "tgedge"))
+        targets.append(Target(name, model, backend, args.clip, "torch" if backend == "torch" else "tgedge",
+                              threads=args.threads, spin=not args.no_spin))
     if "torch" in args.compare:
         from tgedge.runtime.manifest import Manifest
         from tgedge.validate import source_checkpoint
@@ -211,6 +219,17 @@ def _targets(args) -> list:
         manifest = Manifest.load(export)
         clip = args.clip or manifest.source.get("clip")
         targets.append(Target("torch reference", str(source_checkpoint(manifest)), "torch", clip, "torch"))
+    if "genai" in args.compare:
+        if not args.genai_model:
+            raise TgedgeError("--compare genai needs --genai-model DIR (python -m onnxruntime_genai.models.builder "
+                              "-i HF_DECODER_DIR -o DIR -p fp32|int4 -e cpu; docs/BENCHMARKS.md)")
+        for model in args.genai_model:
+            if not (Path(model) / "genai_config.json").exists():
+                raise TgedgeError(f"--genai-model {model}: no genai_config.json (not an onnxruntime-genai model)")
+            targets.append(Target(f"onnxruntime-genai {Path(model).name}", model, "onnxruntime-genai",
+                                  args.genai_python, "genai", threads=args.threads))
+    elif args.genai_model:
+        raise TgedgeError("--genai-model is for --compare genai")
     return targets
 
 
