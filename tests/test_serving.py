@@ -212,14 +212,17 @@ KILLED_CLIENT = """
 import sys, time
 import tritonclient.grpc as grpcclient
 from tgedge.serving.client import request_inputs
+import threading
+answering = threading.Event()
 client = grpcclient.InferenceServerClient(sys.argv[1])
-client.start_stream(callback=lambda result, error: None)
+client.start_stream(callback=lambda result, error: answering.set())
 image = open(sys.argv[2], "rb").read()
 for i in range(24):
     # sampled at a high temperature the demo model rambles on: long answers, in flight when this process dies
     options = dict(max_new_tokens=160, temperature=1000.0, seed=i)
     client.async_stream_infer("tgedge", request_inputs(image, sys.argv[3], **options), request_id=str(i))
-print("sent", flush=True)
+answering.wait(60)  # the server has the requests and is streaming answers
+print("answering", flush=True)
 time.sleep(120)
 """
 
@@ -229,9 +232,9 @@ def test_killed_client_does_not_wedge_the_server(server, samples, reference):
     client = subprocess.Popen([sys.executable, "-c", KILLED_CLIENT, server.grpc_url, str(path), prompt],
                               stdout=subprocess.PIPE, text=True)
     try:
-        assert client.stdout.readline().strip() == "sent"
+        assert client.stdout.readline().strip() == "answering"
     finally:
-        client.kill()  # SIGKILL with 24 requests sent: its stream drops mid-answer
+        client.kill()  # SIGKILL with 24 long answers under way: its stream drops mid-answer
         client.wait(30)
     replies = _ask_all(server.grpc_url, samples[:8], 8, max_new_tokens=64)  # every decoding slot free again
     assert [r.answer["tokens"] for r, _ in replies] == [w["tokens"] for w in reference[:8]]
@@ -278,7 +281,8 @@ def test_malformed_requests_get_error_responses(server, samples, reference):
     with Session(url, timeout=60) as session:
         for args, options, message in (((b"not an image", prompt), {}, "unreadable image"),
                                        ((image, "   "), {}, "empty prompt"),
-                                       ((image, prompt), {"raw": True}, "<image> exactly once"),
+                                       ((image, prompt), {"raw": True}, "needs --guide"),
+                                       ((image, prompt), {"raw": True, "guide": prompt}, "<image> exactly once"),
                                        ((image, prompt), {"temperature": -1.0}, "temperature must be")):
             with pytest.raises(TgedgeError, match=message):
                 session.ask(*args, **options)
@@ -305,6 +309,10 @@ def test_client_cli_prints_what_run_prints(server, demo_export, samples, capsys,
     assert set(got) == set(want) and (got["tokens"], got["text"]) == (want["tokens"], want["text"])
     code, out, _ = run(capsys, "client", f"grpc://{server.grpc_url}", "--image", path, "--prompt", prompt, "--stream")
     assert code == 0 and out.strip() == want["text"]
+    raw = ["--prompt", f"USER: <image>\n{prompt} ASSISTANT:", "--raw", "--guide", prompt, "--json"]
+    code, out, _ = run(capsys, "client", server.grpc_url, "--image", path, *raw)
+    code2, out2, _ = run(capsys, "run", demo_export.directory, "--image", path, *raw)
+    assert code == code2 == 0 and json.loads(out)["tokens"] == json.loads(out2)["tokens"]
     bad = tmp_path / "bad.png"
     bad.write_text("not a picture")
     for argv, message in ((["client", server.grpc_url, "--image", bad], "unreadable image"),

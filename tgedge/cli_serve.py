@@ -149,7 +149,10 @@ def _add_client(sub) -> None:
     p.add_argument("url", help="the server's gRPC address: HOST:PORT or grpc://HOST:PORT (tgedge serve prints it)")
     p.add_argument("--image", required=True, help="image file (any format pillow reads); sent as its bytes")
     p.add_argument("--prompt", required=True, type=text, help="the question; the model's chat template wraps it")
-    p.add_argument("--raw", action="store_true", help="use --prompt verbatim (it must contain <image> once)")
+    p.add_argument("--raw", action="store_true", help="use --prompt verbatim (it must contain <image> once); a TG "
+                                                      "model then needs --guide")
+    p.add_argument("--guide", metavar="TEXT", type=text,
+                   help="the text the text guide encodes (default: the question; with --raw, required for TG models)")
     _add_sampling(p)
     p.add_argument("--model", default="tgedge", help="the entry model's name (default tgedge)")
     p.add_argument("--timeout", type=real(0.1), default=60.0, help="seconds to wait for the answer (default 60)")
@@ -173,7 +176,7 @@ def cmd_client(args) -> int:
         on_text = ((lambda s: print(json.dumps({"text": s}), flush=True)) if args.json
                    else (lambda s: (sys.stdout.write(s), sys.stdout.flush())))
     with Session(args.url, args.model, args.timeout) as session:
-        reply = session.ask(image, args.prompt, on_text=on_text, raw=args.raw, **_options(args))
+        reply = session.ask(image, args.prompt, on_text=on_text, raw=args.raw, guide=args.guide, **_options(args))
     answer = reply.answer
     answer["timings"].update(first_text_s=None if reply.first_text_s is None else round(reply.first_text_s, 6),
                              round_trip_s=round(reply.latency_s, 6))

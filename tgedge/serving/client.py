@@ -64,7 +64,8 @@ def request_inputs(image: bytes, question: str, **options) -> list:
         if f.name in values:
             value = values[f.name]
         elif options.get(f.name) is not None:
-            value = np.array([options[f.name]], dtype=f.dtype)
+            value = (np.array([str(options[f.name]).encode("utf-8")], dtype=np.object_) if f.dtype == "bytes"
+                     else np.array([options[f.name]], dtype=f.dtype))
         else:
             continue
         tensor = grpcclient.InferInput(f.name, list(value.shape), WIRE_TYPES[f.dtype])

@@ -195,7 +195,8 @@ class Entry:
         options = pipe.options(**{k: values[k] for k in OPTIONS})
         if cancelled():
             raise Cancelled
-        answer = pipe.answer(image, values["question"], options, raw=values["raw"], on_text=on_text)
+        answer = pipe.answer(image, values["question"], options, raw=values["raw"], on_text=on_text,
+                             guide=values["guide"])
         result = answer.to_dict()
         result["timings"]["server_s"] = round(time.perf_counter() - start, 6)
         return result

@@ -31,14 +31,18 @@ REQUEST = (
     Field("top_p", "float64", (1,), True, "nucleus sampling mass in (0, 1]"),
     Field("seed", "int64", (1,), True, "sampling seed"),
     Field("raw", "bool", (1,), True, "send the question verbatim (it must hold <image> once)"),
+    Field("guide", "bytes", (1,), True, "the text the text guide encodes (default: the question; with raw, "
+                                        "required for TG models: the question alone)"),
 )
 RESPONSE = (
     Field("text", "bytes", (1,), help="the next piece of the answer's text (streamed)"),
     Field("answer", "bytes", (1,), help="final response only: JSON with text, tokens, prompt_tokens, timings"),
 )
 # The options' defaults are `tgedge run`'s.
-DEFAULTS = {"max_new_tokens": 64, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": 0, "raw": False}
-OPTIONS = tuple(f.name for f in REQUEST if f.optional and f.name != "raw")
+DEFAULTS = {"max_new_tokens": 64, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": 0, "raw": False,
+            "guide": None}
+# The sampling options (tgedge.sampling.GenerationOptions); raw and guide shape the prompt instead.
+OPTIONS = tuple(f.name for f in REQUEST if f.optional and f.name not in ("raw", "guide"))
 
 TRITON_TYPES = {"bool": "TYPE_BOOL", "uint8": "TYPE_UINT8", "int8": "TYPE_INT8", "int32": "TYPE_INT32",
                 "int64": "TYPE_INT64", "float16": "TYPE_FP16", "float32": "TYPE_FP32", "float64": "TYPE_FP64",
