@@ -61,16 +61,6 @@ def trtexec_line(backend: str, manifest: Manifest, graph: str, engine: str, work
     return shlex.join(args)
 
 
-def listed_files(manifest: Manifest) -> list[str]:
-    """The files an export directory's manifest names: manifest, graphs, their weights, preprocessing, calibration."""
-    names = ["manifest.json", *manifest.files.values()]
-    for g in manifest.graphs.values():
-        names += [g.file] + ([g.external_data] if g.external_data else []) + list(g.shared_data)
-    if manifest.quantization.get("calibration"):
-        names.append(manifest.quantization["calibration"])
-    return list(dict.fromkeys(names))
-
-
 @dataclass
 class BuildResult:
     directory: Path
@@ -177,7 +167,7 @@ def build_engines(export_dir: str | Path, out: str | Path, backend: str = "tenso
     gpu = device_info()
     result = BuildResult(Path(out))
     with atomic_dir(out, kind="engines", inputs=[export_dir, timing_cache], force=force) as tmp:
-        for name in listed_files(manifest):  # what the manifest names, nothing else of the folder
+        for name in manifest.listed_files(engines=False):  # what the manifest names, nothing else of the folder
             shutil.copyfile(inside(manifest.directory, name, f"{manifest.directory}/manifest.json"), tmp / name)
         engines = {}
         for graph in names:

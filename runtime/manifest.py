@@ -141,6 +141,18 @@ class Manifest:
                 raise TgedgeError(f"{directory}: {f} is missing (listed in {MANIFEST})")
         return m
 
+    def listed_files(self, engines: bool = True) -> list[str]:
+        """Every file this manifest names: itself, preprocessing, graphs, their own and shared weights, calibration
+        and (with `engines`) TensorRT engines: what a copy of the directory must carry, and nothing else of it."""
+        names = [MANIFEST, *self.files.values()]
+        for g in self.graphs.values():
+            names += [g.file] + ([g.external_data] if g.external_data else []) + list(g.shared_data)
+        if self.quantization.get("calibration"):
+            names.append(self.quantization["calibration"])
+        if engines:
+            names += [e["file"] for e in self.engines.values()]
+        return list(dict.fromkeys(names))
+
     def graph_files(self, name: str) -> list[Path]:
         """A graph's files: the graph and its external weights, if any."""
         entry = self.graphs[name]

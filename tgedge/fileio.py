@@ -36,7 +36,7 @@ log = logging.getLogger("tgedge")
 
 MARKER = ".tgedge-output"
 # What tgedge writes with -o. "output" is unspecified: it matches any kind (call sites not yet told theirs).
-KINDS = ("checkpoint", "data", "export", "engines", "output")
+KINDS = ("checkpoint", "data", "export", "engines", "repository", "output")
 
 
 def _umask() -> int:

@@ -179,17 +179,6 @@ def parse_config(path: str | Path):
 
 
 # -- files ------------------------------------------------------------------------------------------------------
-def listed_files(manifest: Manifest) -> list[str]:
-    """What an export or engine directory's manifest names: itself, graphs, weights, preprocessing, engines."""
-    names = ["manifest.json", *manifest.files.values()]
-    for g in manifest.graphs.values():
-        names += [g.file] + ([g.external_data] if g.external_data else [])
-    if manifest.quantization.get("calibration"):
-        names.append(manifest.quantization["calibration"])
-    names += [e["file"] for e in manifest.engines.values()]
-    return list(dict.fromkeys(names))
-
-
 def _link(src: Path, dst: Path) -> None:
     """Hard link (one copy on disk), a copy where the file system has none."""
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -222,10 +211,9 @@ def write_repository(source: str | Path, out: str | Path, settings: RepositorySe
         _check_engines(manifest, source)
     result = RepositoryResult(Path(out), settings.backend)
     engine_dims = manifest.dims if settings.backend == "tensorrt" else None
-    # fileio.KINDS has no kind for a model repository yet: the unspecified one (it matches any kind) until it has
-    with atomic_dir(out, kind="output", inputs=[source], force=force) as tmp:
+    with atomic_dir(out, kind="repository", inputs=[source], force=force) as tmp:
         export = tmp / ENTRY_MODEL / "1" / EXPORT_SUBDIR
-        for name in listed_files(manifest):
+        for name in manifest.listed_files():
             target = inside(tmp, f"{ENTRY_MODEL}/1/{EXPORT_SUBDIR}/{name}", f"{manifest.directory}/manifest.json")
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(inside(manifest.directory, name, f"{manifest.directory}/manifest.json"), target)
