@@ -5,6 +5,7 @@ import errno
 import json
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -327,3 +328,19 @@ def test_boundary_translates_library_errors(make, expected):
         make()
     assert str(as_user_error(info.value)).startswith(expected)
     assert as_user_error(RuntimeError("a bug")) is None
+
+
+def test_sigterm_leaves_nothing_half_written(tmp_path):
+    """A plain `kill` unwinds like Ctrl-C: exit 143, no output and no temporary folder left beside it."""
+    import time
+
+    out = tmp_path / "data"
+    proc = subprocess.Popen([sys.executable, "-m", "tgedge", "data", "shapes", "--split", "train", "-n", "100000",
+                             "-o", str(out)], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".data.tgedge-new-*")) and time.monotonic() < deadline:
+        time.sleep(0.05)  # until it is writing
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and "tgedge: terminated" in err
+    assert list(tmp_path.iterdir()) == []

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
+import threading
 import traceback
 
 from tgedge import __version__, cli_checkpoint, cli_deploy, cli_device
@@ -218,8 +220,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="tgedge: %(message)s")
+    previous = _terminate_like_interrupt()
     try:
         return args.func(args)
+    except Terminated:
+        print("tgedge: terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("tgedge: interrupted", file=sys.stderr)
         return 130
@@ -234,6 +240,25 @@ def main(argv: list[str] | None = None) -> int:
             return 3
         print(f"tgedge: error: {one_line(str(error))}", file=sys.stderr)
         return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a plain `kill`, a service manager stopping tgedge): unwound like Ctrl-C, so that nothing
+    half-written is left (the temporary output folder is removed); exit 143."""
+
+
+def _terminate_like_interrupt():
+    """Make SIGTERM raise `Terminated` in the main thread; -> the previous handler (None where none was set)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def terminate(signum, frame):
+        raise Terminated()
+
+    return signal.signal(signal.SIGTERM, terminate)
 
 
 if __name__ == "__main__":
