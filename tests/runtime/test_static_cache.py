@@ -163,3 +163,19 @@ def test_bad_cache_option_is_one_line(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "--cache" in err and "static" in err
     assert main(["export", "demo", "-o", str(tmp_path / "x"), "--block-size", "48"]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_fp16_static_cache(demo_export, tmp_path):
+    """fp16 buffers (kv_cache.dtype float16): the export's check against torch, and greedy decoding as the fp32
+    growing export's (logits within fp16 rounding)."""
+    from tgedge.data import shapes
+
+    static = export_model("demo", tmp_path / "static", cache_mode="static", dtype="fp16")
+    assert static.passed and static.manifest.contract.cache.dtype == "float16"
+    samples = [(s.image, s.prompt) for s in shapes.generate(shapes.SPLIT_SEEDS["eval"], 2)]
+    global LOGITS_ATOL
+    atol, LOGITS_ATOL = LOGITS_ATOL, 0.1  # fp16 weights and cache against fp32
+    try:
+        assert_static_decodes_as_growing(demo_export.directory, tmp_path / "static", samples)
+    finally:
+        LOGITS_ATOL = atol

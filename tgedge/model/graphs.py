@@ -75,8 +75,10 @@ class StaticKV:
         self.k, self.v = k, v  # (B, Hkv, M, D)
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        self.k, self.v = self.k.index_copy(2, input_pos, k), self.v.index_copy(2, input_pos, v)  # (B, Hkv, M, D)
-        return self.k, self.v
+        """Written in the buffers' dtype (an fp16 cache), attended over in the computation's."""
+        self.k = self.k.index_copy(2, input_pos, k.to(self.k.dtype))  # (B, Hkv, M, D)
+        self.v = self.v.index_copy(2, input_pos, v.to(self.v.dtype))
+        return self.k.to(k.dtype), self.v.to(v.dtype)
 
 
 class StaticDecoderGraph(nn.Module):
