@@ -278,6 +278,14 @@ class GenaiPeer:
                                       "num_kv_heads": dec["num_key_value_heads"], "vocab_size": cfg["vocab_size"],
                                       "intermediate_size": _intermediate(onnx_file)}}}
 
+    def peak_rss(self) -> int:
+        """The worker's own peak resident memory (it is another process)."""
+        try:
+            status = Path(f"/proc/{self.proc.pid}/status").read_text()
+            return int(next(ln.split()[1] for ln in status.splitlines() if ln.startswith("VmHWM:"))) * 1024
+        except (OSError, StopIteration, ValueError):
+            return 0
+
     def close(self) -> None:
         if self.proc.poll() is None:
             self.proc.stdin.close()
@@ -416,7 +424,8 @@ def run_bench(targets: list[Target], settings: Settings, peaks=None, progress=No
             opened.append((target, pipe))
             _check(settings, pipe, target)
             target.info = describe_target(target, pipe)
-            results[target.name] = {"runs": [], "rss_loaded": MemorySampler.rss() - before, "peak_rss": 0}
+            loaded = pipe.peak_rss() if isinstance(pipe, GenaiPeer) else MemorySampler.rss() - before
+            results[target.name] = {"runs": [], "rss_loaded": loaded, "peak_rss": 0}
         peaks = peaks or measure_host()  # with the models loaded, before their runs
         for target, pipe in opened:
             for _ in range(settings.warmup):
@@ -429,7 +438,8 @@ def run_bench(targets: list[Target], settings: Settings, peaks=None, progress=No
                 for target, pipe in opened:
                     with MemorySampler() as memory:
                         results[target.name]["runs"].append(_one(pipe, settings))
-                    results[target.name]["peak_rss"] = max(results[target.name]["peak_rss"], memory.peak)
+                    peak = pipe.peak_rss() if isinstance(pipe, GenaiPeer) else memory.peak  # its own process
+                    results[target.name]["peak_rss"] = max(results[target.name]["peak_rss"], peak)
                     if progress:
                         progress()
         finally:
