@@ -17,7 +17,7 @@ module, imported only when a model is built) plus one `FusionFamily` entry below
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 from tgedge.errors import TgedgeError
@@ -237,7 +237,6 @@ class StageContract:
     dims: dict[str, dict[str, int]]
     cache: CacheLayout
     max_context: int
-    extra: dict = field(default_factory=dict)
 
     @property
     def stage_names(self) -> tuple[str, ...]:
