@@ -3,7 +3,8 @@
 Each sample of a data folder (image + prompt) goes through the fp32 `Pipeline` and its greedy answer is
 generated, so every graph sees what it sees in deployment: the text guide on the question, the vision
 tower on the main view and its 4 crops, fusion on both, and the decoder on the prefill and on each decode
-step with its KV cache. The recorded feeds drive onnxruntime's `CalibrationDataReader`.
+step with its KV cache. Min/max ranges are folded as the samples run (`collect_ranges`, nothing kept); the
+histogram methods get the recorded feeds (`collect`), which drive onnxruntime's `CalibrationDataReader`.
 """
 
 from __future__ import annotations
@@ -68,19 +69,14 @@ class FeedReader:
         return len(self.feeds)
 
 
-def collect(export_dir: str | Path, data: str | Path, limit: int | None = None, max_new_tokens: int = 4,
-            progress=None) -> dict[str, list[dict[str, np.ndarray]]]:
-    """graph name -> the feeds it received while the fp32 export answered every sample of `data`."""
+def _answer_all(export_dir: str | Path, data: str | Path, limit: int | None, max_new_tokens: int, progress,
+                runner_factory) -> None:
+    """The fp32 export answers every sample of `data` through the runners `runner_factory` makes."""
     from tgedge.data.folder import read_folder
     from tgedge.runtime.pipeline import Pipeline
 
     records = read_folder(data)[:limit]
-    feeds: dict[str, list] = {}
-
-    def recording(manifest, graph: str) -> RecordingRunner:
-        return RecordingRunner(make_runner("onnxruntime", manifest, graph), feeds.setdefault(graph, []))
-
-    with Pipeline(export_dir, runner_factory=recording) as pipe:
+    with Pipeline(export_dir, runner_factory=runner_factory) as pipe:
         bad = {g: e.precision for g, e in pipe.manifest.graphs.items() if e.precision != "fp32"}
         if bad:
             raise TgedgeError(f"{export_dir}: calibrate on the fp32 export (these graphs are not fp32: {bad})")
@@ -89,6 +85,37 @@ def collect(export_dir: str | Path, data: str | Path, limit: int | None = None, 
             pipe.answer(r.image, r.prompt, options)
             if progress is not None:
                 progress()
+
+
+def collect_ranges(export_dir: str | Path, data: str | Path, graphs: list[str], op_types: tuple[str, ...],
+                   limit: int | None = None, max_new_tokens: int = 4, progress=None) -> dict[str, Any]:
+    """graph name -> onnxruntime `TensorsData`: the symmetric min/max ranges of `graphs`' calibrated tensors while
+    the fp32 export answered every sample of `data`, folded call by call (`tgedge.calibration.ranges`); memory is
+    the graphs once, whatever the number of samples."""
+    from tgedge.calibration.ranges import MinMaxRunner
+
+    runners: dict[str, MinMaxRunner] = {}
+
+    def measuring(manifest, graph: str) -> BaseRunner:
+        if graph not in graphs:
+            return make_runner("onnxruntime", manifest, graph)
+        runners[graph] = MinMaxRunner(manifest.graph_path(graph), graph, op_types)
+        return runners[graph]
+
+    _answer_all(export_dir, data, limit, max_new_tokens, progress, measuring)
+    return {g: r.tensors_data() for g, r in runners.items()}
+
+
+def collect(export_dir: str | Path, data: str | Path, limit: int | None = None, max_new_tokens: int = 4,
+            progress=None) -> dict[str, list[dict[str, np.ndarray]]]:
+    """graph name -> the feeds it received while the fp32 export answered every sample of `data` (what the
+    histogram calibrators need; min/max streams instead: `collect_ranges`)."""
+    feeds: dict[str, list] = {}
+
+    def recording(manifest, graph: str) -> RecordingRunner:
+        return RecordingRunner(make_runner("onnxruntime", manifest, graph), feeds.setdefault(graph, []))
+
+    _answer_all(export_dir, data, limit, max_new_tokens, progress, recording)
     # The vision stage sees the main view and its crops in one batch; the calibrator runs every feed through a graph
     # that outputs every activation, so one view at a time bounds its memory (a ViT-L/336 batch of 5 views is ~10 GiB
     # of activations). Min/max (and histogram) ranges over single views are the ranges over the batch.

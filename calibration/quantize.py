@@ -5,7 +5,8 @@
   graph inputs and outputs stay fp32 (Casts inside), so the runtime's feeds do not change.
 - int8: onnxruntime `quantize_static` in QDQ format as TensorRT wants it: symmetric int8, weights
   per channel, activations per tensor, on MatMul / Gemm / Conv, ranges calibrated on the real inputs of
-  each graph (`tgedge.calibration.collect`). The ranges are saved as `calibration.json`.
+  each graph (`tgedge.calibration.collect`): min/max (the default) folded while the samples run, in the memory
+  of the graphs alone; entropy / percentile from recorded feeds. The ranges are saved as `calibration.json`.
 - int4w / int8w: weight-only, block-wise, symmetric, for constant-weight MatMuls: onnxruntime's MatMulNBits (what
   onnxruntime runs fastest), with a block size and accuracy level (`WeightOnly`; docs/BENCHMARKS.md has the
   measurements behind the defaults). `tgedge export --decoder-weights` writes the same blocks while streaming.
@@ -351,12 +352,18 @@ def quantize_export(export_dir: str | Path, out: str | Path, precision: str, cal
         raise TgedgeError("int8 needs calibration data: --calib DIR (images/ + samples.jsonl, e.g. "
                           "`tgedge data shapes --split calibration -o DIR`) or --calibration calibration.json")
     exclude = exclude or []
-    feeds = {}
+    feeds, streamed, samples = {}, {}, 0
     if int8 and saved is None:
-        from tgedge.calibration.collect import collect
+        from tgedge.calibration.collect import collect, collect_ranges
+        from tgedge.data.folder import read_folder
 
-        say(f"recording the inputs of {', '.join(int8)} on {calib}")
-        feeds = collect(export_dir, calib, calib_limit, progress=progress)
+        samples = len(read_folder(calib)[:calib_limit])
+        if method == "minmax":
+            say(f"measuring the ranges of {', '.join(int8)} on {calib} ({samples} samples, streamed)")
+            streamed = collect_ranges(export_dir, calib, int8, QUANT_OPS, calib_limit, progress=progress)
+        else:
+            say(f"recording the inputs of {', '.join(int8)} on {calib} ({samples} samples, kept for {method})")
+            feeds = collect(export_dir, calib, calib_limit, progress=progress)
     reports: dict[str, GraphReport] = {}
     used_patterns: set[str] = set()
     ranges: dict[str, dict] = {}
@@ -389,6 +396,10 @@ def quantize_export(export_dir: str | Path, out: str | Path, precision: str, cal
                 cache = Path(work) / f"{graph}.calibration.json"
                 if saved is not None:
                     cache.write_text(json.dumps(saved["graphs"][graph]))
+                elif graph in streamed:
+                    from onnxruntime.quantization.calibrate import save_tensors_data
+
+                    save_tensors_data(streamed.pop(graph), cache)
                 report = to_int8(path, target, FeedReader(feeds.get(graph, [])), method, excluded, cache,
                                  external=bool(entry.external_data))
                 ranges[graph] = json.loads(cache.read_text())
@@ -408,7 +419,7 @@ def quantize_export(export_dir: str | Path, out: str | Path, precision: str, cal
         record = None
         if ranges:
             record = saved if saved is not None else {
-                "method": method, "data": {"path": str(calib), "samples": len(feeds.get("fusion", [])),
+                "method": method, "data": {"path": str(calib), "samples": samples,
                                            "sha256": _data_hash(Path(calib))}}
             record = {**{k: v for k, v in record.items() if k != "graphs"}, "graphs": ranges}
             (tmp / CALIBRATION).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")

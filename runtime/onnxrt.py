@@ -10,7 +10,7 @@ the step's own inputs, and the graph writes the cache in place.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -39,13 +39,15 @@ class SessionFromOnnx:
     """Lazy loader: an `onnxruntime.InferenceSession` for a graph on a device (`cpu`, `cuda`, `trt`)."""
 
     def __init__(self, path: str | Path, device: str = "cpu", threads: int = 0, trt_cache: str | Path | None = None,
-                 spin: bool = True):
+                 spin: bool = True, rewrite: Callable[[Any], Any] | None = None):
         """`threads`: intra-op threads (0: onnxruntime's default, one per core); `spin` False: idle threads block
-        instead of spinning (what a CPU shared with other work wants)."""
+        instead of spinning (what a CPU shared with other work wants). `rewrite`: a function of the graph's
+        structure (an `onnx.ModelProto` without its weights) that returns the structure to load instead; its
+        external weights are still read from beside `path`, never copied."""
         if device not in DEVICES:
             raise TgedgeError(f"unknown onnxruntime device {device!r} (choose from {', '.join(DEVICES)})")
         self.path, self.device, self.threads, self.trt_cache = Path(path), device, threads, trt_cache
-        self.spin = spin
+        self.spin, self.rewrite = spin, rewrite
 
     def __call__(self):
         import onnxruntime as ort
@@ -66,8 +68,14 @@ class SessionFromOnnx:
             so.intra_op_num_threads = self.threads
         if not self.spin:
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        source: str | bytes = str(self.path)
+        if self.rewrite is not None:
+            import onnx
+
+            source = self.rewrite(onnx.load(str(self.path), load_external_data=False)).SerializeToString()
+            so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self.path.parent))
         try:
-            return ort.InferenceSession(str(self.path), so, providers=providers)
+            return ort.InferenceSession(source, so, providers=providers)
         except Exception as e:  # ORT raises its own exception types per failure; all mean "cannot load"
             raise TgedgeError(f"{self.path}: onnxruntime cannot load this graph ({str(e).splitlines()[0]})") from None
 

@@ -117,7 +117,9 @@ def _add_quantize(sub) -> None:
     p.add_argument("--calibration", metavar="FILE", help="reuse a calibration.json instead of --calib data")
     p.add_argument("--calib-limit", type=integer(1), help="use the first N calibration samples")
     p.add_argument("--method", choices=["minmax", "entropy", "percentile"], default="minmax",
-                   help="activation range calibration (default minmax; docs/QUANTIZATION.md compares them)")
+                   help="activation range calibration (default minmax: ranges folded while the samples run, "
+                        "memory of the graphs alone; entropy / percentile keep every graph's recorded inputs, "
+                        "which grows with --calib samples; docs/QUANTIZATION.md compares them)")
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                    help="keep nodes whose name matches this glob in fp32, e.g. '/layers.0/*' (repeatable)")
     _add_weight_only(p)

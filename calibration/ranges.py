@@ -1,0 +1,88 @@
+"""Min/max calibration that streams: ranges folded while the fp32 export answers, no activation or feed kept.
+
+onnxruntime's calibrators run recorded feeds through a copy of each graph that outputs what they measure; the
+feeds of a whole calibration set (the decoder's include its KV cache at every step) and the copies of the graph
+are what grew past 12 GiB on a 1 B model. Min/max needs neither: each graph is loaded once, with a ReduceMin and
+a ReduceMax on every tensor onnxruntime's quantizer will ask a range for (the inputs and outputs of MatMul /
+Gemm / Conv, as its `MinMaxCalibrater` selects them), the pipeline answers the calibration samples through those
+graphs, and each call folds its scalars into a running minimum and maximum. The result is onnxruntime's own
+`TensorsData` (symmetric, as `ActivationSymmetric` makes it), the same numbers its strided min/max calibration
+gives on the same feeds (tested), which `quantize_static` then reads as its calibration cache.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from tgedge.runtime.onnxrt import OnnxRuntimeRunner, SessionFromOnnx
+
+REDUCTIONS = ("ReduceMin", "ReduceMax")
+
+
+def calibrated_tensors(structure: onnx.ModelProto, op_types: tuple[str, ...]) -> list[str]:
+    """The tensors onnxruntime's calibrator measures: float inputs and outputs of `op_types` nodes, not weights."""
+    inferred = onnx.shape_inference.infer_shapes(structure)
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]}
+    weights = {t.name for t in structure.graph.initializer}
+    return sorted({t for n in structure.graph.node if n.op_type in op_types for t in [*n.input, *n.output]
+                   if t and t not in weights and types.get(t) in (TensorProto.FLOAT, TensorProto.FLOAT16)})
+
+
+def with_reductions(structure: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
+    """`structure` plus the outputs `<tensor>_ReduceMin` / `<tensor>_ReduceMax` (keepdims: an empty tensor reduces)."""
+    for t in tensors:
+        for op in REDUCTIONS:
+            structure.graph.node.append(helper.make_node(op, [t], [f"{t}_{op}"], keepdims=1, name=f"{t}_{op}"))
+            structure.graph.output.append(helper.make_tensor_value_info(f"{t}_{op}", TensorProto.FLOAT, None))
+    return structure
+
+
+class MinMaxRunner(OnnxRuntimeRunner):
+    """A graph's runner that also folds the min/max of every calibrated tensor of each call; callers see only the
+    graph's own outputs."""
+
+    def __init__(self, path, name: str, op_types: tuple[str, ...]):
+        self.tensors: list[str] = []
+
+        def rewrite(structure: onnx.ModelProto) -> onnx.ModelProto:
+            self.tensors = calibrated_tensors(structure, op_types)
+            return with_reductions(structure, self.tensors)
+
+        super().__init__(SessionFromOnnx(path, rewrite=rewrite), name)
+        self.low: dict[str, float] = {}
+        self.high: dict[str, float] = {}
+        self.calls = 0
+
+    def activate_impl(self) -> None:
+        super().activate_impl()
+        added = {f"{t}_{op}" for t in self.tensors for op in REDUCTIONS}
+        self.graph_outputs = [n for n in self.output_names if n not in added]
+
+    def get_output_metadata_impl(self):
+        return {n: m for n, m in super().get_output_metadata_impl().items() if n in self.graph_outputs}
+
+    def infer_impl(self, feed: dict[str, Any], **kwargs) -> dict[str, Any]:
+        out = super().infer_impl(feed, **kwargs)
+        for t in self.tensors:
+            low, high = out[f"{t}_ReduceMin"], out[f"{t}_ReduceMax"]
+            if low.size:  # an empty tensor has no range; NaN is skipped (onnxruntime's nanmin / nanmax)
+                self.low[t] = float(np.fmin.reduce(low.ravel(), initial=self.low.get(t, np.inf)))
+                self.high[t] = float(np.fmax.reduce(high.ravel(), initial=self.high.get(t, -np.inf)))
+        self.calls += 1
+        return {n: out[n] for n in self.graph_outputs}
+
+    def tensors_data(self):
+        """onnxruntime's `TensorsData`: symmetric ranges (-m, m), m = max |value| seen, as float32 arrays of one."""
+        from onnxruntime.quantization.calibrate import CalibrationMethod, TensorsData
+
+        ranges = {}
+        for t in self.tensors:
+            if t in self.low:
+                m = np.array([max(abs(self.low[t]), abs(self.high[t]))], dtype=np.float32)
+                ranges[t] = (-m, m)
+        return TensorsData(CalibrationMethod.MinMax, ranges)
