@@ -6,14 +6,16 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 ORACLE_SPEC ?= transformers==5.23.0
+# every other package at the version the tests ran with (constraints.txt); `make install CONSTRAINTS=` lets pip choose
+CONSTRAINTS ?= constraints.txt
 PYTEST_ARGS ?=
 
 .PHONY: install test demo clean
 
-$(VENV)/.installed: pyproject.toml Makefile
+$(VENV)/.installed: pyproject.toml Makefile $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q "$(ORACLE_SPEC)" -e ".[export,quantize,dev,serve]"
+	$(PY) -m pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) "$(ORACLE_SPEC)" -e ".[export,quantize,dev,serve]"
 	touch $@
 
 install: $(VENV)/.installed
