@@ -4,7 +4,8 @@
   every node of an RMSNorm/LayerNorm module), Softmax, and the node that produces the final logits;
   graph inputs and outputs stay fp32 (Casts inside), so the runtime's feeds do not change.
 - int8: onnxruntime `quantize_static` in QDQ format as TensorRT wants it: symmetric int8, weights
-  per channel, activations per tensor, on MatMul / Gemm / Conv, ranges calibrated on the real inputs of
+  per channel, activations per tensor, on MatMul / Gemm / Conv with a weight (the MatMuls between two activations,
+  attention's, stay fp32 unless `int8_attention`), ranges calibrated on the real inputs of
   each graph (`tgedge.calibration.collect`): min/max (the default) folded while the samples run, in the memory
   of the graphs alone; entropy / percentile from recorded feeds. The ranges are saved as `calibration.json`.
 - int4w / int8w: weight-only, block-wise, symmetric, for constant-weight MatMuls: onnxruntime's MatMulNBits (what
@@ -81,6 +82,15 @@ class GraphReport:
 
 def _matched(proto: onnx.ModelProto, patterns: list[str]) -> list[str]:
     return [n.name for n in proto.graph.node if any(fnmatch.fnmatchcase(n.name, p) for p in patterns)]
+
+
+def activation_products(proto: onnx.ModelProto) -> list[str]:
+    """MatMuls between two activations, no weight on either side: attention's Q K^T and P V. int8 keeps them in
+    fp32 by default (measured on demo-gated, docs/QUANTIZATION.md: per-tensor int8 on softmax probabilities is where
+    the decoder's worst next-token drift came from)."""
+    constant = {t.name for t in proto.graph.initializer}
+    constant |= {o for n in proto.graph.node if n.op_type == "Constant" for o in n.output}
+    return [n.name for n in proto.graph.node if n.op_type == "MatMul" and not any(i in constant for i in n.input)]
 
 
 def _norm_nodes(proto: onnx.ModelProto) -> list[str]:
@@ -320,8 +330,10 @@ def quantize_export(export_dir: str | Path, out: str | Path, precision: str, cal
                     method: str = "minmax", exclude: list[str] | None = None, calibration: str | Path | None = None,
                     calib_limit: int | None = None, on_step: Callable[[str], None] | None = None,
                     progress=None, force: bool = False, block_size: int | None = None,
-                    accuracy_level: int | None = None) -> QuantizeResult:
-    """`block_size`, `accuracy_level`: int4w / int8w's MatMulNBits settings (None: the defaults, `WeightOnly`)."""
+                    accuracy_level: int | None = None, int8_attention: bool = False) -> QuantizeResult:
+    """`block_size`, `accuracy_level`: int4w / int8w's MatMulNBits settings (None: the defaults, `WeightOnly`).
+    `int8_attention`: int8 also quantises the MatMuls between two activations (`activation_products`), which it
+    keeps in fp32 by default."""
     say = on_step or (lambda s: None)
     WeightOnly.of("int4w", block_size, accuracy_level)  # settings refused before any work
     src = Manifest.load(export_dir)
@@ -400,7 +412,8 @@ def quantize_export(export_dir: str | Path, out: str | Path, precision: str, cal
                     from onnxruntime.quantization.calibrate import save_tensors_data
 
                     save_tensors_data(streamed.pop(graph), cache)
-                report = to_int8(path, target, FeedReader(feeds.get(graph, [])), method, excluded, cache,
+                kept = excluded if int8_attention else sorted(set(excluded) | set(activation_products(structure)))
+                report = to_int8(path, target, FeedReader(feeds.get(graph, [])), method, kept, cache,
                                  external=bool(entry.external_data))
                 ranges[graph] = json.loads(cache.read_text())
             else:
@@ -427,6 +440,7 @@ def quantize_export(export_dir: str | Path, out: str | Path, precision: str, cal
                             model=src.model, source=src.source, reference=src.reference, files=src.files,
                             contract=src.contract,
                             quantization={"precision": precision, "method": method if ranges else None,
+                                          "int8_attention": int8_attention if ranges else None,
                                           "graphs": {g: r.to_dict() for g, r in reports.items()},
                                           "calibration": CALIBRATION if ranges else None})
         manifest.save(tmp)

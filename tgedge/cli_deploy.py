@@ -120,6 +120,9 @@ def _add_quantize(sub) -> None:
                    help="activation range calibration (default minmax: ranges folded while the samples run, "
                         "memory of the graphs alone; entropy / percentile keep every graph's recorded inputs, "
                         "which grows with --calib samples; docs/QUANTIZATION.md compares them)")
+    p.add_argument("--int8-attention", action="store_true",
+                   help="int8: also quantise the MatMuls between two activations (attention's Q K^T and P V), "
+                        "which stay fp32 by default (docs/QUANTIZATION.md has the measurement)")
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                    help="keep nodes whose name matches this glob in fp32, e.g. '/layers.0/*' (repeatable)")
     _add_weight_only(p)
@@ -137,7 +140,8 @@ def cmd_quantize(args) -> int:
     with tqdm(desc="calibrate", unit="sample", disable=None, file=sys.stderr, total=args.calib_limit) as bar:
         result = quantize_export(args.export_dir, args.output, args.precision, args.calib, args.method, args.exclude,
                                  args.calibration, args.calib_limit, on_step=say, progress=bar.update,
-                                 force=args.force, block_size=args.block_size, accuracy_level=args.accuracy_level)
+                                 force=args.force, block_size=args.block_size, accuracy_level=args.accuracy_level,
+                                 int8_attention=args.int8_attention)
     if args.json:
         print(json.dumps(result.to_dict()))
         return 0

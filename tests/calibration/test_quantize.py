@@ -51,6 +51,28 @@ def test_int8_is_qdq_as_tensorrt_wants_it(int8):
     assert "no MatMul" in int8.reports["embed"].note  # a Gather only: it stays fp32, said so
 
 
+def _reads_dequantized(proto) -> set[str]:
+    dq = {o for n in proto.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    return {n.name for n in proto.graph.node if any(i in dq for i in n.input)}
+
+
+def test_int8_keeps_attention_products_fp32_unless_asked(int8, demo_export, tmp_path):
+    """The MatMuls between two activations (attention's Q K^T and P V) stay fp32 by default; --int8-attention
+    quantises them too."""
+    from tgedge.calibration.quantize import activation_products
+
+    source = onnx.load(str(demo_export.manifest.graph_path("decoder")))
+    products = activation_products(source)
+    assert len(products) == 2 * demo_export.manifest.model["decoder"]["num_layers"]  # two per layer
+    dequantized = _reads_dequantized(onnx.load(str(int8.manifest.graph_path("decoder"))))
+    assert dequantized and not set(products) & dequantized
+    assert set(products) <= set(int8.reports["decoder"].fp32_nodes)
+    every = quantize_export(demo_export.directory, tmp_path / "every", "int8", int8_attention=True,
+                            calibration=int8.directory / "calibration.json")
+    assert set(products) <= _reads_dequantized(onnx.load(str(every.manifest.graph_path("decoder"))))
+    assert every.manifest.quantization["int8_attention"] is True
+
+
 def test_int8_validates_within_two_points(int8, demo_eval):
     report = validate(int8.directory, demo_eval, limit=CHECK_SAMPLES, show_progress=False)
     assert report.passed, report.summary()
