@@ -15,7 +15,8 @@ OUT = Path("out/demo")
 EVAL_SAMPLES = 200
 
 
-STEPS = 9
+STEPS = 10
+GATED_SAMPLES = 50
 
 
 def step(n: int, title: str, argv: list[str]) -> None:
@@ -63,8 +64,16 @@ def main() -> int:
     else:
         step(9, "TensorRT engines from the int8 graphs (TensorRT for RTX builds without a GPU; run them on an RTX GPU)",
              ["build", str(int8), "-o", str(OUT / "engines-int8"), "--backend", "tensorrt_rtx"])
+    gated = OUT / "export-gated"
+    step(10, "the second fusion family, gated cross-modal fusion (demo-gated): one answer, then its fp32 export "
+             f"validated on {GATED_SAMPLES} samples",
+         ["run", "demo-gated", "--image", str(data / first["image"]), "--prompt", first["prompt"]])
+    step(10, "", ["export", "demo-gated", "-o", str(gated)])
+    step(10, "", ["validate", str(gated), "--data", str(data), "--limit", str(GATED_SAMPLES),
+                  "--json", str(reports / "gated-fp32.json")])
     print(f"\nOutputs are under {OUT}/: eval/ and calibration/ (data), export-fp32/ and export-int8/ (graphs + "
-          "manifest.json), engines-int8/ (TensorRT), reports/ (validate: JSON, JUnit, Markdown).")
+          "manifest.json), engines-int8/ (TensorRT), export-gated/ (the gated family), reports/ (validate: JSON, "
+          "JUnit, Markdown).")
     return 0
 
 

@@ -327,34 +327,21 @@ def test_train_demo_cli_argument_errors(tmp_path, capsys):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
-def test_demo_gated_word_says_it_is_not_trained_yet(tmp_path, capsys, monkeypatch):
+def test_demo_gated_word(tmp_path, capsys, monkeypatch):
+    """`demo-gated` works wherever `demo` does: the shipped gated checkpoint, answering through the CLI."""
     import tgedge
 
     monkeypatch.chdir(tmp_path)  # no folder named demo-gated here
-    if (tgedge.demo_checkpoint().parent / tgedge.DEMO_FOLDERS["gated"] / "config.json").exists():
-        pytest.skip("a trained demo-gated ships with this tree")
-    image = tiny.test_image(tmp_path / "x.png")
-    assert main(["run", "demo-gated", "--image", str(image), "--prompt", QUESTION]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "demo-gated" in err and "tgedge train-demo --fusion gated -o DIR" in err
-    with pytest.raises(TgedgeError, match="has not been trained and shipped yet"):
-        tgedge.demo_checkpoint("gated")
+    path = tgedge.demo_checkpoint("gated")
+    assert path.name == tgedge.DEMO_FOLDERS["gated"] and tgedge.resolve_checkpoint("demo-gated") == path
+    assert tgedge.resolve_checkpoint("demo") == tgedge.demo_checkpoint("tg")
     with pytest.raises(TgedgeError, match=r"no demo model of fusion family 'x' \(demo models: tg, gated\)"):
         tgedge.demo_checkpoint("x")
-    assert tgedge.resolve_checkpoint("demo") == tgedge.demo_checkpoint("tg")
+    image = tiny.test_image(tmp_path / "x.png")
+    assert main(["run", "demo-gated", "--image", str(image), "--prompt", QUESTION, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["text"]
 
 
-def _shipped_gated():
-    import tgedge
-
-    try:
-        return tgedge.demo_checkpoint("gated")
-    except TgedgeError:
-        return None
-
-
-@pytest.mark.skipif(_shipped_gated() is None, reason="demo-gated is not trained and shipped yet (docs/DEMO_MODEL.md, "
-                                                       "'Gated fusion: to be trained')")
 def test_demo_gated_accuracy_on_fixed_subset(tmp_path):
     """The done-when line of the shipped gated demo: >= 86% on the first 300 samples of the eval split."""
     from tgedge.evaluate import evaluate

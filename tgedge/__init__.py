@@ -22,10 +22,6 @@ def demo_checkpoint(fusion: str = "tg") -> Path:
         raise TgedgeError(f"no demo model of fusion family {fusion!r} (demo models: {', '.join(DEMO_FOLDERS)})")
     path = Path(__file__).parent / DEMO_FOLDERS[fusion]
     if not (path / "config.json").exists():
-        if fusion == "gated":  # not trained yet: docs/DEMO_MODEL.md, "Gated fusion: to be trained"
-            raise TgedgeError("demo-gated, the gated-fusion demo model, has not been trained and shipped yet: make it "
-                              "with `tgedge train-demo --fusion gated -o DIR` (about an hour on an idle 2-core "
-                              "machine) and pass DIR where demo-gated was")
         raise TgedgeError(f"{path}: the embedded demo model is missing from this install")
     return path
 
