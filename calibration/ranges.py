@@ -34,10 +34,25 @@ def calibrated_tensors(structure: onnx.ModelProto, op_types: tuple[str, ...]) ->
 
 
 def with_reductions(structure: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
-    """`structure` plus the outputs `<tensor>_ReduceMin` / `<tensor>_ReduceMax` (keepdims: an empty tensor reduces)."""
+    """`structure` plus the outputs `<tensor>_ReduceMin` / `<tensor>_ReduceMax` (keepdims: an empty tensor reduces).
+
+    Each reduction goes right after the node that makes its tensor, and the session runs the nodes in that order
+    (`SessionFromOnnx(in_order=True)`): in onnxruntime's default order the reductions ran at the end and kept every
+    measured activation alive until then (a ViT-L/336 batch of five views: 11.2 GiB peak against 1.5 GiB for the
+    graph alone; in order: 1.5 GiB)."""
+    wanted = set(tensors)
+
+    def reductions(names) -> list[onnx.NodeProto]:
+        return [helper.make_node(op, [t], [f"{t}_{op}"], keepdims=1, name=f"{t}_{op}")
+                for t in names if t in wanted for op in REDUCTIONS]
+
+    nodes = reductions([i.name for i in structure.graph.input])
+    for node in structure.graph.node:
+        nodes += [node, *reductions(node.output)]
+    del structure.graph.node[:]
+    structure.graph.node.extend(nodes)
     for t in tensors:
         for op in REDUCTIONS:
-            structure.graph.node.append(helper.make_node(op, [t], [f"{t}_{op}"], keepdims=1, name=f"{t}_{op}"))
             structure.graph.output.append(helper.make_tensor_value_info(f"{t}_{op}", TensorProto.FLOAT, None))
     return structure
 
@@ -53,7 +68,7 @@ class MinMaxRunner(OnnxRuntimeRunner):
             self.tensors = calibrated_tensors(structure, op_types)
             return with_reductions(structure, self.tensors)
 
-        super().__init__(SessionFromOnnx(path, rewrite=rewrite), name)
+        super().__init__(SessionFromOnnx(path, rewrite=rewrite, in_order=True), name)
         self.low: dict[str, float] = {}
         self.high: dict[str, float] = {}
         self.calls = 0

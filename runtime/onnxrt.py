@@ -39,15 +39,17 @@ class SessionFromOnnx:
     """Lazy loader: an `onnxruntime.InferenceSession` for a graph on a device (`cpu`, `cuda`, `trt`)."""
 
     def __init__(self, path: str | Path, device: str = "cpu", threads: int = 0, trt_cache: str | Path | None = None,
-                 spin: bool = True, rewrite: Callable[[Any], Any] | None = None):
+                 spin: bool = True, rewrite: Callable[[Any], Any] | None = None, in_order: bool = False):
         """`threads`: intra-op threads (0: onnxruntime's default, one per core); `spin` False: idle threads block
         instead of spinning (what a CPU shared with other work wants). `rewrite`: a function of the graph's
         structure (an `onnx.ModelProto` without its weights) that returns the structure to load instead; its
-        external weights are still read from beside `path`, never copied."""
+        external weights are still read from beside `path`, never copied. `in_order`: run the nodes in the graph's
+        own order (onnxruntime's priority-based order) instead of its default topological order, which may run a
+        node long after its input was made and so keep that input in memory meanwhile."""
         if device not in DEVICES:
             raise TgedgeError(f"unknown onnxruntime device {device!r} (choose from {', '.join(DEVICES)})")
         self.path, self.device, self.threads, self.trt_cache = Path(path), device, threads, trt_cache
-        self.spin, self.rewrite = spin, rewrite
+        self.spin, self.rewrite, self.in_order = spin, rewrite, in_order
 
     def __call__(self):
         import onnxruntime as ort
@@ -68,6 +70,8 @@ class SessionFromOnnx:
             so.intra_op_num_threads = self.threads
         if not self.spin:
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if self.in_order:
+            so.execution_order = ort.ExecutionOrder.PRIORITY_BASED
         source: str | bytes = str(self.path)
         if self.rewrite is not None:
             import onnx

@@ -131,6 +131,17 @@ def test_streamed_ranges_are_onnxruntimes(demo_export, calib, tmp_path):
             calibrator.collect_data(reader)
         expected = calibrator.compute_data()
         assert set(streamed[graph]) == set(expected) and len(set(expected)) > 10, graph
+        # every reduction runs right after the node that makes its tensor (not at the end, which would keep every
+        # measured activation alive until then)
+        from tgedge.calibration.ranges import calibrated_tensors, with_reductions
+
+        structure = onnx.load(str(manifest.graph_path(graph)), load_external_data=False)
+        tensors = calibrated_tensors(structure, QUANT_OPS)
+        nodes = list(with_reductions(structure, tensors).graph.node)
+        made = {o: k for k, n in enumerate(nodes) for o in n.output}
+        for k, n in enumerate(nodes):
+            if n.op_type in ("ReduceMin", "ReduceMax"):
+                assert made.get(n.input[0], -1) >= k - 2, n.name  # after its producer and its twin only
         # the same numbers up to float rounding: the graphs run in other sessions (other node fusions around the
         # added outputs) and the vision tower ran its 5 views as one batch here, one by one there
         for tensor in expected:
