@@ -1,6 +1,7 @@
 """Measure every precision of the demo model on onnxruntime CPU: the figures in docs/QUANTIZATION.md.
 
     .venv/bin/python scripts/measure_quantization.py [--out out/quant] [--eval-samples 1000] [--validate-samples 200]
+        [--only VARIANT ...]
 
 For each variant: task accuracy on the eval split (`tgedge eval`, exact match) and `tgedge validate` against the
 fp32 PyTorch reference with the shipped policy. Writes OUT/results.json and prints a Markdown table.
@@ -20,6 +21,7 @@ VARIANTS = [  # name, tgedge quantize arguments (None: the fp32 export itself)
     ("fp32", None),
     ("fp16", ["--precision", "fp16"]),
     ("int8 minmax", ["--precision", "int8", "--method", "minmax"]),
+    ("int8 minmax, attention int8", ["--precision", "int8", "--method", "minmax", "--int8-attention"]),
     ("int8 entropy", ["--precision", "int8", "--method", "entropy"]),
     ("int8 percentile", ["--precision", "int8", "--method", "percentile"]),
     ("int8w decoder", ["--precision", "int8w"]),
@@ -39,14 +41,21 @@ def main() -> int:
     ap.add_argument("--out", default="out/quant")
     ap.add_argument("--eval-samples", type=int, default=1000)
     ap.add_argument("--validate-samples", type=int, default=200)
+    ap.add_argument("--only", action="append", metavar="VARIANT",
+                    help="measure this variant only (repeatable; fp32 is always measured: the table's baseline)")
     args = ap.parse_args()
+    unknown = set(args.only or []) - {name for name, _ in VARIANTS}
+    if unknown:
+        ap.error(f"unknown variant(s) {sorted(unknown)}: choose from {[name for name, _ in VARIANTS]}")
     out = Path(args.out)
     run(["data", "shapes", "--split", "eval", "-n", str(args.eval_samples), "-o", str(out / "eval")])
     run(["data", "shapes", "--split", "calibration", "-o", str(out / "calibration")])
     run(["export", "demo", "-o", str(out / "fp32"), "--json"])
     results = {}
     for name, qargs in VARIANTS:
-        d = out / name.replace(" ", "-")
+        if args.only and name != "fp32" and name not in args.only:
+            continue
+        d = out / name.replace(",", "").replace(" ", "-")
         start = time.perf_counter()
         if qargs is not None:
             calib = ["--calib", str(out / "calibration")] if "int8" in qargs else []
