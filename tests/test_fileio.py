@@ -127,6 +127,8 @@ def test_interrupted_replace_leaves_old_or_new_whole(tmp_path, monkeypatch, exch
 def test_sigint_during_swap_is_delivered_after_it(tmp_path, monkeypatch):
     import signal
 
+    # the precondition, whatever an earlier test or library left: Ctrl-C raises KeyboardInterrupt
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     out = write(tmp_path / "out", text="old")
     real_exchange = fileio._exchange
 
@@ -135,8 +137,11 @@ def test_sigint_during_swap_is_delivered_after_it(tmp_path, monkeypatch):
         return real_exchange(a, b)
 
     monkeypatch.setattr(fileio, "_exchange", exchange)
-    with pytest.raises(KeyboardInterrupt):
-        write(out, text="new")
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            write(out, text="new")
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert (out / "a.txt").read_text() == "new" and siblings(out) == ["out"]
 
 
