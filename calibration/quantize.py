@@ -30,7 +30,7 @@ import onnx
 
 from tgedge.errors import TgedgeError
 from tgedge.calibration.collect import FeedReader
-from tgedge.calibration.weight_only import WeightOnly, nbits_blocks
+from tgedge.calibration.weight_only import WeightOnly, nbits_attributes, nbits_blocks
 from tgedge.config import bad_numbers
 from tgedge.fileio import atomic_dir, inside, sha256_files
 from tgedge.runtime.manifest import GRAPHS, PRECISIONS, Manifest, graph_fingerprint
@@ -218,11 +218,9 @@ def _lm_head_to_nbits(proto: onnx.ModelProto, q: WeightOnly, exclude: list[str])
         n, k = table.dims
         proto.graph.initializer.extend([numpy_helper.from_array(packed, f"lm_head.weight_Q{q.bits}"),
                                         numpy_helper.from_array(scales, "lm_head.weight_scales")])
-        level = {"accuracy_level": q.accuracy_level} if q.accuracy_level else {}
         proto.graph.node[i].CopyFrom(onnx.helper.make_node(
             "MatMulNBits", [node.input[0], f"lm_head.weight_Q{q.bits}", "lm_head.weight_scales"], list(node.output),
-            name=f"{node.name}_Q{q.bits}", domain="com.microsoft", K=k, N=n, bits=q.bits, block_size=q.block_size,
-            **level))
+            name=f"{node.name}_Q{q.bits}", **nbits_attributes(q, k, n)))
         if not any(table.name in m.input for m in proto.graph.node):
             proto.graph.initializer.remove(table)
 

@@ -71,7 +71,6 @@ class MinMaxRunner(OnnxRuntimeRunner):
         super().__init__(SessionFromOnnx(path, rewrite=rewrite, in_order=True), name)
         self.low: dict[str, float] = {}
         self.high: dict[str, float] = {}
-        self.calls = 0
 
     def activate_impl(self) -> None:
         super().activate_impl()
@@ -88,7 +87,6 @@ class MinMaxRunner(OnnxRuntimeRunner):
             if low.size:  # an empty tensor has no range; NaN is skipped (onnxruntime's nanmin / nanmax)
                 self.low[t] = float(np.fmin.reduce(low.ravel(), initial=self.low.get(t, np.inf)))
                 self.high[t] = float(np.fmax.reduce(high.ravel(), initial=self.high.get(t, -np.inf)))
-        self.calls += 1
         return {n: out[n] for n in self.graph_outputs}
 
     def tensors_data(self):

@@ -62,3 +62,10 @@ def nbits_blocks(wt: np.ndarray, q: WeightOnly) -> tuple[np.ndarray, np.ndarray]
     (quantize_matmul_4bits if q.bits == 4 else quantize_matmul_8bits)(packed, wt, scales, zero_points, q.block_size,
                                                                      n, k, True)
     return packed, scales
+
+
+def nbits_attributes(q: WeightOnly, k: int, n: int) -> dict:
+    """A MatMulNBits node's domain and attributes for a (K, N) weight, as onnxruntime's MatMulNBitsQuantizer writes
+    them (`accuracy_level` only when not 0): what `tgedge quantize` and `tgedge export --decoder-weights` both write."""
+    level = {"accuracy_level": q.accuracy_level} if q.accuracy_level else {}
+    return {"domain": "com.microsoft", "K": k, "N": n, "bits": q.bits, "block_size": q.block_size, **level}

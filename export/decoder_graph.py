@@ -29,7 +29,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
-from tgedge.calibration.weight_only import WeightOnly, nbits_blocks
+from tgedge.calibration.weight_only import WeightOnly, nbits_attributes, nbits_blocks
 from tgedge.contract import StageContract
 from tgedge.errors import TgedgeError
 from tgedge.model.decoder import rope_inv_freq
@@ -141,9 +141,7 @@ def _nbits(w: GraphWriter, weight: torch.Tensor, x: str, name: str, scope: str) 
     n, k = weight.shape
     qname = w.store.add(f"{name}_Q{q.bits}", torch.from_numpy(packed), TensorProto.UINT8)
     sc = w.store.add(f"{name}_scales", torch.from_numpy(scales).to(w.torch_dtype), w.elem)
-    level = {"accuracy_level": q.accuracy_level} if q.accuracy_level else {}
-    return w.op("MatMulNBits", [x, qname, sc], scope, domain="com.microsoft", K=k, N=n, bits=q.bits,
-                block_size=q.block_size, **level)
+    return w.op("MatMulNBits", [x, qname, sc], scope, **nbits_attributes(q, k, n))
 
 
 def _linear(w: GraphWriter, weights, x: str, prefix: str, scope: str, bias: bool) -> str:
