@@ -176,10 +176,9 @@ def image_run(pipe, image, prompt: str, new_tokens: int) -> dict:
 
 def context_run(pipe, prompt_tokens: int, new_tokens: int) -> dict:
     """Text only: a prompt of `prompt_tokens` token ids (every id a text token), prefill, then decode steps."""
-    import numpy as np
+    from tgedge.bench_genai import ids_for  # the token ids the onnxruntime-genai peer is given too
 
-    vocab = _vocab(pipe)
-    ids = ((np.arange(prompt_tokens, dtype=np.int64) * 7919 + 11) % (vocab - 1))[None] + 1
+    ids = ids_for(prompt_tokens, _vocab(pipe))[None]
     out = {"load": os.getloadavg()[0], "prompt_tokens": prompt_tokens}
     start = time.perf_counter()
     with StageClock(pipe) as clock:
