@@ -157,6 +157,20 @@ def restore_output_types(converted: onnx.ModelProto, original: onnx.ModelProto) 
     return converted
 
 
+@contextlib.contextmanager
+def _value_info_from_dims(float16):
+    """The converter's value info of a retyped initializer from its declared dims instead of from its data read into
+    numpy: the same value info, and an export's traced graph can be converted before its weights are written
+    (export/traced_weights.py)."""
+    original = float16.make_value_info_from_tensor
+    float16.make_value_info_from_tensor = lambda t: onnx.helper.make_tensor_value_info(t.name, t.data_type,
+                                                                                       list(t.dims))
+    try:
+        yield
+    finally:
+        float16.make_value_info_from_tensor = original
+
+
 def to_fp16(proto: onnx.ModelProto, exclude: list[str]) -> tuple[onnx.ModelProto, GraphReport]:
     import warnings
 
@@ -174,7 +188,8 @@ def to_fp16(proto: onnx.ModelProto, exclude: list[str]) -> tuple[onnx.ModelProto
     original_outputs.graph.output.extend(proto.graph.output)
     del proto.graph.value_info[:]
     proto.graph.value_info.extend(inferred_types(proto).graph.value_info)  # the converter's types, in place
-    with warnings.catch_warnings():  # constants beyond fp16's range (the -3.4e38 masks) are clipped, as intended
+    with warnings.catch_warnings(), _value_info_from_dims(float16):
+        # constants beyond fp16's range (the -3.4e38 masks) are clipped, as intended
         warnings.simplefilter("ignore", UserWarning)
         converted = float16.convert_float_to_float16(
             proto, keep_io_types=True, disable_shape_infer=True,
@@ -341,6 +356,11 @@ def quantize_export(export_dir: str | Path, out: str | Path, precision: str, cal
     if not_fp32:
         raise TgedgeError(f"{export_dir}: quantize an fp32 export (tgedge export); these graphs are not fp32: {not_fp32}")
     plan = parse_precision(precision, list(src.graphs))
+    if plan.get("decoder") == "int8" and src.contract.cache.mode == "static-onnx":
+        raise TgedgeError(f"{export_dir}: int8 of a static-onnx decoder is not supported: onnxruntime's quantizer "
+                          "writes opset-24 QuantizeLinear nodes that onnxruntime itself refuses; quantise its decoder "
+                          "int4w or fp16 (e.g. --precision vision=int8,fusion=int8,decoder=int4w), or export with "
+                          "--cache growing")
     int8 = [g for g, p in plan.items() if p == "int8" and any(
         n.op_type in QUANT_OPS for n in onnx.load(str(src.graph_path(g)), load_external_data=False).graph.node)]
     saved = None

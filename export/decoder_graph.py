@@ -16,6 +16,10 @@ mode:
   one buffer per layer at max context that the runtime binds as both past and present: the kernel writes the step's
   keys and values in place and attends over the positions `seqlens_k` says are filled; q, k and v come from one
   packed projection, RoPE is the kernel's (cos/sin tables of max context). onnxruntime CPU and CUDA run it.
+- `static-onnx` (`OnnxStaticAttention`): the same buffers and runtime contract in standard ONNX ops, opset 24: the
+  step's keys and values written in place by `TensorScatter` (TensorRT's KVCacheUpdate layer; onnxruntime writes in
+  place when the buffer is bound as both past and present), attention by `Attention` (TensorRT's attention layer)
+  over the filled positions. TensorRT 10.15+ / TensorRT for RTX and onnxruntime >= 1.23 run it.
 """
 
 from __future__ import annotations
@@ -61,6 +65,11 @@ class WeightStore:
         self.bytes += len(data)
         return name
 
+    def place(self, proto: TensorProto, data: bytes | memoryview) -> None:
+        """Bytes of an initializer declared elsewhere, written to the external data file (aligned)."""
+        self._external(proto, self.data_file, self._write(data), len(data))
+        self.bytes += len(data)
+
     def share(self, name: str, source: TensorProto) -> str:
         """The same bytes as an initializer of another graph (its external file): stored once."""
         proto = TensorProto(name=name, data_type=source.data_type, dims=list(source.dims))
@@ -96,8 +105,8 @@ class GraphWriter:
     `weight_only` (int4w / int8w): linear layers' weights written as onnxruntime's MatMulNBits blocks (symmetric,
     its block size and accuracy level), what `tgedge quantize --precision int4w|int8w` makes, one tensor at a time."""
 
-    def __init__(self, store: WeightStore, dtype: str, weight_only: WeightOnly | None = None):
-        self.store, self.nodes, self.consts = store, [], []
+    def __init__(self, store: WeightStore, dtype: str, weight_only: WeightOnly | None = None, opset: int = 17):
+        self.store, self.nodes, self.consts, self.opset = store, [], [], opset
         self.elem, self.torch_dtype = DTYPES[dtype]
         self.weight_only = weight_only
         self._names: set[str] = set()
@@ -173,7 +182,9 @@ def _rms_norm(w: GraphWriter, weights, x: str, name: str, eps: float, scope: str
     """x * rsqrt(mean(x^2) + eps) in fp32, then back to the compute dtype and scaled (tgedge.model.common.RMSNorm)."""
     fp32 = w.elem != TensorProto.FLOAT
     xf = w.op("Cast", [x], scope, to=TensorProto.FLOAT) if fp32 else x
-    var = w.op("ReduceMean", [w.op("Pow", [xf, "two_f32"], scope)], scope, axes=[-1], keepdims=1)
+    square = w.op("Pow", [xf, "two_f32"], scope)
+    var = w.op("ReduceMean", [square], scope, axes=[-1], keepdims=1) if w.opset < 18 else \
+        w.op("ReduceMean", [square, "minus_one"], scope, keepdims=1)  # opset 18: the axes an input
     inv = w.op("Reciprocal", [w.op("Sqrt", [w.op("Add", [var, w.const(f"{scope}/eps", np.array(eps, np.float32))],
                                                   scope)], scope)], scope)
     y = w.op("Mul", [xf, inv], scope)
@@ -197,17 +208,13 @@ class GrowingAttention:
         w.const("one_i", np.array(1, np.int64))
         # RoPE angles from the positions: (B, S, D/2) -> cos, sin (B, 1, S, D)
         inv_freq = w.const("rope/inv_freq", rope_inv_freq(d).numpy().astype(np.float32))
-        pos = w.op("Cast", ["position_ids"], "/rope", to=TensorProto.FLOAT)
+        pos = w.op("Cast", [self._position_ids(w)], "/rope", to=TensorProto.FLOAT)
         freqs = w.op("Mul", [w.op("Unsqueeze", [pos, "minus_one"], "/rope"), inv_freq], "/rope")
         emb = w.op("Concat", [freqs, freqs], "/rope", axis=-1)
         self.cos, self.sin = (w.op("Unsqueeze", [w.cast(w.op(f, [emb], "/rope"), w.elem if w.elem != TensorProto.FLOAT
                                                         else None, "/rope"), "axis1"], "/rope") for f in ("Cos", "Sin"))
         # additive mask (B, 1, S, P+S): causal over past + new positions, and the attention mask's padding
-        seq = w.op("Gather", [w.op("Shape", ["inputs_embeds"], "/mask"), "one_i"], "/mask", axis=0)
-        p = w.op("Gather", [w.op("Shape", [self.past[0]], "/mask"), w.const("two_i", np.array(2, np.int64))], "/mask",
-                 axis=0)
-        total = w.op("Add", [p, seq], "/mask")
-        q_idx = w.op("Range", [p, total, "one_i"], "/mask")
+        p, total, q_idx = self._indices(w)
         k_idx = w.op("Range", ["zero_i", total, "one_i"], "/mask")
         causal = w.op("LessOrEqual", [w.op("Unsqueeze", [k_idx, w.const("axis0", np.array([0], np.int64))], "/mask"),
                                       w.op("Unsqueeze", [q_idx, "axis1"], "/mask")], "/mask")  # (S, P+S)
@@ -225,21 +232,37 @@ class GrowingAttention:
         self.out_shape = w.const("out_shape", np.array([0, 0, h * hd], np.int64))
         self.expand_axis = w.const("axis2", np.array([2], np.int64))
 
+    def _position_ids(self, w: GraphWriter) -> str:
+        return "position_ids"
+
+    def _indices(self, w: GraphWriter) -> tuple[str, str, str]:
+        """(positions cached P, P + S, the new positions P .. P+S-1) from the inputs' shapes."""
+        seq = w.op("Gather", [w.op("Shape", ["inputs_embeds"], "/mask"), "one_i"], "/mask", axis=0)
+        p = w.op("Gather", [w.op("Shape", [self.past[0]], "/mask"), w.const("two_i", np.array(2, np.int64))], "/mask",
+                 axis=0)
+        total = w.op("Add", [p, seq], "/mask")
+        return p, total, w.op("Range", [p, total, "one_i"], "/mask")
+
     @staticmethod
     def constants(w: GraphWriter, d) -> None:
         """Its constants declared before the graph's shared ones (the initializer order of earlier exports)."""
         w.const("half_split", np.array([d.head_dim // 2, d.head_dim // 2], np.int64))
 
-    def __call__(self, w: GraphWriter, weights, a: str, i: int, pre: str, sa: str) -> tuple[str, str, str]:
-        """Normalised hidden states (B, S, D) of layer i -> attention output (B, S, H*hd), present key, value."""
+    def _heads(self, w: GraphWriter, weights, a: str, pre: str, sa: str) -> tuple[str, str, str]:
+        """q (B, H, S, D), k and v (B, Hkv, S, D) of the new positions, q and k rotated."""
         d = self.d
-        groups = d.num_heads // d.num_kv_heads
         heads = []
         for proj, shape in (("q_proj", self.q_shape), ("k_proj", self.kv_shape), ("v_proj", self.kv_shape)):
             y = _linear(w, weights, a, f"{pre}.self_attn.{proj}", f"{sa}/{proj}", d.qkv_bias)
             heads.append(w.op("Transpose", [w.op("Reshape", [y, shape], sa)], sa, perm=[0, 2, 1, 3]))
-        q, k, v = heads  # (B, H, S, D), (B, Hkv, S, D)
-        q, k = _rotate(w, q, self.cos, self.sin, f"{sa}/rope_q"), _rotate(w, k, self.cos, self.sin, f"{sa}/rope_k")
+        q, k, v = heads
+        return _rotate(w, q, self.cos, self.sin, f"{sa}/rope_q"), _rotate(w, k, self.cos, self.sin, f"{sa}/rope_k"), v
+
+    def __call__(self, w: GraphWriter, weights, a: str, i: int, pre: str, sa: str) -> tuple[str, str, str]:
+        """Normalised hidden states (B, S, D) of layer i -> attention output (B, S, H*hd), present key, value."""
+        d = self.d
+        groups = d.num_heads // d.num_kv_heads
+        q, k, v = self._heads(w, weights, a, pre, sa)
         k = w.op("Concat", [self.past[2 * i], k], sa, axis=2)  # (B, Hkv, P+S, D): the present
         v = w.op("Concat", [self.past[2 * i + 1], v], sa, axis=2)
         present = (k, v)
@@ -297,7 +320,53 @@ class StaticAttention:
         return o, self.present[2 * i], self.present[2 * i + 1]
 
 
-ATTENTION = {"growing": GrowingAttention, "static": StaticAttention}  # by the contract's KV cache mode
+class OnnxStaticAttention(GrowingAttention):
+    """The static cache in standard ONNX ops (opset 24): RoPE and the mask as `GrowingAttention` makes them, with the
+    positions taken from the attention mask's length (the filled slots, as GroupQueryAttention takes them); the step's
+    keys and values written into the buffer by `TensorScatter` at the first new position, whose output is the present
+    itself (TensorRT's KVCacheUpdate layer needs that: it writes the buffer bound as both); `Attention` over the
+    filled positions (a Slice of the written buffer), grouped-query heads as they are."""
+
+    def __init__(self, w: GraphWriter, d, contract: StageContract):
+        self.present = contract.cache.present_names()
+        self._cached = None
+        super().__init__(w, d, contract)
+        # TensorScatter's write index, one per sequence of the batch: (B,) = P
+        batch = w.op("Shape", ["inputs_embeds"], "/cache", start=0, end=1)
+        self.write_index = w.op("Expand", [w.op("Reshape", [self.p, "minus_one"], "/cache"), batch], "/cache")
+
+    def _indices(self, w: GraphWriter) -> tuple[str, str, str]:
+        """P = the attention mask's length less the step's: the buffers are the past inputs, whatever is filled."""
+        if self._cached is None:
+            seq = w.op("Gather", [w.op("Shape", ["inputs_embeds"], "/mask"), "one_i"], "/mask", axis=0)
+            total = w.op("Gather", [w.op("Shape", ["attention_mask"], "/mask"), "one_i"], "/mask", axis=0)
+            p = w.op("Sub", [total, seq], "/mask")
+            self._cached = p, total, w.op("Range", [p, total, "one_i"], "/mask")
+            self.first = w.const("first_axis", np.array([0], np.int64))  # [0]: Slice's start, Unsqueeze's axes
+            self.p, self.total = p, w.op("Unsqueeze", [total, self.first], "/mask")
+        return self._cached
+
+    def _position_ids(self, w: GraphWriter) -> str:
+        return w.op("Unsqueeze", [self._indices(w)[2], self.first], "/rope")  # (1, S)
+
+    def __call__(self, w: GraphWriter, weights, a: str, i: int, pre: str, sa: str) -> tuple[str, str, str]:
+        d = self.d
+        q, k, v = self._heads(w, weights, a, pre, sa)
+        present, filled = [], []
+        for j, new in enumerate((k, v)):
+            name = self.present[2 * i + j]
+            present.append(w.op("TensorScatter", [self.past[2 * i + j], new, self.write_index], sa, names=[name],
+                                axis=2, mode="linear"))  # (B, Hkv, M, D), written in place at P .. P+S-1
+            filled.append(w.op("Slice", [name, self.first, self.total, self.expand_axis], sa))  # (B, Hkv, P+S, D)
+        # no softmax_precision: TensorRT's parser refuses it (its fused kernels keep the softmax in fp32 themselves)
+        o = w.op("Attention", [q, *filled, self.mask], sa, scale=1.0 / math.sqrt(d.head_dim))  # (B, H, S, D)
+        o = w.op("Reshape", [w.op("Transpose", [o], sa, perm=[0, 2, 1, 3]), self.out_shape], sa)
+        return o, *present
+
+
+ATTENTION = {"growing": GrowingAttention, "static": StaticAttention,
+             "static-onnx": OnnxStaticAttention}  # by the contract's KV cache mode
+OPSET = {"static-onnx": 24}  # the decoder graph's opset by cache mode (TensorScatter, Attention), else 17
 
 
 def check_static(d) -> None:
@@ -314,8 +383,8 @@ def build_decoder(cfg, contract: StageContract, weights, directory: Path, file: 
     mode; `embed_table` is the embed graph's table initializer when the embeddings are tied (the LM head reads it)."""
     d = cfg.decoder
     store = WeightStore(directory, f"{file}.data" if external else None)
-    w = GraphWriter(store, dtype, weight_only)
     cache = contract.cache
+    w = GraphWriter(store, dtype, weight_only, OPSET.get(cache.mode, 17))
     stage = contract.stages["decoder"]
     variant = ATTENTION[cache.mode]
     w.const("two_f32", np.array(2.0, np.float32))
@@ -368,7 +437,7 @@ def build_decoder(cfg, contract: StageContract, weights, directory: Path, file: 
         store.close()
     graph = helper.make_graph(w.nodes, "decoder", [_value_info(t) for t in stage.inputs],
                               [_value_info(t) for t in stage.outputs], store.initializers + w.consts)
-    return _model(graph, ms_domain=bool(weight_only) or cache.shares_buffer), store
+    return _model(graph, ms_domain=bool(weight_only) or cache.mode == "static", opset=w.opset), store
 
 
 def build_embed(cfg, contract: StageContract, weights, directory: Path, file: str, dtype: str,
@@ -395,10 +464,11 @@ def _value_info(t) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(t.name, elem, list(t.shape))
 
 
-def _model(graph, ms_domain: bool = False) -> onnx.ModelProto:
-    opsets = [helper.make_opsetid("", 17)] + ([helper.make_opsetid("com.microsoft", 1)] if ms_domain else [])
+def _model(graph, ms_domain: bool = False, opset: int = 17) -> onnx.ModelProto:
+    opsets = [helper.make_opsetid("", opset)] + ([helper.make_opsetid("com.microsoft", 1)] if ms_domain else [])
     model = helper.make_model(graph, opset_imports=opsets, producer_name="tgedge")
-    model.ir_version = 8  # what onnxruntime >= 1.14 and TensorRT 8.6+ read
+    # opset 17: IR 8, what onnxruntime >= 1.14 and TensorRT 8.6+ read; a newer opset: the IR onnx pairs it with
+    model.ir_version = 8 if opset <= 17 else helper.find_min_ir_version_for(opsets[:1])
     return model
 
 

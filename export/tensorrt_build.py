@@ -89,6 +89,23 @@ def _progress_monitor(trt, say):
     return Monitor()
 
 
+def _decomposable_attention(trt, network) -> int:
+    """Let each attention layer (an ONNX `Attention` node, the static-onnx decoder's) fall back to several kernels
+    where TensorRT has no fused one for its shapes and types (fp32 has none): without it such a build fails. A fused
+    kernel is still used where one exists. -> how many attention layers the network has."""
+    kind = getattr(trt.LayerType, "ATTENTION_INPUT", None)
+    if kind is None:  # a TensorRT without attention layers
+        return 0
+    count = 0
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if layer.type == kind:
+            layer.__class__ = trt.IAttentionInputLayer  # the parser hands out the base class (Polygraphy's cast)
+            layer.attention.decomposable = True
+            count += 1
+    return count
+
+
 def build_engine(trt, manifest: Manifest, graph: str, workspace_mb: int, cache_bytes: bytes | None | bool,
                  say: Callable[[str], None]) -> tuple[bytes, bytes | None, dict]:
     """-> (serialized engine, updated timing cache, build details); cache_bytes False: no timing cache."""
@@ -111,6 +128,7 @@ def build_engine(trt, manifest: Manifest, graph: str, workspace_mb: int, cache_b
         hint = " (onnxruntime's MatMulNBits is not a TensorRT op: quantise int4w/int8w graphs for the onnxruntime " \
                "backends)" if "MatMulNBits" in errors else ""
         raise TgedgeError(f"{path}: TensorRT {trt.__version__} cannot parse this graph: {errors}{hint}")
+    attention = _decomposable_attention(trt, network)
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mb << 20)
     precision = manifest.graphs[graph].precision
@@ -138,7 +156,7 @@ def build_engine(trt, manifest: Manifest, graph: str, workspace_mb: int, cache_b
     if hasattr(config, "num_compute_capabilities"):
         targets = [str(config.get_compute_capability(i)).split(".")[-1] for i in range(config.num_compute_capabilities)]
     details = {"strongly_typed": strongly_typed, "tensorrt_major": major, "profiles": len(graph_profiles),
-               "target_compute_capabilities": targets}
+               "target_compute_capabilities": targets, "attention_layers": attention}
     new_cache = bytes(memoryview(cache.serialize())) if cache is not None else None
     return bytes(memoryview(engine)), new_cache, details
 

@@ -90,10 +90,10 @@ class GrowingCache(KVCache):
 
 class StaticCache(KVCache):
     """One buffer per past/present pair at the export's max context (batch 1), allocated once on the decoder's
-    device and bound once as both the past input and the present output: the graph (GroupQueryAttention) writes the
-    step's keys and values in place at positions length .. length + T - 1. Per step nothing of the cache is
-    allocated or copied; the attention mask is a view of one preallocated row of ones (its length says how many
-    positions are filled).
+    device and bound once as both the past input and the present output: the graph (GroupQueryAttention, or
+    TensorScatter in the static-onnx form) writes the step's keys and values in place at positions length ..
+    length + T - 1. Per step nothing of the cache is allocated or copied; the attention mask is a view of one
+    preallocated row of ones (its length says how many positions are filled).
 
     With a runner that cannot bind buffers (`buffer` / `bind`: a recording or remote runner), the buffers are host
     arrays and each step's present becomes the next past, as with a growing cache (correct, with a copy per step)."""
@@ -140,7 +140,7 @@ class StaticCache(KVCache):
             self.buffers = {past: outputs[present] for past, present in self.layout.present_for().items()}
 
 
-CACHES: dict[str, type[KVCache]] = {"growing": GrowingCache, "static": StaticCache}
+CACHES: dict[str, type[KVCache]] = {"growing": GrowingCache, "static": StaticCache, "static-onnx": StaticCache}
 
 
 def make_cache(layout: CacheLayout) -> KVCache:

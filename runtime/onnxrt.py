@@ -16,7 +16,7 @@ import numpy as np
 
 from tgedge.contract import TensorMeta
 from tgedge.errors import TgedgeError
-from tgedge.runtime.runner import BaseRunner, describe_array
+from tgedge.runtime.runner import BaseRunner, Bound, describe_array
 
 ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
               "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(int8)": "int8", "tensor(uint8)": "uint8",
@@ -82,14 +82,6 @@ class SessionFromOnnx:
             return ort.InferenceSession(source, so, providers=providers)
         except Exception as e:  # ORT raises its own exception types per failure; all mean "cannot load"
             raise TgedgeError(f"{self.path}: onnxruntime cannot load this graph ({str(e).splitlines()[0]})") from None
-
-
-class Bound:
-    """An IO binding kept across calls, with buffers bound once as inputs (`inputs`) and as outputs (`outputs`)."""
-
-    def __init__(self, io, inputs: dict[str, Any], outputs: list[str]):
-        self.io, self.inputs, self.outputs = io, inputs, outputs
-        self.order = list(outputs)  # output names in the binding's order (get_outputs follows it)
 
 
 class OnnxRuntimeRunner(BaseRunner):
@@ -160,7 +152,7 @@ class OnnxRuntimeRunner(BaseRunner):
         self.session.run_with_iobinding(binding)
         outputs = dict(zip(order, binding.get_outputs()))
         if bound is not None:
-            outputs.update({n: bound.inputs[past] for past, n in zip(bound.inputs, bound.outputs)})
+            outputs.update(bound.output_buffers())
         return {n: (outputs[n] if n in keep or (bound is not None and n in bound.outputs) else outputs[n].numpy())
                 for n in self.output_names}
 

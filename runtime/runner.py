@@ -54,6 +54,19 @@ def check_feed(graph: str, feed: dict[str, Any], expected: dict[str, TensorMeta]
                               + problem.rstrip())
 
 
+class Bound:
+    """Buffers bound once as inputs (`inputs`: name -> buffer) and, the same memory, as outputs (`outputs`, in the
+    inputs' order): a static KV cache's past and present. `io`: the backend's own binding object, if it has one."""
+
+    def __init__(self, io, inputs: dict[str, Any], outputs: list[str]):
+        self.io, self.inputs, self.outputs = io, inputs, outputs
+        self.order = list(outputs)  # output names in the binding's order (onnxruntime's get_outputs follows it)
+
+    def output_buffers(self) -> dict[str, Any]:
+        """present name -> its buffer (the past's)."""
+        return dict(zip(self.outputs, self.inputs.values()))
+
+
 class BaseRunner:
     """activate / infer(feed) -> outputs / deactivate, usable as a context manager."""
 

@@ -15,7 +15,7 @@ import numpy as np
 from tgedge.contract import TensorMeta
 from tgedge.errors import TgedgeError
 from tgedge.runtime.manifest import Manifest
-from tgedge.runtime.runner import BaseRunner
+from tgedge.runtime.runner import BaseRunner, Bound
 
 MODULES = {"tensorrt": ("tensorrt",), "tensorrt_rtx": ("tensorrt_rtx", "tensorrt_rtx_bindings")}
 
@@ -172,7 +172,20 @@ class TensorRTRunner(BaseRunner):
     def get_output_metadata_impl(self) -> dict[str, TensorMeta]:
         return {t.name: t for t in self.outputs_meta}
 
-    def infer_impl(self, feed: dict[str, Any], keep: tuple[str, ...] = ()) -> dict[str, Any]:
+    def buffer(self, shape: tuple[int, ...], dtype: str) -> DeviceArray:
+        """Device memory that stays between calls (a static KV cache's buffer), zeroed."""
+        array = DeviceArray(self.cudart, shape, dtype)
+        _check(self.cudart.cudaMemset(array.ptr, 0, max(array.nbytes, 1)))
+        return array
+
+    def bind(self, buffers: dict[str, DeviceArray], outputs: dict[str, str]) -> Bound:
+        """Each buffer is the input of its name and the output `outputs[name]` at the same address: the engine's
+        KVCacheUpdate layers (the static-onnx decoder's TensorScatter) write it in place, which they require."""
+        return Bound(None, dict(buffers), [outputs[n] for n in buffers])
+
+    def infer_impl(self, feed: dict[str, Any], keep: tuple[str, ...] = (), bound: Bound | None = None
+                   ) -> dict[str, Any]:
+        """With `bound`, its outputs are its buffers (not allocated, not copied back) and come back as they are."""
         if self.select_profile is not None:
             profile = self.select_profile(feed)
             if profile != self.profile:
@@ -185,16 +198,20 @@ class TensorRTRunner(BaseRunner):
                 staged.append(value)  # freed when this call returns
             self.context.set_input_shape(name, value.shape)
             self.context.set_tensor_address(name, int(value.ptr))
+        fixed = bound.output_buffers() if bound is not None else {}
         outputs = {}
         for name in self.outputs:
-            shape = tuple(self.context.get_tensor_shape(name))
-            dtype = self.trt.nptype(self.engine.get_tensor_dtype(name))
-            outputs[name] = DeviceArray(self.cudart, shape, dtype)
+            if name in fixed:
+                outputs[name] = fixed[name]
+            else:
+                shape = tuple(self.context.get_tensor_shape(name))
+                dtype = self.trt.nptype(self.engine.get_tensor_dtype(name))
+                outputs[name] = DeviceArray(self.cudart, shape, dtype)
             self.context.set_tensor_address(name, int(outputs[name].ptr))
         if not self.context.execute_async_v3(self.stream):
             raise TgedgeError(f"{self.graph}: TensorRT execution failed")
         _check(self.cudart.cudaStreamSynchronize(self.stream))
-        return {n: (v if n in keep else v.numpy()) for n, v in outputs.items()}
+        return {n: (v if n in keep or n in fixed else v.numpy()) for n, v in outputs.items()}
 
 
 def runner_for(manifest: Manifest, graph: str) -> TensorRTRunner:
@@ -202,7 +219,5 @@ def runner_for(manifest: Manifest, graph: str) -> TensorRTRunner:
     entry, contract = manifest.graphs[graph], manifest.contract
     select = None
     if graph == "decoder":
-        cache = contract.cache
-        first_past = cache.past_names()[0]
-        select = lambda feed: cache.profile_index(feed[first_past].shape[2])  # noqa: E731
+        select = contract.cache.profile_for
     return TensorRTRunner(EngineFromManifest(manifest, graph), graph, entry.inputs, entry.outputs, select)

@@ -6,7 +6,7 @@ outside the directory). Not checked against torch: `tgedge export` does that.
 
     python scripts/decoder_variants.py SRC_EXPORT CHECKPOINT CLIP OUT_ROOT NAME:MODE:WEIGHTS:BLOCK:LEVEL[:h] ...
 
-MODE growing|static, WEIGHTS fp32|int4w|int8w, BLOCK and LEVEL the MatMulNBits block size and accuracy level, `h`:
+MODE growing|static|static-onnx, WEIGHTS fp32|int4w|int8w, BLOCK and LEVEL the MatMulNBits block size and accuracy level, `h`:
 the LM head quantised too. e.g. int4-s-b32-a4-h:static:int4w:32:4:h
 """
 import os

@@ -58,11 +58,16 @@ def test_reports_side_by_side(demo_export, tmp_path, capsys):
     assert matplotlib.image.imread(str(out["png"])).shape[0] > 100
 
 
-def test_text_only_loads_the_decoder_alone(demo_export, capsys):
+def test_text_only_loads_the_decoder_alone(demo_export, capsys, tmp_path):
+    png = tmp_path / "chart.png"
     assert main(["bench", str(demo_export.directory), "--no-image", "--prompt-tokens", "8", "--runs", "1",
-                 "--warmup", "0", "--new-tokens", "3", "--json"]) == 0
+                 "--warmup", "0", "--new-tokens", "3", "--json", "--plot", str(png)]) == 0
     (t,) = json.loads(capsys.readouterr().out)["targets"]
     assert "image" not in t and set(t["contexts"][0]["stages"]) == {"embed", "prefill", "decode_token"}
+    import matplotlib.image
+
+    height, width = matplotlib.image.imread(str(png)).shape[:2]
+    assert height > 100 and width < 1.6 * height  # the context chart alone, no empty stage panel beside it
 
 
 @pytest.mark.parametrize("args, message", [

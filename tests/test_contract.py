@@ -40,6 +40,9 @@ def test_tg_contract_from_config(demo_cfg):
     prefill, decode = c.stage_profiles("decoder")  # TensorRT profile 0 and 1
     assert prefill[PAST] == (0, 0, 0) and decode[SEQ] == (1, 1, 1) and decode[PAST][0] == 1
     assert [c.cache.profile_index(p) for p in (0, 1, 200)] == [0, 1, 1]
+    # a feed's profile: cached positions = mask length - step length, whichever cache holds them
+    feed = lambda t, total: {"inputs_embeds": np.zeros((1, t, 4)), "attention_mask": np.ones((1, total))}  # noqa
+    assert [c.cache.profile_for(feed(t, total)) for t, total in ((7, 7), (1, 8), (1, 200), (3, 10))] == [0, 1, 1, 1]
 
 
 def test_ablated_and_plain_models_are_the_plain_family(demo_cfg, tmp_path):

@@ -68,6 +68,25 @@ def to_markdown(report: dict, command: str | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _stage_bars(ax, targets: list[dict]) -> None:
+    """Stacked bars: each model's stage medians of the image question, decode as its tokens' total."""
+    names = [t["name"] for t in targets]
+    bottom = [0.0] * len(names)
+    for stage in (*STAGE_COLUMNS, "decode"):
+        heights = []
+        for t in targets:
+            i = t["image"]
+            st = i["stages"]
+            heights.append(st["decode_token"]["median"] * (i["new_tokens"] - 1) if stage == "decode"
+                           else st.get(stage, {"median": 0.0})["median"])
+        ax.bar(names, heights, bottom=bottom, label=stage)
+        bottom = [b + h for b, h in zip(bottom, heights)]
+    ax.set_title("the image question: seconds per stage (median)")
+    ax.set_ylabel("s")
+    ax.legend(fontsize=8)
+    ax.tick_params(axis="x", labelrotation=20)
+
+
 def plot(report: dict, path: str | Path) -> None:
     """Stage medians of the image question per model (stacked bars), and decode tok/s against context length per
     model with its floor (dashed)."""
@@ -79,23 +98,12 @@ def plot(report: dict, path: str | Path) -> None:
     import matplotlib.pyplot as plt
 
     targets = report["targets"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
-    names = [t["name"] for t in targets if "image" in t]
-    bottom = [0.0] * len(names)
-    for stage in (*STAGE_COLUMNS, "decode"):
-        heights = []
-        for t in (t for t in targets if "image" in t):
-            i = t["image"]
-            st = i["stages"]
-            heights.append(st["decode_token"]["median"] * (i["new_tokens"] - 1) if stage == "decode"
-                           else st.get(stage, {"median": 0.0})["median"])
-        left.bar(names, heights, bottom=bottom, label=stage)
-        bottom = [b + h for b, h in zip(bottom, heights)]
-    left.set_title("the image question: seconds per stage (median)")
-    left.set_ylabel("s")
-    if names:
-        left.legend(fontsize=8)
-    left.tick_params(axis="x", labelrotation=20)
+    images = [t for t in targets if "image" in t]
+    if images:
+        fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+        _stage_bars(left, images)
+    else:  # --no-image: the context chart alone, not an empty panel beside it
+        fig, right = plt.subplots(1, 1, figsize=(7, 5))
     for t in targets:
         points = sorted((c["prompt_tokens"], c["decode_tokens_per_s"], c["floor_tokens_per_s"]) for c in t["contexts"])
         if "image" in t:

@@ -40,10 +40,13 @@ def _add_export(sub) -> None:
                         "ever holding the fp32 decoder (a 7 B model on a 24 GB machine)")
     _add_weight_only(p)
     p.add_argument("--cache", choices=list(CACHE_MODES), default="growing",
-                   help="the decoder's KV cache: growing (past + new concatenated each step, standard ops: every "
-                        "backend) or static (one buffer per layer at --max-context, bound as both past and present "
-                        "and written in place by onnxruntime's GroupQueryAttention: the fast decode on onnxruntime "
-                        "CPU/CUDA; TensorRT cannot run it). Default growing")
+                   help="the decoder's KV cache: growing (past + new concatenated each step, opset-17 ops: every "
+                        "backend, JetPack 6's TensorRT 10.3 included); static (one buffer per layer at --max-context, "
+                        "bound as both past and present and written in place by onnxruntime's GroupQueryAttention: "
+                        "the fast decode on onnxruntime CPU/CUDA; TensorRT cannot run it); static-onnx (the same "
+                        "buffers in standard opset-24 ops, TensorScatter writing in place and Attention: TensorRT "
+                        "10.15+ / TensorRT for RTX as its KVCacheUpdate and attention layers, and onnxruntime). "
+                        "Default growing")
     p.add_argument("--no-check", action="store_true", help="skip the torch-vs-onnxruntime check of each graph")
     p.add_argument("--json", action="store_true", help="print the result (graphs, checks, seconds) as JSON")
     p.set_defaults(func=cmd_export)
@@ -93,7 +96,11 @@ def cmd_export(args) -> int:
                       f"{worst.limit:.0e}", f"{worst.max_abs:.2e}", f"{ok}, {worst.scope}" if worst.scope else ok)
     Console().print(table)
     m = result.manifest
-    print(f"wrote {len(m.graphs)} graphs (opset {m.opset}, max context {m.max_context}) and manifest.json to "
+    from tgedge.export.decoder_graph import OPSET
+
+    mode = m.contract.cache.mode
+    opset = f"opset {m.opset}" + (f", the {mode} decoder's {OPSET[mode]}" if mode in OPSET else "")
+    print(f"wrote {len(m.graphs)} graphs ({opset}, max context {m.max_context}) and manifest.json to "
           f"{result.directory}")
     if not result.passed:
         print("tgedge: export check failed: a graph differs from torch beyond its tolerance", file=sys.stderr)

@@ -137,7 +137,9 @@ def family_of(cfg: dict) -> FusionFamily:
 # growing: present = past + new, returned each step (the graph concatenates; any backend runs it).
 # static: one buffer per layer at the export's max context, bound as both past and present and written in place at the
 # step's positions (onnxruntime's GroupQueryAttention; onnxruntime-genai's past_present_share_buffer).
-CACHE_MODES = ("growing", "static")
+# static-onnx: the same buffers and runtime contract in standard ONNX ops (opset 24): TensorScatter writes them in place
+# (TensorRT's KVCacheUpdate layer) and Attention attends (TensorRT's attention layer): the static cache for TensorRT.
+CACHE_MODES = ("growing", "static", "static-onnx")
 
 
 @dataclass(frozen=True)
@@ -159,8 +161,8 @@ class CacheLayout:
 
     @property
     def shares_buffer(self) -> bool:
-        """Past and present are one buffer (static), not past in and past + new out (growing)."""
-        return self.mode == "static"
+        """Past and present are one buffer (static, static-onnx), not past in and past + new out (growing)."""
+        return self.mode != "growing"
 
     def past_names(self) -> list[str]:
         return [p.format(i) for i in range(self.num_layers) for p in (self.past_key, self.past_value)]
@@ -183,6 +185,11 @@ class CacheLayout:
     def profile_index(self, past_len: int) -> int:
         """The optimisation profile a decoder call runs under: prefill (nothing cached) or decode."""
         return 0 if past_len == 0 else 1
+
+    def profile_for(self, feed: dict) -> int:
+        """`profile_index` of a decoder feed: the positions cached before it are the attention mask's length less
+        the step's (a static cache's past inputs are its whole buffers, whatever is filled)."""
+        return self.profile_index(feed["attention_mask"].shape[1] - feed["inputs_embeds"].shape[1])
 
     def to_dict(self) -> dict:
         return {"mode": self.mode, "num_layers": self.num_layers, "num_kv_heads": self.num_kv_heads,
@@ -280,7 +287,7 @@ class StageContract:
         if cache_mode not in CACHE_MODES:
             raise TgedgeError(f"unknown KV cache mode {cache_mode!r} (choose from {', '.join(CACHE_MODES)})")
         cache = CacheLayout(cache_mode, dec["num_layers"], dec["num_kv_heads"], dec["head_dim"], cache_dtype,
-                            profiles=decoder_profiles(dims), max_length=max_context if cache_mode == "static" else 0)
+                            profiles=decoder_profiles(dims), max_length=max_context if cache_mode != "growing" else 0)
         # a static cache's positions are its slots: the graph derives them from the attention mask's length
         positions = () if cache.shares_buffer else (TensorMeta("position_ids", "int64", (BATCH, SEQ)),)
         stages.append(Stage(

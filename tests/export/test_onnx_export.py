@@ -105,3 +105,63 @@ def test_export_cli(tmp_path, capsys):
     assert main(["export", "demo", "-o", str(tmp_path / "e"), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["passed"] and set(out["graphs"]) == set(GRAPHS)
+
+
+def _canonical(proto: onnx.ModelProto, directory) -> list[tuple]:
+    """A graph as (op, inputs, outputs, attributes) per node, with weights and constants named by their content and
+    intermediate tensors by their producer's position: two exports are the same graph when these are equal."""
+    import hashlib
+
+    from onnx import numpy_helper
+
+    def key(t):
+        v = numpy_helper.to_array(t, str(directory))
+        return v.dtype.str, v.shape, hashlib.sha256(np.ascontiguousarray(v).tobytes()).hexdigest()
+
+    names = {t.name: key(t) for t in proto.graph.initializer}
+    outputs = {o.name for o in proto.graph.output}
+    nodes = []
+    for i, n in enumerate(proto.graph.node):
+        for j, o in enumerate(n.output):
+            if o not in outputs:
+                names[o] = ("constant", *key(n.attribute[0].t)) if n.op_type == "Constant" else f"t{i}.{j}"
+        attrs = () if n.op_type == "Constant" else tuple(str(a) for a in n.attribute)
+        nodes.append((n.op_type, tuple(names.get(x, x) for x in n.input), tuple(names.get(x, x) for x in n.output),
+                      attrs))
+    return nodes
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_traced_graphs_are_the_exporters_folded_graphs(dtype, tmp_path):
+    """The traced graphs' weights are folded and written by tgedge (export/traced_weights.py, bounded memory), not by
+    torch.onnx: the result is the graph torch.onnx writes with its parameters and constant folding, node for node,
+    every weight byte for byte (fp16: converted by the same conversion)."""
+    import warnings
+
+    import torch
+
+    from tgedge import demo_checkpoint
+    from tgedge.checkpoint import load_model, materialize
+    from tgedge.export.specs import graph_specs
+
+    ours = export_model("demo", tmp_path / "ours", dtype=dtype, check=False)
+    model, ckpt = load_model(demo_checkpoint(), device="meta")
+    for spec in graph_specs(model, ours.manifest.contract):
+        if spec.written:
+            continue
+        materialize(model, ckpt.weights, spec.prefixes)
+        args = tuple(spec.make_inputs(spec.check_shapes[1], torch.Generator().manual_seed(0)).values())
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(spec.module.eval(), args, str(tmp_path / "torch.onnx"), dynamo=False, opset_version=17,
+                              input_names=[t.name for t in spec.inputs],
+                              output_names=[t.name for t in spec.outputs], dynamic_axes=spec.dynamic_axes,
+                              do_constant_folding=True)
+        theirs = onnx.load(str(tmp_path / "torch.onnx"))
+        if dtype == "fp16":
+            from tgedge.calibration.quantize import to_fp16
+
+            theirs, _ = to_fp16(theirs, [])
+        mine = onnx.load(str(ours.directory / f"{spec.name}.onnx"))
+        assert _canonical(mine, ours.directory) == _canonical(theirs, tmp_path), spec.name
+        assert len(mine.graph.initializer) == len(theirs.graph.initializer)

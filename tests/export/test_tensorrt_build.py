@@ -98,3 +98,24 @@ def test_tensorrt_backend_without_engines_or_gpu(demo_export, tmp_path, capsys):
     build_engines(demo_export.directory, tmp_path / "e", "tensorrt_rtx")
     with pytest.raises(TgedgeError, match="cuda-python|needs a GPU"):
         Pipeline(tmp_path / "e", "tensorrt")
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_static_onnx_decoder_builds_on_tensorrts_cache_update_and_attention_layers(dtype, tmp_path):
+    """The static cache in standard ops: TensorRT's parser turns each TensorScatter into a KVCacheUpdate layer (the
+    in-place write) and each Attention into an attention layer, and the decoder builds (fp32 too: those layers are
+    marked decomposable, without which TensorRT for RTX refuses fp32 attention)."""
+    from tgedge.export.onnx_export import export_model
+
+    export = export_model("demo", tmp_path / "export", cache_mode="static-onnx", dtype=dtype, check=False)
+    layers = export.manifest.model["decoder"]["num_layers"]
+    logger = trt.Logger(trt.Logger.INTERNAL_ERROR)
+    network = trt.Builder(logger).create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    assert trt.OnnxParser(network, logger).parse_from_file(str(export.directory / "decoder.onnx"))
+    kinds = [network.get_layer(i).type for i in range(network.num_layers)]
+    assert kinds.count(trt.LayerType.KV_CACHE_UPDATE) == 2 * layers
+    assert kinds.count(trt.LayerType.ATTENTION_INPUT) == layers
+    build_engines(export.directory, tmp_path / "engines", "tensorrt_rtx", graphs=["decoder"])
+    meta = Manifest.load(tmp_path / "engines").engines["decoder"]
+    assert meta["attention_layers"] == layers and meta["precision"] == dtype and meta["profiles"] == 2
+    assert (tmp_path / "engines" / meta["file"]).stat().st_size > 1000

@@ -79,3 +79,115 @@ def test_io_differences_rank_or_full_shape():
         "input_ids int32 rank 2", "input_ids int64 rank 2"]
     two = listed + [TensorMeta("mask", "int64", ("b",))]
     assert io_differences(two, two[::-1], full_shape=False) == ["same tensors in another order"]
+
+
+class FakeCuda:
+    """What the TensorRT runner asks of cuda-python, recording allocations (no GPU here)."""
+
+    class cudaMemcpyKind:
+        cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost = 1, 2
+
+    def __init__(self):
+        self.mallocs, self.next = [], 4096
+
+    def cudaMalloc(self, n):
+        self.next += n + 256
+        self.mallocs.append(self.next)
+        return 0, self.next
+
+    def cudaMemset(self, ptr, value, n):
+        return (0,)
+
+    def cudaMemcpy(self, dst, src, n, kind):
+        return (0,)
+
+    def cudaFree(self, ptr):
+        return (0,)
+
+    def cudaStreamCreate(self):
+        return 0, 1
+
+    def cudaStreamSynchronize(self, stream):
+        return (0,)
+
+    def cudaStreamDestroy(self, stream):
+        return (0,)
+
+
+class FakeEngine:
+    """An engine of a static-cache decoder: its context records the addresses and the profile it is given."""
+
+    class TensorIOMode:
+        INPUT, OUTPUT = 0, 1
+
+    def __init__(self, inputs, outputs):
+        self.io = [(t.name, self.TensorIOMode.INPUT) for t in inputs] + [(t.name, self.TensorIOMode.OUTPUT)
+                                                                         for t in outputs]
+        self.shapes = {t.name: tuple(1 if isinstance(d, str) else d for d in t.shape) for t in outputs}
+        self.num_io_tensors = len(self.io)
+        self.addresses, self.profiles = {}, []
+        self.nptype = lambda dtype: np.float32
+
+    def get_tensor_name(self, i):
+        return self.io[i][0]
+
+    def get_tensor_mode(self, name):
+        return dict(self.io)[name]
+
+    def get_tensor_dtype(self, name):
+        return "float32"
+
+    def create_execution_context(self):
+        return self
+
+    def set_optimization_profile_async(self, profile, stream):
+        self.profiles.append(profile)
+
+    def set_input_shape(self, name, shape):
+        pass
+
+    def set_tensor_address(self, name, ptr):
+        self.addresses[name] = ptr
+
+    def get_tensor_shape(self, name):
+        return self.shapes[name]
+
+    def execute_async_v3(self, stream):
+        return True
+
+
+def test_tensorrt_runner_binds_a_static_cache_in_place(monkeypatch):
+    """The static cache on TensorRT: each buffer allocated once, given to the engine as the past input and the
+    present output at the same address (KVCacheUpdate requires it), never allocated or copied back per step; the
+    prefill and decode profiles chosen from the mask and step lengths. (A fake CUDA: no GPU here.)"""
+    from tgedge import demo_checkpoint
+    from tgedge.checkpoint import load_model
+    from tgedge.contract import StageContract
+    from tgedge.runtime import tensorrt as rt
+    from tgedge.runtime.cache import StaticCache
+    from tgedge.runtime.tensorrt import DeviceArray, TensorRTRunner
+
+    model, _ = load_model(demo_checkpoint(), device="meta")
+    contract = StageContract.from_config(model.cfg.to_dict(), 64, cache_mode="static-onnx")
+    stage = contract.stages["decoder"]
+    engine, cuda = FakeEngine(stage.inputs, stage.outputs), FakeCuda()
+    monkeypatch.setattr(rt, "_cudart", lambda: cuda)
+    runner = TensorRTRunner(lambda: (engine, engine), "decoder", list(stage.inputs), list(stage.outputs),
+                            contract.cache.profile_for)
+    cache = StaticCache(contract.cache)
+    with runner:
+        cache.reset(10, runner)
+        assert cache.bound is not None and all(isinstance(b, DeviceArray) for b in cache.buffers.values())
+        buffers, allocated = dict(cache.buffers), len(cuda.mallocs)
+        width = stage.inputs[0].shape[2]
+        for t in (4, 1, 1):
+            out = runner.infer({"inputs_embeds": np.zeros((1, t, width), np.float32), **cache.feed(t)},
+                               **cache.options)
+            cache.update(out, t)
+            for past, present in contract.cache.present_for().items():
+                assert engine.addresses[past] == engine.addresses[present] == buffers[past].ptr
+                assert out[present] is buffers[past]
+        # per step: the mask and embeddings staged, the logits allocated; nothing of the cache
+        assert len(cuda.mallocs) - allocated == 3 * 3
+        assert engine.profiles == [0, 1]  # prefill, then decode (switched once)
+        assert cache.buffers == buffers and cache.length == 6

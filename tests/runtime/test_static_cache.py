@@ -1,6 +1,7 @@
-"""The static KV cache (GroupQueryAttention over one buffer per layer, bound once as past and present) decodes as the
-growing cache does: the same greedy tokens and logits within fp32 noise, on the demo, a tiny LLaMA, a tiny Qwen2 and
-the tg-tiny preset; nothing of the cache is allocated or copied per step."""
+"""The static KV cache (one buffer per layer, bound once as past and present) decodes as the growing cache does, in
+both its forms (`static`: GroupQueryAttention; `static-onnx`: opset-24 TensorScatter + Attention): the same greedy
+tokens and logits within fp32 noise, on the demo, a tiny LLaMA, a tiny Qwen2 and the tg-tiny preset; nothing of the
+cache is allocated or copied per step."""
 
 import json
 
@@ -39,9 +40,12 @@ def assert_static_decodes_as_growing(growing_dir, static_dir, samples) -> float:
     return worst
 
 
-@pytest.fixture(scope="module")
-def demo_static(tmp_path_factory):
-    result = export_model("demo", tmp_path_factory.mktemp("static") / "demo", cache_mode="static")
+STATIC_MODES = ["static", "static-onnx"]
+
+
+@pytest.fixture(scope="module", params=STATIC_MODES)
+def demo_static(request, tmp_path_factory):
+    result = export_model("demo", tmp_path_factory.mktemp("static") / "demo", cache_mode=request.param)
     assert result.passed
     return result
 
@@ -49,7 +53,8 @@ def demo_static(tmp_path_factory):
 def test_manifest_states_the_static_mode(demo_static):
     m = json.loads((demo_static.directory / "manifest.json").read_text())
     kv = m["kv_cache"]
-    assert kv["mode"] == "static" and kv["past_present_share_buffer"] is True and kv["max_length"] == m["max_context"]
+    assert kv["mode"] in STATIC_MODES and kv["past_present_share_buffer"] is True
+    assert kv["max_length"] == m["max_context"]
     dec = m["graphs"]["decoder"]
     assert [i["name"] for i in dec["inputs"]][:2] == ["inputs_embeds", "attention_mask"]  # positions = the slots
     past = next(i for i in dec["inputs"] if i["name"] == "past_key_values.0.key")
@@ -58,8 +63,18 @@ def test_manifest_states_the_static_mode(demo_static):
     assert present["shape"] == past["shape"]
     import onnx
 
-    ops = {n.op_type for n in onnx.load(str(demo_static.directory / "decoder.onnx")).graph.node}
-    assert "GroupQueryAttention" in ops and "Concat" not in ops
+    graph = onnx.load(str(demo_static.directory / "decoder.onnx"))
+    ops = {n.op_type for n in graph.graph.node}
+    opset = {o.domain: o.version for o in graph.opset_import}
+    if kv["mode"] == "static":
+        assert "GroupQueryAttention" in ops and "Concat" not in ops and opset[""] == 17
+    else:  # standard ops only; the presents are TensorScatter's outputs, and nothing concatenates the cache
+        assert {"TensorScatter", "Attention"} <= ops and "GroupQueryAttention" not in ops
+        assert set(opset) == {""} and opset[""] == 24
+        writers = {n.output[0]: n.op_type for n in graph.graph.node}
+        assert all(writers[o["name"]] == "TensorScatter" for o in dec["outputs"] if o["name"].startswith("present."))
+        pasts = {i["name"] for i in dec["inputs"] if i["name"].startswith("past_key_values.")}
+        assert all(n.op_type == "TensorScatter" for n in graph.graph.node if pasts & set(n.input))
 
 
 def test_demo_static_decodes_as_growing(demo_export, demo_static, tmp_path):
@@ -125,18 +140,56 @@ def test_a_runner_that_cannot_bind_gets_host_buffers(demo_export, demo_static):
         assert s.cache.bound is not None and s.cache.keep == ()
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_tiny_llava_static_decodes_as_growing(family, tmp_path, monkeypatch):
+def test_onnxruntime_writes_the_bound_buffers_in_place(tmp_path, capfd):
+    """static-onnx: onnxruntime's TensorScatter says when it has to copy the past into a present of its own; bound as
+    both (the pipeline), it never does; fed unbound (a runner that cannot bind), it does."""
+    import onnxruntime as ort
+
+    from tgedge.data import shapes
+    from tgedge.runtime import onnxrt
+
+    def loud(self):  # the shipped sessions log errors only; the copy is a warning
+        so = ort.SessionOptions()
+        so.log_severity_level = 1
+        return ort.InferenceSession(str(self.path), so, providers=["CPUExecutionProvider"])
+
+    static = export_model("demo", tmp_path / "static-onnx", cache_mode="static-onnx", check=False)
+    sample = next(iter(shapes.generate(shapes.SPLIT_SEEDS["eval"], 1)))
+    copied = "in-place optimization not activated"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(onnxrt.SessionFromOnnx, "__call__", loud)
+        with Pipeline(static.directory) as s:
+            s.answer(sample.image, sample.prompt, s.options(max_new_tokens=4))
+            assert s.cache.bound is not None
+        assert copied not in capfd.readouterr().err
+        with Pipeline(static.directory) as s:
+            s.setup_cache(8)
+            s.cache.bound = None  # as a runner without bind() leaves it: the buffers fed, not bound
+            s.prefill(np.zeros((1, 3, static.manifest.model["decoder"]["hidden_size"]), np.float32))
+        assert copied in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("family,mode", [("llama", "static"), ("qwen2", "static"), ("qwen2", "static-onnx")])
+def test_tiny_llava_static_decodes_as_growing(family, mode, tmp_path, monkeypatch):
     # GroupQueryAttention's RoPE wants a head size of 16k: the tiny decoders at 64 wide, 4 heads
     base = tiny.decoder_config_dict
     monkeypatch.setattr(tiny, "decoder_config_dict", lambda f, v: {**base(f, v), "hidden_size": 64})
     tiny.hf_llava(tmp_path / "ckpt", family)
     export_model(tmp_path / "ckpt", tmp_path / "growing", check=False)
-    assert export_model(tmp_path / "ckpt", tmp_path / "static", cache_mode="static").passed
+    assert export_model(tmp_path / "ckpt", tmp_path / "static", cache_mode=mode).passed
     assert_static_decodes_as_growing(tmp_path / "growing", tmp_path / "static", _samples(tmp_path))
 
 
-def test_tg_tiny_preset_static_int4w(tmp_path):
+def test_static_onnx_takes_any_head_size(tmp_path):
+    """The standard-op form has no kernel constraint: the 12-wide heads GroupQueryAttention refuses."""
+    tiny.hf_llava(tmp_path / "ckpt", "llama")  # 48 wide, 4 heads: 12
+    export_model(tmp_path / "ckpt", tmp_path / "growing", check=False)
+    assert export_model(tmp_path / "ckpt", tmp_path / "static", cache_mode="static-onnx").passed
+    assert_static_decodes_as_growing(tmp_path / "growing", tmp_path / "static", _samples(tmp_path, 1))
+
+
+@pytest.mark.parametrize("mode", STATIC_MODES)
+def test_tg_tiny_preset_static_int4w(mode, tmp_path):
     """The original-layout TG preset (Qwen2: qkv bias, tied table), fp32 and int4w, static vs growing."""
     from tgedge.presets import write_random
 
@@ -145,7 +198,7 @@ def test_tg_tiny_preset_static_int4w(tmp_path):
     for weights in (None, "int4w"):
         kw = dict(clip=ckpt / "clip", decoder_weights=weights)
         export_model(ckpt, tmp_path / f"growing-{weights}", check=False, **kw)
-        assert export_model(ckpt, tmp_path / f"static-{weights}", cache_mode="static", **kw).passed
+        assert export_model(ckpt, tmp_path / f"static-{weights}", cache_mode=mode, **kw).passed
         assert_static_decodes_as_growing(tmp_path / f"growing-{weights}", tmp_path / f"static-{weights}",
                                          _samples(tmp_path, 1))
 
@@ -165,12 +218,13 @@ def test_bad_cache_option_is_one_line(tmp_path, capsys):
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
-def test_fp16_static_cache(demo_export, tmp_path):
+@pytest.mark.parametrize("mode", STATIC_MODES)
+def test_fp16_static_cache(mode, demo_export, tmp_path):
     """fp16 buffers (kv_cache.dtype float16): the export's check against torch, and greedy decoding as the fp32
     growing export's (logits within fp16 rounding)."""
     from tgedge.data import shapes
 
-    static = export_model("demo", tmp_path / "static", cache_mode="static", dtype="fp16")
+    static = export_model("demo", tmp_path / "static", cache_mode=mode, dtype="fp16")
     assert static.passed and static.manifest.contract.cache.dtype == "float16"
     samples = [(s.image, s.prompt) for s in shapes.generate(shapes.SPLIT_SEEDS["eval"], 2)]
     global LOGITS_ATOL
@@ -179,3 +233,23 @@ def test_fp16_static_cache(demo_export, tmp_path):
         assert_static_decodes_as_growing(demo_export.directory, tmp_path / "static", samples)
     finally:
         LOGITS_ATOL = atol
+
+
+def test_static_onnx_int8_decoder_is_refused_and_mixed_precision_runs(tmp_path, capsys):
+    """onnxruntime's int8 quantiser cannot write an opset-24 decoder that onnxruntime loads: one line, exit 2, nothing
+    written; the vision side int8 beside an int4w decoder works."""
+    from tgedge.data import shapes
+    from tgedge.data.folder import write_folder
+
+    static = export_model("demo", tmp_path / "static-onnx", cache_mode="static-onnx", check=False)
+    calib = write_folder(shapes.generate(shapes.SPLIT_SEEDS["calibration"], 8), tmp_path / "calib")
+    out = tmp_path / "int8"
+    assert main(["quantize", str(static.directory), "-o", str(out), "--precision", "int8", "--calib", str(calib)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "static-onnx" in err and "decoder=int4w" in err and not out.exists()
+    assert main(["quantize", str(static.directory), "-o", str(out), "--precision",
+                 "vision=int8,fusion=int8,decoder=int4w", "--calib", str(calib)]) == 0
+    sample = next(iter(shapes.generate(shapes.SPLIT_SEEDS["eval"], 1)))
+    with Pipeline(out) as p:
+        assert p.answer(sample.image, sample.prompt, p.options(max_new_tokens=4)).tokens
+        assert isinstance(p.cache, StaticCache) and p.cache.bound is not None

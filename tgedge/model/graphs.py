@@ -105,7 +105,8 @@ class StaticDecoderGraph(nn.Module):
         return (logits, *[x for c in caches for x in (c.k, c.v)])
 
 
-DECODER_GRAPHS = {"growing": DecoderGraph, "static": StaticDecoderGraph}  # by the contract's cache mode
+# by the contract's cache mode: both static forms compute what StaticDecoderGraph does
+DECODER_GRAPHS = {"growing": DecoderGraph, "static": StaticDecoderGraph, "static-onnx": StaticDecoderGraph}
 
 
 def stage_graph(model, stage: str, cache_mode: str = "growing") -> nn.Module:
