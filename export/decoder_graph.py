@@ -19,7 +19,8 @@ mode:
 - `static-onnx` (`OnnxStaticAttention`): the same buffers and runtime contract in standard ONNX ops, opset 24: the
   step's keys and values written in place by `TensorScatter` (TensorRT's KVCacheUpdate layer; onnxruntime writes in
   place when the buffer is bound as both past and present), attention by `Attention` (TensorRT's attention layer)
-  over the filled positions. TensorRT 10.15+ / TensorRT for RTX and onnxruntime >= 1.23 run it.
+  over the filled positions. TensorRT with KVCacheUpdate (10.15+ per its docs; TensorRT for RTX 1.7 tested here, built
+  not run) and onnxruntime with TensorScatter (tested: 1.32) run it.
 """
 
 from __future__ import annotations
