@@ -330,25 +330,23 @@ class OnnxStaticAttention(GrowingAttention):
 
     def __init__(self, w: GraphWriter, d, contract: StageContract):
         self.present = contract.cache.present_names()
-        self._cached = None
-        super().__init__(w, d, contract)
+        # P = the attention mask's length less the step's: the buffers are the past inputs, whatever is filled
+        seq = w.op("Gather", [w.op("Shape", ["inputs_embeds"], "/mask"), "one_i"], "/mask", axis=0)
+        total = w.op("Gather", [w.op("Shape", ["attention_mask"], "/mask"), "one_i"], "/mask", axis=0)
+        self.p = w.op("Sub", [total, seq], "/mask")
+        self.positions = self.p, total, w.op("Range", [self.p, total, "one_i"], "/mask")
+        self.first = w.const("first_axis", np.array([0], np.int64))  # [0]: Slice's start, Unsqueeze's axes
+        self.total = w.op("Unsqueeze", [total, self.first], "/mask")  # (1,): Slice's end
+        super().__init__(w, d, contract)  # RoPE and the mask, from the positions above
         # TensorScatter's write index, one per sequence of the batch: (B,) = P
         batch = w.op("Shape", ["inputs_embeds"], "/cache", start=0, end=1)
         self.write_index = w.op("Expand", [w.op("Reshape", [self.p, "minus_one"], "/cache"), batch], "/cache")
 
     def _indices(self, w: GraphWriter) -> tuple[str, str, str]:
-        """P = the attention mask's length less the step's: the buffers are the past inputs, whatever is filled."""
-        if self._cached is None:
-            seq = w.op("Gather", [w.op("Shape", ["inputs_embeds"], "/mask"), "one_i"], "/mask", axis=0)
-            total = w.op("Gather", [w.op("Shape", ["attention_mask"], "/mask"), "one_i"], "/mask", axis=0)
-            p = w.op("Sub", [total, seq], "/mask")
-            self._cached = p, total, w.op("Range", [p, total, "one_i"], "/mask")
-            self.first = w.const("first_axis", np.array([0], np.int64))  # [0]: Slice's start, Unsqueeze's axes
-            self.p, self.total = p, w.op("Unsqueeze", [total, self.first], "/mask")
-        return self._cached
+        return self.positions
 
     def _position_ids(self, w: GraphWriter) -> str:
-        return w.op("Unsqueeze", [self._indices(w)[2], self.first], "/rope")  # (1, S)
+        return w.op("Unsqueeze", [self.positions[2], self.first], "/rope")  # (1, S)
 
     def __call__(self, w: GraphWriter, weights, a: str, i: int, pre: str, sa: str) -> tuple[str, str, str]:
         d = self.d

@@ -6,8 +6,9 @@ of a VLM) are written directly from the config with their weights streamed tenso
 (`export/decoder_graph.py`); the vision-side graphs are traced with the TorchScript-based exporter
 (`torch.onnx.export(dynamo=False)`, on purpose: opset 17 directly, what JetPack 6's TensorRT 10.3 parses, and
 byte-identical output from run to run), structure only: their weights are folded and streamed by tgedge
-(`export/traced_weights.py`), and each finished graph's memory is handed back before the next. Every graph is checked against its torch module on onnxruntime CPU at two
-shapes, by relative error (what stays meaningful at depth and logit scale), where memory allows.
+(`export/traced_weights.py`), and each finished graph's memory is handed back before the next. Every graph is
+checked against its torch module on onnxruntime CPU at two shapes, by relative error (what stays meaningful at depth
+and logit scale), where memory allows.
 """
 
 from __future__ import annotations
@@ -204,7 +205,6 @@ def return_freed_memory() -> None:
     the text tower's 0.5 GB was still resident while the vision tower exported)."""
     import ctypes
     import ctypes.util
-
     import gc
 
     gc.collect()  # cycles (a traced module's) first: what they hold is freed before the heap is trimmed
