@@ -15,7 +15,8 @@ mode:
 - `static` (`StaticAttention`): onnxruntime's `com.microsoft.GroupQueryAttention` (onnxruntime-genai's builder) over
   one buffer per layer at max context that the runtime binds as both past and present: the kernel writes the step's
   keys and values in place and attends over the positions `seqlens_k` says are filled; q, k and v come from one
-  packed projection, RoPE is the kernel's (cos/sin tables of max context). onnxruntime CPU and CUDA run it.
+  packed projection, RoPE is the kernel's (cos/sin tables of max context), and each residual Add with the RMSNorm
+  after it is one `com.microsoft.SkipSimplifiedLayerNormalization` (`Residual`). onnxruntime CPU and CUDA run it.
 - `static-onnx` (`OnnxStaticAttention`): the same buffers and runtime contract in standard ONNX ops, opset 24: the
   step's keys and values written in place by `TensorScatter` (TensorRT's KVCacheUpdate layer; onnxruntime writes in
   place when the buffer is bound as both past and present), attention by `Attention` (TensorRT's attention layer)
@@ -114,14 +115,16 @@ class GraphWriter:
 
     def op(self, op_type: str, inputs: list[str], scope: str, outputs: int = 1, names: list | None = None,
            **attrs) -> str | list[str]:
-        """`names`: output names to use instead of generated ones (None: generated)."""
+        """`names`: output names to use instead of generated ones (None: generated; "": an optional output left
+        out)."""
         name = f"{scope}/{op_type}"
         i = 0
         while name in self._names:
             i += 1
             name = f"{scope}/{op_type}_{i}"
         self._names.add(name)
-        outs = [(names or [None] * outputs)[k] or f"{name}_output_{k}" for k in range(outputs)]
+        given = names or [None] * outputs
+        outs = [f"{name}_output_{k}" if given[k] is None else given[k] for k in range(outputs)]
         self.nodes.append(helper.make_node(op_type, inputs, outs, name=name, **attrs))
         return outs[0] if outputs == 1 else outs
 
@@ -193,6 +196,37 @@ def _rms_norm(w: GraphWriter, weights, x: str, name: str, eps: float, scope: str
     return w.op("Mul", [_weight(w, weights, name), y], scope)
 
 
+class Residual:
+    """The residual stream: each sublayer's output is added to it, and it is normalised before the next sublayer.
+
+    Standard ops: Add, then RMSNorm as `_rms_norm` writes it. `fused` (the onnxruntime-only graph, beside
+    GroupQueryAttention): the Add and the RMSNorm after it are one `com.microsoft.SkipSimplifiedLayerNormalization`
+    (onnxruntime-genai's form; its fourth output is the sum, the stream itself), a kernel in place of eight ops per
+    norm. The first norm has nothing to add: it stays in standard ops (the contrib `SimplifiedLayerNormalization` is
+    registered in the ONNX domain, which onnx's checker rejects)."""
+
+    def __init__(self, w: GraphWriter, weights, x: str, eps: float, fused: bool):
+        self.w, self.weights, self.x, self.eps, self.fused = w, weights, x, eps, fused
+        self.pending: tuple[str, str] | None = None  # a sublayer's output not yet added, and its scope
+
+    def add(self, y: str, scope: str) -> None:
+        if self.fused:
+            self.pending = (y, scope)
+        else:
+            self.x = self.w.op("Add", [self.x, y], scope)
+
+    def norm(self, weight: str, scope: str) -> str:
+        w = self.w
+        if not self.pending:
+            return _rms_norm(w, self.weights, self.x, weight, self.eps, scope)
+        y, _ = self.pending
+        out, _, _, self.x = w.op("SkipSimplifiedLayerNormalization", [self.x, y, _weight(w, self.weights, weight)],
+                                 scope, outputs=4, names=[None, "", "", None], domain="com.microsoft",
+                                 epsilon=self.eps)
+        self.pending = None
+        return out
+
+
 def _rotate(w: GraphWriter, x: str, cos: str, sin: str, scope: str) -> str:
     x1, x2 = w.op("Split", [x, "half_split"], scope, outputs=2, axis=-1)
     rotated = w.op("Concat", [w.op("Neg", [x2], scope), x1], scope, axis=-1)
@@ -201,6 +235,7 @@ def _rotate(w: GraphWriter, x: str, cos: str, sin: str, scope: str) -> str:
 
 class GrowingAttention:
     """Standard ops: RoPE from `position_ids`, scores over Concat(past, new) with a causal + padding mask."""
+    FUSED_NORMS = False  # standard ops: any backend
 
     def __init__(self, w: GraphWriter, d, contract: StageContract):
         self.d, self.past = d, contract.cache.past_names()
@@ -289,6 +324,7 @@ class StaticAttention:
     """onnxruntime's GroupQueryAttention over the static cache's shared buffers (onnxruntime-genai's form):
     `seqlens_k` = positions filled - 1 and `total_sequence_length` from the attention mask (ones, batch 1), RoPE by
     the kernel from cos/sin tables of the export's max context, q/k/v from one packed projection."""
+    FUSED_NORMS = True  # an onnxruntime graph already: its fused residual + RMSNorm kernel too
 
     def __init__(self, w: GraphWriter, d, contract: StageContract):
         self.d, self.past, self.present = d, contract.cache.past_names(), contract.cache.present_names()
@@ -392,25 +428,25 @@ def build_decoder(cfg, contract: StageContract, weights, directory: Path, file: 
     w.const("big", np.array([np.iinfo(np.int64).max], np.int64))
     w.const("axis1", np.array([1], np.int64))
     try:
-        x = w.cast("inputs_embeds", w.elem if w.elem != TensorProto.FLOAT else None, "/embeds")
+        residual_x = w.cast("inputs_embeds", w.elem if w.elem != TensorProto.FLOAT else None, "/embeds")
         attention = variant(w, d, contract)
+        residual = Residual(w, weights, residual_x, d.rms_norm_eps, fused=variant.FUSED_NORMS)
         presents = []
         for i in range(d.num_layers):
             pre, s = f"language_model.layers.{i}", f"/layers.{i}"
-            a = _rms_norm(w, weights, x, f"{pre}.input_layernorm.weight", d.rms_norm_eps, f"{s}/input_layernorm")
+            a = residual.norm(f"{pre}.input_layernorm.weight", f"{s}/input_layernorm")
             sa = f"{s}/self_attn"
             o, k, v = attention(w, weights, a, i, pre, sa)
             presents += [k, v]
-            x = w.op("Add", [x, _linear(w, weights, o, f"{pre}.self_attn.o_proj", f"{sa}/o_proj", d.o_bias)], s)
-            m = _rms_norm(w, weights, x, f"{pre}.post_attention_layernorm.weight", d.rms_norm_eps,
-                          f"{s}/post_attention_layernorm")
+            residual.add(_linear(w, weights, o, f"{pre}.self_attn.o_proj", f"{sa}/o_proj", d.o_bias), s)
+            m = residual.norm(f"{pre}.post_attention_layernorm.weight", f"{s}/post_attention_layernorm")
             ms = f"{s}/mlp"
             gate = _linear(w, weights, m, f"{pre}.mlp.gate_proj", f"{ms}/gate_proj", False)
             up = _linear(w, weights, m, f"{pre}.mlp.up_proj", f"{ms}/up_proj", False)
             act = w.op("Mul", [gate, w.op("Sigmoid", [gate], ms)], ms)  # SiLU
-            x = w.op("Add", [x, _linear(w, weights, w.op("Mul", [act, up], ms), f"{pre}.mlp.down_proj",
-                                        f"{ms}/down_proj", False)], s)
-        x = _rms_norm(w, weights, x, "language_model.norm.weight", d.rms_norm_eps, "/norm")
+            residual.add(_linear(w, weights, w.op("Mul", [act, up], ms), f"{pre}.mlp.down_proj", f"{ms}/down_proj",
+                                 False), s)
+        x = residual.norm("language_model.norm.weight", "/norm")
         # the last position only, (B, 1, D) -> (B, D) for the LM head's Gemm -> (B, 1, V)
         last = w.op("Slice", [x, "minus_one", "big", "axis1"], "/lm_head")
         flat = w.op("Reshape", [last, w.const("flat_shape", np.array([-1, d.hidden_size], np.int64))], "/lm_head")

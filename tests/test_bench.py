@@ -74,7 +74,6 @@ def test_text_only_loads_the_decoder_alone(demo_export, capsys, tmp_path):
     (["--prompt-tokens", "0"], "must be >= 1"),
     (["--prompt-tokens", "12,x"], "comma-separated list"),
     (["--compare", "genai", "--prompt-tokens", "8"], "--compare genai needs --genai-model"),
-    (["--compare", "transformers"], "plain-LLaVA checkpoints only"),
     (["--plot", "chart.jpg"], "must end in .png"),
     (["--json", "/no/such/dir/r.json"], "no such directory"),
     (["--no-image"], "--no-image needs --prompt-tokens"),

@@ -200,7 +200,7 @@ class Target:
     model: str
     backend: str
     clip: str | None = None
-    kind: str = "tgedge"  # or torch (the reference), genai (onnxruntime-genai)
+    kind: str = "tgedge"  # or torch (the reference), genai (onnxruntime-genai), transformers (its LLaVA generate)
     info: dict = field(default_factory=dict)  # precision, cache mode, weight bytes, KV bytes per position, config
     threads: int = 0  # onnxruntime intra-op threads (0: its default)
     spin: bool = True  # onnxruntime's idle threads spin
@@ -211,6 +211,10 @@ class Target:
 
         if self.kind == "genai":
             return GenaiPeer(self.model, self.clip, self.threads)  # clip: the worker's python
+        if self.kind == "transformers":
+            from tgedge.bench_transformers import TransformersPeer
+
+            return TransformersPeer(self.model, self.clip, self.threads)
         if self.kind == "tgedge" and (text_only or self.threads or not self.spin):
             from tgedge.runtime.backends import make_runner
             from tgedge.runtime.onnxrt import DEVICES, OnnxRuntimeRunner, SessionFromOnnx
@@ -233,6 +237,7 @@ class GenaiPeer:
     """onnxruntime-genai over its builder's output (`python -m onnxruntime_genai.models.builder -i HF_DIR -o DIR -p
     fp32|int4 -e cpu`), in a worker process of `python` (an environment with onnxruntime_genai: it brings its own
     onnxruntime); text-only prompts, the same token ids as tgedge's text-only runs (tgedge/bench_genai.py)."""
+    separate_process = True  # its memory is the worker's, not this process's
 
     def __init__(self, model_dir: str, python: str, threads: int = 0):
         self.model_dir = model_dir
@@ -315,7 +320,7 @@ def describe_target(target: Target, pipe) -> dict:
     """What the floors need: the decoder's weight bytes and KV bytes per position, the model config."""
     from tgedge.floors import graph_weight_bytes, kv_bytes_per_position
 
-    if isinstance(pipe, GenaiPeer):
+    if hasattr(pipe, "bench_run"):  # a peer (onnxruntime-genai, transformers) describes itself
         return pipe.describe()
     manifest = getattr(pipe, "manifest", None)
     if manifest is not None:
@@ -397,7 +402,7 @@ def _check(settings: Settings, pipe, target: Target) -> None:
 
 def _one(pipe, settings: Settings) -> dict:
     """One timed run of every measurement: the image question, then each text-only context."""
-    if isinstance(pipe, GenaiPeer):
+    if hasattr(pipe, "bench_run"):  # a peer times itself
         return pipe.bench_run(settings)
     out = {}
     if settings.image is not None:
@@ -423,7 +428,7 @@ def run_bench(targets: list[Target], settings: Settings, peaks=None, progress=No
             opened.append((target, pipe))
             _check(settings, pipe, target)
             target.info = describe_target(target, pipe)
-            loaded = pipe.peak_rss() if isinstance(pipe, GenaiPeer) else MemorySampler.rss() - before
+            loaded = pipe.peak_rss() if getattr(pipe, "separate_process", False) else MemorySampler.rss() - before
             results[target.name] = {"runs": [], "rss_loaded": loaded, "peak_rss": 0}
         peaks = peaks or measure_host()  # with the models loaded, before their runs
         for target, pipe in opened:
@@ -437,7 +442,7 @@ def run_bench(targets: list[Target], settings: Settings, peaks=None, progress=No
                 for target, pipe in opened:
                     with MemorySampler() as memory:
                         results[target.name]["runs"].append(_one(pipe, settings))
-                    peak = pipe.peak_rss() if isinstance(pipe, GenaiPeer) else memory.peak  # its own process
+                    peak = pipe.peak_rss() if getattr(pipe, "separate_process", False) else memory.peak
                     results[target.name]["peak_rss"] = max(results[target.name]["peak_rss"], peak)
                     if progress:
                         progress()

@@ -142,12 +142,17 @@ def _add_bench(sub) -> None:
                    help="tokens generated per run, EOS ignored (default 16; must fit the context after the prompt)")
     p.add_argument("--compare", type=peer_list, default=(), metavar="PEERS",
                    help=f"peers on the same weights, comma-separated: {', '.join(PEERS)} (torch: tgedge's PyTorch "
-                        "reference of the first export's checkpoint)")
+                        "reference of the first export's checkpoint; genai: onnxruntime-genai, text-only prompts; "
+                        "transformers: LlavaForConditionalGeneration.generate, fp32, of a plain-LLaVA checkpoint)")
     p.add_argument("--genai-model", metavar="DIR", action="append", default=[],
                    help="--compare genai: an onnxruntime-genai model directory (its builder's output over the same "
                         "decoder weights; repeatable)")
     p.add_argument("--genai-python", metavar="PY", default=sys.executable,
                    help="--compare genai: a Python with onnxruntime_genai installed (default: this one)")
+    p.add_argument("--transformers-model", metavar="DIR",
+                   help="--compare transformers: a plain-LLaVA checkpoint (default: the first export's own checkpoint "
+                        "if it is plain LLaVA; for a TG-LLaVA export its twin, e.g. tgedge checkpoint random --preset "
+                        "llava-qwen2-0.5b; an original-layout twin's CLIP from --clip, else DIR/clip)")
     p.add_argument("--threads", type=integer(0, 1024), default=0,
                    help="onnxruntime intra-op threads for every model and peer (default 0: onnxruntime's, one per core)")
     p.add_argument("--no-spin", action="store_true",
@@ -159,7 +164,7 @@ def _add_bench(sub) -> None:
     p.set_defaults(func=cmd_bench)
 
 
-PEERS = ("torch", "genai")
+PEERS = ("torch", "genai", "transformers")
 
 
 def int_list(value: str) -> tuple[int, ...]:
@@ -180,10 +185,8 @@ def peer_list(value: str) -> tuple[str, ...]:
     peers = tuple(v.strip() for v in value.split(",") if v.strip())
     unknown = [p for p in peers if p not in PEERS]
     if unknown or not peers:
-        why = ("transformers generate runs plain-LLaVA checkpoints only, not TG-LLaVA; docs/BENCHMARKS.md"
-               if "transformers" in unknown else "")
         raise argparse.ArgumentTypeError(f"unknown peer {', '.join(unknown) or value!r} (choose from "
-                                         f"{', '.join(PEERS)}){': ' + why if why else ''}")
+                                         f"{', '.join(PEERS)})")
     return peers
 
 
@@ -210,15 +213,17 @@ def _targets(args) -> list:
         targets.append(Target(name, model, backend, args.clip, "torch" if backend == "torch" else "tgedge",
                               threads=args.threads, spin=not args.no_spin))
     if "torch" in args.compare:
-        from tgedge.runtime.manifest import Manifest
-        from tgedge.validate import source_checkpoint
-
-        export = next((m for m in args.model if (Path(m) / "manifest.json").exists()), None)
-        if export is None:
-            raise TgedgeError("--compare torch: give an export directory (its checkpoint is the reference)")
-        manifest = Manifest.load(export)
-        clip = args.clip or manifest.source.get("clip")
-        targets.append(Target("torch reference", str(source_checkpoint(manifest)), "torch", clip, "torch"))
+        checkpoint, clip = _source(args, "--compare torch")
+        targets.append(Target("torch reference", checkpoint, "torch", clip, "torch"))
+    if "transformers" in args.compare:
+        if args.transformers_model:
+            checkpoint = args.transformers_model
+            clip = args.clip or _own_clip(checkpoint)
+        else:
+            checkpoint, clip = _source(args, "--compare transformers", checkpoints=True)
+        targets.append(Target("transformers generate", checkpoint, "torch", clip, "transformers", threads=args.threads))
+    elif args.transformers_model:
+        raise TgedgeError("--transformers-model is for --compare transformers")
     if "genai" in args.compare:
         if not args.genai_model:
             raise TgedgeError("--compare genai needs --genai-model DIR (python -m onnxruntime_genai.models.builder "
@@ -231,6 +236,28 @@ def _targets(args) -> list:
     elif args.genai_model:
         raise TgedgeError("--genai-model is for --compare genai")
     return targets
+
+
+def _source(args, flag: str, checkpoints: bool = False) -> tuple[str, str | None]:
+    """The first export's checkpoint and CLIP directory (the reference a peer runs); `checkpoints`: else the first
+    model that is a checkpoint."""
+    from tgedge.runtime.manifest import Manifest
+    from tgedge.validate import source_checkpoint
+
+    export = next((m for m in args.model if (Path(m) / "manifest.json").exists()), None)
+    if export is None and checkpoints:
+        return args.model[0], args.clip or _own_clip(args.model[0])
+    if export is None:
+        raise TgedgeError(f"{flag}: give an export directory (its checkpoint is the reference)")
+    manifest = Manifest.load(export)
+    checkpoint = str(source_checkpoint(manifest))
+    return checkpoint, args.clip or manifest.source.get("clip") or _own_clip(checkpoint)
+
+
+def _own_clip(checkpoint: str) -> str | None:
+    """DIR/clip: where `tgedge checkpoint random` puts an original-layout checkpoint's CLIP directory."""
+    own = Path(checkpoint) / "clip"
+    return str(own) if (own / "config.json").exists() else None
 
 
 def cmd_bench(args) -> int:

@@ -4,6 +4,7 @@ tokens and logits within fp32 noise, on the demo, a tiny LLaMA, a tiny Qwen2 and
 cache is allocated or copied per step."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -66,8 +67,16 @@ def test_manifest_states_the_static_mode(demo_static):
     graph = onnx.load(str(demo_static.directory / "decoder.onnx"))
     ops = {n.op_type for n in graph.graph.node}
     opset = {o.domain: o.version for o in graph.opset_import}
+    count = lambda op: sum(n.op_type == op for n in graph.graph.node)  # noqa: E731
+    layers = kv["num_layers"]
     if kv["mode"] == "static":
         assert "GroupQueryAttention" in ops and "Concat" not in ops and opset[""] == 17
+        # residual Add + RMSNorm fused (onnxruntime's kernel) for every norm after the first, whose stream is the
+        # embeddings themselves: 2 per layer less one, plus the final norm; no residual Add left
+        assert count("SkipSimplifiedLayerNormalization") == 2 * layers and count("Pow") == 1
+        assert not [n.name for n in graph.graph.node if re.fullmatch(r"/layers\.\d+/Add(_\d+)?", n.name)]
+        fused = next(n for n in graph.graph.node if n.op_type == "SkipSimplifiedLayerNormalization")
+        assert fused.domain == "com.microsoft" and fused.output[1:3] == ["", ""]  # mean / inv std not computed
     else:  # standard ops only; the presents are TensorScatter's outputs, and nothing concatenates the cache
         assert {"TensorScatter", "Attention"} <= ops and "GroupQueryAttention" not in ops
         assert set(opset) == {""} and opset[""] == 24

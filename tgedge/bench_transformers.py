@@ -1,0 +1,176 @@
+"""transformers `LlavaForConditionalGeneration.generate` as a `tgedge bench` peer, for plain-LLaVA checkpoints.
+
+transformers has LLaVA but no TG-LLaVA modules, so the peer runs a plain-LLaVA checkpoint: the export's own source
+checkpoint when it is plain LLaVA, else the twin the user names (`tgedge checkpoint random --preset llava-...`: the
+TG preset's CLIP tower and decoder, without TG-FOM / TG-DP). The checkpoint is read by tgedge (every layout it reads)
+and its tensors are handed to a `LlavaForConditionalGeneration` built from the same config (`load_state_dict(...,
+assign=True)`: shared, not copied), so both sides run the very same weights in fp32.
+
+Inputs are tgedge's preprocessing (the same pixels and prompt ids; the image positions carry the twin's image token
+id), decoding is greedy with exactly N new tokens (EOS held off by `min_new_tokens`), transformers' own cache (its
+default, a DynamicCache) and attention (its default, SDPA). Times are taken inside `generate`: forward hooks on the
+vision tower and the projector give the vision and fusion stages, a logits processor stamps the moment each token's
+logits arrive (the first: TTFT; the differences: one decode step each, generate's own per-step work included).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from tgedge.errors import TgedgeError
+
+
+def twin_config(cfg, image_token_index: int) -> dict:
+    """A transformers LlavaConfig dict for a tgedge ModelConfig of a plain-LLaVA model."""
+    from tgedge.checkpoint import config_json
+
+    out = config_json(cfg)
+    out.pop("architectures", None)
+    out["image_token_index"] = image_token_index
+    return out
+
+
+def build_twin(model, cfg):
+    """A transformers LlavaForConditionalGeneration holding tgedge's plain-LLaVA `model`'s tensors (not copies)."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4
+        from transformers.modeling_utils import no_init_weights
+
+    with no_init_weights():  # parameters allocated, never written: replaced at once by tgedge's (their pages untouched)
+        twin = LlavaForConditionalGeneration(LlavaConfig(**twin_config(cfg, cfg.image_token_index or 0)))
+    ours = {("" if k.startswith("lm_head.") else "model.") + k: v for k, v in model.state_dict().items()}
+    theirs = twin.state_dict()
+    tied = {"lm_head.weight"} if cfg.decoder.tie_word_embeddings else set()
+    missing, extra = sorted(set(theirs) - set(ours) - tied), sorted(set(ours) - set(theirs))
+    if missing or extra:
+        raise TgedgeError(f"transformers' LLaVA and tgedge's do not hold the same tensors (missing {missing[:3]}, "
+                          f"extra {extra[:3]})")
+    twin.load_state_dict(ours, strict=False, assign=True)
+    if tied:
+        twin.lm_head.weight = twin.model.language_model.embed_tokens.weight
+    return twin.eval()
+
+
+class TransformersPeer:
+    """`LlavaForConditionalGeneration.generate` on a plain-LLaVA checkpoint, in this process (torch, fp32, CPU)."""
+
+    def __init__(self, checkpoint: str, clip: str | None, threads: int = 0):
+        try:
+            import torch
+            import transformers
+        except ImportError:
+            raise TgedgeError("--compare transformers needs transformers (pip install transformers)") from None
+        from tgedge.checkpoint import load_checkpoint, load_state
+        from tgedge.model import TGLlava
+
+        ckpt = load_checkpoint(checkpoint, clip)  # its config, and its weights read lazily: nothing loaded yet
+        if ckpt.config.has_tg:
+            raise TgedgeError(f"--compare transformers: {checkpoint} is a text-guided checkpoint and transformers has "
+                              "no TG modules: give --transformers-model, its plain-LLaVA twin (tgedge checkpoint "
+                              "random --preset llava-...)")
+        if threads:
+            torch.set_num_threads(threads)
+        model = TGLlava(ckpt.config)
+        load_state(model, ckpt.weights, ckpt.path)
+        self.cfg, self.pre, self.version = ckpt.config, ckpt.preprocessor, transformers.__version__
+        self.model = build_twin(model.eval(), ckpt.config)
+        self.context = ckpt.config.decoder.max_position_embeddings
+        del model
+
+    # -- one generate, timed ----------------------------------------------------------------------------------------
+    def generate(self, input_ids, pixel_values=None, new_tokens: int = 16) -> dict:
+        """Greedy `generate` of exactly `new_tokens`; -> tokens, seconds in vision and projector, and the moments
+        (perf_counter) generate started and each token's logits arrived."""
+        import torch
+        from transformers import LogitsProcessor, LogitsProcessorList
+
+        stamps, stages = [], {}
+
+        class Stamp(LogitsProcessor):
+            def __call__(self, ids, scores):
+                stamps.append(time.perf_counter())
+                return scores
+
+        def clocked(module, name):
+            started = []
+            pre = module.register_forward_pre_hook(lambda *_: started.append(time.perf_counter()))
+            post = module.register_forward_hook(
+                lambda *_: stages.__setitem__(name, stages.get(name, 0.0) + time.perf_counter() - started.pop()))
+            return pre, post
+
+        hooks = [*clocked(self.model.model.vision_tower, "vision"), *clocked(self.model.model.multi_modal_projector,
+                                                                                "fusion")]
+        started = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                ids = torch.as_tensor(input_ids)
+                image = {} if pixel_values is None else {"pixel_values": torch.as_tensor(pixel_values)}  # never None
+                out = self.model.generate(
+                    input_ids=ids, attention_mask=torch.ones_like(ids), **image, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                    logits_processor=LogitsProcessorList([Stamp()]), pad_token_id=0)
+        finally:
+            for h in hooks:
+                h.remove()
+        tokens = out[0, input_ids.shape[1]:].tolist()
+        return {"tokens": tokens, "started": started, "stamps": stamps, **stages}
+
+    def ids_with_image(self, inputs):
+        """tgedge's prompt ids with the image positions holding the twin's image token id: the checkpoint's own, else
+        (the original layout has none: tgedge's ids carry a placeholder there) the highest id the prompt lacks."""
+        import numpy as np
+
+        ids = np.asarray(inputs.input_ids, np.int64).copy()
+        image = ids == self.pre.spec.image_token_id
+        chosen = self.cfg.image_token_index
+        if chosen is None:
+            chosen = max(set(range(self.cfg.decoder.vocab_size)) - set(ids[~image].tolist()))
+        ids[image] = chosen
+        for config in {id(c): c for c in (self.model.config, self.model.model.config)}.values():
+            config.image_token_index = chosen
+        return ids
+
+    # -- the bench protocol (tgedge.bench: bench_run, describe) -------------------------------------------------------
+    def bench_run(self, settings) -> dict:
+        from tgedge.bench_genai import ids_for
+
+        out = {}
+        if settings.image is not None:
+            start = time.perf_counter()
+            inputs = self.pre(settings.image, settings.prompt)
+            ids = self.ids_with_image(inputs)
+            preprocess = time.perf_counter() - start
+            out["image"] = self._timings(self.generate(ids, inputs.pixel_values, settings.new_tokens), start,
+                                         preprocess=preprocess, views=int(inputs.pixel_values.shape[0]),
+                                         prompt_tokens=int(ids.shape[1]))
+        for n in settings.prompt_tokens:
+            ids = ids_for(n, self.cfg.decoder.vocab_size)[None]
+            start = time.perf_counter()
+            out[f"context:{n}"] = self._timings(self.generate(ids, None, settings.new_tokens), start,
+                                                prompt_tokens=n)
+        return out
+
+    @staticmethod
+    def _timings(run: dict, start: float, **extra) -> dict:
+        """TTFT from `start` (preprocessing included); prefill: generate's time to the first logits, less the
+        vision tower and projector."""
+        stamps = run["stamps"]
+        encode = run.get("vision", 0.0) + run.get("fusion", 0.0)
+        out = {"load": os.getloadavg()[0], "ttft": stamps[0] - start,
+               "prefill": stamps[0] - run["started"] - encode,
+               "decode_token": [b - a for a, b in zip(stamps, stamps[1:])], **extra}
+        out.update({k: run[k] for k in ("vision", "fusion") if k in run})
+        return out
+
+    def describe(self) -> dict:
+        from tgedge.floors import kv_bytes_per_position
+
+        d = self.cfg.decoder
+        params = {id(p): p for p in [*self.model.model.language_model.parameters(), *self.model.lm_head.parameters()]}
+        return {"precision": "fp32", "cache": f"dynamic (transformers {self.version})",
+                "weight_bytes": sum(p.numel() * p.element_size() for p in params.values()),
+                "kv_per_position": kv_bytes_per_position(d.num_layers, d.num_kv_heads, d.head_dim),
+                "model": self.cfg.to_dict()}
