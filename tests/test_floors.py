@@ -6,7 +6,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from tgedge.floors import (Floors, Peaks, decode_step_bytes, decoder_flops, graph_weight_bytes, kv_bytes_per_position,
-                           measure_bandwidth, measure_flops, vision_flops)
+                           measure_bandwidth, measure_flops, measure_read_bandwidth, vision_flops)
 
 QWEN2_05B = dict(hidden_size=896, num_layers=24, intermediate_size=4864, num_heads=14, num_kv_heads=2, head_dim=64,
                  vocab_size=151936)
@@ -67,3 +67,31 @@ def test_measured_peaks_are_positive_and_finite():
     flops, _ = measure_flops(256, repeats=2)
     assert np.isfinite(bandwidth) and bandwidth > 1e8 and "copy" in how
     assert np.isfinite(flops) and flops > 1e8
+    read, how = measure_read_bandwidth(16 << 20, repeats=2, threads=1)
+    assert np.isfinite(read) and read > 1e8 and "16 MiB read" in how and "1 threads" in how
+
+
+def test_the_floor_takes_the_higher_bandwidth(monkeypatch):
+    """The decode floor uses the faster of the copy and the one-row MatMul read (each a measured lower bound on what
+    the machine moves), and says which."""
+    import tgedge.floors as floors
+
+    monkeypatch.setattr(floors, "measure_bandwidth", lambda: (20e9, "copy"))
+    monkeypatch.setattr(floors, "measure_flops", lambda: (1e11, "matmul"))
+    monkeypatch.setattr(floors, "measure_read_bandwidth", lambda threads: (30e9, f"read, {threads} threads"))
+    peaks = floors.measure_host(2)
+    assert peaks.bandwidth == 30e9 and peaks.how["bandwidth"].startswith("read, 2 threads")
+    assert "20.00 GB/s" in peaks.how["copy"] and "30.00 GB/s" in peaks.how["read"]
+    monkeypatch.setattr(floors, "measure_read_bandwidth", lambda threads: None)  # no onnxruntime: the copy
+    assert floors.measure_host().bandwidth == 20e9
+
+
+def test_best_of_two_measurements():
+    from tgedge.floors import best_of
+
+    before = Peaks(20e9, 2e11, {"bandwidth": "copy", "flops": "matmul a"})
+    after = Peaks(25e9, 1e11, {"bandwidth": "read", "flops": "matmul b"})
+    best = best_of(before, after)
+    assert (best.bandwidth, best.flops) == (25e9, 2e11)
+    assert best.how["bandwidth"] == "read" and best.how["flops"] == "matmul a"
+    assert "20.00 / 25.00 GB/s" in best.how["measured"] and "200.0 / 100.0 GFLOP/s" in best.how["measured"]

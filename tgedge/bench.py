@@ -414,8 +414,9 @@ def _one(pipe, settings: Settings) -> dict:
 
 def run_bench(targets: list[Target], settings: Settings, peaks=None, progress=None) -> dict:
     """Open every target, warm each up, then `runs` rounds in which each target runs once (alternating, so that
-    the machine's load drifts over all of them alike); floors measured first on this machine (tgedge.floors)."""
-    from tgedge.floors import measure_host
+    the machine's load drifts over all of them alike); the floors measured on this machine before and after the runs,
+    the higher taken (tgedge.floors)."""
+    from tgedge.floors import best_of, measure_host
 
     if settings.power and len(targets) > 1:
         raise TgedgeError("--power measures one model at a time (the board's power is not the model's alone)")
@@ -430,7 +431,8 @@ def run_bench(targets: list[Target], settings: Settings, peaks=None, progress=No
             target.info = describe_target(target, pipe)
             loaded = pipe.peak_rss() if getattr(pipe, "separate_process", False) else MemorySampler.rss() - before
             results[target.name] = {"runs": [], "rss_loaded": loaded, "peak_rss": 0}
-        peaks = peaks or measure_host()  # with the models loaded, before their runs
+        threads = max((t.threads for t in targets), default=0)
+        first = peaks or measure_host(threads)  # with the models loaded, before their runs
         for target, pipe in opened:
             for _ in range(settings.warmup):
                 _one(pipe, settings)
@@ -449,6 +451,7 @@ def run_bench(targets: list[Target], settings: Settings, peaks=None, progress=No
         finally:
             if sampler:
                 sampler.__exit__(None, None, None)
+        peaks = first if peaks else best_of(first, measure_host(threads))  # and again after them
         if sampler:
             results[targets[0].name]["power"] = _power(sampler, time.perf_counter() - start,
                                                        settings.runs * settings.new_tokens * (

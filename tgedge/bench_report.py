@@ -27,7 +27,9 @@ def to_markdown(report: dict, command: str | None = None) -> str:
         lines += ["```", command, "```", ""]
     lines += [f"Machine: {m['cpu']}, {m['cores']} cores; load average at the end {m['load_average_end']}. "
               f"Floors measured in this run: memory bandwidth {f['bandwidth_gb_s']} GB/s ({f['how'].get('bandwidth')}), "
-              f"peak {f['peak_gflop_s']} GFLOP/s ({f['how'].get('flops')}). {s['runs']} runs after {s['warmup']} "
+              f"peak {f['peak_gflop_s']} GFLOP/s ({f['how'].get('flops')})"
+              + (f"; {f['how']['measured']}" if "measured" in f["how"] else "") +
+              f". {s['runs']} runs after {s['warmup']} "
               f"warm-up, alternating between models; {s['new_tokens']} new tokens per run (EOS ignored). "
               "Times: median / p90 in ms; `of floor` = floor time / measured time (1.0 = at the floor); `load`: the "
               "1-minute load average at the start of each run (median).", ""]
