@@ -37,7 +37,7 @@ from onnx import TensorProto, helper
 
 from tgedge.calibration.weight_only import WeightOnly, nbits_attributes, nbits_blocks
 from tgedge.contract import StageContract
-from tgedge.errors import TgedgeError
+from tgedge.errors import TgedgeError, TgedgeInternalError
 from tgedge.model.decoder import rope_inv_freq
 
 DTYPES = {"fp32": (TensorProto.FLOAT, torch.float32), "fp16": (TensorProto.FLOAT16, torch.float16)}
@@ -207,21 +207,24 @@ class Residual:
 
     def __init__(self, w: GraphWriter, weights, x: str, eps: float, fused: bool):
         self.w, self.weights, self.x, self.eps, self.fused = w, weights, x, eps, fused
-        self.pending: tuple[str, str] | None = None  # a sublayer's output not yet added, and its scope
+        self.pending: str | None = None  # fused: a sublayer's output, added by the next norm's kernel
 
     def add(self, y: str, scope: str) -> None:
-        if self.fused:
-            self.pending = (y, scope)
-        else:
+        if not self.fused:
             self.x = self.w.op("Add", [self.x, y], scope)
+        elif self.pending is not None:
+            raise TgedgeInternalError("two sublayer outputs added without a norm between them")
+        else:
+            self.pending = y
 
-    def norm(self, weight: str, scope: str) -> str:
+    def norm(self, weight: str, scope: str, last: bool = False) -> str:
+        """`last`: the stream ends here (the final norm): the kernel's sum output is left out."""
         w = self.w
-        if not self.pending:
+        if self.pending is None:
             return _rms_norm(w, self.weights, self.x, weight, self.eps, scope)
-        y, _ = self.pending
-        out, _, _, self.x = w.op("SkipSimplifiedLayerNormalization", [self.x, y, _weight(w, self.weights, weight)],
-                                 scope, outputs=4, names=[None, "", "", None], domain="com.microsoft",
+        out, _, _, self.x = w.op("SkipSimplifiedLayerNormalization",
+                                 [self.x, self.pending, _weight(w, self.weights, weight)], scope, outputs=4,
+                                 names=[None, "", "", "" if last else None], domain="com.microsoft",
                                  epsilon=self.eps)
         self.pending = None
         return out
@@ -446,7 +449,7 @@ def build_decoder(cfg, contract: StageContract, weights, directory: Path, file: 
             act = w.op("Mul", [gate, w.op("Sigmoid", [gate], ms)], ms)  # SiLU
             residual.add(_linear(w, weights, w.op("Mul", [act, up], ms), f"{pre}.mlp.down_proj", f"{ms}/down_proj",
                                  False), s)
-        x = residual.norm("language_model.norm.weight", "/norm")
+        x = residual.norm("language_model.norm.weight", "/norm", last=True)
         # the last position only, (B, 1, D) -> (B, D) for the LM head's Gemm -> (B, 1, V)
         last = w.op("Slice", [x, "minus_one", "big", "axis1"], "/lm_head")
         flat = w.op("Reshape", [last, w.const("flat_shape", np.array([-1, d.hidden_size], np.int64))], "/lm_head")

@@ -202,7 +202,7 @@ class Target:
     clip: str | None = None
     kind: str = "tgedge"  # or torch (the reference), genai (onnxruntime-genai), transformers (its LLaVA generate)
     info: dict = field(default_factory=dict)  # precision, cache mode, weight bytes, KV bytes per position, config
-    threads: int = 0  # onnxruntime intra-op threads (0: its default)
+    threads: int = 0  # intra-op threads (0: the library's default): onnxruntime's, or torch's (process-wide)
     spin: bool = True  # onnxruntime's idle threads spin
 
     def open(self, text_only: bool = False):
@@ -215,6 +215,10 @@ class Target:
             from tgedge.bench_transformers import TransformersPeer
 
             return TransformersPeer(self.model, self.clip, self.threads)
+        if self.kind == "torch" and self.threads:
+            import torch
+
+            torch.set_num_threads(self.threads)  # process-wide: torch has no per-model setting
         if self.kind == "tgedge" and (text_only or self.threads or not self.spin):
             from tgedge.runtime.backends import make_runner
             from tgedge.runtime.onnxrt import DEVICES, OnnxRuntimeRunner, SessionFromOnnx
@@ -451,9 +455,10 @@ def run_bench(targets: list[Target], settings: Settings, peaks=None, progress=No
         finally:
             if sampler:
                 sampler.__exit__(None, None, None)
+        elapsed = time.perf_counter() - start  # the runs alone: the power samples end with them
         peaks = first if peaks else best_of(first, measure_host(threads))  # and again after them
         if sampler:
-            results[targets[0].name]["power"] = _power(sampler, time.perf_counter() - start,
+            results[targets[0].name]["power"] = _power(sampler, elapsed,
                                                        settings.runs * settings.new_tokens * (
                                                            len(settings.prompt_tokens) + (settings.image is not None)))
     finally:

@@ -41,6 +41,7 @@ def build_twin(model, cfg):
         from transformers.modeling_utils import no_init_weights
 
     with no_init_weights():  # parameters allocated, never written: replaced at once by tgedge's (their pages untouched)
+        # the image token id: the checkpoint's, else a placeholder until a prompt's ids choose one (ids_with_image)
         twin = LlavaForConditionalGeneration(LlavaConfig(**twin_config(cfg, cfg.image_token_index or 0)))
     ours = {("" if k.startswith("lm_head.") else "model.") + k: v for k, v in model.state_dict().items()}
     theirs = twin.state_dict()
@@ -70,8 +71,8 @@ class TransformersPeer:
         ckpt = load_checkpoint(checkpoint, clip)  # its config, and its weights read lazily: nothing loaded yet
         if ckpt.config.has_tg:
             raise TgedgeError(f"--compare transformers: {checkpoint} is a text-guided checkpoint and transformers has "
-                              "no TG modules: give --transformers-model, its plain-LLaVA twin (tgedge checkpoint "
-                              "random --preset llava-...)")
+                              "no TG modules: --transformers-model takes a plain-LLaVA checkpoint (a TG preset's "
+                              "twin: tgedge checkpoint random --preset llava-...)")
         if threads:
             torch.set_num_threads(threads)
         model = TGLlava(ckpt.config)
@@ -79,7 +80,6 @@ class TransformersPeer:
         self.cfg, self.pre, self.version = ckpt.config, ckpt.preprocessor, transformers.__version__
         self.model = build_twin(model.eval(), ckpt.config)
         self.context = ckpt.config.decoder.max_position_embeddings
-        del model
 
     # -- one generate, timed ----------------------------------------------------------------------------------------
     def generate(self, input_ids, pixel_values=None, new_tokens: int = 16) -> dict:
@@ -96,21 +96,24 @@ class TransformersPeer:
                 return scores
 
         def clocked(module, name):
-            started = []
-            pre = module.register_forward_pre_hook(lambda *_: started.append(time.perf_counter()))
+            entered = []
+            pre = module.register_forward_pre_hook(lambda *_: entered.append(time.perf_counter()))
             post = module.register_forward_hook(
-                lambda *_: stages.__setitem__(name, stages.get(name, 0.0) + time.perf_counter() - started.pop()))
-            return pre, post
+                lambda *_: stages.__setitem__(name, stages.get(name, 0.0) + time.perf_counter() - entered.pop()))
+            hooks.extend((pre, post))
 
-        hooks = [*clocked(self.model.model.vision_tower, "vision"), *clocked(self.model.model.multi_modal_projector,
-                                                                                "fusion")]
+        hooks = []
         started = time.perf_counter()
         try:
+            clocked(self.model.model.vision_tower, "vision")
+            clocked(self.model.model.multi_modal_projector, "fusion")
             with torch.inference_mode():
                 ids = torch.as_tensor(input_ids)
-                image = {} if pixel_values is None else {"pixel_values": torch.as_tensor(pixel_values)}  # never None
+                # no pixel_values key at all for text-only prompts: generate takes a key given as None for an image
+                image = {} if pixel_values is None else {"pixel_values": torch.as_tensor(pixel_values)}
                 out = self.model.generate(
-                    input_ids=ids, attention_mask=torch.ones_like(ids), **image, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                    input_ids=ids, attention_mask=torch.ones_like(ids), **image, do_sample=False,
+                    max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                     logits_processor=LogitsProcessorList([Stamp()]), pad_token_id=0)
         finally:
             for h in hooks:
@@ -119,18 +122,18 @@ class TransformersPeer:
         return {"tokens": tokens, "started": started, "stamps": stamps, **stages}
 
     def ids_with_image(self, inputs):
-        """tgedge's prompt ids with the image positions holding the twin's image token id: the checkpoint's own, else
-        (the original layout has none: tgedge's ids carry a placeholder there) the highest id the prompt lacks."""
+        """tgedge's prompt ids with the image positions holding the twin's image token id, which is set on the twin's
+        config too (its LlavaModel finds the image positions by it): the checkpoint's own, else (the original layout
+        has none: tgedge's ids carry a placeholder there) the highest id the prompt lacks."""
         import numpy as np
 
         ids = np.asarray(inputs.input_ids, np.int64).copy()
         image = ids == self.pre.spec.image_token_id
         chosen = self.cfg.image_token_index
         if chosen is None:
-            chosen = max(set(range(self.cfg.decoder.vocab_size)) - set(ids[~image].tolist()))
+            chosen = int(np.setdiff1d(np.arange(self.cfg.decoder.vocab_size), ids[~image])[-1])
         ids[image] = chosen
-        for config in {id(c): c for c in (self.model.config, self.model.model.config)}.values():
-            config.image_token_index = chosen
+        self.model.config.image_token_index = chosen  # one config object, shared with self.model.model
         return ids
 
     # -- the bench protocol (tgedge.bench: bench_run, describe) -------------------------------------------------------
@@ -139,27 +142,27 @@ class TransformersPeer:
 
         out = {}
         if settings.image is not None:
-            start = time.perf_counter()
-            inputs = self.pre(settings.image, settings.prompt)
-            ids = self.ids_with_image(inputs)
+            load, start = os.getloadavg()[0], time.perf_counter()
+            inputs = self.pre(settings.image, settings.prompt)  # tgedge's preprocessing, as tgedge's runs time it
             preprocess = time.perf_counter() - start
-            out["image"] = self._timings(self.generate(ids, inputs.pixel_values, settings.new_tokens), start,
-                                         preprocess=preprocess, views=int(inputs.pixel_values.shape[0]),
-                                         prompt_tokens=int(ids.shape[1]))
+            ids = self.ids_with_image(inputs)  # the twin's image id: not preprocessing, left out of TTFT
+            run = self.generate(ids, inputs.pixel_values, settings.new_tokens)
+            out["image"] = self._timings(run, run["started"] - preprocess, load, preprocess=preprocess,
+                                         views=int(inputs.pixel_values.shape[0]), prompt_tokens=int(ids.shape[1]))
         for n in settings.prompt_tokens:
             ids = ids_for(n, self.cfg.decoder.vocab_size)[None]
-            start = time.perf_counter()
-            out[f"context:{n}"] = self._timings(self.generate(ids, None, settings.new_tokens), start,
-                                                prompt_tokens=n)
+            load = os.getloadavg()[0]
+            run = self.generate(ids, None, settings.new_tokens)
+            out[f"context:{n}"] = self._timings(run, run["started"], load, prompt_tokens=n)
         return out
 
     @staticmethod
-    def _timings(run: dict, start: float, **extra) -> dict:
+    def _timings(run: dict, start: float, load: float, **extra) -> dict:
         """TTFT from `start` (preprocessing included); prefill: generate's time to the first logits, less the
-        vision tower and projector."""
+        vision tower and projector; each decode step: the time between two tokens' logits."""
         stamps = run["stamps"]
         encode = run.get("vision", 0.0) + run.get("fusion", 0.0)
-        out = {"load": os.getloadavg()[0], "ttft": stamps[0] - start,
+        out = {"load": load, "ttft": stamps[0] - start,
                "prefill": stamps[0] - run["started"] - encode,
                "decode_token": [b - a for a, b in zip(stamps, stamps[1:])], **extra}
         out.update({k: run[k] for k in ("vision", "fusion") if k in run})

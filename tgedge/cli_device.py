@@ -123,8 +123,8 @@ def _add_bench(sub) -> None:
                                    "ignored). Reports per-stage medians and p90 (preprocess, text_guide, vision over "
                                    "all views, fusion, embed, prefill, per-token decode), TTFT, decode tokens/s, peak "
                                    "host memory, and each figure as a ratio to its floor, measured in the same run: "
-                                   "memory bandwidth (the higher of a large copy and a large one-row MatMul read, before and after the runs) -> "
-                                   "decode floor from the bytes a step reads; peak "
+                                   "memory bandwidth (the higher of a large copy and a large one-row MatMul read, "
+                                   "before and after the runs) -> decode floor from the bytes a step reads; peak "
                                    "FLOP/s (a large matmul) -> vision and prefill floors. --compare adds peers on the "
                                    "same weights. --power samples board power (tegrastats / INA3221 on Jetson, "
                                    "nvidia-smi on desktops). Figures belong to the machine and its load: compare "
@@ -155,7 +155,8 @@ def _add_bench(sub) -> None:
                         "if it is plain LLaVA; for a TG-LLaVA export its twin, e.g. tgedge checkpoint random --preset "
                         "llava-qwen2-0.5b; an original-layout twin's CLIP from --clip, else DIR/clip)")
     p.add_argument("--threads", type=integer(0, 1024), default=0,
-                   help="onnxruntime intra-op threads for every model and peer (default 0: onnxruntime's, one per core)")
+                   help="intra-op threads for every model and peer (default 0: each library's, one per core); torch's "
+                        "(the reference, transformers) are set for the whole process")
     p.add_argument("--no-spin", action="store_true",
                    help="onnxruntime's idle threads block instead of spinning (a CPU shared with other work)")
     p.add_argument("--power", action="store_true", help="sample board power during the timed runs (one model)")
@@ -215,11 +216,11 @@ def _targets(args) -> list:
                               threads=args.threads, spin=not args.no_spin))
     if "torch" in args.compare:
         checkpoint, clip = _source(args, "--compare torch")
-        targets.append(Target("torch reference", checkpoint, "torch", clip, "torch"))
+        targets.append(Target("torch reference", checkpoint, "torch", clip, "torch", threads=args.threads))
     if "transformers" in args.compare:
         if args.transformers_model:
             checkpoint = args.transformers_model
-            clip = args.clip or _own_clip(checkpoint)
+            clip = _own_clip(checkpoint) or args.clip  # a twin's own CLIP first: --clip is the models' under test
         else:
             checkpoint, clip = _source(args, "--compare transformers", checkpoints=True)
         targets.append(Target("transformers generate", checkpoint, "torch", clip, "transformers", threads=args.threads))
@@ -240,8 +241,8 @@ def _targets(args) -> list:
 
 
 def _source(args, flag: str, checkpoints: bool = False) -> tuple[str, str | None]:
-    """The first export's checkpoint and CLIP directory (the reference a peer runs); `checkpoints`: else the first
-    model that is a checkpoint."""
+    """The first export's checkpoint and CLIP directory (the reference a peer runs); `checkpoints`: with no export
+    among the models, the first model itself (a checkpoint: bench runs those on torch)."""
     from tgedge.runtime.manifest import Manifest
     from tgedge.validate import source_checkpoint
 

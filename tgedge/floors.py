@@ -29,7 +29,8 @@ ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "uint8": 1}
 
 @dataclass
 class Peaks:
-    """What the machine measurably does: bytes/s of a large copy, FLOP/s of a large matmul."""
+    """What the machine measurably does: bytes/s (the higher of a large copy and a large read; `how` says which)
+    and FLOP/s of a large matmul."""
     bandwidth: float
     flops: float
     how: dict = field(default_factory=dict)
@@ -69,6 +70,7 @@ def measure_read_bandwidth(nbytes: int = 256 << 20, repeats: int = 5, threads: i
         return None
     k = 4096
     weight = np.full((k, nbytes // (4 * k)), 1e-3, np.float32)
+    read_bytes = weight.nbytes
     graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "read",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, weight.shape[1]])],
@@ -81,8 +83,8 @@ def measure_read_bandwidth(nbytes: int = 256 << 20, repeats: int = 5, threads: i
     del model, graph, weight
     x = {"x": np.ones((1, k), np.float32)}
     seconds = best_time(lambda: session.run(None, x), repeats)
-    return nbytes / seconds, (f"onnxruntime fp32 MatMul 1x{k} by {k}x{nbytes // (4 * k)} ({nbytes >> 20} MiB read), "
-                              f"best of {repeats}, {threads or 'default'} threads")
+    return read_bytes / seconds, (f"onnxruntime fp32 MatMul 1x{k} by {k}x{nbytes // (4 * k)} ({nbytes >> 20} MiB read), "
+                              f"best of {repeats}, threads: {threads or 'default'}")
 
 
 def measure_flops(n: int = 2048, repeats: int = 5) -> tuple[float, str]:

@@ -77,6 +77,8 @@ def test_manifest_states_the_static_mode(demo_static):
         assert not [n.name for n in graph.graph.node if re.fullmatch(r"/layers\.\d+/Add(_\d+)?", n.name)]
         fused = next(n for n in graph.graph.node if n.op_type == "SkipSimplifiedLayerNormalization")
         assert fused.domain == "com.microsoft" and fused.output[1:3] == ["", ""]  # mean / inv std not computed
+        final = [n for n in graph.graph.node if n.op_type == "SkipSimplifiedLayerNormalization"][-1]
+        assert final.output[3] == ""  # the stream ends at the final norm: no sum
     else:  # standard ops only; the presents are TensorScatter's outputs, and nothing concatenates the cache
         assert {"TensorScatter", "Attention"} <= ops and "GroupQueryAttention" not in ops
         assert set(opset) == {""} and opset[""] == 24
@@ -84,6 +86,37 @@ def test_manifest_states_the_static_mode(demo_static):
         assert all(writers[o["name"]] == "TensorScatter" for o in dec["outputs"] if o["name"].startswith("present."))
         pasts = {i["name"] for i in dec["inputs"] if i["name"].startswith("past_key_values.")}
         assert all(n.op_type == "TensorScatter" for n in graph.graph.node if pasts & set(n.input))
+
+
+def test_a_fixed_size_mask_decodes_alike(demo_static):
+    """GroupQueryAttention takes the filled length from the mask's sum (`seqlens_k`), so a decode step fed a mask of
+    the whole buffer, zeros past the filled positions (the fixed shape a CUDA graph needs), gives the same logits."""
+    if demo_static.manifest.contract.cache.mode != "static":
+        pytest.skip("static-onnx takes the positions from the mask's length")
+    from tgedge.bench_genai import ids_for
+
+    with Pipeline(demo_static.directory) as p:
+        x = p.embed_tokens(ids_for(20, p.manifest.model["decoder"]["vocab_size"])[None])
+
+        def decode(fixed: bool) -> np.ndarray:
+            p.setup_cache(40)
+            logits, out = [], p.prefill(x)
+            for _ in range(8):
+                e = p.embed_tokens(np.array([[int(np.argmax(out))]], np.int64))
+                feed = {"inputs_embeds": e, **p.cache.feed(1)}
+                if fixed:
+                    feed["attention_mask"] = np.zeros((1, p.cache.layout.max_length), np.int64)
+                    feed["attention_mask"][0, :p.cache.length + 1] = 1
+                result = p.run_stage("decoder", feed, **p.cache.options)
+                p.cache.update(result, 1)
+                out = result["logits"][0, -1]
+                logits.append(out)
+            p.clear_cache()
+            return np.array(logits)
+
+        growing, fixed = decode(False), decode(True)
+    assert np.std(growing) > 0
+    np.testing.assert_allclose(fixed, growing, rtol=0, atol=1e-5)
 
 
 def test_demo_static_decodes_as_growing(demo_export, demo_static, tmp_path):
