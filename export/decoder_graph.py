@@ -239,6 +239,7 @@ def _rotate(w: GraphWriter, x: str, cos: str, sin: str, scope: str) -> str:
 class GrowingAttention:
     """Standard ops: RoPE from `position_ids`, scores over Concat(past, new) with a causal + padding mask."""
     FUSED_NORMS = False  # standard ops: any backend
+    OPSET = 17  # the decoder graph's: what JetPack 6's TensorRT 10.3 parses
 
     def __init__(self, w: GraphWriter, d, contract: StageContract):
         self.d, self.past = d, contract.cache.past_names()
@@ -328,6 +329,7 @@ class StaticAttention:
     `seqlens_k` = positions filled - 1 and `total_sequence_length` from the attention mask (ones, batch 1), RoPE by
     the kernel from cos/sin tables of the export's max context, q/k/v from one packed projection."""
     FUSED_NORMS = True  # an onnxruntime graph already: its fused residual + RMSNorm kernel too
+    OPSET = 17
 
     def __init__(self, w: GraphWriter, d, contract: StageContract):
         self.d, self.past, self.present = d, contract.cache.past_names(), contract.cache.present_names()
@@ -366,6 +368,7 @@ class OnnxStaticAttention(GrowingAttention):
     keys and values written into the buffer by `TensorScatter` at the first new position, whose output is the present
     itself (TensorRT's KVCacheUpdate layer needs that: it writes the buffer bound as both); `Attention` over the
     filled positions (a Slice of the written buffer), grouped-query heads as they are."""
+    OPSET = 24  # TensorScatter, Attention
 
     def __init__(self, w: GraphWriter, d, contract: StageContract):
         self.present = contract.cache.present_names()
@@ -404,7 +407,6 @@ class OnnxStaticAttention(GrowingAttention):
 
 ATTENTION = {"growing": GrowingAttention, "static": StaticAttention,
              "static-onnx": OnnxStaticAttention}  # by the contract's KV cache mode
-OPSET = {"static-onnx": 24}  # the decoder graph's opset by cache mode (TensorScatter, Attention), else 17
 
 
 def check_static(d) -> None:
@@ -422,9 +424,9 @@ def build_decoder(cfg, contract: StageContract, weights, directory: Path, file: 
     d = cfg.decoder
     store = WeightStore(directory, f"{file}.data" if external else None)
     cache = contract.cache
-    w = GraphWriter(store, dtype, weight_only, OPSET.get(cache.mode, 17))
-    stage = contract.stages["decoder"]
     variant = ATTENTION[cache.mode]
+    w = GraphWriter(store, dtype, weight_only, variant.OPSET)
+    stage = contract.stages["decoder"]
     w.const("two_f32", np.array(2.0, np.float32))
     variant.constants(w, d)
     w.const("minus_one", np.array([-1], np.int64))
@@ -475,7 +477,7 @@ def build_decoder(cfg, contract: StageContract, weights, directory: Path, file: 
         store.close()
     graph = helper.make_graph(w.nodes, "decoder", [_value_info(t) for t in stage.inputs],
                               [_value_info(t) for t in stage.outputs], store.initializers + w.consts)
-    return _model(graph, ms_domain=bool(weight_only) or cache.mode == "static", opset=w.opset), store
+    return _model(graph, opset=w.opset), store
 
 
 def build_embed(cfg, contract: StageContract, weights, directory: Path, file: str, dtype: str,
@@ -502,7 +504,9 @@ def _value_info(t) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(t.name, elem, list(t.shape))
 
 
-def _model(graph, ms_domain: bool = False, opset: int = 17) -> onnx.ModelProto:
+def _model(graph, opset: int = 17) -> onnx.ModelProto:
+    """The model around `graph`, importing onnxruntime's domain where a node of the graph is in it."""
+    ms_domain = any(n.domain == "com.microsoft" for n in graph.node)
     opsets = [helper.make_opsetid("", opset)] + ([helper.make_opsetid("com.microsoft", 1)] if ms_domain else [])
     model = helper.make_model(graph, opset_imports=opsets, producer_name="tgedge")
     # opset 17: IR 8, what onnxruntime >= 1.14 and TensorRT 8.6+ read; a newer opset: the IR onnx pairs it with

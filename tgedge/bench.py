@@ -211,14 +211,14 @@ class Target:
 
         if self.kind == "genai":
             return GenaiPeer(self.model, self.clip, self.threads)  # clip: the worker's python
-        if self.kind == "transformers":
-            from tgedge.bench_transformers import TransformersPeer
-
-            return TransformersPeer(self.model, self.clip, self.threads)
-        if self.kind == "torch" and self.threads:
+        if self.kind in ("torch", "transformers") and self.threads:
             import torch
 
             torch.set_num_threads(self.threads)  # process-wide: torch has no per-model setting
+        if self.kind == "transformers":
+            from tgedge.bench_transformers import TransformersPeer
+
+            return TransformersPeer(self.model, self.clip)
         if self.kind == "tgedge" and (text_only or self.threads or not self.spin):
             from tgedge.runtime.backends import make_runner
             from tgedge.runtime.onnxrt import DEVICES, OnnxRuntimeRunner, SessionFromOnnx

@@ -59,26 +59,20 @@ def build_twin(model, cfg):
 class TransformersPeer:
     """`LlavaForConditionalGeneration.generate` on a plain-LLaVA checkpoint, in this process (torch, fp32, CPU)."""
 
-    def __init__(self, checkpoint: str, clip: str | None, threads: int = 0):
+    def __init__(self, checkpoint: str, clip: str | None):
         try:
-            import torch
             import transformers
         except ImportError:
             raise TgedgeError("--compare transformers needs transformers (pip install transformers)") from None
-        from tgedge.checkpoint import load_checkpoint, load_state
-        from tgedge.model import TGLlava
+        from tgedge.checkpoint import load_checkpoint, model_of
 
         ckpt = load_checkpoint(checkpoint, clip)  # its config, and its weights read lazily: nothing loaded yet
         if ckpt.config.has_tg:
             raise TgedgeError(f"--compare transformers: {checkpoint} is a text-guided checkpoint and transformers has "
                               "no TG modules: --transformers-model takes a plain-LLaVA checkpoint (a TG preset's "
                               "twin: tgedge checkpoint random --preset llava-...)")
-        if threads:
-            torch.set_num_threads(threads)
-        model = TGLlava(ckpt.config)
-        load_state(model, ckpt.weights, ckpt.path)
         self.cfg, self.pre, self.version = ckpt.config, ckpt.preprocessor, transformers.__version__
-        self.model = build_twin(model.eval(), ckpt.config)
+        self.model = build_twin(model_of(ckpt), ckpt.config)
         self.context = ckpt.config.decoder.max_position_embeddings
 
     # -- one generate, timed ----------------------------------------------------------------------------------------

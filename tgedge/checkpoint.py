@@ -9,6 +9,7 @@ stay inside the checkpoint directory.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -263,17 +264,20 @@ def load_state(model: torch.nn.Module, weights: LazyWeights, source: Path, copy:
 def load_model(path: str | Path, clip: str | Path | None = None, device: str = "cpu"):
     """-> (TGLlava in eval mode, fp32, Checkpoint). `device="meta"`: the model without weights (nothing allocated),
     checked against the checkpoint's names and shapes; `materialize` then loads the parts a step needs."""
+    ckpt = load_checkpoint(path, clip)
+    return model_of(ckpt, device), ckpt
+
+
+def model_of(ckpt: Checkpoint, device: str = "cpu"):
+    """The TGLlava of a loaded checkpoint (`load_model` without reading the checkpoint again: a caller that looked
+    at its config first)."""
     from tgedge.model import TGLlava
 
-    ckpt = load_checkpoint(path, clip)
-    if device == "meta":
-        with torch.device("meta"):
-            model = TGLlava(ckpt.config)
-        load_state(model, ckpt.weights, ckpt.path, copy=False)
-        return model.eval(), ckpt
-    model = TGLlava(ckpt.config)
-    load_state(model, ckpt.weights, ckpt.path)
-    return model.eval(), ckpt
+    meta = device == "meta"
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        model = TGLlava(ckpt.config)
+    load_state(model, ckpt.weights, ckpt.path, copy=not meta)
+    return model.eval()
 
 
 def materialize(model: torch.nn.Module, weights: LazyWeights, prefixes: tuple[str, ...]) -> None:

@@ -96,10 +96,11 @@ def cmd_export(args) -> int:
                       f"{worst.limit:.0e}", f"{worst.max_abs:.2e}", f"{ok}, {worst.scope}" if worst.scope else ok)
     Console().print(table)
     m = result.manifest
-    from tgedge.export.decoder_graph import OPSET
+    from tgedge.export.decoder_graph import ATTENTION
 
     mode = m.contract.cache.mode
-    opset = f"opset {m.opset}" + (f", the {mode} decoder's {OPSET[mode]}" if mode in OPSET else "")
+    decoder_opset = ATTENTION[mode].OPSET
+    opset = f"opset {m.opset}" + (f", the {mode} decoder's {decoder_opset}" if decoder_opset != m.opset else "")
     print(f"wrote {len(m.graphs)} graphs ({opset}, max context {m.max_context}) and manifest.json to "
           f"{result.directory}")
     if not result.passed:

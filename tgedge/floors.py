@@ -113,8 +113,7 @@ def measure_host(threads: int = 0) -> Peaks:
 def best_of(before: Peaks, after: Peaks) -> Peaks:
     """Each peak at its higher of two measurements (the bench takes one before its runs and one after: a shared
     host's bandwidth drifts with its neighbours' load, and a floor is the least time the machine showed)."""
-    pick = lambda a, b: a if a >= b else b  # noqa: E731
-    bandwidth, flops = pick(before.bandwidth, after.bandwidth), pick(before.flops, after.flops)
+    bandwidth, flops = max(before.bandwidth, after.bandwidth), max(before.flops, after.flops)
     how = dict(after.how if after.bandwidth > before.bandwidth else before.how)
     how["flops"] = (after if after.flops > before.flops else before).how.get("flops")
     how["measured"] = (f"before and after the runs, the higher taken: bandwidth {before.bandwidth / 1e9:.2f} / "
