@@ -99,7 +99,7 @@ def collect_ranges(export_dir: str | Path, data: str | Path, graphs: list[str], 
     def measuring(manifest, graph: str) -> BaseRunner:
         if graph not in graphs:
             return make_runner("onnxruntime", manifest, graph)
-        runners[graph] = MinMaxRunner(manifest.graph_path(graph), graph, op_types)
+        runners[graph] = MinMaxRunner(manifest, graph, op_types)
         return runners[graph]
 
     _answer_all(export_dir, data, limit, max_new_tokens, progress, measuring)

@@ -18,7 +18,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from tgedge.runtime.onnxrt import OnnxRuntimeRunner, SessionFromOnnx
+from tgedge.runtime.backends import make_runner
+from tgedge.runtime.runner import BaseRunner
 
 REDUCTIONS = ("ReduceMin", "ReduceMax")
 
@@ -57,31 +58,49 @@ def with_reductions(structure: onnx.ModelProto, tensors: list[str]) -> onnx.Mode
     return structure
 
 
-class MinMaxRunner(OnnxRuntimeRunner):
+class MinMaxRunner(BaseRunner):
     """A graph's runner that also folds the min/max of every calibrated tensor of each call; callers see only the
-    graph's own outputs."""
+    graph's own outputs. It wraps the onnxruntime runner `make_runner` gives for the graph with the reductions added
+    (`rewrite`), its nodes run in order."""
 
-    def __init__(self, path, name: str, op_types: tuple[str, ...]):
+    def __init__(self, manifest, graph: str, op_types: tuple[str, ...]):
+        super().__init__(graph)
         self.tensors: list[str] = []
 
         def rewrite(structure: onnx.ModelProto) -> onnx.ModelProto:
             self.tensors = calibrated_tensors(structure, op_types)
             return with_reductions(structure, self.tensors)
 
-        super().__init__(SessionFromOnnx(path, rewrite=rewrite, in_order=True), name)
+        self.runner = make_runner("onnxruntime", manifest, graph, rewrite=rewrite, in_order=True)
         self.low: dict[str, float] = {}
         self.high: dict[str, float] = {}
 
     def activate_impl(self) -> None:
-        super().activate_impl()
+        self.runner.activate()
         added = {f"{t}_{op}" for t in self.tensors for op in REDUCTIONS}
-        self.graph_outputs = [n for n in self.output_names if n not in added]
+        self.graph_outputs = [n for n in self.runner.get_output_metadata() if n not in added]
+
+    def deactivate_impl(self) -> None:
+        self.runner.deactivate()
+
+    def describe_value(self, value: Any):
+        return self.runner.describe_value(value)
+
+    # a static KV cache's buffers stay bound in place, as on the plain runner
+    def buffer(self, shape: tuple[int, ...], dtype: str):
+        return self.runner.buffer(shape, dtype)
+
+    def bind(self, buffers: dict[str, Any], outputs: dict[str, str]):
+        return self.runner.bind(buffers, outputs)
+
+    def get_input_metadata_impl(self):
+        return self.runner.get_input_metadata()
 
     def get_output_metadata_impl(self):
-        return {n: m for n, m in super().get_output_metadata_impl().items() if n in self.graph_outputs}
+        return {n: m for n, m in self.runner.get_output_metadata().items() if n in self.graph_outputs}
 
     def infer_impl(self, feed: dict[str, Any], **kwargs) -> dict[str, Any]:
-        out = super().infer_impl(feed, **kwargs)
+        out = self.runner.infer(feed, check_inputs=False, **kwargs)  # checked once, here, against the same inputs
         for t in self.tensors:
             low, high = out[f"{t}_ReduceMin"], out[f"{t}_ReduceMax"]
             if low.size:  # an empty tensor has no range; NaN is skipped (onnxruntime's nanmin / nanmax)

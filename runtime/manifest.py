@@ -21,6 +21,12 @@ GRAPHS = ALL_STAGES  # one graph per stage
 PRECISIONS = ("fp32", "fp16", "int8", "int8w", "int4w")
 
 
+def is_export(path: str | Path) -> bool:
+    """Whether `path` is an export (or engine) directory: it holds a manifest. The one test of it (a checkpoint runs
+    on torch, an export on a runtime backend); `Manifest.load` then checks the rest."""
+    return (Path(path) / MANIFEST).exists()
+
+
 def _major_minor(version: str) -> str:
     return ".".join(version.split(".")[:2])
 

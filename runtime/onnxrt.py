@@ -157,6 +157,7 @@ class OnnxRuntimeRunner(BaseRunner):
                 for n in self.output_names}
 
 
-def runner_for(manifest, graph: str, device: str = "cpu") -> OnnxRuntimeRunner:
-    """The backend registry's door (tgedge.runtime.backends): a graph of an export directory on a device."""
-    return OnnxRuntimeRunner(SessionFromOnnx(manifest.graph_path(graph), device), graph)
+def runner_for(manifest, graph: str, device: str = "cpu", **loader_options) -> OnnxRuntimeRunner:
+    """The backend registry's door (tgedge.runtime.backends): a graph of an export directory on a device;
+    `loader_options` are SessionFromOnnx's (threads, spin, in_order, rewrite, trt_cache)."""
+    return OnnxRuntimeRunner(SessionFromOnnx(manifest.graph_path(graph), device, **loader_options), graph)

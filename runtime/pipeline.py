@@ -41,13 +41,14 @@ VERIFY = ("fingerprint", "sha256", None)
 
 
 class Pipeline(StageFlow):
-    """`runner_factory(manifest, graph)` replaces the backend's runners (calibration records through it);
-    `verify` checks each ONNX graph against the manifest first: a fingerprint (cheap, the default), every byte
-    (sha256, what validate does) or not at all (None)."""
+    """`runner_options`: the backend's loader options for every runner (`make_runner`'s: threads, spin, ...);
+    `runner_factory(manifest, graph)` replaces the backend's runners (calibration records through it); `verify`
+    checks each ONNX graph against the manifest first: a fingerprint (cheap, the default), every byte (sha256, what
+    validate does) or not at all (None)."""
 
     def __init__(self, export_dir: str | Path, backend: str = "onnxruntime", context: int | None = None,
                  runner_factory: RunnerFactory | None = None, verify: str | None = "fingerprint",
-                 stages: tuple[str, ...] | None = None):
+                 stages: tuple[str, ...] | None = None, runner_options: dict | None = None):
         """`stages`: load only these of the contract's stages (text-only use: embed and decoder)."""
         self.manifest = Manifest.load(export_dir)
         if verify not in VERIFY:
@@ -63,7 +64,8 @@ class Pipeline(StageFlow):
         self.pre = Preprocessor.from_dir(export_dir, self.manifest.files)
         self.backend = backend
         self.context = min(context or self.manifest.max_context, self.manifest.max_context)
-        factory = runner_factory or (lambda manifest, graph: make_runner(backend, manifest, graph))
+        options = runner_options or {}
+        factory = runner_factory or (lambda manifest, graph: make_runner(backend, manifest, graph, **options))
         self.runners: dict[str, BaseRunner] = {}
         try:
             for graph in stages:

@@ -214,8 +214,9 @@ class TensorRTRunner(BaseRunner):
         return {n: (v if n in keep or n in fixed else v.numpy()) for n, v in outputs.items()}
 
 
-def runner_for(manifest: Manifest, graph: str) -> TensorRTRunner:
-    """The backend registry's door (tgedge.runtime.backends): one engine of an engine directory."""
+def runner_for(manifest: Manifest, graph: str, threads: int = 0, spin: bool = True) -> TensorRTRunner:
+    """The backend registry's door (tgedge.runtime.backends): one engine of an engine directory. `threads` and
+    `spin` are onnxruntime's host-thread settings: an engine runs on the GPU and has no use for them."""
     entry, contract = manifest.graphs[graph], manifest.contract
     select = None
     if graph == "decoder":

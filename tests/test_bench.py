@@ -102,7 +102,7 @@ def test_power_from_tegrastats(demo_export, tmp_path, monkeypatch, capsys):
 
 def test_power_without_a_source_is_a_clear_error(demo_export, monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("PATH", str(tmp_path))
-    monkeypatch.setattr("tgedge.bench.INA_ROOT", tmp_path / "none")
+    monkeypatch.setattr("tgedge.bench.samplers.INA_ROOT", tmp_path / "none")
     assert main(["bench", str(demo_export.directory), "--runs", "1", "--power"]) == 2
     assert "no power source" in capsys.readouterr().err
 

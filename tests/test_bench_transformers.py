@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import tiny
-from tgedge.bench_transformers import TransformersPeer
+from tgedge.bench.peers import TransformersPeer
 from tgedge.cli import main
 from tgedge.reference import TorchPipeline
 
@@ -44,7 +44,7 @@ def test_generate_gives_the_reference_tokens(hf_dir):
     lm = peer.model.model.language_model
     assert lm.embed_tokens.weight.data_ptr() == peer.model.lm_head.weight.data_ptr()  # tied, as Qwen2 ties them
 
-    from tgedge.bench_genai import ids_for
+    from tgedge.bench.genai_worker import ids_for
     from tgedge.generate import GenerationOptions, generate
 
     ids = ids_for(12, peer.cfg.decoder.vocab_size)[None]

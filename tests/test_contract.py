@@ -126,10 +126,12 @@ LAYERS = [
     {"tgedge.errors", "tgedge.contract", "tgedge.fileio", "tgedge.config", "tgedge.prompt", "tgedge.sampling",
      "tgedge.preprocess", "tgedge.generate", "tgedge.stageflow"},
     {"tgedge.runtime"},  # torch-free
-    {"tgedge.model", "tgedge.checkpoint", "tgedge.reference", "tgedge.data", "tgedge.evaluate"},
+    {"tgedge.model", "tgedge.checkpoint", "tgedge.reference", "tgedge.pipelines", "tgedge.data", "tgedge.evaluate"},
     {"tgedge.validate", "tgedge.inspect", "tgedge.train_demo", "tgedge.demo", "tgedge.bench", "tgedge.device",
      "tgedge.presets"},
     {"tgedge.export", "tgedge.calibration"},  # export's graph modules come from the model, not the reverse
+    {"tgedge.cli", "tgedge.cli_common", "tgedge.cli_bench", "tgedge.cli_checkpoint", "tgedge.cli_deploy",
+     "tgedge.cli_device", "tgedge.cli_serve", "tgedge.__main__"},  # no library module imports the CLI
 ]
 
 

@@ -9,9 +9,10 @@ import sys
 import threading
 import traceback
 
-from tgedge import __version__, cli_checkpoint, cli_deploy, cli_device
-from tgedge.cli_common import BACKENDS, EPILOG, SEED, Parser, add_output, integer, open_pipeline, real, text
+from tgedge import __version__, cli_bench, cli_checkpoint, cli_deploy, cli_device
+from tgedge.cli_common import BACKENDS, EPILOG, SEED, Parser, add_output, integer, real, text
 from tgedge.errors import TgedgeError, as_user_error, one_line
+from tgedge.pipelines import open_pipeline
 
 
 def _add_run(sub) -> None:
@@ -202,6 +203,7 @@ def build_parser() -> Parser:
     _add_eval(sub)
     cli_deploy.register(sub)
     cli_device.register(sub)
+    cli_bench.register(sub)
     cli_checkpoint.register(sub)
     from tgedge import cli_serve
     cli_serve.register(sub)

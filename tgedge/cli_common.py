@@ -1,11 +1,10 @@
-"""What the CLI modules share: backends, the epilog, the parser, option types, opening a pipeline."""
+"""What the CLI modules share: backends, the epilog, the parser, option types."""
 
 from __future__ import annotations
 
 import argparse
 import math
 
-from tgedge.errors import TgedgeError
 from tgedge.runtime.backends import BACKENDS as RUNTIME_BACKENDS
 
 BACKENDS = ["torch", *RUNTIME_BACKENDS]  # the reference, then the runtime registry (tgedge.runtime.backends)
@@ -90,26 +89,3 @@ def add_output(p, help: str) -> None:
                                                             "output of the same kind (docs/ERRORS.md)")
     p.add_argument("--force", action="store_true",
                    help="replace -o even if it holds other files (never an input or the working directory)")
-
-
-def open_pipeline(model: str, backend: str | None, clip: str | None = None, context: int | None = None,
-                  verify: bool = True):
-    """A checkpoint runs on torch; an export directory (it has manifest.json) on a runtime backend, its graphs
-    first checked against the manifest's fingerprints unless `verify` is False."""
-    from pathlib import Path
-
-    is_export = (Path(model) / "manifest.json").exists()
-    backend = backend or ("onnxruntime" if is_export else "torch")
-    if backend == "torch":
-        if is_export:
-            raise TgedgeError(f"{model} is an export directory: the torch backend runs checkpoints "
-                              "(pass the checkpoint, or pick a runtime backend)")
-        from tgedge.reference import TorchPipeline
-
-        return TorchPipeline.from_checkpoint(model, clip, context)
-    if not is_export:
-        raise TgedgeError(f"--backend {backend} runs an export directory (with manifest.json); {model} is not one "
-                          f"(make one with: tgedge export {model} -o DIR)")
-    from tgedge.runtime.pipeline import Pipeline
-
-    return Pipeline(model, backend, context, verify="fingerprint" if verify else None)

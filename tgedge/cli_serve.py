@@ -244,10 +244,11 @@ def cmd_loadtest(args) -> int:
     from pathlib import Path
 
     from tgedge.fileio import write_atomic
+    from tgedge.runtime.manifest import is_export
     from tgedge.serving.loadtest import plot, run_loadtest
 
     baseline = args.baseline
-    if baseline and not (Path(baseline) / "manifest.json").exists() and (Path(baseline) / "tgedge/1/export").is_dir():
+    if baseline and not is_export(baseline) and (Path(baseline) / "tgedge/1/export").is_dir():
         baseline = str(Path(baseline) / "tgedge/1/export")
 
     def show(level) -> None:

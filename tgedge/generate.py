@@ -43,20 +43,29 @@ def fit_to_context(prompt_len: int, max_new_tokens: int, context: int) -> int:
 
 
 def generate(pipe, x: Any, options: GenerationOptions, context: int, stop: StopCriteria | None = None,
-             on_token: Callable[[int], None] | None = None) -> GenerationResult:
-    """Greedy or sampled decoding from prompt embeddings x (1, T, D)."""
+             on_token: Callable[[int], None] | None = None, pick: Callable[[Any], int] | None = None,
+             on_step: Callable[[str, float], None] | None = None) -> GenerationResult:
+    """Greedy or sampled decoding from prompt embeddings x (1, T, D): the one decode loop (answers, validate's
+    teacher forcing and the bench all run it). `pick(logits) -> token` is the token source (default: the sampler of
+    `options`; teacher forcing gives the known tokens); `on_step(name, seconds)` is told each step's time,
+    `prefill` then `decode_token` (the pick included, `on_token` not: what the bench times)."""
     t = x.shape[1]
     n = fit_to_context(t, options.max_new_tokens, context)
-    sampler, stop = Sampler(options), stop or StopCriteria(options)
+    pick, stop = pick or Sampler(options).pick, stop or StopCriteria(options)
     pipe.setup_cache(t + n)
     try:
         start = time.perf_counter()
-        tokens = [sampler.pick(pipe.prefill(x))]
+        tokens = [pick(pipe.prefill(x))]
         first = time.perf_counter()
+        if on_step:
+            on_step("prefill", first - start)
         if on_token:
             on_token(tokens[-1])
         while len(tokens) < n and not stop.done(tokens):
-            tokens.append(sampler.pick(pipe.decode_one_token(tokens[-1], t + len(tokens) - 1)))
+            step = time.perf_counter()
+            tokens.append(pick(pipe.decode_one_token(tokens[-1], t + len(tokens) - 1)))
+            if on_step:
+                on_step("decode_token", time.perf_counter() - step)
             if on_token:
                 on_token(tokens[-1])
         end = time.perf_counter()
@@ -69,16 +78,17 @@ def generate(pipe, x: Any, options: GenerationOptions, context: int, stop: StopC
 
 def forced_logits(pipe, x: Any, tokens: list[int]) -> np.ndarray:
     """Teacher forcing through the decode path: the logits (n, V) the pipeline gives before each of `tokens` when
-    fed the prompt embeddings x (1, T, D) and then `tokens[:-1]` one at a time (what `tgedge validate` compares)."""
-    t = x.shape[1]
-    pipe.setup_cache(t + len(tokens))
-    try:
-        out = [np.asarray(pipe.prefill(x))]
-        for i, token in enumerate(tokens[:-1]):
-            out.append(np.asarray(pipe.decode_one_token(token, t + i)))
-    finally:
-        pipe.clear_cache()
-    return np.stack(out)
+    fed the prompt embeddings x (1, T, D) and then `tokens[:-1]` one at a time (what `tgedge validate` compares).
+    `generate`'s loop with the known tokens as its token source, no stop criteria."""
+    logits: list[np.ndarray] = []
+
+    def forced(step_logits) -> int:
+        logits.append(np.asarray(step_logits))
+        return tokens[len(logits) - 1]
+
+    options = GenerationOptions(max_new_tokens=len(tokens))  # no EOS, no stop strings: every token is fed
+    generate(pipe, x, options, x.shape[1] + len(tokens), pick=forced)
+    return np.stack(logits)
 
 
 class AnswerMixin:

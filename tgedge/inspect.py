@@ -193,6 +193,8 @@ ENGINE_TAGS = (b"ftrt", b"ptrt", b"vtrt")
 
 
 def inspect_engine(path: str | Path) -> dict:
+    from tgedge.runtime.manifest import MANIFEST, is_export
+
     path = Path(path)
     if not path.exists():
         raise TgedgeError(f"{path}: not found")
@@ -205,9 +207,8 @@ def inspect_engine(path: str | Path) -> dict:
         raise TgedgeError(f"{path}: not a TensorRT engine (starts with {tag!r}; TensorRT plans start with "
                           f"{' or '.join(repr(t) for t in ENGINE_TAGS)})")
     out: dict = {"path": str(path), "bytes": size, "metadata": None, "layers": None}
-    manifest_path = path.parent / "manifest.json"
-    if manifest_path.exists():
-        engines = json.loads(manifest_path.read_text()).get("engines", {})
+    if is_export(path.parent):
+        engines = json.loads((path.parent / MANIFEST).read_text()).get("engines", {})
         out["metadata"] = next((m for m in engines.values() if m.get("file") == path.name), None)
     meta = out["metadata"] or {}
     try:

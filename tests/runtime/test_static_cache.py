@@ -93,7 +93,7 @@ def test_a_fixed_size_mask_decodes_alike(demo_static):
     the whole buffer, zeros past the filled positions (the fixed shape a CUDA graph needs), gives the same logits."""
     if demo_static.manifest.contract.cache.mode != "static":
         pytest.skip("static-onnx takes the positions from the mask's length")
-    from tgedge.bench_genai import ids_for
+    from tgedge.bench.genai_worker import ids_for
 
     with Pipeline(demo_static.directory) as p:
         x = p.embed_tokens(ids_for(20, p.manifest.model["decoder"]["vocab_size"])[None])

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from tgedge.errors import TgedgeError
-from tgedge.serving.protocol import DEFAULTS, ENTRY_MODEL, REQUEST, WIRE_TYPES
+from tgedge.serving.protocol import DEFAULTS, ENTRY_MODEL, REQUEST, WIRE_TYPES, require_tritonclient
 
 DEFAULT_GRPC_PORT = 8001
 
@@ -42,12 +42,10 @@ def grpc_target(url: str) -> str:
 
 
 def _grpc():
-    try:
-        import tritonclient.grpc as grpcclient
-        from tritonclient.utils import InferenceServerException
-    except ImportError as e:
-        raise TgedgeError(f"tgedge client needs tritonclient ({e.name} is missing): pip install 'tgedge[serve]'") \
-            from None
+    require_tritonclient("client")
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
     return grpcclient, InferenceServerException
 
 

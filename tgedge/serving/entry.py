@@ -28,13 +28,10 @@ from tgedge.errors import TgedgeError, as_user_error
 from tgedge.preprocess import load_image
 from tgedge.runtime.backends import make_runner
 from tgedge.runtime.cache import make_cache
-from tgedge.runtime.onnxrt import OnnxRuntimeRunner, SessionFromOnnx
 from tgedge.runtime.pipeline import Pipeline
 from tgedge.runtime.runner import BaseRunner
 from tgedge.serving.protocol import DEFAULTS, OPTIONS, REQUEST
 from tgedge.serving.stage import error_response, parameters
-
-ORT_DEVICES = {"onnxruntime": "cpu", "onnxruntime-cuda": "cuda", "onnxruntime-trt": "trt"}
 
 
 class Cancelled(Exception):
@@ -125,10 +122,7 @@ class Entry:
     def _runner(self, manifest, graph: str) -> BaseRunner:
         if graph in self.bls:
             return TritonModelRunner(manifest.contract.stages[graph], graph)
-        if self.backend in ORT_DEVICES:
-            return OnnxRuntimeRunner(SessionFromOnnx(manifest.graph_path(graph), ORT_DEVICES[self.backend],
-                                                     self.threads), graph)
-        return make_runner(self.backend, manifest, graph)
+        return make_runner(self.backend, manifest, graph, threads=self.threads)
 
     def sequence(self) -> Pipeline:
         """The pipeline with a KV cache of its own: one per request; the runners (sessions) are shared."""

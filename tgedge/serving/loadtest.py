@@ -99,14 +99,11 @@ def baseline(export_dir: str | Path, samples: list, requests: int, options: dict
              warmup: int = 2) -> tuple[Level, dict[int, list[int]]]:
     """`tgedge run`'s loop in this process: one Pipeline, one answer after another (`threads` 0: ONNX Runtime's
     default, as `tgedge run`; else that many intra-op threads)."""
-    from tgedge.runtime.onnxrt import OnnxRuntimeRunner, SessionFromOnnx
     from tgedge.runtime.pipeline import Pipeline
 
-    factory = None if not threads else (
-        lambda m, g: OnnxRuntimeRunner(SessionFromOnnx(m.graph_path(g), "cpu", threads), g))
     tokens: dict[int, list[int]] = {}
     results = []
-    with Pipeline(export_dir, runner_factory=factory) as pipe:
+    with Pipeline(export_dir, runner_options={"threads": threads}) as pipe:
         opts = pipe.options(**options)
         for i in range(min(warmup, len(samples))):
             pipe.answer(samples[i][0], samples[i][1], opts)

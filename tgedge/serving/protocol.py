@@ -10,7 +10,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tgedge.errors import TgedgeError
+
 ENTRY_MODEL = "tgedge"
+
+
+def require_tritonclient(command: str) -> None:
+    """Refuse in one line where tritonclient (and the protobuf it brings) is missing: `tgedge triton` writes configs
+    through its schema, `client` and `loadtest` talk through it; the server side needs none of it."""
+    try:
+        import tritonclient.grpc  # noqa: F401
+    except ImportError as e:
+        raise TgedgeError(f"tgedge {command} needs tritonclient ({e.name} is missing): pip install 'tgedge[serve]'") \
+            from None
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from tgedge.contract import BATCH, VIEWS, StageContract, TensorMeta
 from tgedge.errors import TgedgeError
 from tgedge.fileio import atomic_dir, inside
 from tgedge.runtime.manifest import Manifest
-from tgedge.serving.protocol import ENTRY_MODEL, REQUEST, RESPONSE, TRITON_TYPES, Field
+from tgedge.serving.protocol import ENTRY_MODEL, REQUEST, RESPONSE, TRITON_TYPES, Field, require_tritonclient
 
 BACKENDS = ("python", "onnxruntime", "tensorrt")
 # Stages the entry model calls through BLS by default: the image side, which Triton batches across requests.
@@ -83,12 +83,10 @@ class RepositoryResult:
 
 
 def _pb2():
-    try:
-        from google.protobuf import text_format
-        from tritonclient.grpc import model_config_pb2
-    except ImportError as e:
-        raise TgedgeError(f"tgedge triton needs tritonclient ({e.name} is missing): pip install 'tgedge[serve]'") \
-            from None
+    require_tritonclient("triton")
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
     return model_config_pb2, text_format
 
 

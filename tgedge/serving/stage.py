@@ -15,7 +15,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from tgedge.errors import TgedgeError
-from tgedge.runtime.onnxrt import OnnxRuntimeRunner, SessionFromOnnx
+from tgedge.runtime.backends import GraphFile, make_runner
 
 
 def parameters(config: dict) -> dict[str, str]:
@@ -43,7 +43,8 @@ class TritonPythonModel:
         params = parameters(config)
         self.stage = params.get("stage") or args["model_name"]
         graph = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
-        self.runner = OnnxRuntimeRunner(SessionFromOnnx(graph, "cpu", int(params.get("threads") or 0)), self.stage)
+        threads = int(params.get("threads") or 0)
+        self.runner = make_runner("onnxruntime", GraphFile(graph), self.stage, threads=threads)
         self.runner.activate()
         self.inputs = [t["name"] for t in config["input"]]
         self.outputs = [t["name"] for t in config["output"]]

@@ -1,6 +1,10 @@
-"""transformers `LlavaForConditionalGeneration.generate` as a `tgedge bench` peer, for plain-LLaVA checkpoints.
+"""The bench's peers: other libraries running the same weights, each timing itself (`bench_run(settings)`) and
+describing itself (`describe()`) for the floors.
 
-transformers has LLaVA but no TG-LLaVA modules, so the peer runs a plain-LLaVA checkpoint: the export's own source
+onnxruntime-genai (`GenaiPeer`) runs in a worker process of a Python that has it (tgedge/bench/genai_worker.py).
+
+transformers `LlavaForConditionalGeneration.generate` (`TransformersPeer`) runs plain-LLaVA checkpoints. transformers
+has LLaVA but no TG-LLaVA modules, so the peer runs a plain-LLaVA checkpoint: the export's own source
 checkpoint when it is plain LLaVA, else the twin the user names (`tgedge checkpoint random --preset llava-...`: the
 TG preset's CLIP tower and decoder, without TG-FOM / TG-DP). The checkpoint is read by tgedge (every layout it reads)
 and its tensors are handed to a `LlavaForConditionalGeneration` built from the same config (`load_state_dict(...,
@@ -15,8 +19,11 @@ logits arrive (the first: TTFT; the differences: one decode step each, generate'
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import time
+from pathlib import Path
 
 from tgedge.errors import TgedgeError
 
@@ -130,9 +137,9 @@ class TransformersPeer:
         self.model.config.image_token_index = chosen  # one config object, shared with self.model.model
         return ids
 
-    # -- the bench protocol (tgedge.bench: bench_run, describe) -------------------------------------------------------
+    # -- the bench protocol (tgedge.bench.run: bench_run, describe) ---------------------------------------------------
     def bench_run(self, settings) -> dict:
-        from tgedge.bench_genai import ids_for
+        from tgedge.bench.genai_worker import ids_for
 
         out = {}
         if settings.image is not None:
@@ -171,3 +178,86 @@ class TransformersPeer:
                 "weight_bytes": sum(p.numel() * p.element_size() for p in params.values()),
                 "kv_per_position": kv_bytes_per_position(d.num_layers, d.num_kv_heads, d.head_dim),
                 "model": self.cfg.to_dict()}
+
+
+class GenaiPeer:
+    """onnxruntime-genai over its builder's output (`python -m onnxruntime_genai.models.builder -i HF_DIR -o DIR -p
+    fp32|int4 -e cpu`), in a worker process of `python` (an environment with onnxruntime_genai: it brings its own
+    onnxruntime); text-only prompts, the same token ids as tgedge's text-only runs (tgedge/bench/genai_worker.py)."""
+    separate_process = True  # its memory is the worker's, not this process's
+
+    def __init__(self, model_dir: str, python: str, threads: int = 0):
+        self.model_dir = model_dir
+        worker = Path(__file__).with_name("genai_worker.py")
+        try:
+            # isolated (-I): neither the working directory nor tgedge/ (whose inspect.py would shadow the standard
+            # library's) on its path
+            run = "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+            self.proc = subprocess.Popen([python, "-I", "-c", run, str(worker), model_dir, str(threads)],
+                                         stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        except OSError as e:
+            raise TgedgeError(f"--genai-python {python}: cannot start it ({e.strerror})") from None
+        ready = self.proc.stdout.readline()
+        if not ready:
+            err = self.proc.stderr.read().strip().splitlines()
+            raise TgedgeError(f"onnxruntime-genai worker ({python}) failed: {err[-1] if err else 'no output'}")
+
+    def bench_run(self, settings) -> dict:
+        out = {}
+        for n in settings.prompt_tokens:
+            self.proc.stdin.write(json.dumps({"prompt_tokens": n, "new_tokens": settings.new_tokens}) + "\n")
+            self.proc.stdin.flush()
+            line = self.proc.stdout.readline()
+            if not line:
+                raise TgedgeError(f"onnxruntime-genai worker stopped: {self.proc.stderr.read().strip()[-300:]}")
+            out[f"context:{n}"] = json.loads(line)
+        return out
+
+    def describe(self) -> dict:
+        from tgedge.floors import graph_weight_bytes, kv_bytes_per_position
+
+        cfg = json.loads((Path(self.model_dir) / "genai_config.json").read_text())["model"]
+        dec = cfg["decoder"]
+        onnx_file = Path(self.model_dir) / dec["filename"]
+        return {"precision": "int4" if "int4" in str(self.model_dir) or _has_nbits(onnx_file) else "fp32",
+                "cache": "static (onnxruntime-genai)", "weight_bytes": graph_weight_bytes(onnx_file),
+                "kv_per_position": kv_bytes_per_position(dec["num_hidden_layers"], dec["num_key_value_heads"],
+                                                         dec["head_size"]),
+                "model": {"decoder": {"hidden_size": dec["hidden_size"], "num_layers": dec["num_hidden_layers"],
+                                      "num_heads": dec["num_attention_heads"], "head_dim": dec["head_size"],
+                                      "num_kv_heads": dec["num_key_value_heads"], "vocab_size": cfg["vocab_size"],
+                                      "intermediate_size": _intermediate(onnx_file)}}}
+
+    def peak_rss(self) -> int:
+        """The worker's own peak resident memory (it is another process)."""
+        try:
+            status = Path(f"/proc/{self.proc.pid}/status").read_text()
+            return int(next(ln.split()[1] for ln in status.splitlines() if ln.startswith("VmHWM:"))) * 1024
+        except (OSError, StopIteration, ValueError):
+            return 0
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=30)
+
+
+def _has_nbits(path: Path) -> bool:
+    import onnx
+
+    return any(n.op_type == "MatMulNBits" for n in onnx.load(str(path), load_external_data=False).graph.node)
+
+
+def _intermediate(path: Path) -> int:
+    """The MLP width from the graph (genai_config does not carry it): the first down projection's K."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    for node in proto.graph.node:
+        if "down_proj" in node.name and node.op_type in ("MatMul", "MatMulNBits"):
+            if node.op_type == "MatMulNBits":
+                return next(a.i for a in node.attribute if a.name == "K")
+            init = next(t for t in proto.graph.initializer if t.name == node.input[1])
+            return int(init.dims[0])
+    raise TgedgeError(f"{path}: no down_proj MatMul to read the MLP width from")

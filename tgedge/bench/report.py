@@ -1,12 +1,104 @@
-"""`tgedge bench` reports from its JSON-ready dict: Markdown tables, a PNG chart (matplotlib), the terminal lines."""
+"""`tgedge bench`'s report: the runs summarised (per-stage medians and p90 beside their floors) into a JSON-ready
+dict, and from it Markdown tables, a PNG chart (matplotlib), the terminal lines."""
 
 from __future__ import annotations
 
+import math
+import os
+import statistics
 from pathlib import Path
 
 from tgedge.errors import TgedgeError
 
+ENCODE_STAGES = ("text_guide", "vision", "fusion", "embed")
+STAGES = ("preprocess", *ENCODE_STAGES, "prefill", "decode_token")  # per-stage medians and p90, in this order
 STAGE_COLUMNS = ("preprocess", "text_guide", "vision", "fusion", "embed", "prefill")
+
+
+def stats(values: list[float]) -> dict:
+    """Median and 90th percentile (nearest rank) of a list of seconds."""
+    ordered = sorted(values)
+    return {"median": statistics.median(ordered), "p90": ordered[min(len(ordered) - 1, math.ceil(0.9 * len(ordered)) - 1)],
+            "n": len(ordered)}
+
+
+def _ratio(floor: float, measured: float) -> float:
+    return round(floor / measured, 3) if measured > 0 else float("nan")
+
+
+def _measurement(runs: list[dict], key: str, cfg: dict, info: dict, floors) -> dict:
+    """Stage stats of one measurement (the image question or a context) over the runs, with floors and ratios."""
+    from tgedge.floors import decoder_flops, vision_flops
+
+    rows = [r[key] for r in runs]
+    first = rows[0]
+    t, n = first["prompt_tokens"], len(first["decode_token"]) + 1
+    stages = {s: stats([r[s] for r in rows]) for s in ("preprocess", *ENCODE_STAGES, "prefill") if s in first}
+    stages["decode_token"] = stats([x for r in rows for x in r["decode_token"]])
+    token_s = stages["decode_token"]["median"]
+    floor = {"prefill_s": floors.compute_s(decoder_flops(cfg["decoder"], t)),
+             "decode_token_s": floors.decode_step_s(t + n // 2)}  # the mean context while decoding
+    if "vision" in first:
+        floor["vision_s"] = floors.compute_s(vision_flops(cfg["vision"], first["views"]))
+    of_floor = {"prefill": _ratio(floor["prefill_s"], stages["prefill"]["median"]),
+                "decode": _ratio(floor["decode_token_s"], token_s)}
+    if "vision_s" in floor:
+        of_floor["vision"] = _ratio(floor["vision_s"], stages["vision"]["median"])
+    out = {"prompt_tokens": t, "new_tokens": n, "stages": {k: {m: round(v, 6) if m != "n" else v for m, v in s.items()}
+                                                             for k, s in stages.items()},
+           "ttft": {m: round(v, 6) if m != "n" else v for m, v in stats([r["ttft"] for r in rows]).items()},
+           "decode_tokens_per_s": round(1 / token_s, 2), "floor_tokens_per_s": round(1 / floor["decode_token_s"], 2),
+           "floors_s": {k: round(v, 6) for k, v in floor.items()}, "of_floor": of_floor,
+           "load": [round(r["load"], 2) for r in rows]}
+    if "views" in first:
+        out["views"] = first["views"]
+    return out
+
+
+def summarize(targets: list, settings, peaks, results: dict) -> dict:
+    """The report: machine, settings, floors, and per target its measurements (JSON-ready)."""
+    import datetime
+    import platform
+
+    from tgedge import __version__
+    from tgedge.floors import Floors
+
+    out_targets = []
+    for target in targets:
+        r, info = results[target.name], target.info
+        floors = Floors(peaks, info["weight_bytes"], info["kv_per_position"])
+        entry = {"name": target.name, "kind": target.kind, "model": target.model, "backend": target.backend,
+                 "threads": target.threads or "default", "spin": target.spin,
+                 "precision": info["precision"], "cache": info["cache"], "runs": len(r["runs"]),
+                 "decoder_weight_bytes": info["weight_bytes"], "kv_bytes_per_position": info["kv_per_position"],
+                 "memory": {"rss_loaded_mb": round(r["rss_loaded"] / 2**20, 1),
+                            "peak_rss_mb": round(r["peak_rss"] / 2**20, 1)}}
+        if settings.image is not None and "image" in r["runs"][0]:
+            entry["image"] = _measurement(r["runs"], "image", info["model"], info, floors)
+        entry["contexts"] = [_measurement(r["runs"], f"context:{n}", info["model"], info, floors)
+                             for n in settings.prompt_tokens]
+        if "power" in r:
+            entry["power"] = r["power"]
+        out_targets.append(entry)
+    return {"tgedge_version": __version__, "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
+                        "load_average_end": [round(x, 2) for x in os.getloadavg()]},
+            "settings": {"runs": settings.runs, "warmup": settings.warmup, "new_tokens": settings.new_tokens,
+                         "prompt_tokens": list(settings.prompt_tokens), "image": settings.image is not None,
+                         "prompt": settings.prompt},
+            "floors": peaks.to_dict(), "targets": out_targets}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
 
 
 def _ms(stage: dict | None) -> str:

@@ -1,0 +1,205 @@
+"""The `tgedge bench` command (the bench itself is tgedge.bench)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from tgedge.cli_common import BACKENDS, EPILOG, integer, text
+from tgedge.errors import TgedgeError
+from tgedge.runtime.manifest import Manifest, is_export
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="per-stage latency, TTFT and decode tokens/s of models side by side, against "
+                                     "floors measured in the same run",
+                       description="Answer the same question about an image (and, with --prompt-tokens, text-only "
+                                   "prompts of those lengths) --runs times per model after --warmup runs, alternating "
+                                   "between the models, each run generating exactly --new-tokens tokens (EOS "
+                                   "ignored). Reports per-stage medians and p90 (preprocess, text_guide, vision over "
+                                   "all views, fusion, embed, prefill, per-token decode), TTFT, decode tokens/s, peak "
+                                   "host memory, and each figure as a ratio to its floor, measured in the same run: "
+                                   "memory bandwidth (the higher of a large copy and a large one-row MatMul read, "
+                                   "before and after the runs) -> decode floor from the bytes a step reads; peak "
+                                   "FLOP/s (a large matmul) -> vision and prefill floors. --compare adds peers on the "
+                                   "same weights. --power samples board power (tegrastats / INA3221 on Jetson, "
+                                   "nvidia-smi on desktops). Figures belong to the machine and its load: compare "
+                                   "models in one run.", epilog=EPILOG)
+    p.add_argument("model", nargs="+", help="export directories (or checkpoints, `demo`: the torch reference)")
+    p.add_argument("--backend", choices=BACKENDS, help="default: torch for a checkpoint, onnxruntime for an export")
+    p.add_argument("--clip", metavar="DIR", help="CLIPModel directory for original-layout checkpoints")
+    p.add_argument("--image", help="image file (default: a generated shapes image)")
+    p.add_argument("--prompt", type=text, help="the question (default: the generated image's question)")
+    p.add_argument("--no-image", action="store_true", help="text-only prompts alone (needs --prompt-tokens)")
+    p.add_argument("--prompt-tokens", type=int_list, metavar="N,N,...",
+                   help="also text-only prompts of these lengths (decode speed against context), e.g. 128,671,2048")
+    p.add_argument("--runs", type=integer(1, 100_000), default=5, help="timed runs per model (default 5)")
+    p.add_argument("--warmup", type=integer(0, 100_000), default=1, help="untimed runs per model first (default 1)")
+    p.add_argument("--new-tokens", type=integer(2), default=16,
+                   help="tokens generated per run, EOS ignored (default 16; must fit the context after the prompt)")
+    p.add_argument("--compare", type=peer_list, default=(), metavar="PEERS",
+                   help=f"peers on the same weights, comma-separated: {', '.join(PEERS)} (torch: tgedge's PyTorch "
+                        "reference of the first export's checkpoint; genai: onnxruntime-genai, text-only prompts; "
+                        "transformers: LlavaForConditionalGeneration.generate, fp32, of a plain-LLaVA checkpoint)")
+    p.add_argument("--genai-model", metavar="DIR", action="append", default=[],
+                   help="--compare genai: an onnxruntime-genai model directory (its builder's output over the same "
+                        "decoder weights; repeatable)")
+    p.add_argument("--genai-python", metavar="PY", default=sys.executable,
+                   help="--compare genai: a Python with onnxruntime_genai installed (default: this one)")
+    p.add_argument("--transformers-model", metavar="DIR",
+                   help="--compare transformers: a plain-LLaVA checkpoint (default: the first export's own checkpoint "
+                        "if it is plain LLaVA; for a TG-LLaVA export its twin, e.g. tgedge checkpoint random --preset "
+                        "llava-qwen2-0.5b; an original-layout twin's CLIP from --clip, else DIR/clip)")
+    p.add_argument("--threads", type=integer(0, 1024), default=0,
+                   help="intra-op threads for every model and peer (default 0: each library's, one per core); torch's "
+                        "(the reference, transformers) are set for the whole process")
+    p.add_argument("--no-spin", action="store_true",
+                   help="onnxruntime's idle threads block instead of spinning (a CPU shared with other work)")
+    p.add_argument("--power", action="store_true", help="sample board power during the timed runs (one model)")
+    p.add_argument("--json", nargs="?", const="-", metavar="F", help="write the report as JSON to F (alone: stdout)")
+    p.add_argument("--markdown", metavar="F", help="write the report as Markdown tables to F")
+    p.add_argument("--plot", metavar="F.png", help="write a PNG chart: stage times, decode tok/s vs context")
+    p.set_defaults(func=cmd_bench)
+
+
+PEERS = ("torch", "genai", "transformers")
+
+
+def int_list(value: str) -> tuple[int, ...]:
+    import argparse
+
+    try:
+        values = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a comma-separated list of whole numbers") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{value!r}: every prompt length must be >= 1")
+    return values
+
+
+def peer_list(value: str) -> tuple[str, ...]:
+    import argparse
+
+    peers = tuple(v.strip() for v in value.split(",") if v.strip())
+    unknown = [p for p in peers if p not in PEERS]
+    if unknown or not peers:
+        raise argparse.ArgumentTypeError(f"unknown peer {', '.join(unknown) or value!r} (choose from "
+                                         f"{', '.join(PEERS)})")
+    return peers
+
+
+def _writable(path: str | None, what: str, suffix: str | None = None) -> None:
+    if path is None or path == "-":
+        return
+    if suffix and not path.lower().endswith(suffix):
+        raise TgedgeError(f"{what} {path!r}: the file name must end in {suffix}")
+    parent = Path(path).resolve().parent
+    if not parent.is_dir():
+        raise TgedgeError(f"{what} {path!r}: no such directory {str(parent)!r}")
+
+
+def _targets(args) -> list:
+    from tgedge.bench import Target
+
+    targets, seen = [], set()
+    for model in args.model:
+        backend = args.backend or ("onnxruntime" if is_export(model) else "torch")
+        name = Path(model).name or model
+        name = f"{name} ({backend})" if name in seen or backend != "onnxruntime" else name
+        seen.add(name)
+        targets.append(Target(name, model, backend, args.clip, "torch" if backend == "torch" else "tgedge",
+                              threads=args.threads, spin=not args.no_spin))
+    if "torch" in args.compare:
+        checkpoint, clip = _source(args, "--compare torch")
+        targets.append(Target("torch reference", checkpoint, "torch", clip, "torch", threads=args.threads))
+    if "transformers" in args.compare:
+        if args.transformers_model:
+            checkpoint = args.transformers_model
+            clip = _own_clip(checkpoint) or args.clip  # a twin's own CLIP first: --clip is the models' under test
+        else:
+            checkpoint, clip = _source(args, "--compare transformers", checkpoints=True)
+        targets.append(Target("transformers generate", checkpoint, "torch", clip, "transformers", threads=args.threads))
+    elif args.transformers_model:
+        raise TgedgeError("--transformers-model is for --compare transformers")
+    if "genai" in args.compare:
+        if not args.genai_model:
+            raise TgedgeError("--compare genai needs --genai-model DIR (python -m onnxruntime_genai.models.builder "
+                              "-i HF_DECODER_DIR -o DIR -p fp32|int4 -e cpu; docs/BENCHMARKS.md)")
+        for model in args.genai_model:
+            if not (Path(model) / "genai_config.json").exists():
+                raise TgedgeError(f"--genai-model {model}: no genai_config.json (not an onnxruntime-genai model)")
+            targets.append(Target(f"onnxruntime-genai {Path(model).name}", model, "onnxruntime-genai",
+                                  args.genai_python, "genai", threads=args.threads))
+    elif args.genai_model:
+        raise TgedgeError("--genai-model is for --compare genai")
+    return targets
+
+
+def _source(args, flag: str, checkpoints: bool = False) -> tuple[str, str | None]:
+    """The first export's checkpoint and CLIP directory (the reference a peer runs); `checkpoints`: with no export
+    among the models, the first model itself (a checkpoint: bench runs those on torch)."""
+    from tgedge.validate import source_checkpoint
+
+    export = next((m for m in args.model if is_export(m)), None)
+    if export is None and checkpoints:
+        return args.model[0], args.clip or _own_clip(args.model[0])
+    if export is None:
+        raise TgedgeError(f"{flag}: give an export directory (its checkpoint is the reference)")
+    manifest = Manifest.load(export)
+    checkpoint = str(source_checkpoint(manifest))
+    return checkpoint, args.clip or manifest.source.get("clip") or _own_clip(checkpoint)
+
+
+def _own_clip(checkpoint: str) -> str | None:
+    """DIR/clip: where `tgedge checkpoint random` puts an original-layout checkpoint's CLIP directory."""
+    own = Path(checkpoint) / "clip"
+    return str(own) if (own / "config.json").exists() else None
+
+
+def cmd_bench(args) -> int:
+    from tqdm import tqdm
+
+    from tgedge.bench import Settings, run_bench
+    from tgedge.bench.report import plot, summary_lines, to_markdown
+
+    _writable(args.json, "--json")
+    _writable(args.markdown, "--markdown")
+    _writable(args.plot, "--plot", ".png")
+    if args.no_image and not args.prompt_tokens:
+        raise TgedgeError("--no-image needs --prompt-tokens (text-only prompts to run)")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise TgedgeError("--plot needs matplotlib (pip install matplotlib, or the [serve] extra)") from None
+    image, prompt = args.image, args.prompt
+    if args.no_image:
+        image = None
+    elif image is None:
+        from tgedge.data import shapes
+
+        sample = next(iter(shapes.generate(shapes.SPLIT_SEEDS["eval"], 1)))
+        image, prompt = sample.image, prompt or sample.prompt
+    if image is not None and prompt is None:
+        raise TgedgeError("--prompt is needed with --image")
+    targets = _targets(args)
+    settings = Settings(args.runs, args.warmup, args.new_tokens, args.prompt_tokens or (), image, prompt, args.power)
+    with tqdm(total=args.runs * len(targets), desc="bench", unit="run", disable=None, file=sys.stderr) as bar:
+        report = run_bench(targets, settings, progress=bar.update)
+    command = "tgedge " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith(("tgedge", "__main__.py")) else None
+    if args.markdown:
+        Path(args.markdown).write_text(to_markdown(report, command))
+    if args.plot:
+        plot(report, args.plot)
+    if args.json == "-":
+        print(json.dumps(report))
+        return 0
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+    print("\n".join(summary_lines(report)))
+    return 0
+
+
+def register(sub) -> None:
+    _add_bench(sub)
