@@ -116,6 +116,8 @@ def test_backend_registry_is_the_one_list(demo_export):
         make_runner("tflite", m, "vision")
     with make_runner("onnxruntime", m, "vision") as runner:
         assert list(runner.get_input_metadata()) == m.contract.stages["vision"].input_names
+    runner = make_runner("onnxruntime-cuda", m, "vision", threads=2, spin=False)  # loader options passed on
+    assert (runner.loader.device, runner.loader.threads, runner.loader.spin) == ("cuda", 2, False)
 
 
 # -- layering: no import loops, no import from a lower layer to a higher one -------------------------------------
