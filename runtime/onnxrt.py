@@ -30,6 +30,32 @@ DEVICES = {
 }
 
 
+# How int8 (Q/DQ) graphs run on the CPU: `fused` lets onnxruntime fuse DequantizeLinear -> op -> QuantizeLinear into
+# its integer kernels; `simulated` runs each op in fp32 on the dequantised values (session.disable_quant_qdq), which is
+# what TensorRT's int8 computes (int32 accumulation, no overflow). On x86-64 without VNNI onnxruntime's integer kernels
+# multiply with VPMADDUBSW, whose int16 pair sums saturate (onnxruntime's quantization docs). Measured on such a CPU
+# (AMD EPYC, AVX2 only; docs/QUANTIZATION.md): demo-gated's int8 text guide min cosine 0.9974 fused, 0.9996 simulated;
+# tests/test_gated.py's random gated checkpoint's int8 fusion 0.981 fused (the int8 policy's limit is 0.99; it passed
+# on a VNNI CPU), passing simulated. `auto`: simulated exactly where the kernels saturate.
+INT8_KERNELS = ("auto", "fused", "simulated")
+
+
+def int8_kernels_saturate(cpuinfo: str | None = None) -> bool:
+    """True on an x86-64 CPU whose flags show no VNNI (avx512_vnni, avx_vnni, amx_int8): onnxruntime's u8s8 kernels
+    there sum pairs of products in int16 and saturate. Elsewhere (Arm's dot-product kernels, VNNI) they do not."""
+    import platform
+
+    if cpuinfo is None:
+        if platform.machine().lower() not in ("x86_64", "amd64"):
+            return False
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
+    return bool(flags) and not {"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags)
+
+
 def _meta(arg) -> TensorMeta:
     shape = tuple(d if isinstance(d, int) else (d or "?") for d in arg.shape)
     return TensorMeta(arg.name, ORT_DTYPES.get(arg.type, arg.type), shape)
@@ -39,15 +65,20 @@ class SessionFromOnnx:
     """Lazy loader: an `onnxruntime.InferenceSession` for a graph on a device (`cpu`, `cuda`, `trt`)."""
 
     def __init__(self, path: str | Path, device: str = "cpu", threads: int = 0, trt_cache: str | Path | None = None,
-                 spin: bool = True, rewrite: Callable[[Any], Any] | None = None, in_order: bool = False):
+                 spin: bool = True, rewrite: Callable[[Any], Any] | None = None, in_order: bool = False,
+                 int8_kernels: str = "auto"):
         """`threads`: intra-op threads (0: onnxruntime's default, one per core); `spin` False: idle threads block
         instead of spinning (what a CPU shared with other work wants). `rewrite`: a function of the graph's
         structure (an `onnx.ModelProto` without its weights) that returns the structure to load instead; its
         external weights are still read from beside `path`, never copied. `in_order`: run the nodes in the graph's
         own order (onnxruntime's priority-based order) instead of its default topological order, which may run a
-        node long after its input was made and so keep that input in memory meanwhile."""
+        node long after its input was made and so keep that input in memory meanwhile. `int8_kernels`: how Q/DQ
+        graphs run on the CPU (`INT8_KERNELS`)."""
         if device not in DEVICES:
             raise TgedgeError(f"unknown onnxruntime device {device!r} (choose from {', '.join(DEVICES)})")
+        if int8_kernels not in INT8_KERNELS:
+            raise TgedgeError(f"unknown int8 kernels {int8_kernels!r} (choose from {', '.join(INT8_KERNELS)})")
+        self.int8_kernels = int8_kernels
         self.path, self.device, self.threads, self.trt_cache = Path(path), device, threads, trt_cache
         self.spin, self.rewrite, self.in_order = spin, rewrite, in_order
 
@@ -72,6 +103,9 @@ class SessionFromOnnx:
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if self.in_order:
             so.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+        if self.device == "cpu" and (self.int8_kernels == "simulated"
+                                     or (self.int8_kernels == "auto" and int8_kernels_saturate())):
+            so.add_session_config_entry("session.disable_quant_qdq", "1")  # a graph without Q/DQ runs as before
         source: str | bytes = str(self.path)
         if self.rewrite is not None:
             import onnx

@@ -191,3 +191,39 @@ def test_tensorrt_runner_binds_a_static_cache_in_place(monkeypatch):
         assert len(cuda.mallocs) - allocated == 3 * 3
         assert engine.profiles == [0, 1]  # prefill, then decode (switched once)
         assert cache.buffers == buffers and cache.length == 6
+
+
+def test_int8_kernels_saturate_only_on_x86_without_vnni():
+    from tgedge.runtime.onnxrt import int8_kernels_saturate
+
+    avx2 = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n"
+    assert int8_kernels_saturate(avx2)
+    assert not int8_kernels_saturate(avx2.replace("avx2", "avx2 avx512f avx512_vnni"))
+    assert not int8_kernels_saturate(avx2.replace("avx2", "avx2 avx_vnni"))
+    assert not int8_kernels_saturate("processor\t: 0\n")  # no flags line: nothing known, fused as onnxruntime chooses
+    with pytest.raises(TgedgeError, match="unknown int8 kernels 'fast'"):
+        SessionFromOnnx("x.onnx", int8_kernels="fast")
+
+
+def test_simulated_int8_kernels_disable_qdq_fusion(demo_export, monkeypatch):
+    """`simulated` (and `auto` on a CPU whose kernels saturate) sets onnxruntime's disable_quant_qdq; `fused` never."""
+    import onnxruntime as ort
+
+    from tgedge.runtime import onnxrt
+
+    seen = []
+    real = ort.InferenceSession
+
+    def session(src, so, providers):
+        try:
+            seen.append(so.get_session_config_entry("session.disable_quant_qdq"))
+        except Exception:  # onnxruntime raises when the entry was never set
+            seen.append(None)
+        return real(src, so, providers=providers)
+
+    monkeypatch.setattr(ort, "InferenceSession", session)
+    path = demo_export.directory / "embed.onnx"
+    for kernels, saturate in (("simulated", False), ("fused", True), ("auto", True), ("auto", False)):
+        monkeypatch.setattr(onnxrt, "int8_kernels_saturate", lambda: saturate)
+        SessionFromOnnx(path, int8_kernels=kernels)()
+    assert seen == ["1", None, "1", None]

@@ -8,22 +8,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tgedge.model.common import activation, attention, merge_heads, split_heads
+from tgedge.model.common import MultiHeadAttention, activation
 
 
-class CLIPAttention(nn.Module):
+CLIP_NAMES = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+class CLIPAttention(MultiHeadAttention):
     def __init__(self, dim: int, num_heads: int):
-        super().__init__()
-        self.num_heads = num_heads
-        self.q_proj = nn.Linear(dim, dim)
-        self.k_proj = nn.Linear(dim, dim)
-        self.v_proj = nn.Linear(dim, dim)
-        self.out_proj = nn.Linear(dim, dim)
+        super().__init__(dim, dim, num_heads, CLIP_NAMES)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.num_heads
-        q, k, v = (split_heads(p(x), h) for p in (self.q_proj, self.k_proj, self.v_proj))
-        return self.out_proj(merge_heads(attention(q, k, v, mask)))
+        return super().forward(x, None, mask)
 
 
 class CLIPMLP(nn.Module):

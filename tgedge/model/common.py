@@ -63,6 +63,31 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     return torch.matmul(torch.softmax(scores.float(), dim=-1).to(q.dtype), v)
 
 
+class MultiHeadAttention(nn.Module):
+    """Queries from x, keys and values from a context (x itself for self-attention), one Linear each, then an
+    output Linear; `names` are the checkpoint's names of the four projections (CLIP: q_proj ... out_proj; BERT:
+    query, key, value and no output here, it is BertOutput's). The modules differ only by those names."""
+
+    def __init__(self, dim: int, kv_dim: int, num_heads: int, names: tuple[str, str, str, str | None]):
+        super().__init__()
+        self.num_heads, self.names = num_heads, names
+        q, k, v, out = names
+        setattr(self, q, nn.Linear(dim, dim))
+        setattr(self, k, nn.Linear(kv_dim, dim))
+        setattr(self, v, nn.Linear(kv_dim, dim))
+        if out is not None:
+            setattr(self, out, nn.Linear(dim, dim))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        q, k, v, out = (getattr(self, n) if n else None for n in self.names)
+        context = x if context is None else context
+        h = self.num_heads
+        q, k, v = split_heads(q(x), h), split_heads(k(context), h), split_heads(v(context), h)  # (B, H, T, Dh)
+        y = merge_heads(attention(q, k, v, mask))  # (B, Tq, D)
+        return out(y) if out is not None else y
+
+
 def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     b, t, _ = x.shape
     return x.view(b, t, num_heads, -1).transpose(1, 2)  # (B, H, T, D)

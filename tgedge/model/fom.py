@@ -15,21 +15,14 @@ import torch
 from torch import nn
 
 from tgedge.config import FeatureMaskConfig
-from tgedge.model.common import activation, attention, merge_heads, split_heads
+from tgedge.model.common import MultiHeadAttention, activation
 
 
-class BertSelfAttention(nn.Module):
+class BertSelfAttention(MultiHeadAttention):
+    """BERT's query/key/value; its output projection is BertOutput's. The reference's masks are all ones: no mask."""
+
     def __init__(self, dim: int, kv_dim: int, num_heads: int):
-        super().__init__()
-        self.num_heads = num_heads
-        self.query = nn.Linear(dim, dim)
-        self.key = nn.Linear(kv_dim, dim)
-        self.value = nn.Linear(kv_dim, dim)
-
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        h = self.num_heads
-        q, k, v = split_heads(self.query(x), h), split_heads(self.key(context), h), split_heads(self.value(context), h)
-        return merge_heads(attention(q, k, v))  # all-ones masks in the reference: nothing to mask
+        super().__init__(dim, kv_dim, num_heads, ("query", "key", "value", None))
 
 
 class BertOutput(nn.Module):

@@ -34,26 +34,15 @@ from torch import nn
 
 from tgedge.config import GatedFusionConfig
 from tgedge.errors import TgedgeError
-from tgedge.model.common import attention, merge_heads, split_heads
+from tgedge.model.common import MultiHeadAttention
 from tgedge.model.text import TextGuideEncoder
 
 
-class CrossAttention(nn.Module):
-    """Patches (queries, width Dv) attend to text tokens (keys/values from width Dt)."""
+class CrossAttention(MultiHeadAttention):
+    """Patches (queries, width Dv) attend to text tokens (keys/values from width Dt); CLIP's projection names."""
 
     def __init__(self, dim: int, text_dim: int, num_heads: int):
-        super().__init__()
-        self.num_heads = num_heads
-        self.q_proj = nn.Linear(dim, dim)
-        self.k_proj = nn.Linear(text_dim, dim)
-        self.v_proj = nn.Linear(text_dim, dim)
-        self.out_proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor, text: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        h = self.num_heads
-        q = split_heads(self.q_proj(x), h)  # (B, H, N, Dh)
-        k, v = split_heads(self.k_proj(text), h), split_heads(self.v_proj(text), h)  # (B, H, T, Dh)
-        return self.out_proj(merge_heads(attention(q, k, v, mask)))  # (B, N, Dv)
+        super().__init__(dim, text_dim, num_heads, ("q_proj", "k_proj", "v_proj", "out_proj"))
 
 
 class FeedForward(nn.Module):
