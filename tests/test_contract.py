@@ -128,7 +128,7 @@ LAYERS = [
     {"tgedge.runtime"},  # torch-free
     {"tgedge.model", "tgedge.checkpoint", "tgedge.reference", "tgedge.data", "tgedge.evaluate"},
     {"tgedge.validate", "tgedge.inspect", "tgedge.train_demo", "tgedge.demo", "tgedge.bench", "tgedge.device",
-     "tgedge.presets"},
+     "tgedge.presets", "tgedge.presets_init", "tgedge.model_stats"},
     {"tgedge.export", "tgedge.calibration"},  # export's graph modules come from the model, not the reverse
 ]
 
