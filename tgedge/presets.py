@@ -5,6 +5,7 @@ real architectures (CLIP ViT-L/14-336 towers, TG-FOM, TG-DP, Qwen2 / LLaMA decod
 It is written tensor by tensor (safetensors written here, header first, then each tensor generated in
 chunks and dropped), so writing a 7 B model takes tens of MB of memory. Each tensor is drawn from its own
 seed (the preset seed and the tensor's name): the files are byte-identical for a seed, whatever the order.
+How large each tensor's values are (`--init flat|realistic`, planted outlier channels) is presets_init's.
 
 Layout: `DIR/` holds the checkpoint (`config.json` with `mm_*` keys, decoder weights named `model.*`,
 `model.mm_projector.*`, `model.mm_cross_attn.*`, `model.mm_patch_encoder.*`, a synthetic `tokenizer.json`
@@ -17,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 import shutil
 import struct
 from dataclasses import dataclass, field
@@ -551,9 +551,7 @@ def write_random(name: str, out: str | Path, seed: int = 0, dtype: str = "bf16",
         for group, directory in (("model", tmp), ("clip", clip)):
             _write_group(directory, [s for s in specs if s.group == group], dtype, seed, shard_bytes, progress)
         files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
-        channels = {site.tower: list(s.channels) for site in presets_init.OUTLIER_SITES for s in specs
-                    if s.channels and re.search(site.gains, s.name)}
-        info.update(seed=seed, init=init, outliers=outliers, outlier_channels=channels, files=files,
+        info.update(seed=seed, init=init, outliers=outliers, outlier_channels=presets_init.planted(specs), files=files,
                     bytes=sum(files.values()),
                     note="random weights: for memory, time and shape tests only; the answers are noise")
         _json(tmp / MARKER, info)

@@ -142,6 +142,12 @@ def apply(specs: list, cfg, init: str, outliers: int, rng_for: Callable[[str], n
     return out
 
 
+def planted(specs: list) -> dict[str, list[int]]:
+    """tower -> the outlier channels the specs carry (empty without outliers), for the checkpoint's marker."""
+    return {site.tower: list(s.channels) for site in OUTLIER_SITES for s in specs
+            if s.channels and re.search(site.gains, s.name)}
+
+
 def default_outliers(init: str) -> int:
     """Outliers come with the realistic init; `flat` keeps today's files unless asked."""
     return DEFAULT_OUTLIERS if init == "realistic" else 0
