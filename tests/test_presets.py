@@ -237,3 +237,112 @@ def test_parse_size():
     for bad in ("lots", "0GB", "-1MB", "5 TB"):
         with pytest.raises(argparse.ArgumentTypeError, match="expected a size"):
             cli_checkpoint.parse_size(bad)
+
+
+# -- inits and planted outliers (presets_init), and `checkpoint stats` (model_stats) --------------------------------
+@pytest.fixture(scope="module")
+def realistic(tmp_path_factory):
+    out = tmp_path_factory.mktemp("realistic") / "tg-tiny"
+    return out, presets.write_random("tg-tiny", out, init="realistic")
+
+
+def _tensors(directory):
+    with safe_open(str(directory / "model.safetensors"), "pt") as f:
+        return {k: f.get_tensor(k).float() for k in f.keys()}
+
+
+def test_flat_plan_is_unchanged_and_outliers_need_asking():
+    p = presets.get("tg-tiny")
+    flat = presets.plan(p)
+    assert presets.plan(p, "flat", 0, seed=5) == flat
+    assert all(s.std in (presets.STD, presets.ZERO_LAYER_STD, 2.6592) and not s.channels and not s.row_spread
+               for s in flat)
+    from tgedge.presets_init import default_outliers
+    assert default_outliers("flat") == 0 and default_outliers("realistic") > 0
+    with pytest.raises(TgedgeError, match=r"--init \| got 'trained'"):
+        presets.plan(p, "trained")
+    with pytest.raises(TgedgeError, match=r"--outliers \| got 40 \| expected at most"):
+        presets.plan(p, "realistic", 40)
+
+
+def test_flat_files_are_the_same_as_before_and_realistic_differs(tiny, realistic, tmp_path):
+    """`--init flat` draws exactly as earlier versions did (the tiny fixture's files: same seed, same bytes)."""
+    out, _ = tiny
+    flat = tmp_path / "flat"
+    presets.write_random("tg-tiny", flat, shard_bytes=200_000, init="flat", outliers=0)
+    for f in sorted(p.relative_to(out) for p in out.rglob("*.safetensors")):
+        assert (out / f).read_bytes() == (flat / f).read_bytes(), f
+    real, info = realistic
+    assert info["init"] == "realistic" and info["outliers"] == 4 and set(info["outlier_channels"]) == {"decoder",
+                                                                                                      "vision"}
+    assert (real / "config.json").read_bytes() == (out / "config.json").read_bytes()
+    again = tmp_path / "again"
+    presets.write_random("tg-tiny", again, init="realistic")  # deterministic per seed
+    for f in ("model.safetensors", "clip/model.safetensors"):
+        assert (real / f).read_bytes() == (again / f).read_bytes()
+
+
+def test_outliers_are_in_the_written_tensors(realistic):
+    """Norm gains OUTLIER_GAIN x on the planted channels, the next Linear's columns scaled down to match."""
+    from tgedge.presets_init import OUTLIER_GAIN
+
+    out, info = realistic
+    model, clip = _tensors(out), _tensors(out / "clip")
+    ch = list(info["outlier_channels"]["decoder"])
+    rest = [i for i in range(64) if i not in ch]
+    for i in range(2):
+        g = model[f"model.layers.{i}.input_layernorm.weight"]
+        assert (g[ch] > 0.8 * OUTLIER_GAIN).all() and (g[rest] - 1).abs().max() < 0.15
+        w = model[f"model.layers.{i}.mlp.gate_proj.weight"]
+        assert w[:, ch].abs().mean() < 2 * w[:, rest].abs().mean() / OUTLIER_GAIN
+        assert w[:, rest].std().item() == pytest.approx(64 ** -0.5, rel=0.1)  # variance-preserving
+    vch = list(info["outlier_channels"]["vision"])
+    g = clip["vision_model.encoder.layers.0.layer_norm1.weight"]
+    assert (g[vch] > 0.8 * OUTLIER_GAIN).all()
+    assert (model["model.norm.weight"] - 1).abs().max() < 0.15  # the tied head's norm: left alone
+    embed = model["model.embed_tokens.weight"]
+    assert embed.std().item() == pytest.approx(3.0 / 8, rel=0.1)  # logit std ~3 over a 64-wide hidden state
+    assert embed.norm(dim=1).std() > 0.2 * embed.norm(dim=1).mean()  # log-normal row norms
+
+
+def test_outliers_preserve_the_function_and_show_in_the_activations(tmp_path, realistic):
+    """The same realistic weights with and without outliers answer the same (up to bf16 rounding): the channels
+    move between the norm and the next Linear; the stats see them in the normalised activations."""
+    from tgedge.model_stats import checkpoint_stats
+
+    out, info = realistic
+    plain = tmp_path / "plain"
+    presets.write_random("tg-tiny", plain, init="realistic", outliers=0)
+    image = shapes_image(tmp_path / "i.png")
+    with_o = checkpoint_stats(out, out / "clip", image, tokens=4)
+    without = checkpoint_stats(plain, plain / "clip", image, tokens=4)
+    assert with_o["decoder"]["outlier_ratio"] > 20 and without["decoder"]["outlier_ratio"] < 5
+    assert with_o["vision"]["outlier_ratio"] > 20 and without["vision"]["outlier_ratio"] < 5
+    assert with_o["decoder"]["outlier_channels"] == info["outlier_channels"]["decoder"]
+    assert with_o["vision"]["outlier_channels"] == info["outlier_channels"]["vision"]
+    assert with_o["logits"]["last_std"] == pytest.approx(without["logits"]["last_std"], rel=0.05)
+    assert with_o["generated"][:2] == without["generated"][:2]
+
+
+def test_stats_on_presets_and_the_demo(tmp_path, capsys, tiny, realistic):
+    out, _ = tiny
+    real, _ = realistic
+    assert _cli("checkpoint", "stats", str(out), "--max-new-tokens", "3", "--json") == 0  # CKPT/clip by default
+    flat = json.loads(capsys.readouterr().out)
+    assert flat["top1"]["positions"] == 3 and len(flat["generated"]) == 3
+    assert flat["decoder"]["layers"] == 2 and len(flat["decoder"]["residual_std"]) == 2
+    assert set(flat["stages"]) == {"vision", "text_guide", "fusion", "embed"}
+    assert flat["logits"]["last_std"] < 0.5 and flat["top1"]["p50"] < 0.05  # near-flat: the old presets
+    assert _cli("checkpoint", "stats", str(real), "--max-new-tokens", "3", "--json") == 0
+    sharp = json.loads(capsys.readouterr().out)
+    assert 2 < sharp["logits"]["last_std"] < 4 and sharp["top1"]["p50"] > 0.3
+    assert sharp["decoder"]["residual_std"][-1] > sharp["decoder"]["residual_std"][0]
+    assert _cli("checkpoint", "stats", "demo", "--max-new-tokens", "2", "--prompt", "What color is the circle?") == 0
+    text = capsys.readouterr().out
+    assert "outlier ratio" in text and "top-1 probability" in text and "decoder" in text
+    with pytest.raises(SystemExit):
+        _cli("checkpoint", "random", "--preset", "tg-tiny", "-o", str(tmp_path / "w"), "--outliers", "some")
+    assert _cli("checkpoint", "random", "--preset", "tg-tiny", "-o", str(tmp_path / "n"), "--init", "flat",
+                "--outliers", "none", "--json") == 0
+    written = json.loads(capsys.readouterr().out)
+    assert written["init"] == "flat" and written["outliers"] == 0 and written["outlier_channels"] == {}

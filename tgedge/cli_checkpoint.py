@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from tgedge.cli_common import EPILOG, SEED, add_output
+from tgedge.cli_common import EPILOG, SEED, add_output, integer, text
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -24,8 +24,14 @@ def parse_size(text: str) -> int:
     return size
 
 
+def outlier_count(value: str) -> int:
+    """argparse type: `none` (0) or a channel count."""
+    return 0 if value == "none" else integer(0)(value)
+
+
 def register(sub) -> None:
     from tgedge.presets import DTYPES, PRESETS
+    from tgedge.presets_init import DEFAULT_OUTLIERS, INITS, OUTLIER_GAIN
 
     p = sub.add_parser("checkpoint", help="make checkpoints: random weights at real TG-LLaVA / LLaVA sizes",
                        description="Make checkpoints without downloads. `random` writes random weights at the real "
@@ -48,8 +54,33 @@ def register(sub) -> None:
     r.add_argument("--max-shard-size", metavar="SIZE", type=parse_size, default="5GB",
                    help="largest weight file, e.g. 5GB (default), 500MB; larger models are split into shards "
                         "listed in model.safetensors.index.json")
+    r.add_argument("--init", choices=INITS, default="realistic",
+                   help="realistic (default): variance-preserving weights with gains for trained models' statistics "
+                        "(residual stream growing with depth, peaked attention, sharp next-token distributions); "
+                        "flat: every weight N(0, 0.02), the files earlier versions wrote (docs/SCALE.md)")
+    r.add_argument("--outliers", metavar="N|none", type=outlier_count, default=None,
+                   help=f"activation outlier channels per tower (decoder, vision tower): N norm-weight channels "
+                        f"{OUTLIER_GAIN:g}x the rest, the next Linear's columns scaled down to match; default "
+                        f"{DEFAULT_OUTLIERS} with --init realistic, none with --init flat")
     r.add_argument("--json", action="store_true", help="print the result (files, sizes, parameters) as JSON")
     r.set_defaults(func=cmd_random)
+    st = kinds.add_parser(
+        "stats", help="activation and logit statistics of a checkpoint on one image and question",
+        description="Run the PyTorch reference once on an image and question and report what decides how hard the "
+                    "model is to deploy: each stage's output std and max, the residual stream per layer of the vision "
+                    "tower and the decoder, the outlier ratio of their normalised activations (max channel rms / "
+                    "median), the last-position logit std and top-1 probability quantiles over greedy positions. "
+                    "Compares random presets with real checkpoints (docs/SCALE.md).", epilog=EPILOG)
+    st.add_argument("checkpoint", metavar="CKPT", help="checkpoint directory, or `demo`")
+    st.add_argument("--clip", metavar="DIR", help="CLIPModel directory for original-layout checkpoints (default for "
+                                                 "a `checkpoint random` output: its CKPT/clip)")
+    st.add_argument("--image", metavar="PATH", help="image (default: a built-in picture of shapes)")
+    st.add_argument("--prompt", metavar="TEXT", type=text, default="What is in the picture?",
+                    help="question (default: 'What is in the picture?')")
+    st.add_argument("--max-new-tokens", type=integer(1), default=16,
+                    help="greedy positions for the top-1 quantiles (default 16; end-of-sequence does not stop them)")
+    st.add_argument("--json", action="store_true", help="print the statistics as JSON")
+    st.set_defaults(func=cmd_stats)
     s = kinds.add_parser("presets", help="list the presets with parameter counts and sizes",
                          description="The presets `tgedge checkpoint random` writes: layout, decoder, parameters "
                                      "(all stored tensors, and those tgedge loads) and weight bytes.", epilog=EPILOG)
@@ -84,7 +115,8 @@ def cmd_random(args) -> int:
     start = time.perf_counter()
     with tqdm(total=len(plan(preset)), desc=preset.name, unit="tensor", disable=None, file=sys.stderr) as bar:
         info = write_random(preset.name, args.output, args.seed, args.dtype, args.max_shard_size,
-                            progress=lambda spec: bar.update(), force=args.force)
+                            progress=lambda spec: bar.update(), force=args.force, init=args.init,
+                            outliers=args.outliers)
     out = Path(args.output)
     clip = out / CLIP_SUBDIR
     run = (f"tgedge run {shlex.quote(str(out))} --clip {shlex.quote(str(clip))} --image IMAGE "
@@ -95,12 +127,26 @@ def cmd_random(args) -> int:
         print(json.dumps(result))
         return 0
     n = info["parameters"]
+    outliers = f"{info['outliers']} outlier channels per tower" if info["outliers"] else "no outlier channels"
     print(f"wrote {preset.name}: {n['total']:,} parameters ({n['loaded']:,} loaded by tgedge), random {args.dtype} "
-          f"weights (seed {args.seed}), {_gb(info['bytes'])} in {result['seconds']:.1f} s")
+          f"weights (seed {args.seed}, {info['init']} init, {outliers}), {_gb(info['bytes'])} in "
+          f"{result['seconds']:.1f} s")
     print(f"  {out}  checkpoint ({preset.model_type}, original LLaVA layout)")
     print(f"  {clip}  CLIP towers, tokenizer and image processor")
     print("random weights: for memory, time and shape tests only; the answers are noise")
     print(f"run it with:\n  {run}")
+    return 0
+
+
+def cmd_stats(args) -> int:
+    from tgedge.model_stats import checkpoint_stats, format_stats
+    from tgedge.presets import CLIP_SUBDIR, MARKER
+
+    clip = args.clip
+    if clip is None and (Path(args.checkpoint) / MARKER).is_file():  # this command's own output: its CLIP dir
+        clip = str(Path(args.checkpoint) / CLIP_SUBDIR)
+    stats = checkpoint_stats(args.checkpoint, clip, args.image, args.prompt, args.max_new_tokens)
+    print(json.dumps(stats) if args.json else format_stats(stats))
     return 0
 
 

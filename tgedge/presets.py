@@ -5,6 +5,7 @@ real architectures (CLIP ViT-L/14-336 towers, TG-FOM, TG-DP, Qwen2 / LLaMA decod
 It is written tensor by tensor (safetensors written here, header first, then each tensor generated in
 chunks and dropped), so writing a 7 B model takes tens of MB of memory. Each tensor is drawn from its own
 seed (the preset seed and the tensor's name): the files are byte-identical for a seed, whatever the order.
+How large each tensor's values are (`--init flat|realistic`, planted outlier channels) is presets_init's.
 
 Layout: `DIR/` holds the checkpoint (`config.json` with `mm_*` keys, decoder weights named `model.*`,
 `model.mm_projector.*`, `model.mm_cross_attn.*`, `model.mm_patch_encoder.*`, a synthetic `tokenizer.json`
@@ -92,6 +93,9 @@ class TensorSpec:
     init: str  # normal | one (1 + noise) | arange (int64) | const
     std: float = STD
     used: bool = True  # False: saved by the reference (or CLIP) but not loaded by tgedge
+    channels: tuple = ()  # last-axis indices multiplied by channel_scale (planted outliers, presets_init)
+    channel_scale: float = 1.0
+    row_spread: float = 0.0  # > 0: each row's values times a log-normal factor of this sigma (and rms 1)
 
     @property
     def numel(self) -> int:
@@ -304,8 +308,11 @@ def _dp_tensors(p: C.DetailPerceiverConfig):
     yield from _linear(pre + "resize_linear.", d, p.text_width)
 
 
-def plan(p: Preset) -> list[TensorSpec]:
-    """Every tensor the two directories hold, in file order."""
+def plan(p: Preset, init: str = "flat", outliers: int = 0, seed: int = 0) -> list[TensorSpec]:
+    """Every tensor the two directories hold, in file order, with the values `init` and `outliers` give them
+    (presets_init; the defaults are the N(0, 0.02) plan, and the seed matters only for where outliers go)."""
+    from tgedge import presets_init
+
     cfg = model_config(p)
     specs = list(_decoder_tensors(cfg.decoder))
     specs += _linear("model.mm_projector.0.", cfg.projector.out_features, cfg.projector.in_features)
@@ -314,7 +321,8 @@ def plan(p: Preset) -> list[TensorSpec]:
         specs += _fom_tensors(cfg.feature_mask, p.base.clip)
     if cfg.detail_perceiver is not None:
         specs += _dp_tensors(cfg.detail_perceiver)
-    return specs + list(_clip_tensors(cfg, p.base.clip, text_used=p.tg))
+    specs += _clip_tensors(cfg, p.base.clip, text_used=p.tg)
+    return presets_init.apply(specs, cfg, init, outliers, lambda name: _rng(seed, name))
 
 
 def summary(p: Preset, dtype: str = "bf16") -> dict:
@@ -431,12 +439,25 @@ def tensor_bytes(s: TensorSpec, dtype: str, seed: int) -> Iterator[bytes]:
         yield _encode(np.full(s.numel, s.std, np.float32), dtype)
         return
     rng = _rng(seed, s.name)
-    for start in range(0, s.numel, _CHUNK):
-        x = rng.standard_normal(min(_CHUNK, s.numel - start), dtype=np.float32)
+    last = s.shape[-1] if s.shape else 1
+    chunk = _CHUNK if not s.row_spread else max(1, _CHUNK // last) * last  # whole rows, to scale them
+    rows = _row_factors(seed, s) if s.row_spread else None
+    for start in range(0, s.numel, chunk):
+        x = rng.standard_normal(min(chunk, s.numel - start), dtype=np.float32)
         x *= s.std
         if s.init == "one":
             x += 1.0
+        if rows is not None:
+            x.reshape(-1, last)[...] *= rows[start // last:start // last + len(x) // last, None]
+        for c in s.channels:  # the positions of channel c in this chunk, a strided view: no index array
+            x[(c - start) % last::last] *= np.float32(s.channel_scale)
         yield _encode(x, dtype)
+
+
+def _row_factors(seed: int, s: TensorSpec) -> np.ndarray:
+    """exp(sigma z - sigma^2) for each row: log-normal row norms with mean square 1 (a heavy-tailed vocabulary)."""
+    z = _rng(seed, s.name + "#rows").standard_normal(s.shape[0], dtype=np.float32)
+    return np.exp(s.row_spread * z - np.float32(s.row_spread ** 2)).astype(np.float32)
 
 
 def write_safetensors(path: Path, specs: list[TensorSpec], dtype: str, seed: int,
@@ -495,10 +516,13 @@ def check_output_dir(out: Path) -> None:
 
 def write_random(name: str, out: str | Path, seed: int = 0, dtype: str = "bf16",
                  shard_bytes: int = DEFAULT_SHARD_BYTES, progress: Callable[[TensorSpec], None] | None = None,
-                 force: bool = False) -> dict:
+                 force: bool = False, init: str = "flat", outliers: int | None = None) -> dict:
     """Write preset `name` to `out` (checkpoint) and `out/clip` (CLIPModel dir); -> the summary written to MARKER.
 
-    `force` replaces a non-empty `out` that this command did not write (fileio.atomic_dir's rules otherwise)."""
+    `init`: `flat` (N(0, 0.02)) or `realistic` (presets_init); `outliers`: channels per tower, None for the init's
+    default (4 with `realistic`, none with `flat`). `force` replaces a non-empty `out` that this command did not
+    write (fileio.atomic_dir's rules otherwise)."""
+    from tgedge import presets_init
     from tgedge.fileio import atomic_dir
 
     p, out = get(name), Path(out)
@@ -508,6 +532,8 @@ def write_random(name: str, out: str | Path, seed: int = 0, dtype: str = "bf16",
         raise TgedgeError(f"seed must be a non-negative integer (got {seed!r})")
     if shard_bytes < 1:
         raise TgedgeError(f"shard size must be positive (got {shard_bytes})")
+    outliers = presets_init.default_outliers(init) if outliers is None else outliers
+    specs = plan(p, init, outliers, seed)  # checks init and outliers
     if not force:
         check_output_dir(out)
     info = summary(p, dtype)
@@ -515,7 +541,6 @@ def write_random(name: str, out: str | Path, seed: int = 0, dtype: str = "bf16",
     need, free = info["weight_bytes"] + (64 << 20), shutil.disk_usage(out.parent).free
     if need > free:
         raise TgedgeError(f"{out.parent}: {p.name} needs {need / 1e9:.1f} GB, {free / 1e9:.1f} GB free")
-    specs = plan(p)
     with atomic_dir(out, kind="checkpoint", force=force) as tmp:
         clip = tmp / CLIP_SUBDIR
         clip.mkdir()
@@ -526,7 +551,8 @@ def write_random(name: str, out: str | Path, seed: int = 0, dtype: str = "bf16",
         for group, directory in (("model", tmp), ("clip", clip)):
             _write_group(directory, [s for s in specs if s.group == group], dtype, seed, shard_bytes, progress)
         files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
-        info.update(seed=seed, files=files, bytes=sum(files.values()),
+        info.update(seed=seed, init=init, outliers=outliers, outlier_channels=presets_init.planted(specs), files=files,
+                    bytes=sum(files.values()),
                     note="random weights: for memory, time and shape tests only; the answers are noise")
         _json(tmp / MARKER, info)
     return info
