@@ -32,6 +32,12 @@ def activation(name: str):
         raise TgedgeError(f"unsupported activation {name!r} (supported: {', '.join(_ACTIVATIONS)})") from None
 
 
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """fp32 for what is computed in fp32 (norms, softmax) whatever the weights' dtype, float64 kept: the reference run
+    in float64 measures its own fp32 rounding (tgedge.noise). A dtype test, so traced graphs are unchanged."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 class RMSNorm(nn.Module):
     """LLaMA / Idefics2 RMSNorm: normalise in fp32, then scale."""
 
@@ -42,7 +48,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        x = x.float()
+        x = at_least_fp32(x)
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
 
@@ -60,7 +66,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
     if mask is not None:
         scores = scores + mask
-    return torch.matmul(torch.softmax(scores.float(), dim=-1).to(q.dtype), v)
+    return torch.matmul(torch.softmax(at_least_fp32(scores), dim=-1).to(q.dtype), v)
 
 
 class MultiHeadAttention(nn.Module):

@@ -34,7 +34,7 @@ from torch import nn
 
 from tgedge.config import GatedFusionConfig
 from tgedge.errors import TgedgeError
-from tgedge.model.common import MultiHeadAttention
+from tgedge.model.common import MultiHeadAttention, at_least_fp32
 from tgedge.model.text import TextGuideEncoder
 
 
@@ -101,7 +101,7 @@ class ModalityAttention(nn.Module):
 
     def forward(self, h_text: torch.Tensor, h_image: torch.Tensor, image_only: bool = False) -> torch.Tensor:
         scores = self.score(torch.tanh(self.image_proj(h_image) + self.text_proj(h_text)))  # (B, N, 2)
-        alpha = torch.softmax(scores.float(), dim=-1).to(h_image.dtype)
+        alpha = torch.softmax(at_least_fp32(scores), dim=-1).to(h_image.dtype)
         if image_only:
             alpha = torch.cat([torch.ones_like(alpha[..., :1]), torch.zeros_like(alpha[..., 1:])], dim=-1)
         return alpha[..., :1] * h_image + alpha[..., 1:] * h_text
