@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tgedge.contract import family_of
 from tgedge.errors import TgedgeError
 
 HF_LAYOUT = "hf"
@@ -220,14 +221,14 @@ class ModelConfig:
     @property
     def has_tg(self) -> bool:
         """Text-guided: a text guide feeds the fusion (TG-FOM / TG-DP, or gated fusion); else plain LLaVA."""
-        return self.feature_mask is not None or self.detail_perceiver is not None or self.gated_fusion is not None
+        d = self.to_dict()
+        return family_of(d).uses_text_guide(d)
 
     @property
     def num_image_tokens(self) -> int:
-        n = self.vision.num_features
-        if self.detail_perceiver is not None:
-            n += self.detail_perceiver.num_latents
-        return n
+        """Decoder positions an image takes, as its fusion family says."""
+        d = self.to_dict()
+        return family_of(d).num_image_tokens(d)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
