@@ -9,12 +9,12 @@ import torch
 from safetensors import safe_open
 
 from tgedge import checkpoint as K
-from tgedge import config as C
 from tgedge import cli_checkpoint, presets
 from tgedge.cli_common import Parser
 from tgedge.checkpoint import load_model
 from tgedge.demo import shapes_image
 from tgedge.errors import TgedgeError
+from tgedge.layouts import original, rename
 from tgedge.model import TGLlava
 from tgedge.preprocess import Tokenizer
 from tgedge.reference import TorchPipeline
@@ -34,7 +34,7 @@ def _loaded_names(p: presets.Preset) -> tuple[dict, list]:
     """The plan renamed as checkpoint.py renames on load: {tgedge name: shape} of used tensors, and the rest."""
     used, unused = {}, []
     for s in presets.plan(p):
-        name = K._rename([s.name], K.ORIGINAL_PREFIXES if s.group == "model" else K.CLIP_PREFIXES)[s.name]
+        name = rename([s.name], original.PREFIXES if s.group == "model" else original.CLIP_PREFIXES)[s.name]
         (unused.append(name) if not s.used else used.__setitem__(name, s.shape))
     return used, unused
 
@@ -42,7 +42,7 @@ def _loaded_names(p: presets.Preset) -> tuple[dict, list]:
 @pytest.mark.parametrize("name", list(presets.PRESETS))
 def test_plan_matches_the_model_built_from_the_written_configs(name):
     p = presets.get(name)
-    cfg = C.original_model_config(presets.checkpoint_config(p), presets.clip_config(p), p.tg, p.tg)
+    cfg = original.model_config(presets.checkpoint_config(p), presets.clip_config(p), p.tg, p.tg)
     with torch.device("meta"):
         model = TGLlava(cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}

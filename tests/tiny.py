@@ -159,7 +159,7 @@ ORIGINAL_NAMES = [("language_model.", "model."), ("multi_modal_projector.linear_
 def original_tg_checkpoint(directory: Path, clip: Path, family: str = "llama", seed: int = 2,
                            with_unused: bool = True) -> Path:
     """A TG-LLaVA checkpoint in the original repository layout (b), random non-zero TG weights, no CLIP towers."""
-    from tgedge import config as C
+    from tgedge.layouts import original
     from tgedge.model import TGLlava
 
     specials, bos, eos = llm_specials(family)
@@ -172,7 +172,7 @@ def original_tg_checkpoint(directory: Path, clip: Path, family: str = "llama", s
                eos_token_id=tok.token_to_id(eos), bos_token_id=tok.token_to_id(bos) if bos else None, **TG_OVERRIDES)
     (directory / "config.json").write_text(json.dumps(raw, indent=2))
     clip_raw = json.loads((clip / "config.json").read_text())
-    cfg = C.original_model_config(raw, clip_raw, True, True)
+    cfg = original.model_config(raw, clip_raw, True, True)
     torch.manual_seed(seed)
     model = TGLlava(cfg)
     state = {}

@@ -1,4 +1,7 @@
-"""Checkpoint IO: read the three layouts into tgedge's parameter names, save tgedge's own layout (c).
+"""Checkpoint IO: load a checkpoint in any layout into tgedge's parameter names, save tgedge's own layout (c).
+
+Each layout (detection, config checks and conversion, weight renames) is one module of `tgedge.layouts`; here is
+what is common: the checks on what a layout read, the preprocessing spec (from the fusion family), the model.
 
 Weights come from safetensors (single file or sharded with an index); a `.bin` is read only with
 `torch.load(weights_only=True)`. Nothing in a checkpoint is executed; a chat template is rendered in a
@@ -20,91 +23,23 @@ from pathlib import Path
 import torch
 
 from tgedge import config as C
+from tgedge import layouts
+from tgedge.contract import preprocess_needs
 from tgedge.errors import TgedgeError
 from tgedge.fileio import atomic_dir, inside, usual_file_mode
+from tgedge.layouts.common import read_weights, shard_files  # noqa: F401  (re-exported: common reading)
+from tgedge.layouts.tgedge_layout import config_json
 from tgedge.preprocess import IMAGE_PLACEHOLDER_ID, ImageSettings, Preprocessor, PreprocessSpec, Tokenizer
-from tgedge.prompt import PromptTemplate, template_for_family
 from tgedge.weights import LazyWeights
 
 log = logging.getLogger("tgedge")
 
-# (checkpoint prefix -> tgedge prefix), first match wins; both transformers key generations.
-HF_PREFIXES = [
-    ("model.vision_tower.vision_model.", "vision_tower."), ("vision_tower.vision_model.", "vision_tower."),
-    ("model.vision_tower.", "vision_tower."), ("vision_tower.", "vision_tower."),
-    ("model.language_model.", "language_model."), ("language_model.model.", "language_model."),
-    ("language_model.lm_head.", "lm_head."), ("lm_head.", "lm_head."),
-    ("model.multi_modal_projector.", "multi_modal_projector."), ("multi_modal_projector.", "multi_modal_projector."),
-    ("text_tower.text_model.", "text_tower."), ("text_tower.", "text_tower."),
-    ("mm_cross_attn.", "mm_cross_attn."), ("mm_patch_encoder.", "mm_patch_encoder."),
-    ("mm_gated_fusion.", "mm_gated_fusion."),
-]
-ORIGINAL_PREFIXES = [
-    ("model.vision_tower.vision_tower.vision_model.", "vision_tower."),
-    ("model.text_tower.text_tower.text_model.", "text_tower."),
-    ("model.mm_projector.0.", "multi_modal_projector.linear_1."),
-    ("model.mm_projector.2.", "multi_modal_projector.linear_2."),
-    ("model.mm_cross_attn.", "mm_cross_attn."), ("model.mm_patch_encoder.", "mm_patch_encoder."),
-    ("model.", "language_model."), ("lm_head.", "lm_head."),
-]
-CLIP_PREFIXES = [("vision_model.", "vision_tower."), ("text_model.", "text_tower.")]
-
-# Tensors a checkpoint may hold that the model does not use: buffers, the Q-Former's unused BERT text
-# path and LM head, CLIP's projection heads.
+# Tensors a checkpoint may hold that the model does not use: buffers, CLIP's projection heads, and what a layout's
+# checkpoints carry besides (TG-LLaVA's unused Q-Former parts).
 IGNORED = re.compile("|".join([
     r".*position_ids$", r".*rotary_emb\.inv_freq$", r"visual_projection\..*", r"text_projection\..*", r"logit_scale",
-    r"mm_cross_attn\.Qformer\.cls\..*", r"mm_cross_attn\.Qformer\.bert\.embeddings\.(word|position)_embeddings\..*",
-    r"mm_cross_attn\.Qformer\.bert\.encoder\.layer\.\d+\.(intermediate|output)\..*",
+    *layouts.IGNORED,
 ]))
-
-
-def _rename(keys, prefixes) -> dict[str, str]:
-    out = {}
-    for k in keys:
-        for old, new in prefixes:
-            if k.startswith(old):
-                out[k] = new + k[len(old):]
-                break
-        else:
-            out[k] = k  # left as is: reported as unexpected unless ignored
-    return out
-
-
-def read_weights(directory: Path) -> LazyWeights:
-    """All tensors of a checkpoint directory, read when asked (float32 where floating point): safetensors through
-    their memory map, one tensor at a time; a pickled `.bin` (weights only) has to be loaded whole."""
-    index = directory / "model.safetensors.index.json"
-    if index.exists():
-        files = shard_files(index)
-    elif (directory / "model.safetensors").exists():
-        files = ["model.safetensors"]
-    else:
-        files = sorted(p.name for p in directory.glob("*.safetensors"))
-    tensors: dict[str, torch.Tensor] = {}
-    if files:
-        return LazyWeights.from_safetensors([inside(directory, f, f"{index} weight_map") for f in files])
-    else:
-        bins = sorted(directory.glob("pytorch_model*.bin"))
-        if not bins:
-            raise TgedgeError(f"{directory}: no *.safetensors or pytorch_model*.bin weights")
-        for f in bins:
-            try:  # weights_only: a pickle may hold tensors but never code
-                tensors.update(torch.load(f, map_location="cpu", weights_only=True))
-            except Exception as e:
-                raise TgedgeError(f"{f}: cannot load with torch.load(weights_only=True) ({e})") from None
-    return LazyWeights.from_tensors(tensors)
-
-
-def shard_files(index: Path) -> list[str]:
-    """The shard files a `*.safetensors.index.json` names (checked: a weight_map of names to file names)."""
-    weight_map = C.read_config_json(index).get("weight_map")
-    if not isinstance(weight_map, dict) or not weight_map or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
-        raise TgedgeError(f"{index}: weight_map must be an object of tensor names to shard file names")
-    files = sorted(set(weight_map.values()))
-    for f in files:
-        inside(index.parent, f, f"{index} weight_map")
-    return files
 
 
 def non_finite(weights: LazyWeights) -> list[str]:
@@ -129,49 +64,12 @@ class Checkpoint:
     raw_config: dict
 
 
-def _find_image_settings(*dirs: Path) -> ImageSettings:
-    for d in dirs:
-        if (d / "preprocessor_config.json").exists():
-            path = d / "preprocessor_config.json"
-            return ImageSettings.from_processor_config(C.read_config_json(path), path)
-        if (d / "processor_config.json").exists():
-            path = d / "processor_config.json"
-            proc = C.read_config_json(path)
-            if "image_processor" in proc:
-                return ImageSettings.from_processor_config(proc["image_processor"], f"{path} image_processor")
-    raise TgedgeError(f"{dirs[0]}: no preprocessor_config.json (CLIP image processor settings)")
-
-
-def _find_chat_template(d: Path) -> str | None:
-    if (d / "chat_template.jinja").exists():
-        try:
-            return (d / "chat_template.jinja").read_bytes().decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise TgedgeError(f"{d / 'chat_template.jinja'}: not UTF-8 text (at byte {e.start})") from None
-    for name in ("chat_template.json", "processor_config.json", "tokenizer_config.json"):
-        if (d / name).exists():
-            t = C.read_config_json(d / name).get("chat_template")
-            if isinstance(t, str):
-                return t
-    return None
-
-
 def _eos_ids(d: Path, cfg: C.ModelConfig) -> list[int]:
     if (d / "generation_config.json").exists():
         eos = C.read_config_json(d / "generation_config.json").get("eos_token_id")
         if eos is not None:
-            return C._eos_list(eos)
+            return C.eos_list(eos)
     return list(cfg.eos_token_id)
-
-
-def _clip_dir(raw: dict, clip: Path | None, ckpt: Path) -> Path:
-    if clip is not None:
-        return clip
-    named = raw.get("mm_vision_tower")
-    if named and Path(named).is_dir():
-        return Path(named)
-    raise TgedgeError(f"{ckpt}: original-layout checkpoint: pass --clip DIR (a transformers CLIPModel directory "
-                      f"with its config, tokenizer and image processor; mm_vision_tower is {named!r})")
 
 
 def load_checkpoint(path: str | Path, clip: str | Path | None = None) -> Checkpoint:
@@ -181,41 +79,8 @@ def load_checkpoint(path: str | Path, clip: str | Path | None = None) -> Checkpo
     if not path.is_dir():
         raise TgedgeError(f"{path}: checkpoint directory not found")
     raw = C.read_config_json(path / "config.json")
-    layout = C.detect_layout(raw, path)
-    if layout != C.ORIGINAL_LAYOUT:
-        C.check_config_json(raw, path / "config.json")
-    weights = read_weights(path)
-    guide_tok_path = None
-    if layout == C.ORIGINAL_LAYOUT:
-        clip_dir = _clip_dir(raw, Path(clip) if clip else None, path)
-        clip_raw = C.read_config_json(clip_dir / "config.json")
-        C.check_config_json(raw, path / "config.json", clip_raw, clip_dir / "config.json")
-        weights = weights.renamed(_rename(weights, ORIGINAL_PREFIXES))
-        with_mask = any(k.startswith("mm_cross_attn.") for k in weights)
-        with_perceiver = any(k.startswith("mm_patch_encoder.") for k in weights)
-        if raw["model_type"] in C.TG_MODEL_TYPES and not (with_mask or with_perceiver):
-            raise TgedgeError(f"{path}: model_type {raw['model_type']} but no model.mm_cross_attn.* or "
-                              "model.mm_patch_encoder.* tensors")
-        present = {k.split(".")[0] for k in weights}
-        if "vision_tower" not in present or ((with_mask or with_perceiver) and "text_tower" not in present):
-            # Towers the checkpoint does not carry come from the CLIP directory.
-            clip_w = read_weights(clip_dir)
-            clip_w = clip_w.renamed(_rename(clip_w, CLIP_PREFIXES))
-            weights = weights.merged(clip_w.only(lambda k: k.split(".")[0] not in present))
-        cfg = C.original_model_config(raw, clip_raw, with_mask, with_perceiver)
-        image = _find_image_settings(clip_dir, path)
-        tokenizer = Tokenizer(path / "tokenizer.json")
-        template = template_for_family(cfg.decoder.family, tokenizer.token_to_id("<|start_header_id|>") is not None)
-        guide_tok_path = clip_dir / "tokenizer.json"
-    else:
-        weights = weights.renamed(_rename(weights, HF_PREFIXES))
-        cfg = C.hf_model_config(raw, layout)
-        image = _find_image_settings(path)
-        tokenizer = Tokenizer(path / "tokenizer.json")
-        jinja = _find_chat_template(path)
-        template = PromptTemplate("jinja", jinja) if jinja else PromptTemplate("llava")
-        if layout == C.TGEDGE_LAYOUT:
-            guide_tok_path = path / "text_guide" / "tokenizer.json"
+    parts = layouts.layout_of(raw, path).read(path, raw, Path(clip) if clip else None)
+    cfg, weights, guide_tok_path = parts.config, parts.weights, parts.guide_tokenizer
     if not cfg.has_tg:
         log.warning("%s: no TG-LLaVA weights: running as plain LLaVA", path)
         weights = weights.only(lambda k: not k.startswith("text_tower."))
@@ -224,17 +89,18 @@ def load_checkpoint(path: str | Path, clip: str | Path | None = None) -> Checkpo
     if bad:
         raise TgedgeError(f"{path}: non-finite weights (NaN or inf) in {len(bad)} tensor(s): {', '.join(bad[:8])}"
                           f"{' ...' if len(bad) > 8 else ''}")
+    tokenizer = parts.tokenizer
     if tokenizer.vocab_size > cfg.decoder.vocab_size:
         raise TgedgeError(f"{tokenizer.path}: {tokenizer.vocab_size} tokens, more than the decoder's vocab_size "
                           f"{cfg.decoder.vocab_size} in config.json")
     if cfg.image_token_index is not None and tokenizer.token_to_id("<image>") != cfg.image_token_index:
         raise TgedgeError(f"{path}: image_token_index {cfg.image_token_index} is not the tokenizer's <image> id "
                           f"({tokenizer.token_to_id('<image>')})")
-    spec = PreprocessSpec(image=image, template=template, num_image_tokens=cfg.num_image_tokens,
+    # the family says what preprocessing it needs: image tokens, detail crops, the text guide's length
+    spec = PreprocessSpec(image=parts.image, template=parts.template,
                           image_token_id=IMAGE_PLACEHOLDER_ID if cfg.image_token_index is None else cfg.image_token_index,
-                          pad_to_square=cfg.pad_to_square, detail_crops=cfg.detail_perceiver is not None,
-                          text_guide_length=cfg.text_guide.max_position_embeddings if cfg.has_tg else 0,
-                          eos_token_ids=_eos_ids(path, cfg))
+                          pad_to_square=cfg.pad_to_square, eos_token_ids=_eos_ids(path, cfg),
+                          **preprocess_needs(cfg.to_dict()))
     guide = Tokenizer(guide_tok_path) if guide_tok_path else None
     return Checkpoint(path, cfg, weights, Preprocessor(spec, tokenizer, guide), raw)
 
@@ -364,46 +230,3 @@ def image_processor_json(s: ImageSettings) -> dict:
             "do_resize": s.do_resize, "do_center_crop": s.do_center_crop, "do_rescale": s.do_rescale,
             "rescale_factor": s.rescale_factor, "do_normalize": s.do_normalize, "image_mean": list(s.mean),
             "image_std": list(s.std), "do_convert_rgb": s.do_convert_rgb}
-
-
-def config_json(cfg: C.ModelConfig) -> dict:
-    v, d = cfg.vision, cfg.decoder
-    text_config = {"model_type": d.family, "vocab_size": d.vocab_size, "hidden_size": d.hidden_size,
-                   "intermediate_size": d.intermediate_size, "num_hidden_layers": d.num_layers,
-                   "num_attention_heads": d.num_heads, "num_key_value_heads": d.num_kv_heads, "head_dim": d.head_dim,
-                   "rms_norm_eps": d.rms_norm_eps, "rope_theta": d.rope_theta, "rope_scaling": d.rope_scaling,
-                   "max_position_embeddings": d.max_position_embeddings, "attention_bias": d.attention_bias,
-                   "tie_word_embeddings": d.tie_word_embeddings, "hidden_act": d.hidden_act,
-                   "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id or None}
-    out = {
-        "model_type": "llava", "architectures": ["LlavaForConditionalGeneration"],
-        "image_token_index": cfg.image_token_index,  # null: no image token in the vocabulary (original layout)
-        "vision_feature_layer": v.select_layer, "vision_feature_select_strategy": v.select_strategy,
-        "projector_hidden_act": cfg.projector.hidden_act, "multimodal_projector_bias": cfg.projector.bias,
-        "tie_word_embeddings": d.tie_word_embeddings,
-        "image_aspect_ratio": "pad" if cfg.pad_to_square else "square",
-        "vision_config": {"model_type": "clip_vision_model", "hidden_size": v.hidden_size,
-                          "intermediate_size": v.intermediate_size, "num_hidden_layers": v.num_layers,
-                          "num_attention_heads": v.num_heads, "image_size": v.image_size, "patch_size": v.patch_size,
-                          "num_channels": v.num_channels, "layer_norm_eps": v.layer_norm_eps,
-                          "hidden_act": v.hidden_act},
-        "text_config": text_config,
-    }
-    if cfg.has_tg:
-        t, fom, dp = cfg.text_guide, cfg.feature_mask, cfg.detail_perceiver
-        tg = {"feature_mask": fom is not None, "detail_perceiver": dp is not None,
-              "text_config": {"model_type": "clip_text_model", "vocab_size": t.vocab_size, "hidden_size": t.hidden_size,
-                              "intermediate_size": t.intermediate_size, "num_hidden_layers": t.num_layers,
-                              "num_attention_heads": t.num_heads, "max_position_embeddings": t.max_position_embeddings,
-                              "layer_norm_eps": t.layer_norm_eps, "hidden_act": t.hidden_act,
-                              "eos_token_id": t.eos_token_id}}
-        if fom is not None:
-            tg.update(tg_fom_num_layers=fom.num_layers, tg_fom_num_heads=fom.num_heads,
-                      tg_fom_intermediate_size=fom.intermediate_size)
-        if dp is not None:
-            tg.update(tg_dp_num_latents=dp.num_latents, tg_dp_depth=dp.depth, tg_dp_num_heads=dp.num_heads,
-                      tg_dp_head_dim=dp.head_dim, tg_dp_num_kv_heads=dp.num_kv_heads, tg_dp_rms_norm_eps=dp.rms_norm_eps)
-        if cfg.gated_fusion is not None:
-            tg["tg_fusion"] = C.gated_config_json(cfg.gated_fusion)
-        out["tg"] = tg
-    return out

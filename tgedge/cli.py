@@ -11,6 +11,7 @@ import traceback
 
 from tgedge import __version__, cli_bench, cli_checkpoint, cli_deploy, cli_device
 from tgedge.cli_common import BACKENDS, EPILOG, SEED, Parser, add_output, integer, real, text
+from tgedge.contract import FAMILIES, ablation_choices
 from tgedge.errors import TgedgeError, as_user_error, one_line
 from tgedge.pipelines import open_pipeline
 
@@ -102,7 +103,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--limit", type=integer(1), help="evaluate the first N samples only")
     p.add_argument("--clip", metavar="DIR", help="CLIPModel directory for original-layout checkpoints")
     p.add_argument("--max-new-tokens", type=integer(1), default=8, help="answer length cap (default 8)")
-    p.add_argument("--ablate", choices=["fom", "dp", "both", "gate", "text"],
+    p.add_argument("--ablate", choices=ablation_choices(),
                    help="switch modules off at inference: fom zeroes TG-FOM's zero_layer, dp drops TG-DP's tokens, both; "
                         "for a gated-fusion model, gate forces g = 0 (image only) and text removes the text context")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
@@ -163,7 +164,7 @@ def _add_train_demo(sub) -> None:
     p.add_argument("--lr", type=real(0, lo_open=True), default=1e-3)
     p.add_argument("--vision-lr-scale", type=real(0), default=0.1,
                    help="stage 2 fine-tunes the vision tower at lr x this (0 freezes it; default 0.1)")
-    p.add_argument("--fusion", choices=["tg", "gated", "plain"],
+    p.add_argument("--fusion", choices=list(FAMILIES),
                    help="fusion family: tg (TG-FOM + TG-DP, the shipped demo; default), gated (gated cross-modal "
                         "fusion, demo-gated), plain (LLaVA, no text guide)")
     p.add_argument("--gate-strategy", choices=["adaptive_gating", "attention_weights"],

@@ -1,13 +1,9 @@
-"""Model configuration: one dataclass per component, read from a checkpoint's `config.json`.
+"""Model configuration: one dataclass per component, and what every checkpoint layout reads the same way.
 
-Three checkpoint layouts are understood (see docs/CHECKPOINTS.md):
-  a. Hugging Face transformers LLaVA (`model_type: llava`),
-  b. the original LLaVA / TG-LLaVA repository (`model_type: llava_llama`, `llava_qwen`, ...; `mm_*` keys),
-  c. tgedge's own: layout a plus a `tg` section describing the text-guided modules and the CLIP text tower
-     (TG-FOM / TG-DP, or, under `tg.tg_fusion`, the gated cross-modal fusion family).
-Sizes that the TG-LLaVA reference code hard-codes (Q-Former heads, perceiver latents/heads) have the
-reference's values as defaults and may be overridden by `tg_*` keys, which is how tiny test models are made.
-"""
+The layouts themselves (how a `config.json` is detected, checked and converted, and how its weights are renamed)
+are `tgedge.layouts`' modules: `hf` (transformers LLaVA), `original` (the LLaVA / TG-LLaVA repository) and
+`tgedge_layout` (tgedge's own). Here: the dataclasses, the schema machinery (kinds, per-section problems, the
+consistency every layout shares) and the CLIP / decoder conversions."""
 
 from __future__ import annotations
 
@@ -18,27 +14,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tgedge.contract import family_of
 from tgedge.errors import TgedgeError
 
 HF_LAYOUT = "hf"
 ORIGINAL_LAYOUT = "original"
 TGEDGE_LAYOUT = "tgedge"
 
-ORIGINAL_MODEL_TYPES = {
-    "llava_llama": "llama",
-    "llava_qwen": "qwen2",
-    "llava_qwen2": "qwen2",
-    "llava_llama_text_learnable_query": "llama",
-    "llava_qwen_text_learnable_query": "qwen2",
-}
-TG_MODEL_TYPES = {"llava_llama_text_learnable_query", "llava_qwen_text_learnable_query"}
 DECODER_FAMILIES = ("llama", "qwen2")
 
 # CLIP defaults as transformers' CLIPVisionConfig / CLIPTextConfig define them.
-_CLIP_VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+CLIP_VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                              num_attention_heads=12, image_size=224, patch_size=32, num_channels=3,
                              layer_norm_eps=1e-5, hidden_act="quick_gelu")
-_CLIP_TEXT_DEFAULTS = dict(vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
+CLIP_TEXT_DEFAULTS = dict(vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
                            num_attention_heads=8, max_position_embeddings=77, layer_norm_eps=1e-5,
                            hidden_act="quick_gelu", eos_token_id=49407)
 
@@ -220,14 +209,14 @@ class ModelConfig:
     @property
     def has_tg(self) -> bool:
         """Text-guided: a text guide feeds the fusion (TG-FOM / TG-DP, or gated fusion); else plain LLaVA."""
-        return self.feature_mask is not None or self.detail_perceiver is not None or self.gated_fusion is not None
+        d = self.to_dict()
+        return family_of(d).uses_text_guide(d)
 
     @property
     def num_image_tokens(self) -> int:
-        n = self.vision.num_features
-        if self.detail_perceiver is not None:
-            n += self.detail_perceiver.num_latents
-        return n
+        """Decoder positions an image takes, as its fusion family says."""
+        d = self.to_dict()
+        return family_of(d).num_image_tokens(d)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -270,43 +259,30 @@ def bad_numbers(tree, where: str = "", max_abs: float | None = None) -> list[str
 # -- config.json schema: types, ranges, finiteness and consistency, every problem in one message -----------------
 # Kinds: "+int" integer >= 1, "0int" integer >= 0, "int", "+num" finite number > 0, "bool", "str", "dict",
 # "id" token id >= 0, "ids" one id or a list of ids; a trailing "?" allows null (the loader's default then).
-_CLIP_VISION = {"hidden_size": "+int?", "intermediate_size": "+int?", "num_hidden_layers": "+int?",
-                "num_attention_heads": "+int?", "image_size": "+int?", "patch_size": "+int?", "num_channels": "+int?",
-                "layer_norm_eps": "+num?", "hidden_act": "str?"}
-_CLIP_TEXT = {"vocab_size": "+int?", "hidden_size": "+int?", "intermediate_size": "+int?",
-              "num_hidden_layers": "+int?", "num_attention_heads": "+int?", "max_position_embeddings": "+int?",
-              "layer_norm_eps": "+num?", "hidden_act": "str?", "eos_token_id": "id?"}
-_DECODER = {"vocab_size": "+int", "hidden_size": "+int", "intermediate_size": "+int", "num_hidden_layers": "+int",
-            "num_attention_heads": "+int", "num_key_value_heads": "+int?", "head_dim": "+int?",
-            "rms_norm_eps": "+num", "rope_theta": "+num?", "rope_scaling": "dict?", "max_position_embeddings": "+int",
-            "attention_bias": "bool?", "tie_word_embeddings": "bool?", "hidden_act": "str", "bos_token_id": "id?",
-            "eos_token_id": "ids?"}
-_TG = {"feature_mask": "bool", "detail_perceiver": "bool", "tg_fom_num_queries": "+int", "tg_fom_num_layers": "+int",
-       "tg_fom_num_heads": "+int", "tg_fom_intermediate_size": "0int", "tg_dp_num_latents": "+int",
-       "tg_dp_depth": "+int", "tg_dp_num_heads": "+int", "tg_dp_head_dim": "+int", "tg_dp_num_kv_heads": "+int",
-       "tg_dp_rms_norm_eps": "+num", "text_config": "dict?", "tg_fusion": "dict?"}
-# tg.tg_fusion (layout c): the gated cross-modal fusion family's settings.
-_GATED = {"family": "str", "layers": "+int", "heads": "+int", "strategy": "str", "intermediate_size": "0int",
-          "layer_norm_eps": "+num"}
-_HF_TOP = {"image_token_index": "id?", "vision_feature_select_strategy": "str", "projector_hidden_act": "str",
-           "multimodal_projector_bias": "bool", "tie_word_embeddings": "bool", "image_aspect_ratio": "str?",
-           "vision_config": "dict?", "text_config": "dict", "tg": "dict"}
-_ORIGINAL_TOP = {**_DECODER, **{k: v for k, v in _TG.items() if k.startswith("tg_")},
-                 "mm_vision_select_layer": "int", "mm_hidden_size": "+int", "mm_projector_type": "str",
-                 "mm_vision_select_feature": "str", "mm_patch_merge_type": "str", "image_aspect_ratio": "str?"}
+CLIP_VISION = {"hidden_size": "+int?", "intermediate_size": "+int?", "num_hidden_layers": "+int?",
+               "num_attention_heads": "+int?", "image_size": "+int?", "patch_size": "+int?", "num_channels": "+int?",
+               "layer_norm_eps": "+num?", "hidden_act": "str?"}
+CLIP_TEXT = {"vocab_size": "+int?", "hidden_size": "+int?", "intermediate_size": "+int?",
+             "num_hidden_layers": "+int?", "num_attention_heads": "+int?", "max_position_embeddings": "+int?",
+             "layer_norm_eps": "+num?", "hidden_act": "str?", "eos_token_id": "id?"}
+DECODER = {"vocab_size": "+int", "hidden_size": "+int", "intermediate_size": "+int", "num_hidden_layers": "+int",
+           "num_attention_heads": "+int", "num_key_value_heads": "+int?", "head_dim": "+int?",
+           "rms_norm_eps": "+num", "rope_theta": "+num?", "rope_scaling": "dict?", "max_position_embeddings": "+int",
+           "attention_bias": "bool?", "tie_word_embeddings": "bool?", "hidden_act": "str", "bos_token_id": "id?",
+           "eos_token_id": "ids?"}
 
 
-def _is_int(v) -> bool:
+def is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _kind_ok(v, kind: str) -> bool:
     if kind == "+int":
-        return _is_int(v) and v >= 1
+        return is_int(v) and v >= 1
     if kind in ("0int", "id"):
-        return _is_int(v) and v >= 0
+        return is_int(v) and v >= 0
     if kind == "int":
-        return _is_int(v)
+        return is_int(v)
     if kind == "+num":
         return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
     if kind == "ids":
@@ -319,7 +295,7 @@ _KIND_TEXT = {"+int": "an integer >= 1", "0int": "an integer >= 0", "int": "an i
               "str": "a string", "dict": "an object"}
 
 
-def _section_problems(d: dict, schema: dict, where: str) -> list[str]:
+def section_problems(d: dict, schema: dict, where: str) -> list[str]:
     out = []
     for key, kind in schema.items():
         if key not in d or (d[key] is None and kind.endswith("?")):
@@ -329,125 +305,42 @@ def _section_problems(d: dict, schema: dict, where: str) -> list[str]:
     return out
 
 
-def _get(d: dict, key: str, default):
+def value_or(d: dict, key: str, default):
     v = d.get(key)
     return default if v is None else v
 
 
-def _divides(out: list, where: str, width, heads, width_key="hidden_size", heads_key="num_attention_heads") -> None:
-    if _is_int(width) and _is_int(heads) and heads >= 1 and width % heads:
+def divides(out: list, where: str, width, heads, width_key="hidden_size", heads_key="num_attention_heads") -> None:
+    if is_int(width) and is_int(heads) and heads >= 1 and width % heads:
         out.append(f"{where}{width_key} {width} is not a multiple of {heads_key} {heads}")
 
 
-def _consistency(vision: dict, decoder: dict, text: dict | None, tg: dict, top_ids: dict, where: dict) -> list[str]:
-    """Heads dividing widths, token ids inside the vocabulary, patches fitting the image."""
+def consistency(vision: dict, decoder: dict, text: dict | None, top_ids: dict, where: dict) -> list[str]:
+    """Heads dividing widths, token ids inside the vocabulary, patches fitting the image (a layout adds its
+    fusion family's checks)."""
     out: list[str] = []
-    v = {k: _get(vision, k, _CLIP_VISION_DEFAULTS[k]) for k in _CLIP_VISION_DEFAULTS}
-    _divides(out, where["vision"], v["hidden_size"], v["num_attention_heads"])
-    if _is_int(v["patch_size"]) and _is_int(v["image_size"]) and v["patch_size"] > v["image_size"]:
+    v = {k: value_or(vision, k, CLIP_VISION_DEFAULTS[k]) for k in CLIP_VISION_DEFAULTS}
+    divides(out, where["vision"], v["hidden_size"], v["num_attention_heads"])
+    if is_int(v["patch_size"]) and is_int(v["image_size"]) and v["patch_size"] > v["image_size"]:
         out.append(f"{where['vision']}patch_size {v['patch_size']} is larger than image_size {v['image_size']}")
     if decoder.get("head_dim") is None:
-        _divides(out, where["decoder"], decoder.get("hidden_size"), decoder.get("num_attention_heads"))
-    _divides(out, where["decoder"], decoder.get("num_attention_heads"), decoder.get("num_key_value_heads"),
-             "num_attention_heads", "num_key_value_heads")
+        divides(out, where["decoder"], decoder.get("hidden_size"), decoder.get("num_attention_heads"))
+    divides(out, where["decoder"], decoder.get("num_attention_heads"), decoder.get("num_key_value_heads"),
+            "num_attention_heads", "num_key_value_heads")
     vocab = decoder.get("vocab_size")
-    if _is_int(vocab):
+    if is_int(vocab):
         for key, value in top_ids.items():
             ids = value if isinstance(value, list) else [value]
-            bad = [i for i in ids if _is_int(i) and i >= vocab]
+            bad = [i for i in ids if is_int(i) and i >= vocab]
             if bad:
                 out.append(f"{key} {bad[0]} is outside the decoder's vocabulary (vocab_size {vocab})")
     if text is not None:
-        t = {k: _get(text, k, _CLIP_TEXT_DEFAULTS[k]) for k in _CLIP_TEXT_DEFAULTS}
-        _divides(out, where["text"], t["hidden_size"], t["num_attention_heads"])
-        if _is_int(t["eos_token_id"]) and _is_int(t["vocab_size"]) and t["eos_token_id"] >= t["vocab_size"]:
+        t = {k: value_or(text, k, CLIP_TEXT_DEFAULTS[k]) for k in CLIP_TEXT_DEFAULTS}
+        divides(out, where["text"], t["hidden_size"], t["num_attention_heads"])
+        if is_int(t["eos_token_id"]) and is_int(t["vocab_size"]) and t["eos_token_id"] >= t["vocab_size"]:
             out.append(f"{where['text']}eos_token_id {t['eos_token_id']} is outside its vocabulary "
                        f"(vocab_size {t['vocab_size']})")
-        if tg.get("feature_mask", _tg_default(tg)):
-            _divides(out, where["tg"], v["hidden_size"], _get(tg, "tg_fom_num_heads", 16), "vision hidden_size",
-                     "tg_fom_num_heads")
-        if tg.get("detail_perceiver", _tg_default(tg)):
-            _divides(out, where["tg"], _get(tg, "tg_dp_num_heads", 16), _get(tg, "tg_dp_num_kv_heads", 4),
-                     "tg_dp_num_heads", "tg_dp_num_kv_heads")
     return out
-
-
-def _tg_default(tg: dict) -> bool:
-    """Whether TG-FOM / TG-DP exist when `tg` does not say: yes, unless the section configures gated fusion."""
-    return not isinstance(tg.get("tg_fusion"), dict)
-
-
-def _fusion_problems(tg: dict, vision: dict) -> list[str]:
-    """tg.tg_fusion: known keys of the right kinds, family gated, a known strategy, heads dividing the width,
-    and not beside TG-FOM / TG-DP (a model has one fusion family)."""
-    f = tg.get("tg_fusion")
-    if not isinstance(f, dict):
-        return []  # absent, null, or a wrong type that the `tg` section's schema names
-    out = _section_problems(f, _GATED, "tg.tg_fusion.")
-    unknown = sorted(set(f) - set(_GATED))
-    if unknown:
-        out.append(f"tg.tg_fusion has unknown key(s) {', '.join(map(repr, unknown))} (known: {', '.join(_GATED)})")
-    family = f.get("family")
-    if family is None:
-        out.append('tg.tg_fusion.family is missing (the fusion family it configures: "gated")')
-    elif isinstance(family, str) and family != "gated":
-        out.append(f"tg.tg_fusion.family {family!r} is not one tg_fusion configures (gated; the tg family is "
-                   "tg.feature_mask / tg.detail_perceiver)")
-    strategy = f.get("strategy")
-    if isinstance(strategy, str) and strategy not in GATED_STRATEGIES:
-        out.append(f"tg.tg_fusion.strategy {strategy!r} is unknown (choose from {', '.join(GATED_STRATEGIES)})")
-    for key in ("feature_mask", "detail_perceiver"):
-        if tg.get(key) is True:
-            out.append(f"tg.{key} is true beside tg.tg_fusion (gated): a model has one fusion family")
-    width, heads = _get(vision, "hidden_size", _CLIP_VISION_DEFAULTS["hidden_size"]), _get(f, "heads", 16)
-    if _is_int(width) and _is_int(heads) and heads >= 1 and width % heads:
-        out.append(f"tg.tg_fusion.heads {heads} does not divide the vision hidden_size {width}")
-    return out
-
-
-def check_config_json(d: dict, path, clip: dict | None = None, clip_path=None) -> None:
-    """Refuse a config.json (and, for the original layout, the CLIP config) with any wrong type, non-finite or
-    out-of-range value or inconsistency, listing every problem in one message."""
-    layout = detect_layout(d, path)
-    if layout == ORIGINAL_LAYOUT:
-        clip = clip if isinstance(clip, dict) else {}
-        problems = _section_problems(d, _ORIGINAL_TOP, "")
-        vision, text = clip.get("vision_config") or {}, clip.get("text_config") or {}
-        for section, schema, name in ((vision, _CLIP_VISION, "vision_config"), (text, _CLIP_TEXT, "text_config")):
-            if not isinstance(section, dict):
-                problems.append(f"{clip_path}: {name} must be an object")
-            else:
-                problems += [f"{clip_path}: {p}" for p in _section_problems(section, schema, f"{name}.")]
-        if not problems:
-            where = {"vision": f"{clip_path}: vision_config.", "decoder": "", "text": f"{clip_path}: text_config.",
-                     "tg": ""}
-            problems = _consistency(vision, d, text, d, {k: d.get(k) for k in ("bos_token_id", "eos_token_id")
-                                                            if d.get(k) is not None}, where)
-    else:
-        problems = _section_problems(d, _HF_TOP, "")
-        vision, decoder, tg = d.get("vision_config") or {}, d.get("text_config") or {}, d.get("tg") or {}
-        text = tg.get("text_config") or {} if isinstance(tg, dict) else {}
-        for section, schema, name in ((vision, _CLIP_VISION, "vision_config."), (decoder, _DECODER, "text_config."),
-                                      (tg, _TG, "tg."), (text, _CLIP_TEXT, "tg.text_config.")):
-            if isinstance(section, dict):
-                problems += _section_problems(section, schema, name)
-        if isinstance(tg, dict) and isinstance(vision, dict):
-            problems += _fusion_problems(tg, vision)
-        if "text_config" in d and isinstance(decoder, dict):
-            problems += [f"text_config.{k} is missing" for k in ("vocab_size", "hidden_size", "intermediate_size",
-                                                                  "num_hidden_layers", "num_attention_heads")
-                         if k not in decoder]
-        if not problems:
-            ids = {f"text_config.{k}": decoder[k] for k in ("bos_token_id", "eos_token_id")
-                   if decoder.get(k) is not None}
-            if d.get("image_token_index") is not None:
-                ids["image_token_index"] = d["image_token_index"]
-            elif "image_token_index" not in d:
-                ids["image_token_index"] = 32000  # the default hf_model_config assumes
-            where = {"vision": "vision_config.", "decoder": "text_config.", "text": "tg.text_config.", "tg": "tg."}
-            problems = _consistency(vision, decoder, text if "tg" in d else None, tg, ids, where)
-    if problems:
-        raise TgedgeError(f"{path}: {'; '.join(problems)}")
 
 
 def _pick(d: dict, defaults: dict, key: str, *aliases: str) -> Any:
@@ -458,7 +351,7 @@ def _pick(d: dict, defaults: dict, key: str, *aliases: str) -> Any:
 
 
 def vision_config_from_clip(d: dict, select_layer: int, select_strategy: str) -> VisionConfig:
-    g = lambda k: _pick(d, _CLIP_VISION_DEFAULTS, k)  # noqa: E731
+    g = lambda k: _pick(d, CLIP_VISION_DEFAULTS, k)  # noqa: E731
     return VisionConfig(hidden_size=g("hidden_size"), intermediate_size=g("intermediate_size"),
                         num_layers=g("num_hidden_layers"), num_heads=g("num_attention_heads"),
                         image_size=g("image_size"), patch_size=g("patch_size"), num_channels=g("num_channels"),
@@ -467,7 +360,7 @@ def vision_config_from_clip(d: dict, select_layer: int, select_strategy: str) ->
 
 
 def text_config_from_clip(d: dict) -> TextGuideConfig:
-    g = lambda k: _pick(d, _CLIP_TEXT_DEFAULTS, k)  # noqa: E731
+    g = lambda k: _pick(d, CLIP_TEXT_DEFAULTS, k)  # noqa: E731
     return TextGuideConfig(vocab_size=g("vocab_size"), hidden_size=g("hidden_size"),
                            intermediate_size=g("intermediate_size"), num_layers=g("num_hidden_layers"),
                            num_heads=g("num_attention_heads"), max_position_embeddings=g("max_position_embeddings"),
@@ -506,119 +399,7 @@ def decoder_config_from(d: dict, family: str, tie_default: bool = False) -> Deco
         raise TgedgeError(f"decoder config has no {e.args[0]!r}") from None
 
 
-def _eos_list(v) -> list[int]:
+def eos_list(v) -> list[int]:
     if v is None:
         return []
     return [int(x) for x in v] if isinstance(v, list) else [int(v)]
-
-
-def tg_configs(d: dict, vision: VisionConfig, text: TextGuideConfig, llm_width: int,
-               with_mask: bool, with_perceiver: bool):
-    """TG-FOM / TG-DP configs: sizes derived as the reference code derives them, `tg_*` keys override."""
-    fom = dp = None
-    if with_mask:
-        fom = FeatureMaskConfig(
-            num_queries=d.get("tg_fom_num_queries", vision.num_patches), hidden_size=vision.hidden_size,
-            text_width=text.hidden_size, num_layers=d.get("tg_fom_num_layers", 2),
-            num_heads=d.get("tg_fom_num_heads", 16), intermediate_size=d.get("tg_fom_intermediate_size", 0))
-        if fom.num_queries != vision.num_patches:
-            raise TgedgeError(f"TG-FOM has {fom.num_queries} queries but the vision tower gives "
-                              f"{vision.num_patches} patches")
-    if with_perceiver:
-        dp = DetailPerceiverConfig(
-            vision_width=vision.hidden_size, text_width=text.hidden_size, llm_width=llm_width,
-            num_positions=4 * vision.num_patches, num_latents=d.get("tg_dp_num_latents", 64),
-            depth=d.get("tg_dp_depth", 2), num_heads=d.get("tg_dp_num_heads", 16),
-            head_dim=d.get("tg_dp_head_dim", 96), num_kv_heads=d.get("tg_dp_num_kv_heads", 4),
-            rms_norm_eps=d.get("tg_dp_rms_norm_eps", 1e-5))
-    return fom, dp
-
-
-def gated_config(d: dict | None, vision: VisionConfig, text: TextGuideConfig) -> GatedFusionConfig | None:
-    """tg.tg_fusion (checked by check_config_json) -> the gated fusion config; None when absent."""
-    if d is None:
-        return None
-    return GatedFusionConfig(vision_width=vision.hidden_size, text_width=text.hidden_size,
-                             num_layers=d.get("layers", 6), num_heads=d.get("heads", 16),
-                             strategy=d.get("strategy", "adaptive_gating"),
-                             intermediate_size=d.get("intermediate_size", 0),
-                             layer_norm_eps=d.get("layer_norm_eps", 1e-5))
-
-
-def gated_config_json(g: GatedFusionConfig) -> dict:
-    """The gated fusion config as tg.tg_fusion (what gated_config reads back)."""
-    return {"family": "gated", "layers": g.num_layers, "heads": g.num_heads, "strategy": g.strategy,
-            "intermediate_size": g.intermediate_size, "layer_norm_eps": g.layer_norm_eps}
-
-
-def detect_layout(d: dict, path: Path) -> str:
-    model_type = d.get("model_type")
-    if model_type == "llava":
-        return TGEDGE_LAYOUT if "tg" in d else HF_LAYOUT
-    if model_type in ORIGINAL_MODEL_TYPES:
-        return ORIGINAL_LAYOUT
-    known = ", ".join(["llava", *ORIGINAL_MODEL_TYPES])
-    raise TgedgeError(f"{path}: unknown model_type {model_type!r} (supported: {known})")
-
-
-def hf_model_config(d: dict, layout: str) -> ModelConfig:
-    """Layouts a and c. For c, `d['tg']` holds the text tower config and which TG modules exist."""
-    text_d = d.get("text_config") or {}
-    family = text_d.get("model_type", "llama")
-    if family not in DECODER_FAMILIES:
-        raise TgedgeError(f"unsupported text_config.model_type {family!r} (supported: {', '.join(DECODER_FAMILIES)})")
-    layer = d.get("vision_feature_layer", -2)
-    if not isinstance(layer, int):
-        raise TgedgeError(f"vision_feature_layer {layer!r}: only a single layer index is supported")
-    vision = vision_config_from_clip(d.get("vision_config") or {}, layer,
-                                     d.get("vision_feature_select_strategy", "default"))
-    decoder = decoder_config_from(text_d, family, tie_default=bool(d.get("tie_word_embeddings", False)))
-    projector = ProjectorConfig(vision.hidden_size, decoder.hidden_size, d.get("projector_hidden_act", "gelu"),
-                                bool(d.get("multimodal_projector_bias", True)))
-    text = fom = dp = gated = None
-    if layout == TGEDGE_LAYOUT:
-        tg = d["tg"]
-        text = text_config_from_clip(tg.get("text_config") or {})
-        gated = gated_config(tg.get("tg_fusion"), vision, text)
-        fom, dp = tg_configs(tg, vision, text, decoder.hidden_size, bool(tg.get("feature_mask", gated is None)),
-                             bool(tg.get("detail_perceiver", gated is None)))
-        if fom is None and dp is None and gated is None:
-            text = None
-    # `image_token_index: null` is tgedge's mark for a vocabulary without an image token (from layout b).
-    image_token_index = d["image_token_index"] if "image_token_index" in d else 32000
-    return ModelConfig(layout=layout, vision=vision, projector=projector, decoder=decoder, text_guide=text,
-                       feature_mask=fom, detail_perceiver=dp, gated_fusion=gated, image_token_index=image_token_index,
-                       pad_to_square=d.get("image_aspect_ratio") == "pad",
-                       bos_token_id=text_d.get("bos_token_id"),
-                       eos_token_id=_eos_list(text_d.get("eos_token_id")), model_type="llava")
-
-
-def original_model_config(d: dict, clip: dict, with_mask: bool, with_perceiver: bool) -> ModelConfig:
-    """Layout b. `clip` is the CLIPModel config.json (vision_config and text_config) from `--clip DIR`."""
-    model_type = d["model_type"]
-    family = ORIGINAL_MODEL_TYPES[model_type]
-    projector_type = d.get("mm_projector_type", "linear")
-    if projector_type != "mlp2x_gelu":
-        raise TgedgeError(f"unsupported mm_projector_type {projector_type!r} (only mlp2x_gelu)")
-    select = d.get("mm_vision_select_feature", "patch")
-    if select not in ("patch", "cls_patch"):
-        raise TgedgeError(f"unknown mm_vision_select_feature {select!r}")
-    merge = d.get("mm_patch_merge_type", "flat")
-    if merge != "flat":
-        raise TgedgeError(f"unsupported mm_patch_merge_type {merge!r} (only flat)")
-    vision = vision_config_from_clip(clip.get("vision_config") or {}, d.get("mm_vision_select_layer", -2),
-                                     "default" if select == "patch" else "full")
-    if d.get("mm_hidden_size", vision.hidden_size) != vision.hidden_size:
-        raise TgedgeError(f"mm_hidden_size {d['mm_hidden_size']} does not match the CLIP vision width "
-                          f"{vision.hidden_size}")
-    decoder = decoder_config_from(d, family)
-    projector = ProjectorConfig(vision.hidden_size, decoder.hidden_size, "gelu", True)
-    text = fom = dp = None
-    if with_mask or with_perceiver:
-        text = text_config_from_clip(clip.get("text_config") or {})
-        fom, dp = tg_configs(d, vision, text, decoder.hidden_size, with_mask, with_perceiver)
-    return ModelConfig(layout=ORIGINAL_LAYOUT, vision=vision, projector=projector, decoder=decoder,
-                       text_guide=text, feature_mask=fom, detail_perceiver=dp, image_token_index=None,
-                       pad_to_square=d.get("image_aspect_ratio", "square") == "pad",
-                       bos_token_id=d.get("bos_token_id"), eos_token_id=_eos_list(d.get("eos_token_id")),
-                       model_type=model_type)

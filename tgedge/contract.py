@@ -12,7 +12,8 @@ what `manifest.json` stores), and read by every layer: the model's stage methods
 Fusion families (how image features and the question meet before the decoder) are registered by name:
 `tg` (TG-FOM + TG-DP, TG-LLaVA), `gated` (cross-attention fusion layers with an adaptive gate, the Open-AutoGLM
 design) and `plain` (LLaVA's projector alone). A family is one model file (its torch
-module, imported only when a model is built) plus one `FusionFamily` entry below.
+module, imported only when a model is built) plus one `FusionFamily` entry below (or `register_family` elsewhere):
+what the stages, the preprocessing (`preprocess_needs`), the ablations and the CLI's choices are follows from it.
 """
 
 from __future__ import annotations
@@ -75,6 +76,8 @@ class FusionFamily:
     views: Callable[[dict], int]  # vision views per image (the main view, plus crops)
     fusion_inputs: Callable[[dict], list[TensorMeta]]
     num_image_tokens: Callable[[dict], int]
+    # inference ablations its model class's `ablate(model, which)` knows (`tgedge eval --ablate`)
+    ablations: tuple[str, ...] = ()
 
 
 def _features(cfg: dict) -> int:
@@ -99,7 +102,8 @@ TG = FusionFamily(
     views=lambda cfg: 5 if cfg.get("detail_perceiver") else 1,
     fusion_inputs=_tg_inputs,
     num_image_tokens=lambda cfg: _features(cfg) + (cfg["detail_perceiver"]["num_latents"]
-                                                   if cfg.get("detail_perceiver") else 0))
+                                                   if cfg.get("detail_perceiver") else 0),
+    ablations=("fom", "dp", "both"))  # TG-FOM's zero_layer zeroed, TG-DP's tokens dropped, both
 
 
 def _gated_inputs(cfg: dict) -> list[TensorMeta]:
@@ -114,7 +118,8 @@ GATED = FusionFamily(
     uses_text_guide=lambda cfg: True,
     views=lambda cfg: 1,
     fusion_inputs=_gated_inputs,
-    num_image_tokens=_features)  # one token per patch
+    num_image_tokens=_features,  # one token per patch
+    ablations=("gate", "text"))  # g = 0 (image only), no text context
 
 PLAIN = FusionFamily(
     "plain", "tgedge.model.fusion_plain:PlainFusion",
@@ -131,6 +136,30 @@ FAMILIES: dict[str, FusionFamily] = {f.name: f for f in (TG, GATED, PLAIN)}
 
 def family_of(cfg: dict) -> FusionFamily:
     return next(f for f in FAMILIES.values() if f.detects(cfg))
+
+
+def register_family(family: FusionFamily, before: str = "plain") -> None:
+    """Add a family to `FAMILIES` ahead of `before` in detection order (in place: every reader sees it)."""
+    if family.name in FAMILIES:
+        raise TgedgeError(f"fusion family {family.name!r} is already registered")
+    items = list(FAMILIES.items())
+    at = [name for name, _ in items].index(before)
+    FAMILIES.clear()
+    FAMILIES.update(items[:at] + [(family.name, family)] + items[at:])
+
+
+def ablation_choices() -> list[str]:
+    """Every registered family's ablations, in registry order (the CLI's `--ablate` choices)."""
+    return [a for f in FAMILIES.values() for a in f.ablations]
+
+
+def preprocess_needs(cfg: dict) -> dict:
+    """What a model's family asks of preprocessing: `PreprocessSpec`'s image tokens, detail crops and text guide
+    length. Views past the main one are `preprocess.detail_crops`' four quadrants of the x2 view."""
+    family = family_of(cfg)
+    guide = family.uses_text_guide(cfg)
+    return {"num_image_tokens": family.num_image_tokens(cfg), "detail_crops": family.views(cfg) > 1,
+            "text_guide_length": cfg["text_guide"]["max_position_embeddings"] if guide else 0}
 
 
 # -- the KV cache -----------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from tgedge import config as C
+from tgedge.layouts import original
 from tgedge.errors import TgedgeError, TgedgeInternalError
 
 MARKER = "random_checkpoint.json"  # marks a directory this command wrote (it may be replaced)
@@ -188,7 +189,7 @@ def clip_config(p: Preset, dtype: str = "bf16") -> dict:
 
 def model_config(p: Preset) -> C.ModelConfig:
     """What tgedge reads from the written configs."""
-    return C.original_model_config(checkpoint_config(p), clip_config(p), p.tg, p.tg)
+    return original.model_config(checkpoint_config(p), clip_config(p), p.tg, p.tg)
 
 
 # -- the tensors, named as the reference and CLIPModel save them ----------------------------------------------

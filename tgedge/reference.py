@@ -38,34 +38,20 @@ class TorchPipeline(StageFlow):
         model, ckpt = load_model(path, clip)
         return cls(model, ckpt.preprocessor, context)
 
-    ABLATIONS = ("fom", "dp", "both")
-
     @torch.no_grad()
     def ablate(self, which: str) -> "TorchPipeline":
-        """Switch modules off at inference: `fom` zeroes TG-FOM's zero_layer, `dp` drops TG-DP's tokens, `both`; a
-        fusion family may offer its own (gated fusion: `gate` forces g = 0, `text` removes the text context)."""
+        """Switch part of the fusion off at inference, as the family that declares `which` does it (`tg`: `fom`
+        zeroes TG-FOM's zero_layer, `dp` drops TG-DP's tokens, `both`; `gated`: `gate` forces g = 0, `text` removes
+        the text context); the preprocessing follows the model's config after it."""
+        from tgedge.contract import FAMILIES, ablation_choices, preprocess_needs
         from tgedge.errors import TgedgeError
+        from tgedge.model.llava import family_class
 
-        from tgedge.model.llava import fusion_model
-
-        family = fusion_model(self.model.contract)
-        if which in getattr(family, "ABLATIONS", ()):  # the family's own (gated: `gate`, `text`)
-            family.ablate(self.model, which)
-            return self
-        if which not in self.ABLATIONS:
-            known = [*self.ABLATIONS, *getattr(family, "ABLATIONS", ())]
-            raise TgedgeError(f"unknown ablation {which!r} (choose from {', '.join(known)})")
-        model = self.model
-        if which in ("fom", "both"):
-            if model.mm_cross_attn is None:
-                raise TgedgeError("this model has no TG-FOM to ablate")
-            model.mm_cross_attn.zero_layer.weight.zero_()
-            model.mm_cross_attn.zero_layer.bias.zero_()
-        if which in ("dp", "both"):
-            if model.mm_patch_encoder is None:
-                raise TgedgeError("this model has no TG-DP to ablate")
-            model.without_tg(feature_mask=False, detail_perceiver=True)
-            self.pre = self.pre.replace(num_image_tokens=model.cfg.num_image_tokens, detail_crops=False)
+        owner = next((f for f in FAMILIES.values() if which in f.ablations), None)
+        if owner is None:
+            raise TgedgeError(f"unknown ablation {which!r} (choose from {', '.join(ablation_choices())})")
+        family_class(owner).ablate(self.model, which)  # refuses a model without the family's modules
+        self.pre = self.pre.replace(**preprocess_needs(self.model.cfg.to_dict()))
         return self
 
     def embeddings(self, inputs: Inputs) -> torch.Tensor:

@@ -72,9 +72,11 @@ def build_demo_model(directory: Path, fusion: str = "tg",
                              num_heads=4, max_position_embeddings=32, eos_token_id=guide.token_to_id("<|endoftext|>"))
     decoder = C.DecoderConfig(family="llama", vocab_size=tok.vocab_size, hidden_size=128, intermediate_size=384,
                               num_layers=3, num_heads=4, num_kv_heads=2, max_position_embeddings=256)
-    fom, dp = C.tg_configs({"tg_fom_num_heads": 4, "tg_dp_num_latents": 16, "tg_dp_num_heads": 4,
-                            "tg_dp_head_dim": 24, "tg_dp_num_kv_heads": 2}, vision, text, decoder.hidden_size,
-                           True, True)
+    fom = C.FeatureMaskConfig(num_queries=vision.num_patches, hidden_size=vision.hidden_size,
+                              text_width=text.hidden_size, num_heads=4)
+    dp = C.DetailPerceiverConfig(vision_width=vision.hidden_size, text_width=text.hidden_size,
+                                 llm_width=decoder.hidden_size, num_positions=4 * vision.num_patches, num_latents=16,
+                                 num_heads=4, head_dim=24, num_kv_heads=2)
     cfg = C.ModelConfig(layout=C.TGEDGE_LAYOUT, vision=vision, projector=C.ProjectorConfig(96, 128), decoder=decoder,
                         text_guide=text, feature_mask=fom, detail_perceiver=dp,
                         image_token_index=tok.token_to_id("<image>"), pad_to_square=True,
@@ -319,12 +321,13 @@ def random_tg_checkpoint(out: Path, seed: int = 0) -> Path:
     import tempfile
 
     from tgedge.checkpoint import save_checkpoint
+    from tgedge.model.fusion_tg import feature_mask
 
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as tmp:
         model, pre = build_demo_model(Path(tmp))
         with torch.no_grad():
-            torch.nn.init.normal_(model.mm_cross_attn.zero_layer.weight, std=0.02)
+            torch.nn.init.normal_(feature_mask(model).zero_layer.weight, std=0.02)
         return save_checkpoint(model, pre, out)
 
 

@@ -146,7 +146,6 @@ class GatedFusion:
     @staticmethod
     def build(model, cfg) -> None:
         model.text_tower = TextGuideEncoder(cfg.text_guide)
-        model.mm_cross_attn = model.mm_patch_encoder = None
         model.mm_gated_fusion = GatedCrossModalFusion(cfg.gated_fusion)
 
     @staticmethod
@@ -158,6 +157,8 @@ class GatedFusion:
     def ablate(model, which: str | None) -> None:
         """Switch part of the fusion off at inference: `gate` (g = 0, image only), `text` (no cross-attention);
         None restores it."""
+        if getattr(model, "mm_gated_fusion", None) is None:
+            raise TgedgeError("this model has no gated fusion to ablate")
         if which is not None and which not in GatedFusion.ABLATIONS:
             raise TgedgeError(f"unknown gated fusion ablation {which!r} "
                               f"(choose from {', '.join(GatedFusion.ABLATIONS)})")

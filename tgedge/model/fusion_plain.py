@@ -11,7 +11,6 @@ class PlainFusion:
     @staticmethod
     def build(model, cfg) -> None:
         model.text_tower = TextGuideEncoder(cfg.text_guide) if cfg.text_guide else None
-        model.mm_cross_attn = model.mm_patch_encoder = None
 
     @staticmethod
     def fuse(model, image_features) -> torch.Tensor:

@@ -7,7 +7,11 @@ declared in `tgedge.contract` (the family's registry entry).
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
+
+from tgedge.errors import TgedgeError
 
 from tgedge.model.fom import FeatureOptimizationMask
 from tgedge.model.perceiver import DetailPerceiver
@@ -30,3 +34,33 @@ class TGFusion:
         if model.mm_patch_encoder is not None:
             embeds = torch.cat([embeds, model.mm_patch_encoder(crop_features, text_features)], dim=1)
         return embeds
+
+    @staticmethod
+    @torch.no_grad()
+    def ablate(model, which: str) -> None:
+        """`fom` zeroes TG-FOM's zero_layer (F' = F), `dp` drops TG-DP's tokens (the config follows), `both`."""
+        if which in ("fom", "both"):
+            if getattr(model, "mm_cross_attn", None) is None:
+                raise TgedgeError("this model has no TG-FOM to ablate")
+            model.mm_cross_attn.zero_layer.weight.zero_()
+            model.mm_cross_attn.zero_layer.bias.zero_()
+        if which in ("dp", "both"):
+            if getattr(model, "mm_patch_encoder", None) is None:
+                raise TgedgeError("this model has no TG-DP to ablate")
+            without_tg(model, feature_mask=False, detail_perceiver=True)
+
+
+def without_tg(model, feature_mask: bool = True, detail_perceiver: bool = True):
+    """Drop TG modules in place (the ablations): the model then runs as plain LLaVA for what was dropped."""
+    cfg = model.cfg
+    if feature_mask:
+        model.mm_cross_attn, cfg = None, dataclasses.replace(cfg, feature_mask=None)
+    if detail_perceiver:
+        model.mm_patch_encoder, cfg = None, dataclasses.replace(cfg, detail_perceiver=None)
+    model.cfg = cfg
+    return model
+
+
+def feature_mask(model) -> FeatureOptimizationMask | None:
+    """The model's TG-FOM module, for code outside the family (e.g. a test checkpoint's non-zero zero_layer)."""
+    return getattr(model, "mm_cross_attn", None)

@@ -7,14 +7,13 @@ reference pipeline and training compute the same things. Parameter names are tge
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 
 import torch
 from torch import nn
 
 from tgedge.config import ModelConfig
-from tgedge.contract import StageContract
+from tgedge.contract import FusionFamily, StageContract
 from tgedge.model.decoder import Decoder
 from tgedge.model.projector import Projector
 from tgedge.model.vision import VisionTower
@@ -27,7 +26,12 @@ STAGE_METHODS = {"text_guide": "text_guide", "vision": "vision", "fusion": "fuse
 
 def fusion_model(contract: StageContract):
     """The torch implementation of a contract's fusion family (`module:Class` in its registry entry)."""
-    module, _, name = contract.fusion_family.model.partition(":")
+    return family_class(contract.fusion_family)
+
+
+def family_class(family: FusionFamily):
+    """A fusion family's torch implementation, imported from its entry's `module:Class`."""
+    module, _, name = family.model.partition(":")
     return getattr(importlib.import_module(module), name)
 
 
@@ -40,7 +44,7 @@ class TGLlava(nn.Module):
         self.language_model = Decoder(cfg.decoder)
         if not cfg.decoder.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.decoder.hidden_size, cfg.decoder.vocab_size, bias=False)
-        fusion_model(self.contract).build(self, cfg)  # text_tower, mm_cross_attn, mm_patch_encoder
+        fusion_model(self.contract).build(self, cfg)  # the family's modules, under its checkpoints' names
 
     @property
     def contract(self) -> StageContract:
@@ -117,10 +121,6 @@ class TGLlava(nn.Module):
 
     def without_tg(self, feature_mask: bool = True, detail_perceiver: bool = True) -> "TGLlava":
         """Drop TG modules in place (the ablations): the model then runs as plain LLaVA for what was dropped."""
-        cfg = self.cfg
-        if feature_mask:
-            self.mm_cross_attn, cfg = None, dataclasses.replace(cfg, feature_mask=None)
-        if detail_perceiver:
-            self.mm_patch_encoder, cfg = None, dataclasses.replace(cfg, detail_perceiver=None)
-        self.cfg = cfg
-        return self
+        from tgedge.model.fusion_tg import without_tg
+
+        return without_tg(self, feature_mask, detail_perceiver)
