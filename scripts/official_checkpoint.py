@@ -40,7 +40,6 @@ import hashlib
 import importlib.machinery
 import importlib.util
 import json
-import math
 import os
 import re
 import shutil
