@@ -251,28 +251,6 @@ def detail_crops(pixels: np.ndarray) -> np.ndarray:
     return np.stack([big[:, :h, :w], big[:, :h, w:], big[:, h:, :w], big[:, h:, w:]])
 
 
-def stack_views(pixel_values, crops):
-    """(B, 3, H, W) [+ crops (B, 4, 3, H, W)] -> the vision tower's batch of views (B [+ 4B], 3, H, W).
-
-    numpy arrays (inference) or torch tensors (the reference model in training, with gradients) alike."""
-    if crops is None:
-        return pixel_values
-    flat = crops.reshape(-1, *crops.shape[2:])
-    if isinstance(pixel_values, np.ndarray):
-        return np.concatenate([pixel_values, flat])
-    import torch
-
-    return torch.cat([pixel_values, flat])
-
-
-def split_views(features, batch: int):
-    """The vision tower's (V, N, D) output -> main (B, N, D), crops (B, 4N, D) in TL, TR, BL, BR order or None.
-
-    Slicing and reshape only, so it serves numpy arrays (runtime) and torch tensors (reference) alike."""
-    main = features[:batch]
-    if features.shape[0] == batch:
-        return main, None
-    return main, features[batch:].reshape(batch, 4 * features.shape[1], features.shape[2])
 
 
 class Tokenizer:

@@ -15,9 +15,48 @@ import numpy as np
 from tgedge.contract import StageContract
 from tgedge.errors import TgedgeError
 from tgedge.generate import AnswerMixin
-from tgedge.preprocess import Inputs, split_views, stack_views
+from tgedge.preprocess import Inputs
 
 RunStage = Callable[[str, dict[str, Any]], dict[str, Any]]
+
+def stack_views(pixel_values, crops):
+    """(B, 3, H, W) [+ crops (B, 4, 3, H, W)] -> the vision tower's batch of views (B [+ 4B], 3, H, W).
+
+    numpy arrays (inference) or torch tensors (the reference model in training, with gradients) alike."""
+    if crops is None:
+        return pixel_values
+    flat = crops.reshape(-1, *crops.shape[2:])
+    if isinstance(pixel_values, np.ndarray):
+        return np.concatenate([pixel_values, flat])
+    import torch
+
+    return torch.cat([pixel_values, flat])
+
+
+def split_views(features, batch: int):
+    """The vision tower's (V, N, D) output -> main (B, N, D), crops (B, 4N, D) in TL, TR, BL, BR order or None.
+
+    Slicing and reshape only, so it serves numpy arrays (runtime) and torch tensors (reference) alike."""
+    main = features[:batch]
+    if features.shape[0] == batch:
+        return main, None
+    return main, features[batch:].reshape(batch, 4 * features.shape[1], features.shape[2])
+
+
+def embed(run_stage: RunStage, ids, image_token_id: int, image_embeds=None):
+    """Token ids (B, T) -> embeddings (B, T, D), image embeddings (B, N, D) placed at the image-token positions.
+
+    numpy arrays (the pipelines) or torch tensors (training, with gradients) alike: the image token's own id is
+    never looked up (it may lie outside the table), and boolean indexing places the embeddings in both."""
+    is_image = ids == image_token_id
+    x = run_stage("embed", {"input_ids": ids * ~is_image})["inputs_embeds"]
+    n = int(is_image.sum())
+    if n:
+        if image_embeds is None or image_embeds.shape[0] * image_embeds.shape[1] != n:
+            got = "none" if image_embeds is None else tuple(image_embeds.shape)
+            raise TgedgeError(f"{n} image-token positions but image embeddings {got}")
+        x[is_image] = image_embeds.reshape(n, -1)
+    return x
 
 
 def encode_image(run_stage: RunStage, contract: StageContract, pixel_values, crops=None, guide_ids=None):
@@ -49,15 +88,7 @@ class StageFlow(AnswerMixin):
 
     def embed(self, ids: np.ndarray, image_embeds: np.ndarray | None = None) -> np.ndarray:
         """Token ids (1, T) -> embeddings (1, T, D), image embeddings placed at the image-token positions."""
-        is_image = ids == self.pre.spec.image_token_id
-        x = self.embed_tokens(np.where(is_image, 0, ids))
-        n = int(is_image.sum())
-        if n:
-            if image_embeds is None or image_embeds.shape[0] * image_embeds.shape[1] != n:
-                got = "none" if image_embeds is None else tuple(image_embeds.shape)
-                raise TgedgeError(f"{n} image-token positions but image embeddings {got}")
-            x[is_image] = image_embeds.reshape(n, -1)
-        return x
+        return embed(self.run_stage, ids, self.pre.spec.image_token_id, image_embeds)
 
     def embeddings(self, inputs: Inputs) -> np.ndarray:
         """Prompt embeddings (1, T, D) with the image (and detail) tokens in place."""

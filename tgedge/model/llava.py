@@ -18,7 +18,7 @@ from tgedge.model.decoder import Decoder
 from tgedge.model.projector import Projector
 from tgedge.model.vision import VisionTower
 from tgedge.preprocess import IMAGE_PLACEHOLDER_ID
-from tgedge.stageflow import encode_image
+from tgedge.stageflow import embed, encode_image
 
 # contract stage -> the model method that computes it (its arguments are the stage's input names)
 STAGE_METHODS = {"text_guide": "text_guide", "vision": "vision", "fusion": "fuse", "embed": "embed_ids"}
@@ -92,16 +92,9 @@ class TGLlava(nn.Module):
         return dict(zip(self.contract.stages[name].output_names, out if isinstance(out, tuple) else (out,)))
 
     def embed(self, ids: torch.Tensor, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """Token ids (B, T) -> embeddings (B, T, D), image embeddings placed at the image-token positions."""
-        is_image = ids == self.image_token_id
-        x = self.language_model.embed_tokens(torch.where(is_image, 0, ids))
-        n = int(is_image.sum())
-        if n:
-            if image_embeds is None or image_embeds.shape[0] * image_embeds.shape[1] != n:
-                got = "none" if image_embeds is None else tuple(image_embeds.shape)
-                raise ValueError(f"{n} image-token positions but image embeddings {got}")
-            x = x.masked_scatter(is_image[..., None], image_embeds.to(x.dtype))
-        return x
+        """Token ids (B, T) -> embeddings (B, T, D), image embeddings placed at the image-token positions (training;
+        the pipelines place them the same way, `tgedge.stageflow.embed`)."""
+        return embed(self.run_stage, ids, self.image_token_id, image_embeds)
 
     def forward(self, x: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         """Embeddings (B, T, D) at positions input_pos (T,) -> logits (B, T, V)."""
