@@ -8,15 +8,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 
 from tgedge.config import ModelConfig, read_config_json
 from tgedge.errors import TgedgeError
 from tgedge.fileio import inside
 from tgedge.preprocess import ImageSettings, Tokenizer
 from tgedge.prompt import PromptTemplate
-from tgedge.weights import LazyWeights
+
+if TYPE_CHECKING:  # torch: the CLI and the numpy-only presets import the layouts without it
+    from tgedge.weights import LazyWeights
 
 
 @dataclass
@@ -43,7 +45,7 @@ def rename(keys, prefixes) -> dict[str, str]:
     return out
 
 
-def read_weights(directory: Path) -> LazyWeights:
+def read_weights(directory: Path) -> "LazyWeights":
     """All tensors of a checkpoint directory, read when asked (float32 where floating point): safetensors through
     their memory map, one tensor at a time; a pickled `.bin` (weights only) has to be loaded whole."""
     index = directory / "model.safetensors.index.json"
@@ -53,13 +55,17 @@ def read_weights(directory: Path) -> LazyWeights:
         files = ["model.safetensors"]
     else:
         files = sorted(p.name for p in directory.glob("*.safetensors"))
-    tensors: dict[str, torch.Tensor] = {}
+    from tgedge.weights import LazyWeights
+
+    tensors: dict = {}
     if files:
         return LazyWeights.from_safetensors([inside(directory, f, f"{index} weight_map") for f in files])
     else:
         bins = sorted(directory.glob("pytorch_model*.bin"))
         if not bins:
             raise TgedgeError(f"{directory}: no *.safetensors or pytorch_model*.bin weights")
+        import torch  # only for .bin weights: presets and the CLI import this package without torch
+
         for f in bins:
             try:  # weights_only: a pickle may hold tensors but never code
                 tensors.update(torch.load(f, map_location="cpu", weights_only=True))
