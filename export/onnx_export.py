@@ -13,6 +13,7 @@ and logit scale), where memory allows.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import logging
@@ -179,8 +180,8 @@ def write_graph(spec: GraphSpec, model, contract: StageContract, weights, path: 
     nbytes = sum(int(np.prod(weights.shape(n))) for n in names) * itemsize
     external = nbytes > EXTERNAL_DATA_BYTES if external_data is None else external_data
     if spec.name == "embed":
-        proto, store = decoder_graph.build_embed(model.cfg, contract, weights, path.parent, path.name, dtype.float_dtype,
-                                                 external)
+        proto, store = decoder_graph.build_embed(model.cfg, contract, weights, path.parent, path.name,
+                                                 dtype.float_dtype, external)
         table = store.initializers[0]
     else:
         proto, store = decoder_graph.build_decoder(model.cfg, contract, weights, path.parent, path.name,
@@ -376,8 +377,8 @@ def export_model(checkpoint: str | Path, out: str | Path, opset: int = DEFAULT_O
             path = tmp / f"{spec.name}.onnx"
             if spec.written:
                 say(f"writing {spec.name} ({floats.name}, weights streamed from the checkpoint)")
-                graphs[spec.name], shared = write_graph(spec, model, contract, ckpt.weights, path, floats, external_data,
-                                                        table, weight_only)
+                graphs[spec.name], shared = write_graph(spec, model, contract, ckpt.weights, path, floats,
+                                                        external_data, table, weight_only)
                 table = shared if shared is not None else table
             else:
                 say(f"exporting {spec.name}")
@@ -385,8 +386,9 @@ def export_model(checkpoint: str | Path, out: str | Path, opset: int = DEFAULT_O
                 graphs[spec.name] = export_graph(spec, path, opset, external_data, floats)
             if check:
                 say(f"checking {spec.name} against torch")
-                part = (lambda layers: _truncated_decoder(model, contract, ckpt.weights, tmp, floats, weight_only, layers)
-                        ) if spec.name == "decoder" and cache_mode == "growing" else None
+                part = None  # the decoder's first layers, written alone: what is checked when the whole does not fit
+                if spec.name == "decoder" and cache_mode == "growing":
+                    part = functools.partial(_truncated_decoder, model, contract, ckpt.weights, tmp, floats, weight_only)
                 checked = quantized if spec.name == "decoder" and quantized else floats
                 checks, reference[spec.name] = check_graph(spec, path, model, ckpt.weights, checked, part)
                 result.checks += checks

@@ -117,8 +117,9 @@ def inspect_onnx(path: str | Path) -> GraphSummary:
         for n in proto.graph.node:
             if n.op_type not in NOT_COMPUTE and n.output and types.get(n.output[0]) == onnx.TensorProto.FLOAT:
                 islands[n.op_type] += 1
+    floats = frozenset(d for d, count in params.items() if count and d.startswith("float"))
     evidence = GraphEvidence(qdq=bool(wrapped and ops.get("QuantizeLinear")), nbits=frozenset(block_bits),
-                             float_weights=frozenset(d for d, count in params.items() if count and d.startswith("float")))
+                             float_weights=floats)
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
     return GraphSummary(str(path), _tensor_meta(proto.graph.input), _tensor_meta(proto.graph.output), opset,
                         dict(ops.most_common()), dict(params), dict(nbytes), len(compute), wrapped, nbits,

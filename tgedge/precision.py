@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tgedge.errors import TgedgeError
 
 # How a graph holds a precision (what quantize writes, what inspect looks for):
 FLOAT = "float"  # every float tensor and op in `float_dtype` (fp16 keeps norms, softmax and positions in fp32)
