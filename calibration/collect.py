@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from tgedge.errors import TgedgeError
+from tgedge.precision import REFERENCE
 from tgedge.runtime.backends import make_runner
 from tgedge.runtime.runner import BaseRunner
 
@@ -77,7 +78,7 @@ def _answer_all(export_dir: str | Path, data: str | Path, limit: int | None, max
 
     records = read_folder(data)[:limit]
     with Pipeline(export_dir, runner_factory=runner_factory) as pipe:
-        bad = {g: e.precision for g, e in pipe.manifest.graphs.items() if e.precision != "fp32"}
+        bad = {g: e.precision for g, e in pipe.manifest.graphs.items() if e.precision != REFERENCE.name}
         if bad:
             raise TgedgeError(f"{export_dir}: calibrate on the fp32 export (these graphs are not fp32: {bad})")
         options = pipe.options(max_new_tokens=max_new_tokens)

@@ -33,28 +33,28 @@ from tgedge.calibration.collect import FeedReader
 from tgedge.calibration.weight_only import WeightOnly, nbits_attributes, nbits_blocks
 from tgedge.config import bad_numbers
 from tgedge.fileio import atomic_dir, inside, sha256_files
-from tgedge.runtime.manifest import GRAPHS, PRECISIONS, Manifest, graph_fingerprint
+from tgedge.precision import FLOAT, HALF, PRECISIONS, QDQ, REFERENCE, WEIGHT_ONLY, Precision
+from tgedge.runtime.manifest import Manifest, graph_fingerprint
 
 log = logging.getLogger("tgedge")
 
 METHODS = ("minmax", "entropy", "percentile")
 QUANT_OPS = ("MatMul", "Gemm", "Conv")
-WEIGHT_ONLY = ("int4w", "int8w")
 EXTERNAL_DATA_BYTES = 512 << 20  # as tgedge export: graphs with more weight bytes keep them in `<graph>.onnx.data`
 FP16_KEEP_OPS = ["Softmax", "LayerNormalization"]
 CALIBRATION = "calibration.json"
-# A whole-export precision: which stages' graphs it applies to (the rest stay fp32); weight-only is for the decoder.
-WHOLE = {"fp32": GRAPHS, "fp16": GRAPHS, "int8": GRAPHS, "int8w": ("decoder",), "int4w": ("decoder",)}
 
 
-def parse_precision(spec: str, graphs: list[str]) -> dict[str, str]:
-    """`int8` or `vision=fp16,fusion=fp16,decoder=int8` -> graph -> precision for every graph of the export."""
+def parse_precision(spec: str, graphs: list[str]) -> dict[str, Precision]:
+    """`int8` or `vision=fp16,fusion=fp16,decoder=int8` -> graph -> precision for every graph of the export (a
+    precision given alone applies to its stages, `Precision.stages`; the other graphs stay fp32)."""
     spec = spec.strip()
     if "=" not in spec:
         if spec not in PRECISIONS:
             raise TgedgeError(f"unknown precision {spec!r} (choose from {', '.join(PRECISIONS)})")
-        return {g: spec if g in WHOLE[spec] else "fp32" for g in graphs}
-    plan = {g: "fp32" for g in graphs}
+        whole = PRECISIONS[spec]
+        return {g: whole if whole.applies_to(g) else REFERENCE for g in graphs}
+    plan = {g: REFERENCE for g in graphs}
     for part in spec.split(","):
         graph, _, precision = part.partition("=")
         graph, precision = graph.strip(), precision.strip()
@@ -62,7 +62,7 @@ def parse_precision(spec: str, graphs: list[str]) -> dict[str, str]:
             raise TgedgeError(f"unknown graph {graph!r} in --precision (this export has {', '.join(graphs)})")
         if precision not in PRECISIONS:
             raise TgedgeError(f"unknown precision {precision!r} for {graph} (choose from {', '.join(PRECISIONS)})")
-        plan[graph] = precision
+        plan[graph] = PRECISIONS[precision]
     return plan
 
 
@@ -198,7 +198,7 @@ def to_fp16(proto: onnx.ModelProto, exclude: list[str]) -> tuple[onnx.ModelProto
     from onnxruntime.transformers.onnx_model import OnnxModel
 
     OnnxModel(converted).topological_sort()  # the converter appends its Casts at the end
-    return converted, GraphReport("fp16", fp32_nodes=sorted(set(kept)))
+    return converted, GraphReport(HALF.name, fp32_nodes=sorted(set(kept)))
 
 
 def to_weight_only(proto: onnx.ModelProto, q: WeightOnly, exclude: list[str]) -> tuple[onnx.ModelProto, GraphReport]:
@@ -212,7 +212,7 @@ def to_weight_only(proto: onnx.ModelProto, q: WeightOnly, exclude: list[str]) ->
     if q.lm_head:
         _lm_head_to_nbits(out, q, exclude)
     done = [n.name for n in out.graph.node if n.op_type == "MatMulNBits"]
-    return out, GraphReport(f"int{q.bits}w", quantized_nodes=done, fp32_nodes=exclude,
+    return out, GraphReport(q.precision.name, quantized_nodes=done, fp32_nodes=exclude,
                             note=f"block {q.block_size}, accuracy level {q.accuracy_level}"
                                  + (", LM head too" if q.lm_head else ""))
 
@@ -240,8 +240,9 @@ def _lm_head_to_nbits(proto: onnx.ModelProto, q: WeightOnly, exclude: list[str])
             proto.graph.initializer.remove(table)
 
 
-def to_int8(src: Path, dst: Path, reader, method: str, exclude: list[str], cache: Path,
+def to_int8(precision: Precision, src: Path, dst: Path, reader, method: str, exclude: list[str], cache: Path,
             external: bool = False) -> GraphReport:
+    """`precision`: the Q/DQ one (int8: symmetric int8 weights per channel, activations per tensor)."""
     import onnxruntime
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -268,7 +269,7 @@ def to_int8(src: Path, dst: Path, reader, method: str, exclude: list[str], cache
     out = onnx.load(str(dst), load_external_data=False)
     dq_outputs = {o for n in out.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
     done = [n.name for n in out.graph.node if n.op_type in QUANT_OPS and any(i in dq_outputs for i in n.input)]
-    return GraphReport("int8", quantized_nodes=done, fp32_nodes=exclude)
+    return GraphReport(precision.name, quantized_nodes=done, fp32_nodes=exclude)
 
 
 def _shared_refs(structure: onnx.ModelProto, own: str | None, available: set[str]) -> dict[str, onnx.TensorProto]:
@@ -339,6 +340,196 @@ def _data_hash(folder: Path) -> str:
     return sha256_files([folder / "samples.jsonl"] + sorted((folder / "images").glob("*")))
 
 
+# -- plan: each graph's precision, and which graphs int8 calibrates ------------------------------------------------
+@dataclass
+class Plan:
+    precisions: dict[str, Precision]  # graph -> what it becomes
+    calibrated: list[str]  # the Q/DQ graphs with MatMul / Gemm / Conv to quantise: the ones that need ranges
+
+
+def plan_quantization(src: Manifest, precision: str, method: str) -> Plan:
+    """Refuses what cannot be done before any work: an unknown method, an export that is not fp32, a Q/DQ decoder
+    of a static-onnx export."""
+    if method not in METHODS:
+        raise TgedgeError(f"unknown calibration method {method!r} (choose from {', '.join(METHODS)})")
+    not_fp32 = {g: e.precision for g, e in src.graphs.items() if e.precision != REFERENCE.name}
+    if not_fp32:
+        raise TgedgeError(f"{src.directory}: quantize an fp32 export (tgedge export); these graphs are not fp32: "
+                          f"{not_fp32}")
+    plan = parse_precision(precision, list(src.graphs))
+    if "decoder" in plan and plan["decoder"].form == QDQ and src.contract.cache.mode == "static-onnx":
+        raise TgedgeError(f"{src.directory}: int8 of a static-onnx decoder is not supported: onnxruntime's quantizer "
+                          "writes opset-24 QuantizeLinear nodes that onnxruntime itself refuses; quantise its decoder "
+                          "int4w or fp16 (e.g. --precision vision=int8,fusion=int8,decoder=int4w), or export with "
+                          "--cache growing")
+    calibrated = [g for g, p in plan.items() if p.form == QDQ and any(
+        n.op_type in QUANT_OPS for n in onnx.load(str(src.graph_path(g)), load_external_data=False).graph.node)]
+    return Plan(plan, calibrated)
+
+
+# -- calibrate: the ranges int8 needs, from a saved calibration.json or measured on calibration data ---------------
+@dataclass
+class Calibration:
+    method: str
+    saved: dict | None = None  # a calibration.json given with --calibration
+    streamed: dict = field(default_factory=dict)  # graph -> ranges measured while the samples ran (minmax)
+    feeds: dict = field(default_factory=dict)  # graph -> recorded inputs (entropy, percentile)
+    data: str | Path | None = None
+    samples: int = 0
+    ranges: dict[str, dict] = field(default_factory=dict)  # graph -> the ranges its graph was quantised with
+
+    def write_cache(self, graph: str, cache: Path) -> None:
+        """The ranges of `graph` where onnxruntime's quantize_static reads them (none: it measures on the feeds)."""
+        if self.saved is not None:
+            cache.write_text(json.dumps(self.saved["graphs"][graph]))
+        elif graph in self.streamed:
+            from onnxruntime.quantization.calibrate import save_tensors_data
+
+            save_tensors_data(self.streamed.pop(graph), cache)
+
+    def record(self) -> dict | None:
+        """calibration.json: where the ranges came from, and the ranges (None when no graph used any)."""
+        if not self.ranges:
+            return None
+        record = self.saved if self.saved is not None else {
+            "method": self.method, "data": {"path": str(self.data), "samples": self.samples,
+                                            "sha256": _data_hash(Path(self.data))}}
+        return {**{k: v for k, v in record.items() if k != "graphs"}, "graphs": self.ranges}
+
+
+def read_calibration(path: str | Path, graphs: list[str]) -> dict:
+    try:
+        saved = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise TgedgeError(f"{path}: cannot read calibration ({e})") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("graphs"), dict):
+        raise TgedgeError(f"{path}: not a tgedge calibration file (no 'graphs' object)")
+    bad = bad_numbers(saved["graphs"], f"{path} graphs", max_abs=1e6)
+    if bad:
+        raise TgedgeError(f"{path}: calibration ranges that are not finite or beyond 1e6: {', '.join(bad[:5])}"
+                          + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""))
+    missing = [g for g in graphs if g not in saved.get("graphs", {})]
+    if missing:
+        raise TgedgeError(f"{path}: no calibration for {', '.join(missing)}")
+    return saved
+
+
+def calibrate(export_dir: str | Path, graphs: list[str], method: str, calib: str | Path | None,
+              calibration: str | Path | None, calib_limit: int | None, say: Callable[[str], None],
+              progress=None) -> Calibration:
+    """`graphs`' ranges: read from `calibration` (a saved calibration.json), else measured with the fp32 export
+    answering the `calib` samples."""
+    result = Calibration(method, data=calib)
+    if not graphs:
+        return result
+    if calibration is not None:
+        result.saved = read_calibration(calibration, graphs)
+        return result
+    if calib is None:
+        raise TgedgeError("int8 needs calibration data: --calib DIR (images/ + samples.jsonl, e.g. "
+                          "`tgedge data shapes --split calibration -o DIR`) or --calibration calibration.json")
+    from tgedge.calibration.collect import collect, collect_ranges
+    from tgedge.data.folder import read_folder
+
+    result.samples = len(read_folder(calib)[:calib_limit])
+    if method == "minmax":
+        say(f"measuring the ranges of {', '.join(graphs)} on {calib} ({result.samples} samples, streamed)")
+        result.streamed = collect_ranges(export_dir, calib, graphs, QUANT_OPS, calib_limit, progress=progress)
+    else:
+        say(f"recording the inputs of {', '.join(graphs)} on {calib} ({result.samples} samples, kept for {method})")
+        result.feeds = collect(export_dir, calib, calib_limit, progress=progress)
+    return result
+
+
+# -- rewrite: each graph into the new directory, in its precision --------------------------------------------------
+@dataclass
+class Rewrite:
+    """Writes the graphs of `src` into `out` one by one; graphs that stay fp32 are copied byte for byte."""
+    src: Manifest
+    out: Path
+    work: Path  # scratch: quantize_static's range caches
+    calibration: Calibration
+    exclude: list[str]
+    settings: dict  # WeightOnly.of's block_size, accuracy_level
+    int8_attention: bool = False
+    say: Callable[[str], None] = lambda s: None
+    graphs: dict = field(default_factory=dict)  # graph -> its new manifest entry
+    reports: dict[str, GraphReport] = field(default_factory=dict)
+    used_patterns: set[str] = field(default_factory=set)
+    verbatim: set[str] = field(default_factory=set)  # weight files copied byte for byte (with their graphs)
+
+    def graph(self, graph: str, p: Precision) -> None:
+        entry, path = self.src.graphs[graph], self.src.graph_path(graph)
+        structure = onnx.load(str(path), load_external_data=False)  # ops and names; weights stay on disk
+        excluded = _matched(structure, self.exclude)
+        self.used_patterns |= {e for e in self.exclude if any(fnmatch.fnmatchcase(n, e) for n in excluded)}
+        self.say(f"{graph}: {p.name}" + (f" ({len(excluded)} nodes excluded)" if excluded else ""))
+        target = inside(self.out, entry.file, f"manifest.json graphs.{graph}.file")
+        # fp16 converts every graph; the others quantise MatMul / Gemm / Conv, and a graph without any stays fp32
+        keep = p is REFERENCE or (p.form != FLOAT and not any(n.op_type in QUANT_OPS for n in structure.graph.node))
+        if keep and all(f in self.verbatim for f in entry.shared_data):
+            self._copy(graph, p)
+            return
+        shared = _shared_refs(structure, entry.external_data, self.verbatim)
+        if p.form == QDQ:
+            report = self._to_qdq(graph, p, path, target, excluded, structure, bool(entry.external_data))
+        else:
+            proto = onnx.load(str(path))
+            if keep:
+                report = GraphReport(REFERENCE.name, note="its shared weights were re-written")
+            elif p.form == FLOAT:
+                proto, report = to_fp16(proto, excluded)
+            else:
+                proto, report = to_weight_only(proto, WeightOnly.of(p, **self.settings), excluded)
+            _restore_shared(proto, shared)
+            save_graph(proto, target)
+            del proto
+        self.reports[graph] = report
+        self.graphs[graph] = _entry(entry, report.precision, target)
+
+    def _copy(self, graph: str, p: Precision) -> None:
+        entry = self.src.graphs[graph]
+        for f in self.src.graph_files(graph)[:2 if entry.external_data else 1]:
+            shutil.copyfile(f, self.out / f.name)
+        self.verbatim |= {entry.external_data} if entry.external_data else set()
+        self.graphs[graph] = entry
+        report = GraphReport(REFERENCE.name)
+        if p is not REFERENCE:  # nothing to quantise (e.g. embed, a Gather): it stays fp32, and says so
+            report.note = f"no {'/'.join(QUANT_OPS)} to quantize: kept fp32"
+        self.reports[graph] = report
+
+    def _to_qdq(self, graph: str, p: Precision, path: Path, target: Path, excluded: list[str],
+                structure: onnx.ModelProto, external: bool) -> GraphReport:
+        cache = self.work / f"{graph}.calibration.json"
+        self.calibration.write_cache(graph, cache)
+        kept = excluded if self.int8_attention else sorted(set(excluded) | set(activation_products(structure)))
+        report = to_int8(p, path, target, FeedReader(self.calibration.feeds.get(graph, [])), self.calibration.method,
+                         kept, cache, external=external)
+        self.calibration.ranges[graph] = json.loads(cache.read_text())
+        return report
+
+
+# -- write the manifest ----------------------------------------------------------------------------------------------
+def write_manifest(src: Manifest, out: Path, rewrite: Rewrite, precision: str,
+                   int8_attention: bool) -> tuple[Manifest, dict | None]:
+    """manifest.json (and calibration.json when a graph was calibrated) of the rewritten export -> it and the
+    calibration record."""
+    record = rewrite.calibration.record()
+    if record is not None:
+        (out / CALIBRATION).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    calibrated = record is not None
+    manifest = Manifest(graphs=rewrite.graphs, dims=src.dims, max_context=src.max_context, opset=src.opset,
+                        model=src.model, source=src.source, reference=src.reference, files=src.files,
+                        contract=src.contract,
+                        quantization={"precision": precision,
+                                      "method": rewrite.calibration.method if calibrated else None,
+                                      "int8_attention": int8_attention if calibrated else None,
+                                      "graphs": {g: r.to_dict() for g, r in rewrite.reports.items()},
+                                      "calibration": CALIBRATION if calibrated else None})
+    manifest.save(out)
+    return manifest, record
+
+
 def quantize_export(export_dir: str | Path, out: str | Path, precision: str, calib: str | Path | None = None,
                     method: str = "minmax", exclude: list[str] | None = None, calibration: str | Path | None = None,
                     calib_limit: int | None = None, on_step: Callable[[str], None] | None = None,
@@ -348,122 +539,23 @@ def quantize_export(export_dir: str | Path, out: str | Path, precision: str, cal
     `int8_attention`: int8 also quantises the MatMuls between two activations (`activation_products`), which it
     keeps in fp32 by default."""
     say = on_step or (lambda s: None)
-    WeightOnly.of("int4w", block_size, accuracy_level)  # settings refused before any work
+    settings = {"block_size": block_size, "accuracy_level": accuracy_level}
+    WeightOnly.of(WEIGHT_ONLY[0], **settings)  # settings refused before any work
     src = Manifest.load(export_dir)
-    if method not in METHODS:
-        raise TgedgeError(f"unknown calibration method {method!r} (choose from {', '.join(METHODS)})")
-    not_fp32 = {g: e.precision for g, e in src.graphs.items() if e.precision != "fp32"}
-    if not_fp32:
-        raise TgedgeError(f"{export_dir}: quantize an fp32 export (tgedge export); these graphs are not fp32: {not_fp32}")
-    plan = parse_precision(precision, list(src.graphs))
-    if plan.get("decoder") == "int8" and src.contract.cache.mode == "static-onnx":
-        raise TgedgeError(f"{export_dir}: int8 of a static-onnx decoder is not supported: onnxruntime's quantizer "
-                          "writes opset-24 QuantizeLinear nodes that onnxruntime itself refuses; quantise its decoder "
-                          "int4w or fp16 (e.g. --precision vision=int8,fusion=int8,decoder=int4w), or export with "
-                          "--cache growing")
-    int8 = [g for g, p in plan.items() if p == "int8" and any(
-        n.op_type in QUANT_OPS for n in onnx.load(str(src.graph_path(g)), load_external_data=False).graph.node)]
-    saved = None
-    if int8 and calibration is not None:
-        try:
-            saved = json.loads(Path(calibration).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise TgedgeError(f"{calibration}: cannot read calibration ({e})") from None
-        if not isinstance(saved, dict) or not isinstance(saved.get("graphs"), dict):
-            raise TgedgeError(f"{calibration}: not a tgedge calibration file (no 'graphs' object)")
-        bad = bad_numbers(saved["graphs"], f"{calibration} graphs", max_abs=1e6)
-        if bad:
-            raise TgedgeError(f"{calibration}: calibration ranges that are not finite or beyond 1e6: {', '.join(bad[:5])}"
-                              + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""))
-        missing = [g for g in int8 if g not in saved.get("graphs", {})]
-        if missing:
-            raise TgedgeError(f"{calibration}: no calibration for {', '.join(missing)}")
-    elif int8 and calib is None:
-        raise TgedgeError("int8 needs calibration data: --calib DIR (images/ + samples.jsonl, e.g. "
-                          "`tgedge data shapes --split calibration -o DIR`) or --calibration calibration.json")
+    plan = plan_quantization(src, precision, method)
+    ranges = calibrate(export_dir, plan.calibrated, method, calib, calibration, calib_limit, say, progress)
     exclude = exclude or []
-    feeds, streamed, samples = {}, {}, 0
-    if int8 and saved is None:
-        from tgedge.calibration.collect import collect, collect_ranges
-        from tgedge.data.folder import read_folder
-
-        samples = len(read_folder(calib)[:calib_limit])
-        if method == "minmax":
-            say(f"measuring the ranges of {', '.join(int8)} on {calib} ({samples} samples, streamed)")
-            streamed = collect_ranges(export_dir, calib, int8, QUANT_OPS, calib_limit, progress=progress)
-        else:
-            say(f"recording the inputs of {', '.join(int8)} on {calib} ({samples} samples, kept for {method})")
-            feeds = collect(export_dir, calib, calib_limit, progress=progress)
-    reports: dict[str, GraphReport] = {}
-    used_patterns: set[str] = set()
-    ranges: dict[str, dict] = {}
     with atomic_dir(out, kind="export", inputs=[export_dir, calib, calibration], force=force) as tmp, \
             tempfile.TemporaryDirectory() as work:
         for key, name in src.files.items():
             shutil.copyfile(inside(src.directory, name, f"{src.directory}/manifest.json files.{key}"),
                             inside(tmp, name, f"manifest.json files.{key}"))
-        graphs, verbatim = {}, set()  # graphs copied byte for byte, and the weight files they brought
-        for graph, entry in src.graphs.items():
-            p, path = plan[graph], src.graph_path(graph)
-            structure = onnx.load(str(path), load_external_data=False)  # ops and names; weights stay on disk
-            excluded = _matched(structure, exclude)
-            used_patterns |= {p for p in exclude if any(fnmatch.fnmatchcase(n, p) for n in excluded)}
-            say(f"{graph}: {p}" + (f" ({len(excluded)} nodes excluded)" if excluded else ""))
-            target = inside(tmp, entry.file, f"manifest.json graphs.{graph}.file")
-            keep = p == "fp32" or (p != "fp16" and not any(n.op_type in QUANT_OPS for n in structure.graph.node))
-            if keep and all(f in verbatim for f in entry.shared_data):
-                for f in src.graph_files(graph)[:2 if entry.external_data else 1]:
-                    shutil.copyfile(f, tmp / f.name)
-                verbatim |= {entry.external_data} if entry.external_data else set()
-                graphs[graph] = entry
-                report = GraphReport("fp32")
-                if p != "fp32":  # nothing to quantise (e.g. embed, a Gather): it stays fp32, and says so
-                    report.note = f"no {'/'.join(QUANT_OPS)} to quantize: kept fp32"
-                reports[graph] = report
-                continue
-            shared = _shared_refs(structure, entry.external_data, verbatim)
-            if p == "int8":
-                cache = Path(work) / f"{graph}.calibration.json"
-                if saved is not None:
-                    cache.write_text(json.dumps(saved["graphs"][graph]))
-                elif graph in streamed:
-                    from onnxruntime.quantization.calibrate import save_tensors_data
-
-                    save_tensors_data(streamed.pop(graph), cache)
-                kept = excluded if int8_attention else sorted(set(excluded) | set(activation_products(structure)))
-                report = to_int8(path, target, FeedReader(feeds.get(graph, [])), method, kept, cache,
-                                 external=bool(entry.external_data))
-                ranges[graph] = json.loads(cache.read_text())
-            else:
-                proto = onnx.load(str(path))
-                if keep:
-                    report = GraphReport("fp32", note="its shared weights were re-written")
-                elif p == "fp16":
-                    proto, report = to_fp16(proto, excluded)
-                else:
-                    proto, report = to_weight_only(proto, WeightOnly.of(p, block_size, accuracy_level), excluded)
-                _restore_shared(proto, shared)
-                save_graph(proto, target)
-                del proto
-            reports[graph] = report
-            graphs[graph] = _entry(entry, report.precision, target)
-        record = None
-        if ranges:
-            record = saved if saved is not None else {
-                "method": method, "data": {"path": str(calib), "samples": samples,
-                                           "sha256": _data_hash(Path(calib))}}
-            record = {**{k: v for k, v in record.items() if k != "graphs"}, "graphs": ranges}
-            (tmp / CALIBRATION).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
-        manifest = Manifest(graphs=graphs, dims=src.dims, max_context=src.max_context, opset=src.opset,
-                            model=src.model, source=src.source, reference=src.reference, files=src.files,
-                            contract=src.contract,
-                            quantization={"precision": precision, "method": method if ranges else None,
-                                          "int8_attention": int8_attention if ranges else None,
-                                          "graphs": {g: r.to_dict() for g, r in reports.items()},
-                                          "calibration": CALIBRATION if ranges else None})
-        manifest.save(tmp)
+        rewrite = Rewrite(src, tmp, Path(work), ranges, exclude, settings, int8_attention, say)
+        for graph, p in plan.precisions.items():
+            rewrite.graph(graph, p)
+        manifest, record = write_manifest(src, tmp, rewrite, precision, int8_attention)
     manifest.directory = Path(out)
     for p in exclude:
-        if p not in used_patterns:
+        if p not in rewrite.used_patterns:
             log.warning("--exclude %r matches no node in any graph", p)
-    return QuantizeResult(Path(out), manifest, reports, record)
+    return QuantizeResult(Path(out), manifest, rewrite.reports, record)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tgedge.errors import TgedgeError
+from tgedge.precision import WEIGHT_ONLY, Precision, names
 
 BLOCK_SIZE = 32  # MatMulNBits block along K
 # MatMulNBits accuracy_level: 0 computes in the activations' dtype; 4 quantises the activations to int8 per block
@@ -19,26 +20,32 @@ ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 
 @dataclass(frozen=True)
 class WeightOnly:
-    """How int4w / int8w weights are written as onnxruntime MatMulNBits: bits, block size, accuracy level."""
-    bits: int = 4
+    """How int4w / int8w weights are written as onnxruntime MatMulNBits: the precision (its weight bits), block size,
+    accuracy level."""
+    precision: Precision
     block_size: int = BLOCK_SIZE
     accuracy_level: int = ACCURACY_LEVEL
     lm_head: bool = True  # the LM head's table as blocks too (decode reads all of it every step)
 
     def __post_init__(self):
-        if self.bits not in (4, 8):
-            raise TgedgeError(f"weight-only bits {self.bits}: choose 4 or 8")
+        if not self.precision.weight_only:
+            raise TgedgeError(f"{self.precision.name} is not a weight-only precision: choose from "
+                              f"{', '.join(names(WEIGHT_ONLY))}")
         if self.block_size not in BLOCK_SIZES:
             raise TgedgeError(f"--block-size {self.block_size}: choose from {', '.join(map(str, BLOCK_SIZES))}")
         if self.accuracy_level not in ACCURACY_LEVELS:
             raise TgedgeError(f"--accuracy-level {self.accuracy_level}: choose from "
                               f"{', '.join(map(str, ACCURACY_LEVELS))} (0: fp32 activations, 4: int8)")
 
+    @property
+    def bits(self) -> int:
+        return self.precision.weight_bits
+
     @classmethod
-    def of(cls, precision: str, block_size: int | None = None, accuracy_level: int | None = None,
+    def of(cls, precision: Precision, block_size: int | None = None, accuracy_level: int | None = None,
            lm_head: bool | None = None) -> "WeightOnly":
         """int4w / int8w with the defaults where None."""
-        return cls(4 if precision == "int4w" else 8, BLOCK_SIZE if block_size is None else block_size,
+        return cls(precision, BLOCK_SIZE if block_size is None else block_size,
                    ACCURACY_LEVEL if accuracy_level is None else accuracy_level,
                    cls.lm_head if lm_head is None else lm_head)
 

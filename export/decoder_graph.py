@@ -40,7 +40,8 @@ from tgedge.contract import StageContract
 from tgedge.errors import TgedgeError, TgedgeInternalError
 from tgedge.model.decoder import rope_inv_freq
 
-DTYPES = {"fp32": (TensorProto.FLOAT, torch.float32), "fp16": (TensorProto.FLOAT16, torch.float16)}
+# by numpy name: the export precision's `float_dtype` (tgedge/precision.py)
+DTYPES = {"float32": (TensorProto.FLOAT, torch.float32), "float16": (TensorProto.FLOAT16, torch.float16)}
 ALIGN = 64  # bytes; external tensors start aligned so that a memory map can use them in place
 
 

@@ -13,6 +13,7 @@ and logit scale), where memory allows.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import logging
@@ -31,6 +32,7 @@ from tgedge.errors import TgedgeError
 from tgedge.contract import PAST, StageContract
 from tgedge.export.specs import GraphSpec, graph_specs
 from tgedge.fileio import atomic_dir, checkpoint_hash, sha256_files, usual_file_mode
+from tgedge.precision import EXPORT_DTYPES, HALF, REFERENCE, WEIGHT_ONLY, Precision, lookup, names
 from tgedge.runtime.manifest import GraphEntry, Manifest, graph_fingerprint
 
 log = logging.getLogger("tgedge")
@@ -38,11 +40,8 @@ log = logging.getLogger("tgedge")
 DEFAULT_OPSET = 17
 MIN_OPSET = 14  # Trilu (the causal masks)
 EXTERNAL_DATA_BYTES = 512 << 20  # graphs with more weight bytes keep them in `<graph>.onnx.data`
-
-
-# A graph output passes when its relative L2 error ||onnx - torch|| / ||torch|| is within this (per export dtype):
-# fp32 noise is ~1e-6 on the demo and ~1e-4 on a 24-layer 0.5 B decoder; a 5% error in one weight is ~1e-2.
-REL_L2_LIMIT = {"fp32": 1e-3, "fp16": 2e-2, "int8w": 5e-2, "int4w": 0.25}
+# A graph output passes when its relative L2 error ||onnx - torch|| / ||torch|| is within its precision's
+# `export_limit` (tgedge/precision.py).
 CHECK_MEMORY_FACTOR = 3.0  # torch weights + onnxruntime's copy + activations, in units of the graph's fp32 weights
 
 
@@ -138,7 +137,8 @@ def trace_structure(spec: GraphSpec, path: Path, opset: int) -> onnx.ModelProto:
             f.unlink()
 
 
-def export_graph(spec: GraphSpec, path: Path, opset: int, external_data: bool | None, dtype: str = "fp32") -> GraphEntry:
+def export_graph(spec: GraphSpec, path: Path, opset: int, external_data: bool | None,
+                 dtype: Precision = REFERENCE) -> GraphEntry:
     """Trace one spec to `path` (+ `path.data` for external weights); checker and strict shape inference run.
     The exporter writes the structure only; the weights are folded and written by tgedge, one tensor at a time
     (export/traced_weights.py): memory stays the module's weights, not those plus folded copies plus a serialised
@@ -149,7 +149,7 @@ def export_graph(spec: GraphSpec, path: Path, opset: int, external_data: bool | 
     proto = trace_structure(spec, path, opset)
     values = fold_weights(proto, module_values(spec.module))
     _set_dims(proto, spec)
-    if dtype == "fp16":
+    if dtype is HALF:
         from tgedge.calibration.quantize import to_fp16
 
         proto, _ = to_fp16(proto, [])
@@ -164,11 +164,11 @@ def export_graph(spec: GraphSpec, path: Path, opset: int, external_data: bool | 
     save(proto, path)
     _verify_file(path)
     files = [path] + ([path.parent / data_name] if data_name else [])
-    return GraphEntry(spec.name, path.name, dtype, list(spec.inputs), list(spec.outputs), sha256_files(files),
+    return GraphEntry(spec.name, path.name, dtype.name, list(spec.inputs), list(spec.outputs), sha256_files(files),
                       data_name, graph_fingerprint(files))
 
 
-def write_graph(spec: GraphSpec, model, contract: StageContract, weights, path: Path, dtype: str,
+def write_graph(spec: GraphSpec, model, contract: StageContract, weights, path: Path, dtype: Precision,
                 external_data: bool | None, embed_table=None, decoder_weights=None) -> tuple[GraphEntry, object]:
     """Write the embed or decoder graph from the config, weights streamed (export/decoder_graph.py); `decoder_weights`
     a `WeightOnly` (int4w / int8w MatMulNBits) or None. -> (its manifest entry, the embed table's initializer for a
@@ -176,15 +176,16 @@ def write_graph(spec: GraphSpec, model, contract: StageContract, weights, path: 
     from tgedge.export import decoder_graph
 
     names = [n for n in weights if n.startswith(spec.prefixes)]
-    itemsize = 2 if dtype == "fp16" else 4
+    itemsize = np.dtype(dtype.float_dtype).itemsize
     nbytes = sum(int(np.prod(weights.shape(n))) for n in names) * itemsize
     external = nbytes > EXTERNAL_DATA_BYTES if external_data is None else external_data
     if spec.name == "embed":
-        proto, store = decoder_graph.build_embed(model.cfg, contract, weights, path.parent, path.name, dtype, external)
+        proto, store = decoder_graph.build_embed(model.cfg, contract, weights, path.parent, path.name,
+                                                 dtype.float_dtype, external)
         table = store.initializers[0]
     else:
-        proto, store = decoder_graph.build_decoder(model.cfg, contract, weights, path.parent, path.name, dtype, external,
-                                                   embed_table, decoder_weights)
+        proto, store = decoder_graph.build_decoder(model.cfg, contract, weights, path.parent, path.name,
+                                                   dtype.float_dtype, external, embed_table, decoder_weights)
         table = None
     _stamp(proto, spec.name)
     decoder_graph.save(proto, path)
@@ -193,8 +194,8 @@ def write_graph(spec: GraphSpec, model, contract: StageContract, weights, path: 
     shared = sorted({e.value for t in proto.graph.initializer for e in t.external_data
                      if e.key == "location" and e.value != data_name})
     files = [path] + ([path.parent / data_name] if data_name else []) + [path.parent / f for f in shared]
-    precision = f"int{decoder_weights.bits}w" if spec.name == "decoder" and decoder_weights else dtype
-    entry = GraphEntry(spec.name, path.name, precision, list(spec.inputs), list(spec.outputs), sha256_files(files),
+    precision = decoder_weights.precision if spec.name == "decoder" and decoder_weights else dtype
+    entry = GraphEntry(spec.name, path.name, precision.name, list(spec.inputs), list(spec.outputs), sha256_files(files),
                        data_name, graph_fingerprint(files), shared)
     return entry, table
 
@@ -249,7 +250,7 @@ def _check_bytes(weights, prefixes: tuple[str, ...]) -> float:
     return CHECK_MEMORY_FACTOR * 4 * sum(int(np.prod(weights.shape(n))) for n in weights if n.startswith(prefixes))
 
 
-def check_graph(spec: GraphSpec, path: Path, model, weights, dtype: str,
+def check_graph(spec: GraphSpec, path: Path, model, weights, precision: Precision,
                 truncated=None) -> tuple[list[CheckResult], dict]:
     """The graph on onnxruntime CPU vs its torch module (fp32, its weights loaded for this check) at the spec's two
     dim settings. When the torch module and onnxruntime's copy would not fit in memory, `truncated(layers)` (the
@@ -257,7 +258,7 @@ def check_graph(spec: GraphSpec, path: Path, model, weights, dtype: str,
     shapes and dtype); without it, the check is skipped and says so.
 
     Returns the results and, from the first setting, the reference outputs' checksums for the manifest."""
-    limit = REL_L2_LIMIT[dtype]
+    limit = precision.export_limit
     need = _check_bytes(weights, spec.prefixes)
     if need <= _available_bytes():
         return _compare(spec, path, model, weights, limit)
@@ -304,7 +305,7 @@ def _compare(spec: GraphSpec, path: Path, model, weights, limit: float) -> tuple
     return results, {"dims": dict(spec.check_shapes[0]), "seed": 0, "outputs": reference}
 
 
-def _truncated_decoder(model, contract: StageContract, weights, directory: Path, dtype: str, weight_only,
+def _truncated_decoder(model, contract: StageContract, weights, directory: Path, dtype: Precision, weight_only,
                        layers: int) -> tuple[Path, GraphSpec]:
     """The decoder graph with its first `layers` layers (final norm and LM head as they are), written by the same
     builder from the same weights, and its spec: what export checks when the whole decoder cannot be held."""
@@ -316,7 +317,8 @@ def _truncated_decoder(model, contract: StageContract, weights, directory: Path,
     part = StageContract.from_config(cfg.to_dict(), contract.max_context, contract.cache.mode, contract.dims,
                                      contract.cache.dtype)
     name = ".decoder-check.onnx"
-    proto, _ = decoder_graph.build_decoder(cfg, part, weights, directory, name, dtype, True, None, weight_only)
+    proto, _ = decoder_graph.build_decoder(cfg, part, weights, directory, name, dtype.float_dtype, True, None,
+                                           weight_only)
     decoder_graph.save(proto, directory / name)
     spec = next(s for s in graph_specs(model, part) if s.name == "decoder")
     keep = ("language_model.embed_tokens.", "language_model.norm.", "lm_head.",
@@ -326,7 +328,7 @@ def _truncated_decoder(model, contract: StageContract, weights, directory: Path,
 
 def export_model(checkpoint: str | Path, out: str | Path, opset: int = DEFAULT_OPSET, max_context: int | None = None,
                  clip: str | Path | None = None, external_data: bool | None = None,
-                 on_step: Callable[[str], None] | None = None, force: bool = False, dtype: str = "fp32",
+                 on_step: Callable[[str], None] | None = None, force: bool = False, dtype: str = REFERENCE.name,
                  check: bool = True, decoder_weights: str | None = None, cache_mode: str = "growing",
                  block_size: int | None = None, accuracy_level: int | None = None) -> ExportResult:
     """Export every stage of a checkpoint to `out`, check each graph against torch, write manifest.json.
@@ -345,14 +347,16 @@ def export_model(checkpoint: str | Path, out: str | Path, opset: int = DEFAULT_O
 
     if opset < MIN_OPSET:
         raise TgedgeError(f"--opset {opset} is too old: tgedge's graphs need opset >= {MIN_OPSET} (default {DEFAULT_OPSET})")
-    if decoder_weights not in (None, "int4w", "int8w"):
-        raise TgedgeError(f"--decoder-weights {decoder_weights!r}: choose from int4w, int8w")
+    quantized = None if decoder_weights is None else lookup(decoder_weights, WEIGHT_ONLY)
+    if decoder_weights is not None and quantized is None:
+        raise TgedgeError(f"--decoder-weights {decoder_weights!r}: choose from {', '.join(names(WEIGHT_ONLY))}")
     if cache_mode not in CACHE_MODES:
         raise TgedgeError(f"--cache {cache_mode!r}: choose from {', '.join(CACHE_MODES)}")
-    weight_only = WeightOnly.of(decoder_weights, block_size, accuracy_level) if decoder_weights else None
-    if dtype not in ("fp32", "fp16"):
-        raise TgedgeError(f"--dtype {dtype!r}: choose from {', '.join(REL_L2_LIMIT)} (bf16: onnxruntime CPU cannot run "
-                          "it to check the graphs here; export fp32 and let TensorRT choose)")
+    weight_only = WeightOnly.of(quantized, block_size, accuracy_level) if quantized else None
+    floats = lookup(dtype, EXPORT_DTYPES)  # every graph's float type
+    if floats is None:
+        raise TgedgeError(f"--dtype {dtype!r}: choose from {', '.join(names(EXPORT_DTYPES))} (bf16: onnxruntime CPU "
+                          "cannot run it to check the graphs here; export fp32 and let TensorRT choose)")
     say = on_step or (lambda s: None)
     model, ckpt = load_model(checkpoint, clip, device="meta")
     positions = model.cfg.decoder.max_position_embeddings
@@ -363,7 +367,7 @@ def export_model(checkpoint: str | Path, out: str | Path, opset: int = DEFAULT_O
     if cache_mode == "static":
         check_static(model.cfg.decoder)
     contract = StageContract.from_config(model.cfg.to_dict(), max_context, cache_mode=cache_mode,
-                                         cache_dtype="float16" if dtype == "fp16" else "float32")
+                                         cache_dtype=floats.float_dtype)
     specs = graph_specs(model, contract)
     result = ExportResult(Path(out), None)  # type: ignore[arg-type]
     with atomic_dir(out, kind="export", inputs=[ckpt.path, clip], force=force) as tmp:
@@ -372,20 +376,21 @@ def export_model(checkpoint: str | Path, out: str | Path, opset: int = DEFAULT_O
             start = time.perf_counter()
             path = tmp / f"{spec.name}.onnx"
             if spec.written:
-                say(f"writing {spec.name} ({dtype}, weights streamed from the checkpoint)")
-                graphs[spec.name], shared = write_graph(spec, model, contract, ckpt.weights, path, dtype, external_data,
-                                                        table, weight_only)
+                say(f"writing {spec.name} ({floats.name}, weights streamed from the checkpoint)")
+                graphs[spec.name], shared = write_graph(spec, model, contract, ckpt.weights, path, floats,
+                                                        external_data, table, weight_only)
                 table = shared if shared is not None else table
             else:
                 say(f"exporting {spec.name}")
                 materialize(model, ckpt.weights, spec.prefixes)
-                graphs[spec.name] = export_graph(spec, path, opset, external_data, dtype)
+                graphs[spec.name] = export_graph(spec, path, opset, external_data, floats)
             if check:
                 say(f"checking {spec.name} against torch")
-                quantized = decoder_weights if spec.name == "decoder" else None
-                part = (lambda layers: _truncated_decoder(model, contract, ckpt.weights, tmp, dtype, weight_only, layers)
-                        ) if spec.name == "decoder" and cache_mode == "growing" else None
-                checks, reference[spec.name] = check_graph(spec, path, model, ckpt.weights, quantized or dtype, part)
+                part = None  # the decoder's first layers, written alone: what is checked when the whole does not fit
+                if spec.name == "decoder" and cache_mode == "growing":
+                    part = functools.partial(_truncated_decoder, model, contract, ckpt.weights, tmp, floats, weight_only)
+                checked = quantized if spec.name == "decoder" and quantized else floats
+                checks, reference[spec.name] = check_graph(spec, path, model, ckpt.weights, checked, part)
                 result.checks += checks
             release(model, spec.prefixes)
             return_freed_memory()

@@ -25,6 +25,7 @@ from typing import Callable
 from tgedge import __version__
 from tgedge.errors import TgedgeError
 from tgedge.fileio import atomic_dir, inside, write_atomic
+from tgedge.precision import PRECISIONS
 from tgedge.runtime.manifest import Manifest
 from tgedge.runtime.tensorrt import device_info, import_tensorrt
 
@@ -132,11 +133,12 @@ def build_engine(trt, manifest: Manifest, graph: str, workspace_mb: int, cache_b
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mb << 20)
     precision = manifest.graphs[graph].precision
+    if precision not in PRECISIONS:
+        raise TgedgeError(f"{manifest.directory}/manifest.json graphs.{graph}.precision | got {precision!r} | "
+                          f"expected one of {', '.join(PRECISIONS)}")
     if not strongly_typed:  # TensorRT 8.6: precisions by flag
-        if precision in ("fp16", "int8"):
-            config.set_flag(trt.BuilderFlag.FP16)
-        if precision == "int8":
-            config.set_flag(trt.BuilderFlag.INT8)  # explicit Q/DQ: no calibrator
+        for flag in PRECISIONS[precision].tensorrt_flags:
+            config.set_flag(getattr(trt.BuilderFlag, flag))
     graph_profiles = profiles(manifest, graph)
     for profile in graph_profiles:
         p = builder.create_optimization_profile()

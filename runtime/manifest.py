@@ -18,7 +18,6 @@ from tgedge.fileio import fingerprint, inside, sha256_files
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 GRAPHS = ALL_STAGES  # one graph per stage
-PRECISIONS = ("fp32", "fp16", "int8", "int8w", "int4w")
 
 
 def is_export(path: str | Path) -> bool:

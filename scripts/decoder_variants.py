@@ -18,6 +18,7 @@ from pathlib import Path
 import onnx
 
 from tgedge.calibration.weight_only import WeightOnly
+from tgedge.precision import PRECISIONS, REFERENCE
 from tgedge.checkpoint import load_model
 from tgedge.contract import StageContract
 from tgedge.export.onnx_export import write_graph
@@ -43,8 +44,8 @@ for spec_text in sys.argv[5:]:
                 (out / f.name).symlink_to(f)
     table = onnx.load(str(src.graph_path("embed")), load_external_data=False).graph.initializer[0]
     spec = {s.name: s for s in graph_specs(model, contract)}["decoder"]
-    wo = None if weights == "fp32" else WeightOnly.of(weights, int(block), int(level), bool(head))
-    entry, _ = write_graph(spec, model, contract, ckpt.weights, out / "decoder.onnx", "fp32", None, table, wo)
+    wo = None if weights == REFERENCE.name else WeightOnly.of(PRECISIONS[weights], int(block), int(level), bool(head))
+    entry, _ = write_graph(spec, model, contract, ckpt.weights, out / "decoder.onnx", REFERENCE, None, table, wo)
     m = Manifest(graphs={**src.graphs, "decoder": entry}, dims=src.dims, max_context=src.max_context, opset=src.opset,
                  model=src.model, files=src.files, reference=src.reference, source=src.source, contract=contract)
     m.save(out)

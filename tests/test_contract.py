@@ -125,8 +125,8 @@ PACKAGES = {"tgedge": ROOT / "tgedge", "tgedge.runtime": ROOT / "runtime", "tged
             "tgedge.calibration": ROOT / "calibration"}
 # A module may import only from its own layer and those below it (index: lower first).
 LAYERS = [
-    {"tgedge.errors", "tgedge.contract", "tgedge.fileio", "tgedge.config", "tgedge.prompt", "tgedge.sampling",
-     "tgedge.preprocess", "tgedge.generate", "tgedge.stageflow"},
+    {"tgedge.errors", "tgedge.contract", "tgedge.precision", "tgedge.fileio", "tgedge.config", "tgedge.prompt",
+     "tgedge.sampling", "tgedge.preprocess", "tgedge.generate", "tgedge.stageflow"},
     {"tgedge.runtime"},  # torch-free
     {"tgedge.model", "tgedge.layouts", "tgedge.checkpoint", "tgedge.reference", "tgedge.pipelines", "tgedge.data",
      "tgedge.evaluate"},

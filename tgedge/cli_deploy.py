@@ -8,6 +8,7 @@ import sys
 from tgedge.cli_common import BACKENDS, EPILOG, add_output, integer, opset
 from tgedge.contract import CACHE_MODES
 from tgedge.fileio import check_output, write_atomic
+from tgedge.precision import EXPORT_DTYPES, REFERENCE, WEIGHT_ONLY, names
 
 
 def _add_export(sub) -> None:
@@ -31,10 +32,10 @@ def _add_export(sub) -> None:
     p.add_argument("--clip", metavar="DIR", help="CLIPModel directory for original-layout checkpoints")
     p.add_argument("--external-data", choices=["auto", "always", "never"], default="auto",
                    help="weights in <graph>.onnx.data: auto (graphs over 512 MB), always, never")
-    p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32",
+    p.add_argument("--dtype", choices=names(EXPORT_DTYPES), default=REFERENCE.name,
                    help="weights and compute of every graph (fp16 keeps norms, softmax and positions in fp32, and "
                         "stores the KV cache in fp16); default fp32, the precision tgedge quantize starts from")
-    p.add_argument("--decoder-weights", choices=["int4w", "int8w"],
+    p.add_argument("--decoder-weights", choices=names(WEIGHT_ONLY),
                    help="write the decoder's linear weights as int4/int8 blocks (onnxruntime MatMulNBits) while "
                         "streaming them: what tgedge quantize --precision int4w makes from an fp32 export, without "
                         "ever holding the fp32 decoder (a 7 B model on a 24 GB machine)")

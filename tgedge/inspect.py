@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from tgedge.errors import TgedgeError
+from tgedge.precision import REFERENCE, GraphEvidence, recognise
 
 COMPUTE_OPS = ("MatMul", "Gemm", "Conv")
 NOT_COMPUTE = {"Cast", "Constant", "Shape", "Gather", "Unsqueeze", "Squeeze", "Reshape", "Concat", "Slice", "Range",
@@ -48,7 +49,7 @@ class GraphSummary:
     qdq_wrapped: int  # of those, fed by a DequantizeLinear (Q/DQ int8, or block-wise int4 DQ)
     matmul_nbits: int  # onnxruntime weight-only MatMulNBits
     fp32_islands: dict[str, int] = field(default_factory=dict)  # fp16 graphs: compute nodes left in fp32, by op
-    precision: str = "fp32"
+    precision: str = REFERENCE.name
 
     @property
     def weight_bytes(self) -> int:
@@ -95,9 +96,11 @@ def inspect_onnx(path: str | Path) -> GraphSummary:
         dtype, count = _dtype(t.data_type), int(np.prod(t.dims)) if t.dims else 1
         params[dtype] += count
         nbytes[dtype] += count * BITS.get(dtype, 32) // 8
+    block_bits = set()
     for n in proto.graph.node:  # MatMulNBits keeps its packed weights as uint8; count them as int4/int8
         if n.op_type == "MatMulNBits":
             bits = next((a.i for a in n.attribute if a.name == "bits"), 4)
+            block_bits.add(bits)
             k = next(a.i for a in n.attribute if a.name == "K")
             nn = next(a.i for a in n.attribute if a.name == "N")
             params[f"int{bits}"] += k * nn
@@ -114,12 +117,13 @@ def inspect_onnx(path: str | Path) -> GraphSummary:
         for n in proto.graph.node:
             if n.op_type not in NOT_COMPUTE and n.output and types.get(n.output[0]) == onnx.TensorProto.FLOAT:
                 islands[n.op_type] += 1
-    precision = ("int8" if wrapped and ops.get("QuantizeLinear") else "int4w" if nbits and params.get("int4")
-                 else "int8w" if nbits else "fp16" if fp16 else "fp32")
+    floats = frozenset(d for d, count in params.items() if count and d.startswith("float"))
+    evidence = GraphEvidence(qdq=bool(wrapped and ops.get("QuantizeLinear")), nbits=frozenset(block_bits),
+                             float_weights=floats)
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
     return GraphSummary(str(path), _tensor_meta(proto.graph.input), _tensor_meta(proto.graph.output), opset,
                         dict(ops.most_common()), dict(params), dict(nbytes), len(compute), wrapped, nbits,
-                        dict(islands), precision)
+                        dict(islands), recognise(evidence).name)
 
 
 def memory_estimate(manifest, graphs: dict[str, GraphSummary]) -> dict:

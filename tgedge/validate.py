@@ -21,13 +21,13 @@ from tgedge.config import bad_numbers
 from tgedge.contract import ALL_STAGES
 from tgedge.errors import TgedgeError
 from tgedge.generate import forced_logits
+from tgedge.precision import PRECISIONS
 from tgedge.stageflow import StageFlow
 
 log = logging.getLogger("tgedge")
 
 # What a report judges, in order: preprocessing, every stage of the contract, then end to end.
 STAGES = ("preprocess", *ALL_STAGES, "answers", "accuracy")
-PRECISION_ORDER = ("fp32", "fp16", "int8w", "int8", "int4w")  # highest first
 DEFAULT_POLICY = Path(__file__).parent / "policies" / "default.toml"
 # limit key -> (figure it bounds, True when the figure must stay at or below the limit)
 LIMITS = {"max_abs": ("max_abs", True), "max_rel": ("max_rel", True), "min_cosine": ("min_cosine", False),
@@ -62,8 +62,8 @@ def load_policy(path: str | Path | None = None) -> dict[str, dict[str, dict[str,
     if bad:  # a NaN limit would pass everything: every comparison with NaN is False
         raise TgedgeError(f"{path}: limits must be finite numbers: {', '.join(bad)}")
     for precision, stages in user.items():
-        if precision not in PRECISION_ORDER or not isinstance(stages, dict):
-            raise TgedgeError(f"{path}: unknown precision section [{precision}] (known: {', '.join(PRECISION_ORDER)})")
+        if precision not in PRECISIONS or not isinstance(stages, dict):
+            raise TgedgeError(f"{path}: unknown precision section [{precision}] (known: {', '.join(PRECISIONS)})")
         for stage, limits in stages.items():
             if stage not in STAGES or not isinstance(limits, dict):
                 raise TgedgeError(f"{path}: unknown stage [{precision}.{stage}] (known: {', '.join(STAGES)})")
@@ -280,7 +280,7 @@ def check_precisions(manifest) -> None:
 
 def _stage_precisions(manifest) -> dict[str, str]:
     graphs = {g: e.precision for g, e in manifest.graphs.items()}
-    lowest = max(graphs.values(), key=lambda p: PRECISION_ORDER.index(p) if p in PRECISION_ORDER else 0)
+    lowest = max(graphs.values(), key=lambda p: PRECISIONS[p].rank if p in PRECISIONS else 0)
     return {"preprocess": lowest, **graphs, "answers": lowest, "accuracy": lowest}
 
 

@@ -151,8 +151,9 @@ def test_streamed_ranges_are_onnxruntimes(demo_export, calib, tmp_path):
 
 def test_precision_specs():
     graphs = ["text_guide", "vision", "fusion", "embed", "decoder"]
-    assert parse_precision("int4w", graphs) == {**{g: "fp32" for g in graphs}, "decoder": "int4w"}
-    assert parse_precision("vision=fp16, decoder=int8", graphs)["vision"] == "fp16"
+    assert {g: p.name for g, p in parse_precision("int4w", graphs).items()} == {**{g: "fp32" for g in graphs},
+                                                                                 "decoder": "int4w"}
+    assert parse_precision("vision=fp16, decoder=int8", graphs)["vision"].name == "fp16"
     with pytest.raises(TgedgeError, match="unknown precision 'int3'"):
         parse_precision("int3", graphs)
     with pytest.raises(TgedgeError, match="unknown graph 'visoin'"):

@@ -12,6 +12,7 @@ from onnx import numpy_helper
 
 from tgedge.export.onnx_export import check_graph, export_model
 from tgedge.export.specs import graph_specs
+from tgedge.precision import REFERENCE
 from tgedge.presets import write_random
 from tgedge.reference import TorchPipeline
 from tgedge.runtime.manifest import Manifest
@@ -102,7 +103,7 @@ def test_a_planted_defect_fails_the_relative_check(reads, tiny):
     onnx.save_model(proto, str(broken))  # inline: the tiny decoder fits
     model, ckpt = load_model(tiny, tiny / "clip", device="meta")
     spec = next(s for s in graph_specs(model, m.contract) if s.name == "decoder")
-    checks, _ = check_graph(spec, broken, model, ckpt.weights, "fp32")
+    checks, _ = check_graph(spec, broken, model, ckpt.weights, REFERENCE)
     assert not all(c.passed for c in checks)
     assert max(c.rel_l2 for c in checks if c.output == "logits") > 1e-3
 
