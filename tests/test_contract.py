@@ -130,7 +130,7 @@ LAYERS = [
     {"tgedge.runtime"},  # torch-free
     {"tgedge.model", "tgedge.layouts", "tgedge.checkpoint", "tgedge.reference", "tgedge.pipelines", "tgedge.data",
      "tgedge.evaluate"},
-    {"tgedge.validate", "tgedge.inspect", "tgedge.train_demo", "tgedge.demo", "tgedge.bench", "tgedge.device",
+    {"tgedge.validate", "tgedge.inspection", "tgedge.train_demo", "tgedge.demo", "tgedge.bench", "tgedge.device",
      "tgedge.presets", "tgedge.presets_init", "tgedge.model_stats"},
     {"tgedge.export", "tgedge.calibration"},  # export's graph modules come from the model, not the reverse
     {"tgedge.cli", "tgedge.cli_common", "tgedge.cli_bench", "tgedge.cli_checkpoint", "tgedge.cli_deploy",

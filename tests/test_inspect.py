@@ -10,7 +10,7 @@ import pytest
 from tgedge.calibration.quantize import quantize_export
 from tgedge.cli import main
 from tgedge.errors import TgedgeError
-from tgedge.inspect import inspect_export, inspect_onnx, inspect_path, summarize_layers
+from tgedge.inspection import inspect_export, inspect_onnx, inspect_path, summarize_layers
 
 DATA = Path(__file__).parent / "data" / "jetson"
 

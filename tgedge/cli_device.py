@@ -22,7 +22,7 @@ def _add_inspect(sub) -> None:
 
 
 def cmd_inspect(args) -> int:
-    from tgedge.inspect import inspect_path
+    from tgedge.inspection import inspect_path
 
     report = inspect_path(args.path)
     if args.json:

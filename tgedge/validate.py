@@ -269,7 +269,7 @@ def source_checkpoint(manifest) -> Path:
 
 def check_precisions(manifest) -> None:
     """Each graph's label in the manifest is the precision the graph really has (read from its ops and weights)."""
-    from tgedge.inspect import inspect_onnx
+    from tgedge.inspection import inspect_onnx
 
     wrong = [f"{g} says {e.precision}, its graph is {actual}" for g, e in manifest.graphs.items()
              if (actual := inspect_onnx(manifest.graph_path(g)).precision) != e.precision]

@@ -25,6 +25,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from tgedge.precision import REFERENCE
 from tgedge.errors import TgedgeError
 
 
@@ -174,7 +175,7 @@ class TransformersPeer:
 
         d = self.cfg.decoder
         params = {id(p): p for p in [*self.model.model.language_model.parameters(), *self.model.lm_head.parameters()]}
-        return {"precision": "fp32", "cache": f"dynamic (transformers {self.version})",
+        return {"precision": REFERENCE.name, "cache": f"dynamic (transformers {self.version})",
                 "weight_bytes": sum(p.numel() * p.element_size() for p in params.values()),
                 "kv_per_position": kv_bytes_per_position(d.num_layers, d.num_kv_heads, d.head_dim),
                 "model": self.cfg.to_dict()}
@@ -190,8 +191,7 @@ class GenaiPeer:
         self.model_dir = model_dir
         worker = Path(__file__).with_name("genai_worker.py")
         try:
-            # isolated (-I): neither the working directory nor tgedge/ (whose inspect.py would shadow the standard
-            # library's) on its path
+            # isolated (-I): the working directory is not on its path (a user's files never shadow a module)
             run = "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
             self.proc = subprocess.Popen([python, "-I", "-c", run, str(worker), model_dir, str(threads)],
                                          stdin=subprocess.PIPE,
@@ -220,7 +220,7 @@ class GenaiPeer:
         cfg = json.loads((Path(self.model_dir) / "genai_config.json").read_text())["model"]
         dec = cfg["decoder"]
         onnx_file = Path(self.model_dir) / dec["filename"]
-        return {"precision": "int4" if "int4" in str(self.model_dir) or _has_nbits(onnx_file) else "fp32",
+        return {"precision": "int4" if "int4" in str(self.model_dir) or _has_nbits(onnx_file) else REFERENCE.name,
                 "cache": "static (onnxruntime-genai)", "weight_bytes": graph_weight_bytes(onnx_file),
                 "kv_per_position": kv_bytes_per_position(dec["num_hidden_layers"], dec["num_key_value_heads"],
                                                          dec["head_size"]),

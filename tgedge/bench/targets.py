@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from tgedge.precision import REFERENCE
 
 
 @dataclass
@@ -57,7 +58,7 @@ def describe_target(target: Target, pipe) -> dict:
     dec = cfg["decoder"]
     params = list(pipe.model.language_model.parameters()) + (
         list(pipe.model.lm_head.parameters()) if getattr(pipe.model, "lm_head", None) is not None else [])
-    return {"precision": "fp32", "cache": "preallocated (torch)", "model": cfg,
+    return {"precision": REFERENCE.name, "cache": "preallocated (torch)", "model": cfg,
             "weight_bytes": sum(p.numel() * p.element_size() for p in params),
             "kv_per_position": kv_bytes_per_position(dec["num_layers"], dec["num_kv_heads"], dec["head_dim"])}
 
