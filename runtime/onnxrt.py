@@ -9,6 +9,7 @@ the step's own inputs, and the graph writes the cache in place.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any, Callable
 
@@ -40,18 +41,23 @@ DEVICES = {
 INT8_KERNELS = ("auto", "fused", "simulated")
 
 
+@functools.lru_cache(maxsize=1)
+def _host_cpuinfo() -> str:
+    """This host's /proc/cpuinfo on x86-64 (read once: every session of every graph asks), else ''."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return ""
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
 def int8_kernels_saturate(cpuinfo: str | None = None) -> bool:
     """True on an x86-64 CPU whose flags show no VNNI (avx512_vnni, avx_vnni, amx_int8): onnxruntime's u8s8 kernels
     there sum pairs of products in int16 and saturate. Elsewhere (Arm's dot-product kernels, VNNI) they do not."""
-    import platform
-
-    if cpuinfo is None:
-        if platform.machine().lower() not in ("x86_64", "amd64"):
-            return False
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return False
+    cpuinfo = _host_cpuinfo() if cpuinfo is None else cpuinfo
     flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
     return bool(flags) and not {"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags)
 

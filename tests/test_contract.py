@@ -128,8 +128,8 @@ LAYERS = [
     {"tgedge.errors", "tgedge.contract", "tgedge.precision", "tgedge.fileio", "tgedge.config", "tgedge.prompt",
      "tgedge.sampling", "tgedge.preprocess", "tgedge.generate", "tgedge.stageflow"},
     {"tgedge.runtime"},  # torch-free
-    {"tgedge.model", "tgedge.layouts", "tgedge.checkpoint", "tgedge.reference", "tgedge.pipelines", "tgedge.data",
-     "tgedge.evaluate"},
+    {"tgedge.model", "tgedge.layouts", "tgedge.checkpoint", "tgedge.reference", "tgedge.noise", "tgedge.pipelines",
+     "tgedge.data", "tgedge.evaluate"},
     {"tgedge.validate", "tgedge.inspection", "tgedge.train_demo", "tgedge.demo", "tgedge.bench", "tgedge.device",
      "tgedge.presets", "tgedge.presets_init", "tgedge.model_stats"},
     {"tgedge.export", "tgedge.calibration"},  # export's graph modules come from the model, not the reverse

@@ -25,8 +25,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from tgedge.precision import REFERENCE
 from tgedge.errors import TgedgeError
+from tgedge.precision import REFERENCE
 
 
 def twin_config(cfg, image_token_index: int) -> dict:
