@@ -150,7 +150,7 @@ def export_graph(spec: GraphSpec, path: Path, opset: int, external_data: bool | 
     values = fold_weights(proto, module_values(spec.module))
     _set_dims(proto, spec)
     if dtype is HALF:
-        from tgedge.calibration.quantize import to_fp16
+        from tgedge.calibration.convert import to_fp16
 
         proto, _ = to_fp16(proto, [])
     _stamp(proto, spec.name)

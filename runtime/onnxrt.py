@@ -36,7 +36,7 @@ DEVICES = {
 # what TensorRT's int8 computes (int32 accumulation, no overflow). On x86-64 without VNNI onnxruntime's integer kernels
 # multiply with VPMADDUBSW, whose int16 pair sums saturate (onnxruntime's quantization docs). Measured on such a CPU
 # (AMD EPYC, AVX2 only; docs/QUANTIZATION.md): demo-gated's int8 text guide min cosine 0.9974 fused, 0.9996 simulated;
-# tests/test_gated.py's random gated checkpoint's int8 fusion 0.981 fused (the int8 policy's limit is 0.99; it passed
+# tests/model/test_gated.py's random gated checkpoint's int8 fusion 0.981 fused (the int8 policy's limit is 0.99; it passed
 # on a VNNI CPU), passing simulated. `auto`: simulated exactly where the kernels saturate.
 INT8_KERNELS = ("auto", "fused", "simulated")
 

@@ -1,7 +1,7 @@
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent / "fixtures"))  # tiny.py: small models and files the tests build
 
 import pytest  # noqa: E402
 

@@ -1,14 +1,14 @@
 """tgedge device: Jetson parsers on samples in the real formats, and a clean report on this GPU-less machine."""
 
 import json
-from pathlib import Path
 
 import pytest
 
 from tgedge.cli import main
+from tiny import JETSON
 from tgedge.device import jetson_module, parse_model, parse_nvpmodel, parse_tegra_release, parse_tegrastats
 
-DATA = Path(__file__).parent / "data" / "jetson"
+DATA = JETSON
 
 
 @pytest.mark.parametrize("board, model, module, memory", [

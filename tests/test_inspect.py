@@ -2,17 +2,17 @@
 
 import json
 import shutil
-from pathlib import Path
 
 import onnx
 import pytest
 
 from tgedge.calibration.quantize import quantize_export
 from tgedge.cli import main
+from tiny import JETSON
 from tgedge.errors import TgedgeError
 from tgedge.inspection import inspect_export, inspect_onnx, inspect_path, summarize_layers
 
-DATA = Path(__file__).parent / "data" / "jetson"
+DATA = JETSON
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +104,7 @@ def test_cli_json(exports, capsys):
     assert main(["inspect", str(exports["int8"] / "vision.onnx"), "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     # every compute op with a weight is wrapped in Q/DQ; attention's activation-by-activation MatMuls stay fp32
-    from tgedge.calibration.quantize import activation_products
+    from tgedge.calibration.convert import activation_products
 
     products = activation_products(onnx.load(str(exports["fp32"] / "vision.onnx"), load_external_data=False))
     assert r["kind"] == "onnx" and r["precision"] == "int8" and products

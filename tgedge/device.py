@@ -1,7 +1,7 @@
 """`tgedge device`: what this machine is and what it can run — GPU, CUDA, TensorRT, onnxruntime, and on a
 Jetson the module, L4T / JetPack release, power mode and clocks. Torch-free; every probe is optional.
 
-The Jetson parsers take text, so tests feed them recorded samples (tests/data/jetson/).
+The Jetson parsers take text, so tests feed them recorded samples (tests/fixtures/jetson/).
 """
 
 from __future__ import annotations

@@ -59,7 +59,7 @@ def _reads_dequantized(proto) -> set[str]:
 def test_int8_keeps_attention_products_fp32_unless_asked(int8, demo_export, tmp_path):
     """The MatMuls between two activations (attention's Q K^T and P V) stay fp32 by default; --int8-attention
     quantises them too."""
-    from tgedge.calibration.quantize import activation_products
+    from tgedge.calibration.convert import activation_products
 
     source = onnx.load(str(demo_export.manifest.graph_path("decoder")))
     products = activation_products(source)
@@ -115,7 +115,7 @@ def test_streamed_ranges_are_onnxruntimes(demo_export, calib, tmp_path):
     from onnxruntime.quantization import CalibrationMethod, create_calibrator
 
     from tgedge.calibration.collect import FeedReader, collect, collect_ranges
-    from tgedge.calibration.quantize import QUANT_OPS
+    from tgedge.calibration.convert import QUANT_OPS
     from tgedge.runtime.manifest import Manifest
 
     manifest, graphs = Manifest.load(demo_export.directory), ["vision", "decoder"]

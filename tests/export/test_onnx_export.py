@@ -159,7 +159,7 @@ def test_traced_graphs_are_the_exporters_folded_graphs(dtype, tmp_path):
                               do_constant_folding=True)
         theirs = onnx.load(str(tmp_path / "torch.onnx"))
         if dtype == "fp16":
-            from tgedge.calibration.quantize import to_fp16
+            from tgedge.calibration.convert import to_fp16
 
             theirs, _ = to_fp16(theirs, [])
         mine = onnx.load(str(ours.directory / f"{spec.name}.onnx"))

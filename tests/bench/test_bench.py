@@ -4,13 +4,13 @@ reads tegrastats (a stand-in prints recorded lines); bad arguments are one line 
 import json
 import os
 import stat
-from pathlib import Path
 
 import pytest
 
 from tgedge.cli import main
+from tiny import JETSON
 
-DATA = Path(__file__).parent / "data" / "jetson"
+DATA = JETSON
 STAGES = {"preprocess", "text_guide", "vision", "fusion", "embed", "prefill", "decode_token"}
 
 

@@ -33,7 +33,7 @@ from tgedge.serving.client import Session  # noqa: E402
 from tgedge.serving.protocol import ENTRY_MODEL, REQUEST  # noqa: E402
 from tgedge.serving.server import TritonServer, find_tritonserver, free_port  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SAMPLES = 20
 
 
