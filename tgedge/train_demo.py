@@ -33,7 +33,7 @@ from tgedge.model import TGLlava
 from tgedge.preprocess import ImageSettings, Preprocessor, PreprocessSpec, Tokenizer, detail_crops
 from tgedge.prompt import PromptTemplate
 
-FUSIONS = ("tg", "gated", "plain")
+FUSIONS = ("tg", "gated", "plain")  # the families this trainer builds demo models of (a FAMILIES name each)
 GATED_DEMO = {"num_layers": 2, "num_heads": 4}  # 2 layers as TG-FOM's Q-Former; 4 heads of 24 as the vision tower
 LLM_SPECIALS = ["<unk>", "<s>", "</s>", "<image>"]
 GUIDE_SPECIALS = ["!", "<|startoftext|>", "<|endoftext|>"]  # "!" at id 0, as in CLIP's vocabulary
