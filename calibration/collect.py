@@ -89,10 +89,13 @@ def _answer_all(export_dir: str | Path, data: str | Path, limit: int | None, max
 
 
 def collect_ranges(export_dir: str | Path, data: str | Path, graphs: list[str], op_types: tuple[str, ...],
-                   limit: int | None = None, max_new_tokens: int = 4, progress=None) -> dict[str, Any]:
+                   limit: int | None = None, max_new_tokens: int = 4, progress=None,
+                   channel_absmax: dict | None = None, channel_mean_sq: dict | None = None) -> dict[str, Any]:
     """graph name -> onnxruntime `TensorsData`: the symmetric min/max ranges of `graphs`' calibrated tensors while
     the fp32 export answered every sample of `data`, folded call by call (`tgedge.calibration.ranges`); memory is
-    the graphs once, whatever the number of samples."""
+    the graphs once, whatever the number of samples. `channel_absmax`, when given, is filled with graph -> tensor ->
+    max |x| per channel of the inputs SmoothQuant can smooth, measured in the same pass; `channel_mean_sq` with the
+    mean of x^2 per channel of the same inputs (AWQ-style scales)."""
     from tgedge.calibration.ranges import MinMaxRunner
 
     runners: dict[str, MinMaxRunner] = {}
@@ -100,10 +103,16 @@ def collect_ranges(export_dir: str | Path, data: str | Path, graphs: list[str], 
     def measuring(manifest, graph: str) -> BaseRunner:
         if graph not in graphs:
             return make_runner("onnxruntime", manifest, graph)
-        runners[graph] = MinMaxRunner(manifest, graph, op_types)
+        runners[graph] = MinMaxRunner(manifest, graph, op_types,
+                                      per_channel=channel_absmax is not None or channel_mean_sq is not None)
         return runners[graph]
 
     _answer_all(export_dir, data, limit, max_new_tokens, progress, measuring)
+    if channel_absmax is not None:
+        channel_absmax.update({g: r.channel_absmax for g, r in runners.items()})
+    if channel_mean_sq is not None:
+        channel_mean_sq.update({g: {t: r.channel_sumsq[t] / r.channel_rows[t] for t in r.channel_sumsq}
+                                for g, r in runners.items()})
     return {g: r.tensors_data() for g, r in runners.items()}
 
 

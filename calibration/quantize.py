@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import onnx
 
 from tgedge.errors import TgedgeError
@@ -27,7 +28,7 @@ from tgedge.calibration.convert import (QUANT_OPS, GraphReport, matched_nodes, r
 from tgedge.calibration.weight_only import WeightOnly
 from tgedge.config import bad_numbers
 from tgedge.fileio import atomic_dir, inside, sha256_files
-from tgedge.precision import FLOAT, PRECISIONS, QDQ, REFERENCE, WEIGHT_ONLY, Precision
+from tgedge.precision import FLOAT, PRECISIONS, QDQ, REFERENCE, WEIGHT_ONLY, Precision, names
 from tgedge.runtime.manifest import Manifest, graph_fingerprint
 
 log = logging.getLogger("tgedge")
@@ -57,7 +58,7 @@ def parse_precision(spec: str, graphs: list[str]) -> dict[str, Precision]:
     return plan
 
 
-def _entry(entry, precision: str, target: Path):
+def graph_entry(entry, precision: str, target: Path):
     """The manifest entry of a rewritten graph: its files as they are now."""
     from tgedge.fileio import usual_file_mode
 
@@ -125,25 +126,48 @@ class Calibration:
     feeds: dict = field(default_factory=dict)  # graph -> recorded inputs (entropy, percentile)
     data: str | Path | None = None
     samples: int = 0
-    ranges: dict[str, dict] = field(default_factory=dict)  # graph -> the ranges its graph was quantised with
+    ranges: dict[str, dict] = field(default_factory=dict)  # graph -> its ranges as measured (before any smoothing)
+    # SmoothQuant (tgedge.calibration.smooth): alpha, and graph -> input tensor -> max |x| per channel (before smoothing)
+    smooth: float | None = None
+    channels: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    # AWQ-style weight-only scales: graph -> input tensor -> mean of x^2 per channel
+    mean_sq: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
 
-    def write_cache(self, graph: str, cache: Path) -> None:
-        """The ranges of `graph` where onnxruntime's quantize_static reads them (none: it measures on the feeds)."""
+    def write_cache(self, graph: str, cache: Path, smoothed: dict[str, float] | None = None) -> None:
+        """The ranges of `graph` where onnxruntime's quantize_static reads them (none: it measures on the feeds),
+        kept as measured in `ranges` (calibration.json); `smoothed`: tensor -> its symmetric range after SmoothQuant
+        (max |x| / s), which the cache gets in place of the measured one."""
         if self.saved is not None:
             cache.write_text(json.dumps(self.saved["graphs"][graph]))
         elif graph in self.streamed:
             from onnxruntime.quantization.calibrate import save_tensors_data
 
             save_tensors_data(self.streamed.pop(graph), cache)
+        else:
+            return
+        data = json.loads(cache.read_text())
+        self.ranges[graph] = json.loads(json.dumps(data))
+        if smoothed:
+            for t, m in smoothed.items():
+                if t in data["data"]:
+                    for key, value in (("lowest", -m), ("highest", m)):
+                        data["data"][t][key] = {"data": [value], "dtype": "float32", "CLS": "numpy.array"}
+            cache.write_text(json.dumps(data))
 
     def record(self) -> dict | None:
         """calibration.json: where the ranges came from, and the ranges (None when no graph used any)."""
-        if not self.ranges:
+        if not self.ranges and not self.mean_sq:
             return None
         record = self.saved if self.saved is not None else {
             "method": self.method, "data": {"path": str(self.data), "samples": self.samples,
                                             "sha256": _data_hash(Path(self.data))}}
-        return {**{k: v for k, v in record.items() if k != "graphs"}, "graphs": self.ranges}
+        out = {**{k: v for k, v in record.items() if k not in ("graphs", "smooth", "channels")}, "graphs": self.ranges}
+        if self.smooth is not None and self.channels:
+            out["smooth"] = self.smooth
+            out["channels"] = {g: {t: [float(x) for x in v] for t, v in c.items()} for g, c in self.channels.items()}
+        if self.mean_sq:
+            out["mean_sq"] = {g: {t: [float(x) for x in v] for t, v in c.items()} for g, c in self.mean_sq.items()}
+        return out
 
 
 def read_calibration(path: str | Path, graphs: list[str]) -> dict:
@@ -165,25 +189,49 @@ def read_calibration(path: str | Path, graphs: list[str]) -> dict:
 
 def calibrate(export_dir: str | Path, graphs: list[str], method: str, calib: str | Path | None,
               calibration: str | Path | None, calib_limit: int | None, say: Callable[[str], None],
-              progress=None) -> Calibration:
+              progress=None, smooth: float | None = None, awq: list[str] = ()) -> Calibration:
     """`graphs`' ranges: read from `calibration` (a saved calibration.json), else measured with the fp32 export
-    answering the `calib` samples."""
-    result = Calibration(method, data=calib)
-    if not graphs:
+    answering the `calib` samples. `smooth`: SmoothQuant's alpha (None: off); its per-channel maxima are measured in
+    the same pass (min/max only) or read from the saved file. `awq`: the weight-only graphs that get AWQ-style scales,
+    their per-channel mean squares measured in the same pass."""
+    result = Calibration(method, data=calib, smooth=smooth)
+    if not graphs and not awq:
         return result
+    for flag, on in (("--smooth", smooth is not None), ("--awq", bool(awq))):
+        if on and method != "minmax":
+            raise TgedgeError(f"{flag} needs --method minmax (its per-channel statistics are measured in the min/max "
+                              f"pass; got {method})")
     if calibration is not None:
         result.saved = read_calibration(calibration, graphs)
+        if awq:
+            saved = result.saved.get("mean_sq")
+            if not isinstance(saved, dict) or any(g not in saved for g in awq):
+                raise TgedgeError(f"{calibration}: no per-channel statistics for --awq (it was calibrated without "
+                                  "--awq): calibrate again with --calib DIR")
+            result.mean_sq = {g: {t: np.asarray(v, np.float64) for t, v in saved[g].items()} for g in awq}
+        if smooth is not None:
+            channels = result.saved.get("channels")
+            if not isinstance(channels, dict) or any(g not in channels for g in graphs):
+                raise TgedgeError(f"{calibration}: no per-channel maxima for SmoothQuant (it was calibrated without "
+                                  "--smooth): calibrate again with --calib DIR, or quantize with --smooth none")
+            result.channels = {g: {t: np.asarray(v, np.float64) for t, v in channels[g].items()} for g in graphs}
         return result
     if calib is None:
-        raise TgedgeError("int8 needs calibration data: --calib DIR (images/ + samples.jsonl, e.g. "
-                          "`tgedge data shapes --split calibration -o DIR`) or --calibration calibration.json")
+        raise TgedgeError(f"{'int8' if graphs else '--awq'} needs calibration data: --calib DIR (images/ + "
+                          "samples.jsonl, e.g. `tgedge data shapes --split calibration -o DIR`) or --calibration "
+                          "calibration.json")
     from tgedge.calibration.collect import collect, collect_ranges
     from tgedge.data.folder import read_folder
 
     result.samples = len(read_folder(calib)[:calib_limit])
     if method == "minmax":
-        say(f"measuring the ranges of {', '.join(graphs)} on {calib} ({result.samples} samples, streamed)")
-        result.streamed = collect_ranges(export_dir, calib, graphs, QUANT_OPS, calib_limit, progress=progress)
+        measured = sorted(set(graphs) | set(awq))
+        say(f"measuring the ranges of {', '.join(measured)} on {calib} ({result.samples} samples, streamed)")
+        result.streamed = collect_ranges(export_dir, calib, measured, QUANT_OPS, calib_limit, progress=progress,
+                                         channel_absmax=result.channels if smooth is not None else None,
+                                         channel_mean_sq=result.mean_sq if awq else None)
+        for g in set(result.mean_sq) - set(awq):
+            del result.mean_sq[g]
     else:
         say(f"recording the inputs of {', '.join(graphs)} on {calib} ({result.samples} samples, kept for {method})")
         result.feeds = collect(export_dir, calib, calib_limit, progress=progress)
@@ -229,12 +277,22 @@ class Rewrite:
             elif p.form == FLOAT:
                 proto, report = to_fp16(proto, excluded)
             else:
-                proto, report = to_weight_only(proto, WeightOnly.of(p, **self.settings), excluded)
+                q = WeightOnly.of(p, **self.settings)
+                scaled = {}
+                if graph in self.calibration.mean_sq:
+                    from tgedge.calibration.smooth import activation_aware
+
+                    scaled = activation_aware(proto, self.calibration.mean_sq[graph], q.bits, q.block_size)
+                proto, report = to_weight_only(proto, q, excluded)
+                if scaled:
+                    exponents = [a for _, a in scaled.values()]
+                    report.note = (f"AWQ-style scales on {len(scaled)} MatMul inputs (exponent median "
+                                   f"{float(np.median(exponents)):.1f})")
             restore_shared(proto, shared)
             save_graph(proto, target)
             del proto
         self.reports[graph] = report
-        self.graphs[graph] = _entry(entry, report.precision, target)
+        self.graphs[graph] = graph_entry(entry, report.precision, target)
 
     def _copy(self, graph: str, p: Precision) -> None:
         entry = self.src.graphs[graph]
@@ -250,11 +308,27 @@ class Rewrite:
     def _to_qdq(self, graph: str, p: Precision, path: Path, target: Path, excluded: list[str],
                 structure: onnx.ModelProto, external: bool) -> GraphReport:
         cache = self.work / f"{graph}.calibration.json"
-        self.calibration.write_cache(graph, cache)
+        smoothed, source = {}, path
+        channels = self.calibration.channels.get(graph)
+        if self.calibration.smooth is not None and channels:
+            from tgedge.calibration.smooth import smooth
+
+            proto = onnx.load(str(path))
+            scales = smooth(proto, channels, self.calibration.smooth)
+            smoothed = {t: float(np.max(channels[t] / s)) for t, s in scales.items()}
+            source = self.work / f"{graph}.smoothed.onnx"
+            onnx.save_model(proto, str(source), save_as_external_data=external, all_tensors_to_one_file=True,
+                            location=f"{source.name}.data", size_threshold=1024)
+            del proto
+            self.say(f"{graph}: SmoothQuant alpha {self.calibration.smooth} on {len(scales)} MatMul inputs")
+        self.calibration.write_cache(graph, cache, smoothed)
         kept = excluded if self.int8_attention else sorted(set(excluded) | set(activation_products(structure)))
-        report = to_int8(p, path, target, FeedReader(self.calibration.feeds.get(graph, [])), self.calibration.method,
-                         kept, cache, external=external)
-        self.calibration.ranges[graph] = json.loads(cache.read_text())
+        report = to_int8(p, source, target, FeedReader(self.calibration.feeds.get(graph, [])),
+                         self.calibration.method, kept, cache, external=external)
+        if smoothed:
+            report.note = f"SmoothQuant alpha {self.calibration.smooth}: {len(smoothed)} MatMul inputs smoothed"
+        if graph not in self.calibration.ranges:  # the calibrators measured on the feeds: what they wrote
+            self.calibration.ranges[graph] = json.loads(cache.read_text())
         return report
 
 
@@ -283,16 +357,26 @@ def quantize_export(export_dir: str | Path, out: str | Path, precision: str, cal
                     method: str = "minmax", exclude: list[str] | None = None, calibration: str | Path | None = None,
                     calib_limit: int | None = None, on_step: Callable[[str], None] | None = None,
                     progress=None, force: bool = False, block_size: int | None = None,
-                    accuracy_level: int | None = None, int8_attention: bool = False) -> QuantizeResult:
+                    accuracy_level: int | None = None, int8_attention: bool = False,
+                    smooth: float | None = None, awq: bool = False) -> QuantizeResult:
     """`block_size`, `accuracy_level`: int4w / int8w's MatMulNBits settings (None: the defaults, `WeightOnly`).
     `int8_attention`: int8 also quantises the MatMuls between two activations (`activation_products`), which it
-    keeps in fp32 by default."""
+    keeps in fp32 by default. `smooth`: SmoothQuant's alpha in [0, 1] for the int8 graphs (None: off;
+    `tgedge.calibration.smooth`). `awq`: AWQ-style activation-aware scales before the weight-only graphs' blocks
+    (needs calibration data)."""
+    if smooth is not None and not 0.0 <= smooth <= 1.0:
+        raise TgedgeError(f"--smooth must be in [0, 1] (SmoothQuant's alpha) or none (got {smooth})")
     say = on_step or (lambda s: None)
     settings = {"block_size": block_size, "accuracy_level": accuracy_level}
     WeightOnly.of(WEIGHT_ONLY[0], **settings)  # settings refused before any work
     src = Manifest.load(export_dir)
     plan = plan_quantization(src, precision, method)
-    ranges = calibrate(export_dir, plan.calibrated, method, calib, calibration, calib_limit, say, progress)
+    awq_graphs = [g for g, p in plan.precisions.items() if p.weight_only] if awq else []
+    if awq and not awq_graphs:
+        raise TgedgeError(f"--awq scales weight-only graphs ({', '.join(names(WEIGHT_ONLY))}); --precision {precision} "
+                          "has none")
+    ranges = calibrate(export_dir, plan.calibrated, method, calib, calibration, calib_limit, say, progress, smooth,
+                       awq_graphs)
     exclude = exclude or []
     with atomic_dir(out, kind="export", inputs=[export_dir, calib, calibration], force=force) as tmp, \
             tempfile.TemporaryDirectory() as work:

@@ -16,12 +16,13 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from tgedge.runtime.backends import make_runner
 from tgedge.runtime.runner import BaseRunner
 
 REDUCTIONS = ("ReduceMin", "ReduceMax")
+CHANNEL_OUTPUTS = (("ChannelAbsMax", TensorProto.FLOAT), ("ChannelSumSq", TensorProto.FLOAT), ("Rows", TensorProto.INT64))
 
 
 def calibrated_tensors(structure: onnx.ModelProto, op_types: tuple[str, ...]) -> list[str]:
@@ -34,18 +35,47 @@ def calibrated_tensors(structure: onnx.ModelProto, op_types: tuple[str, ...]) ->
                    if t and t not in weights and types.get(t) in (TensorProto.FLOAT, TensorProto.FLOAT16)})
 
 
-def with_reductions(structure: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
+def _rank(structure: onnx.ModelProto) -> dict[str, int]:
+    inferred = onnx.shape_inference.infer_shapes(structure)
+    return {v.name: len(v.type.tensor_type.shape.dim)
+            for v in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
+            if v.type.tensor_type.HasField("shape")}
+
+
+def with_reductions(structure: onnx.ModelProto, tensors: list[str],
+                    channels: list[str] = ()) -> onnx.ModelProto:
     """`structure` plus the outputs `<tensor>_ReduceMin` / `<tensor>_ReduceMax` (keepdims: an empty tensor reduces).
 
     Each reduction goes right after the node that makes its tensor, and the session runs the nodes in that order
     (`SessionFromOnnx(in_order=True)`): in onnxruntime's default order the reductions ran at the end and kept every
     measured activation alive until then (a ViT-L/336 batch of five views: 11.2 GiB peak against 1.5 GiB for the
-    graph alone; in order: 1.5 GiB)."""
-    wanted = set(tensors)
+    graph alone; in order: 1.5 GiB).
+
+    `channels`: tensors also reduced per channel (the last axis) over every other axis: `<tensor>_ChannelAbsMax`
+    (max |x|: SmoothQuant's), `<tensor>_ChannelSumSq` (sum of x^2: AWQ-style scales) and `<tensor>_Rows` (how many
+    rows the sum is over), for `tgedge.calibration.smooth`."""
+    wanted, per_channel = set(tensors), set(channels)
+    rank = _rank(structure) if per_channel else {}
+    opset = next((o.version for o in structure.opset_import if o.domain in ("", "ai.onnx")), 17)
+    if per_channel and opset >= 18:  # ReduceMax takes its axes as an input from opset 18
+        structure.graph.initializer.append(numpy_helper.from_array(np.array([0], np.int64), "tgedge_axis0"))
+
+    def channel_max(t: str) -> list[onnx.NodeProto]:
+        flat = helper.make_node("Flatten", [f"{t}_Abs"], [f"{t}_Flat"], axis=rank[t] - 1, name=f"{t}_Flat")
+        def over_rows(op: str, source: str, out: str) -> onnx.NodeProto:
+            if opset >= 18:
+                return helper.make_node(op, [source, "tgedge_axis0"], [out], keepdims=0, name=out)
+            return helper.make_node(op, [source], [out], keepdims=0, axes=[0], name=out)
+
+        return [helper.make_node("Abs", [t], [f"{t}_Abs"], name=f"{t}_Abs"), flat,
+                over_rows("ReduceMax", f"{t}_Flat", f"{t}_ChannelAbsMax"),
+                over_rows("ReduceSumSquare", f"{t}_Flat", f"{t}_ChannelSumSq"),
+                helper.make_node("Shape", [f"{t}_Flat"], [f"{t}_Rows"], end=1, name=f"{t}_Rows")]
 
     def reductions(names) -> list[onnx.NodeProto]:
-        return [helper.make_node(op, [t], [f"{t}_{op}"], keepdims=1, name=f"{t}_{op}")
-                for t in names if t in wanted for op in REDUCTIONS]
+        out = [helper.make_node(op, [t], [f"{t}_{op}"], keepdims=1, name=f"{t}_{op}")
+               for t in names if t in wanted for op in REDUCTIONS]
+        return out + [n for t in names if t in per_channel and rank.get(t, 0) >= 2 for n in channel_max(t)]
 
     nodes = reductions([i.name for i in structure.graph.input])
     for node in structure.graph.node:
@@ -55,6 +85,10 @@ def with_reductions(structure: onnx.ModelProto, tensors: list[str]) -> onnx.Mode
     for t in tensors:
         for op in REDUCTIONS:
             structure.graph.output.append(helper.make_tensor_value_info(f"{t}_{op}", TensorProto.FLOAT, None))
+    for t in channels:
+        if rank.get(t, 0) >= 2:
+            for name, dtype in CHANNEL_OUTPUTS:
+                structure.graph.output.append(helper.make_tensor_value_info(f"{t}_{name}", dtype, None))
     return structure
 
 
@@ -63,21 +97,30 @@ class MinMaxRunner(BaseRunner):
     graph's own outputs. It wraps the onnxruntime runner `make_runner` gives for the graph with the reductions added
     (`rewrite`), its nodes run in order."""
 
-    def __init__(self, manifest, graph: str, op_types: tuple[str, ...]):
+    def __init__(self, manifest, graph: str, op_types: tuple[str, ...], per_channel: bool = False):
+        """`per_channel`: also fold max |x| per channel of the inputs SmoothQuant can smooth (`channel_absmax`)."""
         super().__init__(graph)
         self.tensors: list[str] = []
+        self.channels: list[str] = []
 
         def rewrite(structure: onnx.ModelProto) -> onnx.ModelProto:
+            from tgedge.calibration.smooth import groups
+
             self.tensors = calibrated_tensors(structure, op_types)
-            return with_reductions(structure, self.tensors)
+            self.channels = [g.tensor for g in groups(structure)] if per_channel else []
+            return with_reductions(structure, self.tensors, self.channels)
 
         self.runner = make_runner("onnxruntime", manifest, graph, rewrite=rewrite, in_order=True)
         self.low: dict[str, float] = {}
         self.high: dict[str, float] = {}
+        self.channel_absmax: dict[str, np.ndarray] = {}
+        self.channel_sumsq: dict[str, np.ndarray] = {}  # float64 sums of x^2 per channel, over `channel_rows` rows
+        self.channel_rows: dict[str, int] = {}
 
     def activate_impl(self) -> None:
         self.runner.activate()
-        added = {f"{t}_{op}" for t in self.tensors for op in REDUCTIONS}
+        added = {f"{t}_{op}" for t in self.tensors for op in REDUCTIONS} | \
+            {f"{t}_{name}" for t in self.channels for name, _ in CHANNEL_OUTPUTS}
         self.graph_outputs = [n for n in self.runner.get_output_metadata() if n not in added]
 
     def deactivate_impl(self) -> None:
@@ -106,6 +149,15 @@ class MinMaxRunner(BaseRunner):
             if low.size:  # an empty tensor has no range; NaN is skipped (onnxruntime's nanmin / nanmax)
                 self.low[t] = float(np.fmin.reduce(low.ravel(), initial=self.low.get(t, np.inf)))
                 self.high[t] = float(np.fmax.reduce(high.ravel(), initial=self.high.get(t, -np.inf)))
+        for t in self.channels:
+            m = out.get(f"{t}_ChannelAbsMax")
+            if m is None or not m.size or not int(out[f"{t}_Rows"][0]):
+                continue
+            m = np.nan_to_num(m.astype(np.float64), nan=0.0)
+            self.channel_absmax[t] = m if t not in self.channel_absmax else np.maximum(self.channel_absmax[t], m)
+            sq = np.nan_to_num(out[f"{t}_ChannelSumSq"].astype(np.float64), nan=0.0)
+            self.channel_sumsq[t] = sq + self.channel_sumsq.get(t, 0.0)
+            self.channel_rows[t] = int(out[f"{t}_Rows"][0]) + self.channel_rows.get(t, 0)
         return {n: out[n] for n in self.graph_outputs}
 
     def tensors_data(self):

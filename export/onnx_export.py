@@ -40,8 +40,9 @@ log = logging.getLogger("tgedge")
 DEFAULT_OPSET = 17
 MIN_OPSET = 14  # Trilu (the causal masks)
 EXTERNAL_DATA_BYTES = 512 << 20  # graphs with more weight bytes keep them in `<graph>.onnx.data`
-# A graph output passes when its relative L2 error ||onnx - torch|| / ||torch|| is within its precision's
-# `export_limit` (tgedge/precision.py).
+# A graph output passes when its relative L2 error ||onnx - torch|| / ||torch|| is within its limit: fp32, its
+# `noise_factor` times the torch module's own float64 noise on the same input (tgedge.drift); else, or where float64
+# does not fit, the precision's `export_limit` (tgedge/precision.py).
 CHECK_MEMORY_FACTOR = 3.0  # torch weights + onnxruntime's copy + activations, in units of the graph's fp32 weights
 
 
@@ -57,6 +58,7 @@ class CheckResult:
     limit: float  # on rel_l2
     skipped: str = ""
     scope: str = ""  # a part of the graph (a decoder too big to check whole: its first layers)
+    noise: float | None = None  # rel_l2(torch fp32, torch float64) on the same input, when the limit is set by it
 
     @property
     def passed(self) -> bool:
@@ -65,7 +67,7 @@ class CheckResult:
     def to_dict(self) -> dict:
         return {"graph": self.graph, "dims": self.dims, "output": self.output, "max_abs": self.max_abs,
                 "rel_l2": self.rel_l2, "cosine": self.cosine, "limit": self.limit, "passed": self.passed,
-                "skipped": self.skipped or None, "scope": self.scope or None}
+                "skipped": self.skipped or None, "scope": self.scope or None, "noise": self.noise}
 
 
 @dataclass
@@ -261,14 +263,14 @@ def check_graph(spec: GraphSpec, path: Path, model, weights, precision: Precisio
     limit = precision.export_limit
     need = _check_bytes(weights, spec.prefixes)
     if need <= _available_bytes():
-        return _compare(spec, path, model, weights, limit)
+        return _compare(spec, path, model, weights, precision)
     why = f"the whole graph needs ~{need / 2**30:.1f} GiB, {_available_bytes() / 2**30:.1f} GiB available"
     for layers in ((2, 1) if truncated is not None else ()):
         part_path, part = truncated(layers)
         if _check_bytes(weights, part.prefixes) > _available_bytes():
             continue
         try:
-            results, _ = _compare(part, part_path, model, weights, limit)
+            results, _ = _compare(part, part_path, model, weights, precision)
         finally:
             for f in part_path.parent.glob(f"{part_path.name}*"):
                 f.unlink()
@@ -280,24 +282,33 @@ def check_graph(spec: GraphSpec, path: Path, model, weights, precision: Precisio
             for o in spec.outputs], {}
 
 
-def _compare(spec: GraphSpec, path: Path, model, weights, limit: float) -> tuple[list[CheckResult], dict]:
+def _compare(spec: GraphSpec, path: Path, model, weights, precision: Precision) -> tuple[list[CheckResult], dict]:
     from tgedge.checkpoint import materialize
+    from tgedge.drift import noise_limit, rel_l2
+    from tgedge.noise import module_exact
     from tgedge.runtime.onnxrt import OnnxRuntimeRunner, SessionFromOnnx
 
     materialize(model, weights, spec.prefixes)
+    # float64 widens the module's weights once more while it runs: measured only where that fits too
+    by_noise = precision.noise_factor is not None and \
+        _check_bytes(weights, spec.prefixes) * (CHECK_MEMORY_FACTOR + 1) / CHECK_MEMORY_FACTOR <= _available_bytes()
     results, reference = [], {}
     with OnnxRuntimeRunner(SessionFromOnnx(path), spec.name) as runner:
         for seed, dims in enumerate(spec.check_shapes):
             feed = spec.make_inputs(dims, torch.Generator().manual_seed(seed))
             with torch.no_grad():
                 want = [t.float().numpy() for t in _as_tuple(spec.module(*feed.values()))]
+            exact = module_exact(spec.module, feed) if by_noise else [None] * len(want)
             got = runner.infer({k: v.numpy() for k, v in feed.items()})
             if spec.defined is not None:
                 got = {k: v[spec.defined(k, dims)] for k, v in got.items()}
                 want = [w[spec.defined(meta.name, dims)] for meta, w in zip(spec.outputs, want)]
-            for meta, w in zip(spec.outputs, want):
+                exact = [e if e is None else e[spec.defined(meta.name, dims)] for meta, e in zip(spec.outputs, exact)]
+            for meta, w, e in zip(spec.outputs, want, exact):
                 max_abs, rel, cos = _figures(got[meta.name], w)
-                results.append(CheckResult(spec.name, dict(dims), meta.name, max_abs, rel, cos, limit))
+                noise = None if e is None else rel_l2(w, e)
+                limit = precision.export_limit if noise is None else noise_limit(noise, precision.noise_factor)
+                results.append(CheckResult(spec.name, dict(dims), meta.name, max_abs, rel, cos, limit, noise=noise))
                 if seed == 0:
                     reference[meta.name] = {"sha256": hashlib.sha256(np.ascontiguousarray(w).tobytes()).hexdigest(),
                                             "mean": float(w.mean()) if w.size else 0.0,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from tgedge.cli_common import BACKENDS, EPILOG, add_output, integer, opset
+from tgedge.cli_common import BACKENDS, EPILOG, add_output, integer, opset, real
 from tgedge.contract import CACHE_MODES
 from tgedge.fileio import check_output, write_atomic
 from tgedge.precision import EXPORT_DTYPES, REFERENCE, WEIGHT_ONLY, names
@@ -110,6 +110,12 @@ def cmd_export(args) -> int:
     return 0
 
 
+def smooth_alpha(value: str) -> float | None:
+    if value.strip().lower() == "none":
+        return None
+    return real(0.0, 1.0)(value)
+
+
 def _add_quantize(sub) -> None:
     p = sub.add_parser("quantize", help="fp16 / int8 (calibrated Q/DQ) / int4w / int8w copies of an fp32 export",
                        description="Write a new export directory with quantised graphs and an updated manifest. "
@@ -132,6 +138,13 @@ def _add_quantize(sub) -> None:
     p.add_argument("--int8-attention", action="store_true",
                    help="int8: also quantise the MatMuls between two activations (attention's Q K^T and P V), "
                         "which stay fp32 by default (docs/QUANTIZATION.md has the measurement)")
+    p.add_argument("--smooth", type=smooth_alpha, default=None, metavar="ALPHA|none",
+                   help="int8: SmoothQuant with this alpha in [0, 1] before quantising (activation outlier channels "
+                        "moved into the weights, folded into the norms and up projections: the graph keeps its ops); "
+                        "default none (docs/QUANTIZATION.md has the measurements)")
+    p.add_argument("--awq", action="store_true",
+                   help="int4w / int8w: activation-aware scales (AWQ-style) before the weight blocks, from the --calib "
+                        "samples' per-channel statistics (folded into the norms and up projections)")
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                    help="keep nodes whose name matches this glob in fp32, e.g. '/layers.0/*' (repeatable)")
     _add_weight_only(p)
@@ -150,7 +163,7 @@ def cmd_quantize(args) -> int:
         result = quantize_export(args.export_dir, args.output, args.precision, args.calib, args.method, args.exclude,
                                  args.calibration, args.calib_limit, on_step=say, progress=bar.update,
                                  force=args.force, block_size=args.block_size, accuracy_level=args.accuracy_level,
-                                 int8_attention=args.int8_attention)
+                                 int8_attention=args.int8_attention, smooth=args.smooth, awq=args.awq)
     if args.json:
         print(json.dumps(result.to_dict()))
         return 0
@@ -235,7 +248,7 @@ def _add_validate(sub) -> None:
     p.set_defaults(func=cmd_validate)
 
 
-HEADLINE = ("max_abs", "min_cosine", "top1", "kl_max", "exact_match", "reference", "runtime", "drop_points")
+HEADLINE = ("max_abs", "noise_ratio", "min_cosine", "top1", "kl_max", "exact_match", "reference", "runtime", "drop_points")
 
 
 def cmd_validate(args) -> int:

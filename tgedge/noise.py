@@ -15,14 +15,7 @@ import contextlib
 import numpy as np
 import torch
 
-
-
-def rel_l2(got, want) -> float:
-    """||got - want|| / ||want|| in float64 (0 when both are zero)."""
-    got, want = np.asarray(got, np.float64).ravel(), np.asarray(want, np.float64).ravel()
-    norm = float(np.linalg.norm(want))
-    diff = float(np.linalg.norm(got - want))
-    return diff / norm if norm else diff
+from tgedge.drift import rel_l2  # noqa: F401  (the figure noise is measured in)
 
 
 @contextlib.contextmanager
@@ -39,6 +32,16 @@ def in_float64(*modules: torch.nn.Module):
 def _float64(feed: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(np.asarray(v, np.float64) if np.issubdtype(np.asarray(v).dtype, np.floating)
                                 else np.asarray(v)) for k, v in feed.items()}
+
+
+@torch.no_grad()
+def module_exact(module: torch.nn.Module, feed: dict[str, torch.Tensor]) -> list[np.ndarray]:
+    """A stage's graph module (export's `GraphSpec.module`) in float64 on `feed`, float inputs widened: what export's
+    check compares the fp32 module's outputs with. The module's weights are float64 while it runs (its own memory
+    once more), then fp32 again, bit for bit."""
+    with in_float64(module):
+        out = module(*[v.double() if v.is_floating_point() else v for v in feed.values()])
+    return [t.numpy() for t in (out if isinstance(out, (tuple, list)) else (out,))]
 
 
 @torch.no_grad()

@@ -19,6 +19,7 @@ import numpy as np
 
 from tgedge.config import bad_numbers
 from tgedge.contract import ALL_STAGES
+from tgedge.drift import noise_ratio, rel_l2
 from tgedge.errors import TgedgeError
 from tgedge.generate import forced_logits
 from tgedge.precision import PRECISIONS
@@ -30,7 +31,8 @@ log = logging.getLogger("tgedge")
 STAGES = ("preprocess", *ALL_STAGES, "answers", "accuracy")
 DEFAULT_POLICY = Path(__file__).parent / "policies" / "default.toml"
 # limit key -> (figure it bounds, True when the figure must stay at or below the limit)
-LIMITS = {"max_abs": ("max_abs", True), "max_rel": ("max_rel", True), "min_cosine": ("min_cosine", False),
+LIMITS = {"max_abs": ("max_abs", True), "max_rel": ("max_rel", True), "max_rel_l2": ("max_rel_l2", True),
+          "max_noise_ratio": ("noise_ratio", True), "min_cosine": ("min_cosine", False),
           "min_top1": ("top1", False), "max_kl": ("kl_max", True), "min_exact_match": ("exact_match", False),
           "max_drop": ("drop_points", True)}
 
@@ -81,9 +83,12 @@ class Diff:
 
     def __init__(self):
         self.max_abs, self.ref_max, self.abs_sum, self.count, self.min_cosine = 0.0, 0.0, 0.0, 0, 1.0
+        self.rel_l2: dict[str, float] = {}  # per output: the largest rel L2 over the samples
+        self.noise: dict[str, float] = {}  # per output: the reference's own noise (first sample), where measured
 
-    def add(self, got, want) -> None:
+    def add(self, got, want, output: str = "") -> None:
         got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+        self.rel_l2[output] = max(self.rel_l2.get(output, 0.0), rel_l2(got, want))
         if got.shape != want.shape:  # e.g. a different number of tokens: as far off as it gets
             self.max_abs, self.min_cosine, self.count = float("inf"), -1.0, self.count + 1
             return
@@ -96,8 +101,13 @@ class Diff:
         self.min_cosine = min(self.min_cosine, cos)
 
     def figures(self) -> dict[str, float]:
-        return {"max_abs": self.max_abs, "mean_abs": self.abs_sum / max(self.count, 1),
-                "max_rel": self.max_abs / self.ref_max if self.ref_max else self.max_abs, "min_cosine": self.min_cosine}
+        out = {"max_abs": self.max_abs, "mean_abs": self.abs_sum / max(self.count, 1),
+               "max_rel": self.max_abs / self.ref_max if self.ref_max else self.max_abs, "min_cosine": self.min_cosine,
+               "max_rel_l2": max(self.rel_l2.values(), default=0.0)}
+        if self.noise:  # drift in units of noise, output by output (tgedge.drift)
+            out["noise"] = max(self.noise.values())
+            out["noise_ratio"] = max(noise_ratio(self.rel_l2.get(k, 0.0), n) for k, n in self.noise.items())
+        return out
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
@@ -128,10 +138,26 @@ class StageResult:
     def passed(self) -> bool:
         return not self.breaches
 
+    def margins(self) -> dict[str, float]:
+        """Per limit, how far inside it the figure is (> 1 passes): limit / figure for upper limits, and for the
+        lower ones (cosine, top-1, exact match, at most 1) the room left below 1, (1 - limit) / (1 - figure)."""
+        out = {}
+        for key, limit in self.limits.items():
+            figure, upper = LIMITS[key]
+            value = self.figures.get(figure)
+            if value is None:
+                continue
+            room, used = (limit, value) if upper else (1.0 - limit, 1.0 - value)
+            out[key] = room / used if used > 0 else (math.inf if room >= 0 else 0.0)
+        return out
+
     def to_dict(self) -> dict:
-        figures = {k: (v if math.isfinite(v) else str(v)) for k, v in self.figures.items()}  # JSON has no inf
-        return {"stage": self.name, "precision": self.precision, "passed": self.passed, "figures": figures,
-                "limits": self.limits, "breaches": self.breaches}
+        def finite(d):  # JSON has no inf
+            return {k: (v if math.isfinite(v) else str(v)) for k, v in d.items()}
+
+        return {"stage": self.name, "precision": self.precision, "passed": self.passed,
+                "figures": finite(self.figures), "limits": self.limits, "margins": finite(self.margins()),
+                "breaches": self.breaches}
 
 
 @dataclass
@@ -204,6 +230,8 @@ class SampleRun:
     tokens: tuple[list[int], list[int]]  # greedy answers (runtime, reference)
     texts: tuple[str, str]
     expected: str | None = None  # the data folder's answer
+    # stage -> output -> rel_l2(reference fp32, reference float64): the reference's own noise (tgedge.drift)
+    noise: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 class _Traced(StageFlow):
@@ -218,7 +246,8 @@ class _Traced(StageFlow):
         return out
 
 
-def run_sample(runtime, reference, record, max_new_tokens: int = 8) -> SampleRun:
+def run_sample(runtime, reference, record, max_new_tokens: int = 8, noise_stages=frozenset()) -> SampleRun:
+    """`noise_stages`: the stages whose reference noise this sample also measures (float64, `tgedge.noise`)."""
     inputs, rt_inputs = reference.pre(record.image, record.prompt), runtime.pre(record.image, record.prompt)
     preprocess = []
     for field_name in ("input_ids", "pixel_values", "crops", "guide_ids"):
@@ -235,14 +264,26 @@ def run_sample(runtime, reference, record, max_new_tokens: int = 8) -> SampleRun
     rt_answer = runtime.answer_inputs(rt_inputs, runtime.options(max_new_tokens=max_new_tokens))
     # Teacher forcing on the reference's answer, both pipelines from the same prompt embeddings, step by step.
     logits = (forced_logits(runtime, x, ref_answer.tokens), forced_logits(reference, x, ref_answer.tokens))
+    noise = {}
+    if noise_stages:
+        from tgedge.noise import forced_logits_exact, stage_exact
+
+        for name, feed, want in traced.calls:
+            if name in noise_stages:
+                exact = stage_exact(reference.model, name, feed)
+                noise[name] = {k: max(noise.get(name, {}).get(k, 0.0), rel_l2(v, exact[k])) for k, v in want.items()}
+        if "decoder" in noise_stages:
+            exact = forced_logits_exact(reference.model, np.asarray(x), ref_answer.tokens)
+            noise["decoder"] = {"logits": rel_l2(logits[1], exact)}
     return SampleRun(preprocess, stages, logits, (rt_answer.tokens, ref_answer.tokens),
-                     (rt_answer.text, ref_answer.text), record.answer)
+                     (rt_answer.text, ref_answer.text), record.answer, noise)
 
 
-def run_samples(runtime, reference, records, max_new_tokens: int = 8, progress=None):
-    """Every record through both pipelines, one `SampleRun` at a time."""
-    for record in records:
-        yield run_sample(runtime, reference, record, max_new_tokens)
+def run_samples(runtime, reference, records, max_new_tokens: int = 8, progress=None, noise_stages=frozenset()):
+    """Every record through both pipelines, one `SampleRun` at a time; the first also measures the noise of
+    `noise_stages`."""
+    for i, record in enumerate(records):
+        yield run_sample(runtime, reference, record, max_new_tokens, noise_stages if i == 0 else frozenset())
         if progress is not None:
             progress()
 
@@ -297,9 +338,11 @@ def compare(runs, precisions: dict[str, str], policy: dict) -> list[StageResult]
             diffs["preprocess"].add(got, want)
         for stage, got, want in run.stages:
             for name, value in want.items():
-                diffs[stage].add(got[name], value)
+                diffs[stage].add(got[name], value, name)
+        for stage, outputs in run.noise.items():
+            diffs[stage].noise.update(outputs)
         got, want = run.forced
-        diffs["decoder"].add(got, want)
+        diffs["decoder"].add(got, want, "logits")
         top1 += int((got.argmax(-1) == want.argmax(-1)).sum())
         positions += len(want)
         kl = (np.exp(log_softmax(want)) * (log_softmax(want) - log_softmax(got))).sum(-1)
@@ -359,8 +402,10 @@ def validate(export_dir: str | Path, data: str | Path, reference: str | Path | N
         ref = TorchPipeline(model, ckpt.preprocessor, runtime.context)
         with tqdm(total=len(records), desc="validate", unit="sample", disable=not show_progress or None,
                   file=sys.stderr) as bar:
-            runs = run_samples(runtime, ref, records, max_new_tokens, progress=bar.update)
-            stages = compare(runs, _stage_precisions(runtime.manifest), rules)
+            precisions = _stage_precisions(runtime.manifest)
+            noise_stages = frozenset(s for s, p in precisions.items() if "max_noise_ratio" in rules.get(p, {}).get(s, {}))
+            runs = run_samples(runtime, ref, records, max_new_tokens, progress=bar.update, noise_stages=noise_stages)
+            stages = compare(runs, precisions, rules)
     return ValidationReport(str(export_dir), str(reference), backend, len(records), stages,
                             time.perf_counter() - start)
 

@@ -131,7 +131,7 @@ class GatedCrossModalFusion(nn.Module):
         """image (B, N, Dv), text (B, T, Dt) [, text_mask (B, T) true where a token is real] -> (B, N, Dv)."""
         mask = None
         if text_mask is not None:  # training batches only: padded keys get no weight
-            mask = torch.where(text_mask, 0.0, torch.finfo(image_features.dtype).min)[:, None, None, :]  # (B,1,1,T)
+            mask = torch.where(text_mask, 0.0, torch.finfo(torch.float32).min)[:, None, None, :]  # (B,1,1,T)
         x = image_features
         for layer in self.layers:
             x = layer(x, text_features, mask, use_text=self.ablation != "text")

@@ -8,6 +8,9 @@ from torch import nn
 
 from tgedge.model.llava import STAGE_METHODS
 
+# masked scores: fp32's lowest, in any compute dtype (float64 included: the export check's noise, tgedge.noise)
+NEG = torch.finfo(torch.float32).min
+
 
 class StageGraph(nn.Module):
     """text_guide, vision, fusion: the model's stage method with the contract's inputs by position."""
@@ -61,7 +64,7 @@ class DecoderGraph(nn.Module):
         q_idx = torch.arange(t, device=inputs_embeds.device) + p  # (T,)
         k_idx = torch.arange(p + t, device=inputs_embeds.device)  # (S,)
         allowed = (k_idx[None, :] <= q_idx[:, None])[None, None] & (attention_mask[:, None, None, :] > 0)
-        mask = torch.where(allowed, 0.0, torch.finfo(inputs_embeds.dtype).min)  # (B, 1, T, S)
+        mask = torch.where(allowed, 0.0, NEG)  # (B, 1, T, S)
         h = dec.run_layers(inputs_embeds, cos[:, None], sin[:, None], mask, None, caches)
         logits = self.model.lm_logits(h[:, -1:])  # the last position: (B, 1, V)
         return (logits, *[x for c in caches for x in (c.k, c.v)])
@@ -99,7 +102,7 @@ class StaticDecoderGraph(nn.Module):
         caches = [StaticKV(past[2 * i], past[2 * i + 1]) for i in range(len(dec.layers))]
         cos, sin = dec.rope(positions, inputs_embeds.dtype)  # (T, D)
         k_idx = torch.arange(m, device=inputs_embeds.device)  # (M,)
-        mask = torch.where(k_idx[None, :] <= positions[:, None], 0.0, torch.finfo(inputs_embeds.dtype).min)  # (T, M)
+        mask = torch.where(k_idx[None, :] <= positions[:, None], 0.0, NEG)  # (T, M)
         h = dec.run_layers(inputs_embeds, cos, sin, mask.to(inputs_embeds.dtype), positions, caches)
         logits = self.model.lm_logits(h[:, -1:])  # (B, 1, V)
         return (logits, *[x for c in caches for x in (c.k, c.v)])

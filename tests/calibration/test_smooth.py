@@ -1,0 +1,127 @@
+"""SmoothQuant (tgedge.calibration.smooth): which inputs it folds, that the smoothed fp32 graph computes the same
+function, and that the per-channel maxima come from the streamed min/max pass."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from tgedge.calibration.smooth import groups, scales, smooth
+
+
+def _run(proto, feed):
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, feed)
+
+
+def _feed(proto, rng, seq=3, past=2):
+    """Inputs for any dims: a symbolic past/attention length is past (+ seq), every other symbolic dim seq."""
+    feed = {}
+    for i in proto.graph.input:
+        dims = [d.dim_value or (past if "past" in d.dim_param and "key_values" in i.name else seq)
+                for d in i.type.tensor_type.shape.dim]
+        if i.name == "attention_mask":
+            feed[i.name] = np.ones((dims[0], past + seq), np.int64)
+        elif i.name == "position_ids":
+            feed[i.name] = np.arange(past, past + seq, dtype=np.int64)[None].repeat(dims[0], 0)
+        else:
+            feed[i.name] = rng.standard_normal(dims).astype(np.float32)
+    return feed
+
+
+@pytest.mark.parametrize("graph,expected", [("decoder", {"gain": 6, "gated": 3}), ("vision", {"layernorm": 6})])
+def test_groups_and_the_function_is_kept(graph, expected, demo_export):
+    proto = onnx.load(str(demo_export.directory / f"{graph}.onnx"))
+    found = groups(proto)
+    kinds = {}
+    for g in found:
+        kinds[g.kind] = kinds.get(g.kind, 0) + 1
+    assert kinds == expected  # per layer: q/k/v's norm, gate/up's norm, down's gated input; 2 LayerNorms (vision)
+    rng = np.random.default_rng(0)
+    feed = _feed(proto, rng)
+    want = _run(proto, feed)
+    absmax = {g.tensor: rng.uniform(0.01, 50.0, g.channels) for g in found}  # wide: outlier-like channels
+    done = smooth(proto, absmax, 0.5)
+    assert set(done) == set(absmax) and all(np.ptp(s) > 0 for s in done.values())
+    got = _run(proto, feed)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=2e-4, atol=2e-4 * np.abs(w).max())
+
+
+def test_scales_follow_smoothquant():
+    """s_j = max|X_j|^a / max|W_j|^(1-a): a=1 moves all of X's scale into W, a=0 none of it (W's alone)."""
+    from tgedge.calibration.smooth import Group
+
+    g = Group("x", [("m", "w")], "gain", ["g"], 3)
+    w = np.array([[1.0, -2.0], [0.5, 0.1], [4.0, 0.0]])
+    a = np.array([8.0, 2.0, 1.0])
+    np.testing.assert_allclose(scales(g, a, [w], 1.0), a)
+    np.testing.assert_allclose(scales(g, a, [w], 0.0), 1 / np.array([2.0, 0.5, 4.0]))
+    np.testing.assert_allclose(scales(g, a, [w], 0.5), np.sqrt(a / np.array([2.0, 0.5, 4.0])))
+
+
+def test_channel_maxima_are_measured_in_the_minmax_pass(demo_export, tmp_path):
+    from tgedge.calibration.collect import collect_ranges
+    from tgedge.calibration.convert import QUANT_OPS
+    from tgedge.data import shapes
+    from tgedge.data.folder import write_folder
+
+    data = write_folder(shapes.generate(shapes.SPLIT_SEEDS["calibration"], 3), tmp_path / "calib")
+    channels: dict = {}
+    ranges = collect_ranges(demo_export.directory, data, ["decoder"], QUANT_OPS, channel_absmax=channels)
+    proto = onnx.load(str(demo_export.directory / "decoder.onnx"), load_external_data=False)
+    wanted = {g.tensor: g.channels for g in groups(proto)}
+    assert set(channels["decoder"]) == set(wanted)
+    for t, m in channels["decoder"].items():
+        assert m.shape == (wanted[t],) and (m >= 0).all()
+        # the per-tensor range is the largest channel's
+        assert float(ranges["decoder"].data[t].highest[0]) == pytest.approx(m.max(), rel=1e-6)
+
+
+def test_awq_scales_pick_the_exponent_with_the_least_error():
+    """Outlier input channels: AWQ-style scales protect them; with flat statistics the exponent is irrelevant."""
+    from tgedge.calibration.smooth import Group, _rtn, awq_scales
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 16))
+    m2 = np.ones(64)
+    m2[:4] = 400.0  # 4 channels 20x the rest (rms)
+    g = Group("x", [("m", "w")], "gain", ["g"], 64)
+    s, a = awq_scales(g, m2, [w], bits=4, block=32)
+    assert a > 0 and s[:4].min() > s[4:].max()
+
+    def err(scale):
+        ws = w * scale[:, None]
+        return float((m2 / scale ** 2) @ ((_rtn(ws, 4, 32) - ws) ** 2).sum(axis=1))
+
+    assert err(s) < err(np.ones(64))
+
+
+def test_quantize_records_and_refuses(demo_export, tmp_path):
+    import json
+
+    from tgedge.calibration.quantize import quantize_export
+    from tgedge.data import shapes
+    from tgedge.data.folder import write_folder
+    from tgedge.errors import TgedgeError
+
+    data = write_folder(shapes.generate(shapes.SPLIT_SEEDS["calibration"], 3), tmp_path / "calib")
+    sq = quantize_export(demo_export.directory, tmp_path / "sq", "int8", data, smooth=0.5)
+    saved = json.loads((tmp_path / "sq" / "calibration.json").read_text())
+    assert saved["smooth"] == 0.5 and set(saved["channels"]) == {"text_guide", "vision", "fusion", "decoder"}
+    assert "SmoothQuant" in sq.reports["decoder"].note
+    plain = quantize_export(demo_export.directory, tmp_path / "plain", "int8", calibration=tmp_path / "sq" /
+                            "calibration.json")  # the raw ranges, reused without smoothing
+    assert "SmoothQuant" not in plain.reports["decoder"].note
+    awq = quantize_export(demo_export.directory, tmp_path / "awq", "int4w", data, awq=True)
+    assert "AWQ-style" in awq.reports["decoder"].note
+    assert set(json.loads((tmp_path / "awq" / "calibration.json").read_text())["mean_sq"]) == {"decoder"}
+    for kwargs, match in ((dict(precision="int8", calibration=tmp_path / "plain" / "calibration.json", smooth=0.5),
+                           "no per-channel maxima"),
+                          (dict(precision="int8", calib=data, smooth=1.5), r"--smooth must be in \[0, 1\]"),
+                          (dict(precision="int8", calib=data, method="entropy", smooth=0.5), "needs --method minmax"),
+                          (dict(precision="int8", calib=data, awq=True), "--awq scales weight-only graphs"),
+                          (dict(precision="int4w", awq=True), "--awq needs calibration data")):
+        with pytest.raises(TgedgeError, match=match):
+            quantize_export(demo_export.directory, tmp_path / "x", **kwargs)
+        assert not (tmp_path / "x").exists()
