@@ -78,3 +78,28 @@ def test_bad_input_exits_2(demo_export, demo_eval, tmp_path, capsys):
     assert "no samples" in capsys.readouterr().err
     assert main(["validate", str(tmp_path), "--data", str(demo_eval)]) == 2
     assert "no manifest.json" in capsys.readouterr().err
+
+
+def test_report_files_never_replace_an_input(demo_export, demo_eval, tmp_path, capsys):
+    """A report path is checked against every input before any work (issue 25: --json E/manifest.json replaced the
+    export's manifest)."""
+    export = demo_export.directory
+    manifest = (export / "manifest.json").read_bytes()
+    samples = (demo_eval / "samples.jsonl").read_bytes()
+    cases = [
+        (["validate", export, "--data", demo_eval, "--json", export / "manifest.json"], "--json", "an input"),
+        (["validate", export, "--data", demo_eval, "--junit", demo_eval / "samples.jsonl"], "--junit", "an input"),
+        (["validate", export, "--data", demo_eval, "--markdown", export / "new.md"], "--markdown", "inside an input"),
+        (["validate", export, "--data", demo_eval, "--json", tmp_path / "r", "--junit", tmp_path / "r"], "different",
+         "different files"),
+        (["validate", export, "--data", demo_eval, "--json", tmp_path], "--json", "is a directory"),
+        (["bench", export, "--json", export / "decoder.onnx"], "--json", "an input"),
+    ]
+    for argv, flag, words in cases:
+        with pytest.raises(SystemExit) as e:
+            raise SystemExit(main([str(a) for a in argv]))
+        assert e.value.code == 2, argv
+        err = capsys.readouterr().err
+        assert flag in err and words in err and err.count("\n") == 1, err
+    assert (export / "manifest.json").read_bytes() == manifest and not (export / "new.md").exists()
+    assert (demo_eval / "samples.jsonl").read_bytes() == samples

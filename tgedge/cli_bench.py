@@ -163,9 +163,13 @@ def cmd_bench(args) -> int:
     from tgedge.bench import Settings, run_bench
     from tgedge.bench.report import plot, summary_lines, to_markdown
 
-    _writable(args.json, "--json")
-    _writable(args.markdown, "--markdown")
-    _writable(args.plot, "--plot", ".png")
+    from tgedge.fileio import check_report
+
+    inputs = [*args.model, args.clip, args.image, *args.genai_model, args.transformers_model]
+    for path, flag, suffix in ((args.json, "--json", None), (args.markdown, "--markdown", None),
+                               (args.plot, "--plot", ".png")):
+        _writable(path, flag, suffix)
+        check_report(path, flag, inputs)
     if args.no_image and not args.prompt_tokens:
         raise TgedgeError("--no-image needs --prompt-tokens (text-only prompts to run)")
     if args.plot:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 from tgedge.cli_common import BACKENDS, EPILOG, add_output, integer, opset, real
 from tgedge.contract import CACHE_MODES
-from tgedge.fileio import check_output, write_atomic
+from tgedge.errors import TgedgeError
+from tgedge.fileio import check_output, check_report, write_atomic
 from tgedge.precision import EXPORT_DTYPES, REFERENCE, WEIGHT_ONLY, names
 
 
@@ -254,6 +256,13 @@ HEADLINE = ("max_abs", "noise_ratio", "min_cosine", "top1", "kl_max", "exact_mat
 def cmd_validate(args) -> int:
     from tgedge.validate import validate
 
+    inputs = [args.export_dir, args.data, args.reference, args.clip, args.policy]
+    reports = [(args.json, "--json"), (args.junit, "--junit"), (args.markdown, "--markdown")]
+    for path, flag in reports:
+        check_report(path, flag, inputs)
+    given = [str(Path(p).resolve()) for p, _ in reports if p]
+    if len(given) != len(set(given)):
+        raise TgedgeError("--json, --junit and --markdown must name different files")
     report = validate(args.export_dir, args.data, args.reference, args.backend, args.policy, args.limit,
                       args.max_new_tokens, args.clip, verify=not args.no_verify)
     if args.json:

@@ -243,10 +243,12 @@ def _threads(value: str) -> tuple[int, ...]:
 def cmd_loadtest(args) -> int:
     from pathlib import Path
 
-    from tgedge.fileio import write_atomic
+    from tgedge.fileio import check_report, write_atomic
     from tgedge.runtime.manifest import is_export
     from tgedge.serving.loadtest import plot, run_loadtest
 
+    for path, flag in ((args.json, "--json"), (args.plot, "--plot")):
+        check_report(path, flag, [args.data, args.baseline])
     baseline = args.baseline
     if baseline and not is_export(baseline) and (Path(baseline) / "tgedge/1/export").is_dir():
         baseline = str(Path(baseline) / "tgedge/1/export")
