@@ -163,7 +163,7 @@ def cmd_bench(args) -> int:
     from tgedge.bench import Settings, run_bench
     from tgedge.bench.report import plot, summary_lines, to_markdown
 
-    from tgedge.fileio import check_report
+    from tgedge.fileio import check_report, write_atomic
 
     inputs = [*args.model, args.clip, args.image, *args.genai_model, args.transformers_model]
     for path, flag, suffix in ((args.json, "--json", None), (args.markdown, "--markdown", None),
@@ -193,14 +193,14 @@ def cmd_bench(args) -> int:
         report = run_bench(targets, settings, progress=bar.update)
     command = "tgedge " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith(("tgedge", "__main__.py")) else None
     if args.markdown:
-        Path(args.markdown).write_text(to_markdown(report, command))
+        write_atomic(args.markdown, to_markdown(report, command))
     if args.plot:
         plot(report, args.plot)
     if args.json == "-":
         print(json.dumps(report))
         return 0
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+        write_atomic(args.json, json.dumps(report, indent=1) + "\n")
     print("\n".join(summary_lines(report)))
     return 0
 
