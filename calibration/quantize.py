@@ -317,8 +317,7 @@ class Rewrite:
             scales = smooth(proto, channels, self.calibration.smooth)
             smoothed = {t: float(np.max(channels[t] / s)) for t, s in scales.items()}
             source = self.work / f"{graph}.smoothed.onnx"
-            onnx.save_model(proto, str(source), save_as_external_data=external, all_tensors_to_one_file=True,
-                            location=f"{source.name}.data", size_threshold=1024)
+            save_graph(proto, source)
             del proto
             self.say(f"{graph}: SmoothQuant alpha {self.calibration.smooth} on {len(scales)} MatMul inputs")
         self.calibration.write_cache(graph, cache, smoothed)

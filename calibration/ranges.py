@@ -98,7 +98,8 @@ class MinMaxRunner(BaseRunner):
     (`rewrite`), its nodes run in order."""
 
     def __init__(self, manifest, graph: str, op_types: tuple[str, ...], per_channel: bool = False):
-        """`per_channel`: also fold max |x| per channel of the inputs SmoothQuant can smooth (`channel_absmax`)."""
+        """`per_channel`: also fold, per channel of the inputs `tgedge.calibration.smooth` can fold scales into, max |x|
+        (`channel_absmax`) and the sum of x^2 over `channel_rows` rows (`channel_sumsq`)."""
         super().__init__(graph)
         self.tensors: list[str] = []
         self.channels: list[str] = []

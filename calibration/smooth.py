@@ -117,8 +117,8 @@ def _gated_fold(mul: onnx.NodeProto, c: int, inits, made_by, only_use) -> list[s
     return None
 
 
-def scales(group: Group, absmax: np.ndarray, weights: list[np.ndarray], alpha: float) -> np.ndarray:
-    """SmoothQuant's per-channel s for `group` (weights: the (C_in, C_out) of each MatMul reading it)."""
+def scales(absmax: np.ndarray, weights: list[np.ndarray], alpha: float) -> np.ndarray:
+    """SmoothQuant's per-channel s of one input (weights: the (C_in, C_out) of each MatMul reading it)."""
     w_max = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
     a = np.maximum(np.asarray(absmax, np.float64), MIN_SCALE)
     s = a ** alpha / np.maximum(w_max.astype(np.float64), MIN_SCALE) ** (1 - alpha)
@@ -141,7 +141,7 @@ def _rtn(w: np.ndarray, bits: int, block: int) -> np.ndarray:
 AWQ_GRID = tuple(i / 10 for i in range(11))  # AWQ's search over the exponent (llm-awq: 20 points; 11 here)
 
 
-def awq_scales(group: Group, mean_sq: np.ndarray, weights: list[np.ndarray], bits: int, block: int,
+def awq_scales(mean_sq: np.ndarray, weights: list[np.ndarray], bits: int, block: int,
                grid: tuple[float, ...] = AWQ_GRID) -> tuple[np.ndarray, float]:
     """AWQ-style scales (Lin et al., 2024): s = rms(X)^a, normalised, with the exponent a picked from `grid` to minimise
     the expected output error of round-to-nearest weights, E||X/s (Q(sW) - sW)||^2 ~ sum_j E[X_j^2] / s_j^2
@@ -195,7 +195,7 @@ def fold(proto: onnx.ModelProto, pick) -> dict[str, np.ndarray]:
 
 def smooth(proto: onnx.ModelProto, absmax: dict[str, np.ndarray], alpha: float) -> dict[str, np.ndarray]:
     """SmoothQuant's scales folded into `proto`, in place, for every input whose per-channel max |X| is in `absmax`."""
-    return fold(proto, lambda g, weights: scales(g, absmax[g.tensor], weights, alpha) if g.tensor in absmax else None)
+    return fold(proto, lambda g, weights: scales(absmax[g.tensor], weights, alpha) if g.tensor in absmax else None)
 
 
 def activation_aware(proto: onnx.ModelProto, mean_sq: dict[str, np.ndarray], bits: int,
@@ -207,7 +207,7 @@ def activation_aware(proto: onnx.ModelProto, mean_sq: dict[str, np.ndarray], bit
     def pick(g, weights):
         if g.tensor not in mean_sq:
             return None
-        s, a = awq_scales(g, mean_sq[g.tensor], weights, bits, block)
+        s, a = awq_scales(mean_sq[g.tensor], weights, bits, block)
         chosen[g.tensor] = a
         return s
 

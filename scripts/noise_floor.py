@@ -29,7 +29,8 @@ def main() -> None:
     from tgedge.checkpoint import load_model
     from tgedge.data.folder import read_folder
     from tgedge.generate import forced_logits
-    from tgedge.noise import forced_logits_exact, rel_l2, stage_exact
+    from tgedge.drift import rel_l2
+    from tgedge.noise import forced_logits_exact, stage_exact
     from tgedge.reference import TorchPipeline
     from tgedge.runtime.pipeline import Pipeline
     from tgedge.validate import _Traced, source_checkpoint

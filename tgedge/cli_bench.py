@@ -89,14 +89,13 @@ def peer_list(value: str) -> tuple[str, ...]:
     return peers
 
 
-def _writable(path: str | None, what: str, suffix: str | None = None) -> None:
-    if path is None or path == "-":
-        return
-    if suffix and not path.lower().endswith(suffix):
+def _writable(path: str | None, what: str, suffix: str | None = None, inputs=()) -> None:
+    """A report path: the suffix its format needs, then the rule for every report file (`fileio.check_report`)."""
+    from tgedge.fileio import check_report
+
+    if suffix and path not in (None, "-") and not path.lower().endswith(suffix):
         raise TgedgeError(f"{what} {path!r}: the file name must end in {suffix}")
-    parent = Path(path).resolve().parent
-    if not parent.is_dir():
-        raise TgedgeError(f"{what} {path!r}: no such directory {str(parent)!r}")
+    check_report(path, what, inputs)
 
 
 def _targets(args) -> list:
@@ -163,13 +162,12 @@ def cmd_bench(args) -> int:
     from tgedge.bench import Settings, run_bench
     from tgedge.bench.report import plot, summary_lines, to_markdown
 
-    from tgedge.fileio import check_report, write_atomic
+    from tgedge.fileio import write_atomic
 
     inputs = [*args.model, args.clip, args.image, *args.genai_model, args.transformers_model]
-    for path, flag, suffix in ((args.json, "--json", None), (args.markdown, "--markdown", None),
-                               (args.plot, "--plot", ".png")):
-        _writable(path, flag, suffix)
-        check_report(path, flag, inputs)
+    _writable(args.json, "--json", inputs=inputs)
+    _writable(args.markdown, "--markdown", inputs=inputs)
+    _writable(args.plot, "--plot", ".png", inputs)
     if args.no_image and not args.prompt_tokens:
         raise TgedgeError("--no-image needs --prompt-tokens (text-only prompts to run)")
     if args.plot:

@@ -30,6 +30,7 @@ from contextlib import contextmanager
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Iterable
 
+from tgedge import DEMO_NAME
 from tgedge.errors import TgedgeError, os_error
 
 log = logging.getLogger("tgedge")
@@ -88,7 +89,7 @@ def check_report(path: str | Path | None, flag: str, inputs: Iterable = ()) -> N
     if not target.parent.is_dir():
         raise TgedgeError(f"{flag} {path}: no such directory {str(target.parent)!r}")
     for given in inputs:
-        if given is None or given == "demo":
+        if given is None or given == DEMO_NAME:  # the embedded demo: a name, not a path
             continue
         src = _real(given)
         if target == src or src in target.parents:

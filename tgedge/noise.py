@@ -15,8 +15,6 @@ import contextlib
 import numpy as np
 import torch
 
-from tgedge.drift import rel_l2  # noqa: F401  (the figure noise is measured in)
-
 
 @contextlib.contextmanager
 def in_float64(*modules: torch.nn.Module):

@@ -50,14 +50,11 @@ def test_groups_and_the_function_is_kept(graph, expected, demo_export):
 
 def test_scales_follow_smoothquant():
     """s_j = max|X_j|^a / max|W_j|^(1-a): a=1 moves all of X's scale into W, a=0 none of it (W's alone)."""
-    from tgedge.calibration.smooth import Group
-
-    g = Group("x", [("m", "w")], "gain", ["g"], 3)
     w = np.array([[1.0, -2.0], [0.5, 0.1], [4.0, 0.0]])
     a = np.array([8.0, 2.0, 1.0])
-    np.testing.assert_allclose(scales(g, a, [w], 1.0), a)
-    np.testing.assert_allclose(scales(g, a, [w], 0.0), 1 / np.array([2.0, 0.5, 4.0]))
-    np.testing.assert_allclose(scales(g, a, [w], 0.5), np.sqrt(a / np.array([2.0, 0.5, 4.0])))
+    np.testing.assert_allclose(scales(a, [w], 1.0), a)
+    np.testing.assert_allclose(scales(a, [w], 0.0), 1 / np.array([2.0, 0.5, 4.0]))
+    np.testing.assert_allclose(scales(a, [w], 0.5), np.sqrt(a / np.array([2.0, 0.5, 4.0])))
 
 
 def test_channel_maxima_are_measured_in_the_minmax_pass(demo_export, tmp_path):
@@ -80,14 +77,13 @@ def test_channel_maxima_are_measured_in_the_minmax_pass(demo_export, tmp_path):
 
 def test_awq_scales_pick_the_exponent_with_the_least_error():
     """Outlier input channels: AWQ-style scales protect them; with flat statistics the exponent is irrelevant."""
-    from tgedge.calibration.smooth import Group, _rtn, awq_scales
+    from tgedge.calibration.smooth import _rtn, awq_scales
 
     rng = np.random.default_rng(0)
     w = rng.standard_normal((64, 16))
     m2 = np.ones(64)
     m2[:4] = 400.0  # 4 channels 20x the rest (rms)
-    g = Group("x", [("m", "w")], "gain", ["g"], 64)
-    s, a = awq_scales(g, m2, [w], bits=4, block=32)
+    s, a = awq_scales(m2, [w], bits=4, block=32)
     assert a > 0 and s[:4].min() > s[4:].max()
 
     def err(scale):
