@@ -90,11 +90,17 @@ def peer_list(value: str) -> tuple[str, ...]:
 
 
 def _writable(path: str | None, what: str, suffix: str | None = None, inputs=()) -> None:
-    """A report path: the suffix its format needs, then the rule for every report file (`fileio.check_report`)."""
+    """A report path: the suffix its format needs and an existing directory (bench refuses before its runs), then the
+    rule for every report file (`fileio.check_report`)."""
     from tgedge.fileio import check_report
 
-    if suffix and path not in (None, "-") and not path.lower().endswith(suffix):
+    if path is None or path == "-":
+        return
+    if suffix and not path.lower().endswith(suffix):
         raise TgedgeError(f"{what} {path!r}: the file name must end in {suffix}")
+    parent = Path(path).resolve().parent
+    if not parent.is_dir():
+        raise TgedgeError(f"{what} {path!r}: no such directory {str(parent)!r}")
     check_report(path, what, inputs)
 
 

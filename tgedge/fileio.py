@@ -79,15 +79,13 @@ def inside(directory: str | Path, name, what: str) -> Path:
 # -- report files ----------------------------------------------------------------------------------------------
 def check_report(path: str | Path | None, flag: str, inputs: Iterable = ()) -> None:
     """A report file (`--json F`, `--junit F`, ...) may be written at `path`: never an input of the command (a file
-    it reads, or anything inside a directory it reads), never an existing directory, in a directory that exists.
-    Refused before any work, so a typo cannot replace a manifest, a graph or a data file."""
+    it reads, or anything inside a directory it reads), never an existing directory (`write_atomic` creates missing
+    parents). Refused before any work, so a typo cannot replace a manifest, a graph or a data file."""
     if path is None or str(path) == "-":
         return
     target = _real(path)
     if target.is_dir():
         raise TgedgeError(f"{flag} {path}: is a directory; give a file name")
-    if not target.parent.is_dir():
-        raise TgedgeError(f"{flag} {path}: no such directory {str(target.parent)!r}")
     for given in inputs:
         if given is None or given == DEMO_NAME:  # the embedded demo: a name, not a path
             continue
