@@ -346,3 +346,44 @@ def test_stats_on_presets_and_the_demo(tmp_path, capsys, tiny, realistic):
                 "--outliers", "none", "--json") == 0
     written = json.loads(capsys.readouterr().out)
     assert written["init"] == "flat" and written["outliers"] == 0 and written["outlier_channels"] == {}
+
+
+def test_w8_sensitivity_keeps_a_smooth_init_and_catches_weights_8_bits_cannot_hold(tmp_path, realistic):
+    """`checkpoint stats --sensitivity`: the realistic init keeps its argmaxes under 8-bit rounding of the decoder's
+    weights, and the weights come back bit for bit; a decoder with a dead input channel (norm weight 0) whose weight
+    column is 1000x the rest computes the same function, but 8 bits per row round the rest to zero: reported."""
+    from tgedge.model_stats import w8_sensitivity
+
+    out, _ = realistic
+    model, ckpt = load_model(out, out / "clip")
+    pipe = TorchPipeline(model, ckpt.preprocessor)
+    x = pipe.embeddings(pipe.pre(shapes_image(tmp_path / "i.png"), "What is in the picture?"))
+    gen = torch.Generator().manual_seed(0)
+    tokens = [int(t) for t in torch.randint(4, model.cfg.decoder.vocab_size, (6,), generator=gen)]
+    before = {k: v.clone() for k, v in model.language_model.state_dict().items()}
+    smooth = w8_sensitivity(model, pipe, x, tokens)
+    assert all(torch.equal(v, before[k]) for k, v in model.language_model.state_dict().items())
+    assert smooth["positions"] == 6 and smooth["top1"] == 1.0 and smooth["min_cosine"] > 0.98
+    with torch.no_grad():
+        for layer in model.language_model.layers:
+            layer.input_layernorm.weight[0] = 0
+            layer.post_attention_layernorm.weight[0] = 0
+            for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.mlp.gate_proj,
+                      layer.mlp.up_proj):
+                m.weight[:, 0] = 1000 * m.weight.abs().amax(1)
+    spiky = w8_sensitivity(model, pipe, x, tokens)
+    assert spiky["top1"] < 0.5 and spiky["min_cosine"] < 0.9
+
+
+def test_a_random_checkpoint_finds_its_clip_directory(tiny):
+    """`checkpoint random` writes CKPT/clip beside its marker: load, export and validate need no --clip for it; a
+    directory without the marker still asks for one."""
+    out, _ = tiny
+    model, ckpt = load_model(out)
+    assert model.cfg.vision.hidden_size > 0
+    (out / presets.MARKER).rename(out / "moved.json")
+    try:
+        with pytest.raises(TgedgeError, match="pass --clip DIR"):
+            load_model(out)
+    finally:
+        (out / "moved.json").rename(out / presets.MARKER)

@@ -79,6 +79,10 @@ def register(sub) -> None:
                     help="question (default: 'What is in the picture?')")
     st.add_argument("--max-new-tokens", type=integer(1), default=16,
                     help="greedy positions for the top-1 quantiles (default 16; end-of-sequence does not stop them)")
+    st.add_argument("--sensitivity", action="store_true",
+                    help="also round the decoder's weights to 8 bits per output channel and report how far the "
+                         "teacher-forced logits move (top-1 agreement, min cosine): near 1 on trained checkpoints; "
+                         "a random init far below it is chaotic (two more decoder passes)")
     st.add_argument("--json", action="store_true", help="print the statistics as JSON")
     st.set_defaults(func=cmd_stats)
     s = kinds.add_parser("presets", help="list the presets with parameter counts and sizes",
@@ -145,7 +149,8 @@ def cmd_stats(args) -> int:
     clip = args.clip
     if clip is None and (Path(args.checkpoint) / MARKER).is_file():  # this command's own output: its CLIP dir
         clip = str(Path(args.checkpoint) / CLIP_SUBDIR)
-    stats = checkpoint_stats(args.checkpoint, clip, args.image, args.prompt, args.max_new_tokens)
+    stats = checkpoint_stats(args.checkpoint, clip, args.image, args.prompt, args.max_new_tokens,
+                             sensitivity=args.sensitivity)
     print(json.dumps(stats) if args.json else format_stats(stats))
     return 0
 

@@ -6,6 +6,11 @@ LLM.int8() / SmoothQuant), how far the residual stream grows with depth (fp32 ac
 next-token distributions are (near-ties flip argmaxes under quantisation noise). This runs the PyTorch reference
 once, through the same stages every pipeline uses, with forward hooks on the vision tower's and the decoder's layers,
 and reports those numbers, so that random presets (docs/SCALE.md) and real checkpoints can be compared.
+
+With `sensitivity`, also how much the answer moves when the decoder's weights are rounded to 8 bits per output
+channel (round-to-nearest, in torch): the greedy tokens teacher-forced again, top-1 agreement and min cosine of the
+logits. A trained checkpoint keeps its argmaxes under this (it is stored in bf16, and W8 round-to-nearest is close to
+lossless on trained LLMs); a random init that does not is chaotic, and no quantiser can be judged on it.
 """
 
 from __future__ import annotations
@@ -137,6 +142,35 @@ def _top1(logits: np.ndarray) -> float:
     return float(p.max() / p.sum())
 
 
+def _round8(w: torch.Tensor) -> torch.Tensor:
+    step = w.abs().amax(1, keepdim=True).clamp_min(1e-30) / 127
+    return torch.round(w / step) * step
+
+
+@torch.no_grad()
+def w8_sensitivity(model, pipe, x, tokens: list[int]) -> dict:
+    """Teacher-forced logits on `tokens` before and after 8-bit per-output-channel rounding of every decoder Linear
+    weight (restored afterwards, bit for bit): top-1 agreement and the logits' min cosine."""
+    from tgedge.generate import forced_logits
+
+    ref = forced_logits(pipe, x, tokens)
+    linears = [m for m in model.language_model.modules() if isinstance(m, torch.nn.Linear)]
+    if not model.cfg.decoder.tie_word_embeddings:
+        linears.append(model.lm_head)
+    saved = [m.weight.data for m in linears]
+    try:
+        for m in linears:
+            m.weight.data = _round8(m.weight.data)
+        out = forced_logits(pipe, x, tokens)
+    finally:
+        for m, w in zip(linears, saved):
+            m.weight.data = w
+    a, b = np.asarray(ref, np.float64), np.asarray(out, np.float64)
+    cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+    return {"positions": len(tokens), "top1": float(np.mean(a.argmax(-1) == b.argmax(-1))),
+            "min_cosine": float(cos.min())}
+
+
 def _default_image(folder: Path) -> Path:
     from tgedge.demo import shapes_image
 
@@ -145,8 +179,9 @@ def _default_image(folder: Path) -> Path:
 
 @torch.no_grad()
 def checkpoint_stats(path: str | Path, clip: str | Path | None = None, image: str | Path | None = None,
-                     prompt: str = DEFAULT_PROMPT, tokens: int = DEFAULT_TOKENS) -> dict:
-    """Load a checkpoint (fp32), run the reference once on an image and question, -> the statistics as a dict."""
+                     prompt: str = DEFAULT_PROMPT, tokens: int = DEFAULT_TOKENS, sensitivity: bool = False) -> dict:
+    """Load a checkpoint (fp32), run the reference once on an image and question, -> the statistics as a dict
+    (with `sensitivity`, also `w8_sensitivity` on the greedy tokens)."""
     from tgedge.checkpoint import load_model
     from tgedge.reference import TorchPipeline
 
@@ -174,6 +209,7 @@ def checkpoint_stats(path: str | Path, clip: str | Path | None = None, image: st
         recorder.close()
         pipe.run_stage = run_stage
     last, top1 = steps.logits[0], np.array([_top1(row) for row in steps.logits])
+    extra = {"w8_sensitivity": w8_sensitivity(model, pipe, x, result.tokens)} if sensitivity else {}
     return {"checkpoint": str(path), "image": str(image) if image else "built-in shapes picture", "prompt": prompt,
             "prompt_tokens": int(inputs.input_ids.shape[1]), "generated": result.tokens,
             "stages": stages, "vision": recorder.towers["vision"].to_dict(),
@@ -181,7 +217,7 @@ def checkpoint_stats(path: str | Path, clip: str | Path | None = None, image: st
             "logits": {"last_std": float(last.std()), "last_max": float(np.abs(last).max()),
                        "std_mean": float(np.mean([row.std() for row in steps.logits]))},
             "top1": {"positions": len(top1), **{f"p{round(q * 100)}": float(np.quantile(top1, q))
-                                                for q in QUANTILES}}}
+                                                for q in QUANTILES}}, **extra}
 
 
 def format_stats(s: dict) -> str:
@@ -204,4 +240,8 @@ def format_stats(s: dict) -> str:
     lines.append(f"logits: last-position std {lg['last_std']:.3g} (max |x| {lg['last_max']:.3g}), mean std over "
                  f"positions {lg['std_mean']:.3g}; top-1 probability p10 / p50 / p90: "
                  f"{q['p10']:.3g} / {q['p50']:.3g} / {q['p90']:.3g}")
+    if "w8_sensitivity" in s:
+        w = s["w8_sensitivity"]
+        lines.append(f"decoder weights rounded to 8 bits per channel: top-1 agreement {w['top1']:.3f} over "
+                     f"{w['positions']} positions, min logits cosine {w['min_cosine']:.5f}")
     return "\n".join(lines)

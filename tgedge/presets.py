@@ -30,7 +30,8 @@ from tgedge import config as C
 from tgedge.layouts import original
 from tgedge.errors import TgedgeError, TgedgeInternalError
 
-MARKER = "random_checkpoint.json"  # marks a directory this command wrote (it may be replaced)
+MARKER = "random_checkpoint.json"  # marks a directory this command wrote (it may be replaced); layouts/original.py
+# finds CKPT/CLIP_SUBDIR by it, so that such a checkpoint needs no --clip
 CLIP_SUBDIR = "clip"
 STD = 0.02  # the initializer_range of CLIP, BERT, LLaMA and Qwen2 configs: activations stay O(1)
 ZERO_LAYER_STD = 0.01  # TG-FOM's zero_layer starts at 0; non-zero so TG-FOM counts (~10% of the ViT-L features)

@@ -144,3 +144,17 @@ def test_a_decoder_too_big_to_check_whole_is_checked_by_its_first_layers(tiny, t
     assert all(c.scope.startswith("first ") and "layers" in c.scope for c in decoder)
     assert max(c.rel_l2 for c in decoder) < 1e-4
     assert not list((tmp_path / "e").glob(".decoder-check*"))
+
+
+def test_the_triton_repository_gives_the_tied_decoder_its_shared_table(reads, tmp_path):
+    """Each stage's model directory holds every weights file its graph names (the tied decoder: the embed graph's
+    table too), so onnxruntime (tritonserver's onnxruntime backend) opens the graph from there alone."""
+    import onnxruntime as ort
+
+    from tgedge.serving.repository import RepositorySettings, write_repository
+
+    result, _ = reads
+    write_repository(result.directory, tmp_path / "repo", RepositorySettings("onnxruntime"))
+    version = tmp_path / "repo" / "decoder" / "1"
+    assert sorted(p.name for p in version.iterdir()) == ["decoder.onnx.data", "embed.onnx.data", "model.onnx"]
+    ort.InferenceSession(str(version / "model.onnx"), providers=["CPUExecutionProvider"])

@@ -111,6 +111,8 @@ def clip_dir(raw: dict, clip: Path | None, ckpt: Path) -> Path:
     named = raw.get("mm_vision_tower")
     if named and Path(named).is_dir():
         return Path(named)
+    if (ckpt / "random_checkpoint.json").is_file() and (ckpt / "clip").is_dir():  # presets.MARKER, CLIP_SUBDIR
+        return ckpt / "clip"  # a `tgedge checkpoint random` output keeps its CLIP directory inside
     raise TgedgeError(f"{ckpt}: original-layout checkpoint: pass --clip DIR (a transformers CLIPModel directory "
                       f"with its config, tokenizer and image processor; mm_vision_tower is {named!r})")
 

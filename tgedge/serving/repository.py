@@ -229,8 +229,10 @@ def write_repository(source: str | Path, out: str | Path, settings: RepositorySe
                 _link(export / manifest.engines[stage]["file"], version / "model.plan")
             else:
                 _link(export / graph.file, version / "model.onnx")
-                if graph.external_data:  # the graph names its weights file; it keeps that name beside it
-                    _link(export / graph.external_data, version / graph.external_data)
+                # the graph names its weights file, and the files it shares (a tied decoder reads the embed graph's
+                # table): each keeps its name beside it, or onnxruntime cannot find it
+                for data in ([graph.external_data] if graph.external_data else []) + list(graph.shared_data):
+                    _link(export / data, version / data)
             if settings.backend == "python":
                 (version / "model.py").write_text(MODEL_PY.format(module="tgedge.serving.stage"))
             (tmp / stage / "config.pbtxt").write_text(config_text(config))
