@@ -74,10 +74,19 @@ def w(tmp_path_factory):
         (d / "config.json").unlink()
         (d / "config.json").symlink_to(d / "config.json")
 
+    def policy(name, text):
+        (root / f"{name}.toml").write_text(text)
+        return root / f"{name}.toml"
+
+    policies = {name: policy(name, text) for name, text in {
+        "cosine_15": "[fp32.vision]\nmin_cosine = 1.5\n", "cosine_m1": "[fp32.vision]\nmin_cosine = -1\n",
+        "top1_0": "[fp32.decoder]\nmin_top1 = 0\n", "kl_inf": "[fp16.decoder]\nmax_kl = inf\n",
+        "bool": "[fp16.decoder]\nmax_kl = true\n", "negative": "[fp16.embed]\nmax_rel = -0.1\n",
+        "text": "[int8.decoder]\nmin_top1 = \"high\"\n", "not_a_section": "[fp16]\ndecoder = 3\n"}.items()}
     grey16 = root / "grey16.png"
     Image.fromarray((np.arange(40 * 50).reshape(40, 50) * 30).astype(np.uint16)).save(grey16)
     return SimpleNamespace(
-        root=root, ckpt=ckpt, image=image, data=data, grey16=grey16,
+        root=root, ckpt=ckpt, image=image, data=data, grey16=grey16, policies=policies,
         bomb=big_png_header(root / "bomb.png", 20000, 20000),
         not_utf8=data_folder("not_utf8", [good, b'{"image": "images/a.png", "prompt": "caf\xe9"}\n']),
         up=data_folder("up", [{**good, "image": "../secret.png"}]),
@@ -168,6 +177,17 @@ ROWS = [
     ("answer type", lambda w: ["eval", w.ckpt, "--data", w.answer_type], "samples.jsonl:1: answer must be a string or null"),
     ("jsonl empty prompt", lambda w: ["eval", w.ckpt, "--data", w.empty_prompt], "samples.jsonl:1: empty prompt"),
     ("data is a file", lambda w: ["eval", w.ckpt, "--data", w.image], "data folder not found"),
+    # policies: every limit a number in its figure's range, one that can fail
+    *[(f"policy {name}", (lambda name: lambda w: ["validate", w.root, "--data", w.data, "--policy",
+                                                  w.policies[name]])(name), fragment) for name, fragment in [
+        ("cosine_15", "cosine_15.toml: fp32.vision.min_cosine must be in [0, 1] (got 1.5)"),
+        ("cosine_m1", "fp32.vision.min_cosine = -1 can never fail (a cosine is never below -1)"),
+        ("top1_0", "fp32.decoder.min_top1 = 0 can never fail (the fraction is never below 0): expected a number in (0, 1]"),
+        ("kl_inf", "kl_inf.toml: fp16.decoder.max_kl = inf can never fail: expected a finite number >= 0"),
+        ("bool", "bool.toml: fp16.decoder.max_kl must be a number (got True)"),
+        ("negative", "fp16.embed.max_rel must be >= 0 (got -0.1)"),
+        ("text", "int8.decoder.min_top1 must be a number (got 'high')"),
+        ("not_a_section", "not_a_section.toml: fp16.decoder must be a section of limits (got 3)")]],
     # bench
     ("bench beyond context", lambda w: ["bench", w.ckpt, "--image", w.image, "--prompt", "what color?", "--new-tokens",
                                         "100000", "--runs", "1", "--warmup", "0"], "--new-tokens 100000 does not fit"),
