@@ -150,6 +150,11 @@ ROWS = [
     ("bench new-tokens 1", lambda w: ["bench", w.ckpt, "--new-tokens", "1"], "argument --new-tokens: must be >= 2, got 1"),
     ("train lr nan", lambda w: ["train-demo", "-o", w.root / "t", "--lr", "nan"], "argument --lr: must be a finite number > 0"),
     ("train batch 0", lambda w: ["train-demo", "-o", w.root / "t", "--batch", "0"], "argument --batch: must be in [1, 4096]"),
+    ("client max-new-tokens 2^31", lambda w: ["client", "127.0.0.1:1", "--image", w.image, "--prompt", "q",
+                                              "--max-new-tokens", "3000000000"],
+     "argument --max-new-tokens: must be in [1, 2147483647], got 3000000000"),
+    ("loadtest top-k 2^31", lambda w: ["loadtest", "127.0.0.1:1", "--data", w.data, "--top-k", str(2 ** 31)],
+     "argument --top-k: must be in [0, 2147483647], got 2147483648"),
     ("unknown option", lambda w: RUN(w, "--bogus"), "unrecognized arguments: --bogus"),
     ("missing option", lambda w: ["run", w.ckpt], "the following arguments are required: --image, --prompt"),
     # prompts
@@ -221,6 +226,14 @@ def test_bad_input_is_one_line_exit_2(written, argv, capsys):
 def test_sixteen_bit_png_answers(w, capsys):
     code, out, err = run(capsys, RUN(w, "--json", image=w.grey16))
     assert code == 0, err
+
+
+def test_extreme_sampling_answers(w, capsys):
+    """Extreme but legal sampling options compute (a temperature of 1e-308 is greedy), no NaN probabilities."""
+    code, out, err = run(capsys, RUN(w, "--json", "--temperature", "1e-308", "--top-k", str(10 ** 30), "--top-p", "1e-300"))
+    assert code == 0, err
+    code, greedy, err = run(capsys, RUN(w, "--json"))
+    assert json.loads(out)["tokens"] == json.loads(greedy)["tokens"]
 
 
 def test_pixel_limit_setting(w, capsys, monkeypatch):
