@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 import tiny
 from tgedge.cli import main
+from tgedge.export.onnx_export import newest_opset
 from tgedge.fileio import MARKER
 
 
@@ -138,6 +139,8 @@ ROWS = [
     ("count 0", lambda w: ["data", "shapes", "-n", "0", "-o", w.root / "x"], "argument -n/--count: must be >= 1, got 0"),
     ("eval limit -1", lambda w: ["eval", w.ckpt, "--data", w.data, "--limit", "-1"], "argument --limit: must be >= 1, got -1"),
     ("opset 99", lambda w: ["export", w.ckpt, "-o", w.root / "e", "--opset", "99"], "argument --opset: must be in [14, "),
+    ("opset beyond the exporter", lambda w: ["export", w.ckpt, "-o", w.root / "e", "--opset", str(newest_opset() + 1)],
+     f"argument --opset: must be in [14, {newest_opset()}], got {newest_opset() + 1}"),
     ("opset 11", lambda w: ["export", w.ckpt, "-o", w.root / "e", "--opset", "11"], "argument --opset: must be in [14, "),
     ("export max-context 0", lambda w: ["export", w.ckpt, "-o", w.root / "e", "--max-context", "0"],
      "argument --max-context: must be >= 1, got 0"),

@@ -27,7 +27,8 @@ def _add_export(sub) -> None:
     p.add_argument("model", help="checkpoint directory, or `demo` for the embedded demo model")
     add_output(p, "export directory to write")
     p.add_argument("--opset", type=opset, default=17,
-                   help="ONNX opset, 14 to the installed onnx's newest (default 17: what JetPack 6's TensorRT 10.3 parses)")
+                   help="ONNX opset, 14 to the newest the installed exporter writes (torch 2.13 + onnx 1.23: 23; "
+                        "default 17: what JetPack 6's TensorRT 10.3 parses)")
     p.add_argument("--max-context", type=integer(1),
                    help="longest prompt + answer the runtime will run (default: the model's max positions, at most "
                         "4096); sets TensorRT profiles and memory estimates")
