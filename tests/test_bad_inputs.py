@@ -84,10 +84,15 @@ def w(tmp_path_factory):
         "top1_0": "[fp32.decoder]\nmin_top1 = 0\n", "kl_inf": "[fp16.decoder]\nmax_kl = inf\n",
         "bool": "[fp16.decoder]\nmax_kl = true\n", "negative": "[fp16.embed]\nmax_rel = -0.1\n",
         "text": "[int8.decoder]\nmin_top1 = \"high\"\n", "not_a_section": "[fp16]\ndecoder = 3\n"}.items()}
+    fifo = root / "fifo.png"
+    os.mkfifo(fifo)  # reading it would block until something writes
+    fifo_data = data_folder("fifo_data", [{**good, "image": "images/pipe.png"}])
+    os.mkfifo(fifo_data / "images" / "pipe.png")
     grey16 = root / "grey16.png"
     Image.fromarray((np.arange(40 * 50).reshape(40, 50) * 30).astype(np.uint16)).save(grey16)
     return SimpleNamespace(
-        root=root, ckpt=ckpt, image=image, data=data, grey16=grey16, policies=policies,
+        root=root, ckpt=ckpt, image=image, data=data, grey16=grey16, policies=policies, fifo=fifo,
+        fifo_data=fifo_data,
         bomb=big_png_header(root / "bomb.png", 20000, 20000),
         not_utf8=data_folder("not_utf8", [good, b'{"image": "images/a.png", "prompt": "caf\xe9"}\n']),
         up=data_folder("up", [{**good, "image": "../secret.png"}]),
@@ -168,6 +173,12 @@ ROWS = [
     # images
     ("decompression bomb", lambda w: RUN(w, image=w.bomb), "bomb.png: image is 20000x20000 (400 Mpx), over the limit of 179 Mpx"),
     ("image is a directory", lambda w: RUN(w, image=w.root), "is a directory, not an image"),
+    ("image is a FIFO", lambda w: RUN(w, image=w.fifo), "fifo.png: is a FIFO (named pipe), not an image"),
+    ("image is a device", lambda w: RUN(w, image="/dev/zero"), "/dev/zero: is a character device, not an image"),
+    ("client image is a FIFO", lambda w: ["client", "127.0.0.1:1", "--image", w.fifo, "--prompt", "q"],
+     "fifo.png: is a FIFO (named pipe), not an image"),
+    ("data image is a FIFO", lambda w: ["eval", w.ckpt, "--data", w.fifo_data],
+     "samples.jsonl:1: image images/pipe.png is a FIFO (named pipe), not an image"),
     # checkpoints
     ("config types", lambda w: RUN(w, ckpt=w.wrong_types),
      "text_config.num_hidden_layers must be an integer >= 1 (got 2.5); text_config.rope_theta must be a finite number > 0"),

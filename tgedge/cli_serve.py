@@ -168,8 +168,11 @@ def _add_client(sub) -> None:
 
 def cmd_client(args) -> int:
     from tgedge.errors import os_error
+    from tgedge.fileio import special_file
     from tgedge.serving.client import Session
 
+    if (kind := special_file(args.image)) is not None:  # before opening: a FIFO would block
+        raise TgedgeError(f"{args.image}: is {kind}, not an image")
     try:
         with open(args.image, "rb") as f:
             image = f.read()
