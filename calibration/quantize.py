@@ -47,6 +47,7 @@ def parse_precision(spec: str, graphs: list[str]) -> dict[str, Precision]:
         whole = PRECISIONS[spec]
         return {g: whole if whole.applies_to(g) else REFERENCE for g in graphs}
     plan = {g: REFERENCE for g in graphs}
+    given: dict[str, str] = {}  # graph -> its part of the spec: a second one is refused, not the last winning
     for part in spec.split(","):
         graph, _, precision = part.partition("=")
         graph, precision = graph.strip(), precision.strip()
@@ -54,6 +55,9 @@ def parse_precision(spec: str, graphs: list[str]) -> dict[str, Precision]:
             raise TgedgeError(f"unknown graph {graph!r} in --precision (this export has {', '.join(graphs)})")
         if precision not in PRECISIONS:
             raise TgedgeError(f"unknown precision {precision!r} for {graph} (choose from {', '.join(PRECISIONS)})")
+        if graph in given:
+            raise TgedgeError(f"--precision names {graph} twice ({given[graph]}, {part.strip()}): give each graph once")
+        given[graph] = part.strip()
         plan[graph] = PRECISIONS[precision]
     return plan
 
@@ -363,6 +367,9 @@ def quantize_export(export_dir: str | Path, out: str | Path, precision: str, cal
     keeps in fp32 by default. `smooth`: SmoothQuant's alpha in [0, 1] for the int8 graphs (None: off;
     `tgedge.calibration.smooth`). `awq`: AWQ-style activation-aware scales before the weight-only graphs' blocks
     (needs calibration data)."""
+    if calib is not None and calibration is not None:
+        raise TgedgeError("--calib and --calibration conflict: measure the ranges on data (--calib DIR) or reuse "
+                          "saved ones (--calibration FILE), not both")
     if smooth is not None and not 0.0 <= smooth <= 1.0:
         raise TgedgeError(f"--smooth must be in [0, 1] (SmoothQuant's alpha) or none (got {smooth})")
     say = on_step or (lambda s: None)
