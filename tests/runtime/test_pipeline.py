@@ -13,6 +13,7 @@ from tgedge.data.folder import read_folder
 from tgedge.errors import TgedgeError
 from tgedge.export.onnx_export import export_model
 from tgedge.reference import TorchPipeline
+from tgedge.runtime.manifest import Manifest
 from tgedge.runtime.pipeline import Pipeline
 
 
@@ -142,3 +143,14 @@ def test_context_cap(demo_export):
     with Pipeline(demo_export.directory) as rt:
         with pytest.raises(TgedgeError, match="exceed the export's max context"):
             rt.setup_cache(rt.manifest.max_context + 1)
+
+
+def test_max_context_above_the_export_is_refused(demo_export, demo_eval, capsys):
+    """Not clamped silently: one line naming both numbers."""
+    first = read_folder(demo_eval)[0]
+    longest = Manifest.load(demo_export.directory).max_context
+    argv = ["run", str(demo_export.directory), "--image", str(first.image), "--prompt", first.prompt]
+    assert main([*argv, "--max-context", str(longest + 1)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--max-context {longest + 1} is above the export's max_context {longest}" in err
+    assert main([*argv, "--max-context", str(longest), "--max-new-tokens", "2"]) == 0
