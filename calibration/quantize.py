@@ -25,16 +25,13 @@ from tgedge.errors import TgedgeError
 from tgedge.calibration.collect import FeedReader
 from tgedge.calibration.convert import (QUANT_OPS, GraphReport, matched_nodes, restore_shared, shared_refs,
                                         activation_products, save_graph, to_fp16, to_int8, to_weight_only)
+from tgedge.calibration.saved import CALIBRATION, METHODS, read_calibration
 from tgedge.calibration.weight_only import WeightOnly
-from tgedge.config import bad_numbers
 from tgedge.fileio import atomic_dir, inside, sha256_files
 from tgedge.precision import FLOAT, PRECISIONS, QDQ, REFERENCE, WEIGHT_ONLY, Precision, names
 from tgedge.runtime.manifest import Manifest, graph_fingerprint
 
 log = logging.getLogger("tgedge")
-
-METHODS = ("minmax", "entropy", "percentile")
-CALIBRATION = "calibration.json"
 
 
 def parse_precision(spec: str, graphs: list[str]) -> dict[str, Precision]:
@@ -172,23 +169,6 @@ class Calibration:
         if self.mean_sq:
             out["mean_sq"] = {g: {t: [float(x) for x in v] for t, v in c.items()} for g, c in self.mean_sq.items()}
         return out
-
-
-def read_calibration(path: str | Path, graphs: list[str]) -> dict:
-    try:
-        saved = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise TgedgeError(f"{path}: cannot read calibration ({e})") from None
-    if not isinstance(saved, dict) or not isinstance(saved.get("graphs"), dict):
-        raise TgedgeError(f"{path}: not a tgedge calibration file (no 'graphs' object)")
-    bad = bad_numbers(saved["graphs"], f"{path} graphs", max_abs=1e6)
-    if bad:
-        raise TgedgeError(f"{path}: calibration ranges that are not finite or beyond 1e6: {', '.join(bad[:5])}"
-                          + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""))
-    missing = [g for g in graphs if g not in saved.get("graphs", {})]
-    if missing:
-        raise TgedgeError(f"{path}: no calibration for {', '.join(missing)}")
-    return saved
 
 
 def calibrate(export_dir: str | Path, graphs: list[str], method: str, calib: str | Path | None,
