@@ -25,16 +25,13 @@ from tgedge.errors import TgedgeError
 from tgedge.calibration.collect import FeedReader
 from tgedge.calibration.convert import (QUANT_OPS, GraphReport, matched_nodes, restore_shared, shared_refs,
                                         activation_products, save_graph, to_fp16, to_int8, to_weight_only)
+from tgedge.calibration.saved import CALIBRATION, METHODS, read_calibration
 from tgedge.calibration.weight_only import WeightOnly
-from tgedge.config import bad_numbers
 from tgedge.fileio import atomic_dir, inside, sha256_files
 from tgedge.precision import FLOAT, PRECISIONS, QDQ, REFERENCE, WEIGHT_ONLY, Precision, names
 from tgedge.runtime.manifest import Manifest, graph_fingerprint
 
 log = logging.getLogger("tgedge")
-
-METHODS = ("minmax", "entropy", "percentile")
-CALIBRATION = "calibration.json"
 
 
 def parse_precision(spec: str, graphs: list[str]) -> dict[str, Precision]:
@@ -47,6 +44,7 @@ def parse_precision(spec: str, graphs: list[str]) -> dict[str, Precision]:
         whole = PRECISIONS[spec]
         return {g: whole if whole.applies_to(g) else REFERENCE for g in graphs}
     plan = {g: REFERENCE for g in graphs}
+    given: dict[str, str] = {}  # graph -> its part of the spec: a second one is refused, not the last winning
     for part in spec.split(","):
         graph, _, precision = part.partition("=")
         graph, precision = graph.strip(), precision.strip()
@@ -54,6 +52,9 @@ def parse_precision(spec: str, graphs: list[str]) -> dict[str, Precision]:
             raise TgedgeError(f"unknown graph {graph!r} in --precision (this export has {', '.join(graphs)})")
         if precision not in PRECISIONS:
             raise TgedgeError(f"unknown precision {precision!r} for {graph} (choose from {', '.join(PRECISIONS)})")
+        if graph in given:
+            raise TgedgeError(f"--precision names {graph} twice ({given[graph]}, {part.strip()}): give each graph once")
+        given[graph] = part.strip()
         plan[graph] = PRECISIONS[precision]
     return plan
 
@@ -168,23 +169,6 @@ class Calibration:
         if self.mean_sq:
             out["mean_sq"] = {g: {t: [float(x) for x in v] for t, v in c.items()} for g, c in self.mean_sq.items()}
         return out
-
-
-def read_calibration(path: str | Path, graphs: list[str]) -> dict:
-    try:
-        saved = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise TgedgeError(f"{path}: cannot read calibration ({e})") from None
-    if not isinstance(saved, dict) or not isinstance(saved.get("graphs"), dict):
-        raise TgedgeError(f"{path}: not a tgedge calibration file (no 'graphs' object)")
-    bad = bad_numbers(saved["graphs"], f"{path} graphs", max_abs=1e6)
-    if bad:
-        raise TgedgeError(f"{path}: calibration ranges that are not finite or beyond 1e6: {', '.join(bad[:5])}"
-                          + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""))
-    missing = [g for g in graphs if g not in saved.get("graphs", {})]
-    if missing:
-        raise TgedgeError(f"{path}: no calibration for {', '.join(missing)}")
-    return saved
 
 
 def calibrate(export_dir: str | Path, graphs: list[str], method: str, calib: str | Path | None,
@@ -363,6 +347,9 @@ def quantize_export(export_dir: str | Path, out: str | Path, precision: str, cal
     keeps in fp32 by default. `smooth`: SmoothQuant's alpha in [0, 1] for the int8 graphs (None: off;
     `tgedge.calibration.smooth`). `awq`: AWQ-style activation-aware scales before the weight-only graphs' blocks
     (needs calibration data)."""
+    if calib is not None and calibration is not None:
+        raise TgedgeError("--calib and --calibration conflict: measure the ranges on data (--calib DIR) or reuse "
+                          "saved ones (--calibration FILE), not both")
     if smooth is not None and not 0.0 <= smooth <= 1.0:
         raise TgedgeError(f"--smooth must be in [0, 1] (SmoothQuant's alpha) or none (got {smooth})")
     say = on_step or (lambda s: None)

@@ -39,6 +39,19 @@ log = logging.getLogger("tgedge")
 
 DEFAULT_OPSET = 17
 MIN_OPSET = 14  # Trilu (the causal masks)
+
+
+def newest_opset() -> int:
+    """The newest opset an export can be written in: the vision-side graphs are traced by torch's exporter, which
+    writes at most `torch.onnx._constants.ONNX_MAX_OPSET` (23 in torch 2.13; a higher one fails inside the trace,
+    "Unsupported onnx_opset_version"), and the decoder is written with onnx's helpers, which know at most
+    `onnx.defs.onnx_opset_version()`."""
+    newest = onnx.defs.onnx_opset_version()
+    try:
+        from torch.onnx import _constants
+    except ImportError:  # a torch without it: onnx's bound alone, the trace refuses what it cannot write
+        return newest
+    return min(newest, getattr(_constants, "ONNX_MAX_OPSET", newest))
 EXTERNAL_DATA_BYTES = 512 << 20  # graphs with more weight bytes keep them in `<graph>.onnx.data`
 # A graph output passes when its relative L2 error ||onnx - torch|| / ||torch|| is within its limit: fp32, its
 # `noise_factor` times the torch module's own float64 noise on the same input (tgedge.drift); else, or where float64
@@ -358,6 +371,9 @@ def export_model(checkpoint: str | Path, out: str | Path, opset: int = DEFAULT_O
 
     if opset < MIN_OPSET:
         raise TgedgeError(f"--opset {opset} is too old: tgedge's graphs need opset >= {MIN_OPSET} (default {DEFAULT_OPSET})")
+    if opset > newest_opset():
+        raise TgedgeError(f"--opset {opset} is newer than the installed exporter writes (at most {newest_opset()}; "
+                          f"default {DEFAULT_OPSET})")
     quantized = None if decoder_weights is None else lookup(decoder_weights, WEIGHT_ONLY)
     if decoder_weights is not None and quantized is None:
         raise TgedgeError(f"--decoder-weights {decoder_weights!r}: choose from {', '.join(names(WEIGHT_ONLY))}")

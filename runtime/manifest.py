@@ -20,6 +20,82 @@ MANIFEST_VERSION = 1
 GRAPHS = ALL_STAGES  # one graph per stage
 
 
+INT_MAX = 2 ** 31 - 1  # sizes and positions: beyond int32 a manifest is corrupt, not large
+GRAPH_KEYS = {"name": "str", "file": "str", "precision": "str", "inputs": "tensors", "outputs": "tensors",
+              "sha256": "str?", "external_data": "str?", "fingerprint": "str?", "shared_data": "strs"}
+
+
+def _int(value, lo: int, hi: int = INT_MAX) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
+
+
+def _show(value) -> str:
+    text = json.dumps(value) if isinstance(value, (bool, type(None), str, list, dict)) else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _tensor_problems(tensors, key: str) -> list[str]:
+    if not isinstance(tensors, list):
+        return [f"{key} must be a list of tensors (got {_show(tensors)})"]
+    out = []
+    for i, t in enumerate(tensors):
+        where = f"{key}[{i}]"
+        if not isinstance(t, dict) or not isinstance(t.get("name"), str) or not isinstance(t.get("dtype"), str):
+            out.append(f"{where} must be an object with string name and dtype (got {_show(t)})")
+        elif not isinstance(t.get("shape"), list) or not all(isinstance(x, str) or _int(x, 0) for x in t["shape"]):
+            out.append(f"{where}.shape must be a list of sizes >= 0 or dim names (got {_show(t.get('shape'))})")
+    return out
+
+
+def _graph_problems(name: str, g) -> list[str]:
+    from tgedge.precision import PRECISIONS
+
+    key = f"graphs.{name}"
+    if not isinstance(g, dict):
+        return [f"{key} must be an object (got {_show(g)})"]
+    out = [f"{key}: unknown key(s) {', '.join(sorted(set(g) - set(GRAPH_KEYS)))}"] if set(g) - set(GRAPH_KEYS) else []
+    for field, kind in GRAPH_KEYS.items():
+        value = g.get(field)
+        if kind == "tensors":
+            out += _tensor_problems(value, f"{key}.{field}")
+        elif kind == "strs":
+            if value is not None and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+                out.append(f"{key}.{field} must be a list of file names (got {_show(value)})")
+        elif not isinstance(value, str) and not (kind == "str?" and value is None):
+            out.append(f"{key}.{field} must be a string (got {_show(value)})")
+    if isinstance(g.get("precision"), str) and g["precision"] not in PRECISIONS:
+        out.append(f"{key}.precision {g['precision']!r} is not one of {', '.join(PRECISIONS)}")
+    return out
+
+
+def manifest_problems(d: dict) -> list[str]:
+    """What is wrong with a manifest's own fields (types, ranges), every problem; empty when none. Checked before
+    anything reads them: a string where a number belongs would surface later as a traceback far from the file."""
+    out = [f"{k} missing" for k in ("graphs", "dims", "max_context", "opset", "model") if k not in d]
+    for key, lo, hi in (("max_context", 1, INT_MAX), ("opset", 1, 1000)):
+        if key in d and not _int(d[key], lo, hi):
+            out.append(f"{key} must be an integer in [{lo}, {hi}] (got {_show(d[key])})")
+    for key in ("graphs", "dims", "model", "files", "source", "reference", "quantization", "engines", "kv_cache"):
+        if key in d and not isinstance(d[key], dict) and not (key == "kv_cache" and d[key] is None):
+            out.append(f"{key} must be an object (got {_show(d[key])})")
+    if isinstance(d.get("graphs"), dict):
+        for name, g in d["graphs"].items():
+            out += _graph_problems(name, g)
+    if isinstance(d.get("dims"), dict):
+        for name, dim in d["dims"].items():
+            if not isinstance(dim, dict) or set(dim) != {"min", "opt", "max"} \
+                    or not all(_int(dim[k], 0) for k in ("min", "opt", "max")):
+                out.append(f"dims.{name} must be {{\"min\", \"opt\", \"max\"}} integers >= 0 (got {_show(dim)})")
+            elif not dim["min"] <= dim["opt"] <= dim["max"]:
+                out.append(f"dims.{name} must have min <= opt <= max (got {_show(dim)})")
+    if isinstance(d.get("files"), dict):
+        out += [f"files.{k} must be a file name (got {_show(v)})" for k, v in d["files"].items() if not isinstance(v, str)]
+    if isinstance(d.get("engines"), dict):
+        out += [f"engines.{k} must be an object with a file name (got {_show(v)})" for k, v in d["engines"].items()
+                if not isinstance(v, dict) or not isinstance(v.get("file"), str)]
+    return out
+
+
 def is_export(path: str | Path) -> bool:
     """Whether `path` is an export (or engine) directory: it holds a manifest. The one test of it (a checkpoint runs
     on torch, an export on a runtime backend); `Manifest.load` then checks the rest."""
@@ -118,6 +194,9 @@ class Manifest:
         if version != MANIFEST_VERSION or _major_minor(str(written_by)) != _major_minor(__version__):
             raise TgedgeError(f"{path}: written by tgedge {written_by} (manifest version {version}); this is tgedge "
                               f"{__version__} (manifest version {MANIFEST_VERSION}): export the model again")
+        problems = manifest_problems(d)
+        if problems:
+            raise TgedgeError(f"{path}: {'; '.join(problems)}")
         try:
             m = cls(graphs={k: GraphEntry.from_dict(g) for k, g in d["graphs"].items()}, dims=d["dims"],
                     max_context=d["max_context"], opset=d["opset"], model=d["model"], source=d.get("source", {}),
@@ -169,12 +248,11 @@ class Manifest:
     def verify(self, name: str, full: bool) -> None:
         """The graph's files are the ones this manifest describes: all bytes (sha256, `full`) or a fingerprint."""
         entry, files = self.graphs[name], self.graph_files(name)
-        if full and entry.sha256:
-            kind, differs = "sha256", sha256_files(files) != entry.sha256
-        elif not full and entry.fingerprint:
-            kind, differs = "fingerprint", graph_fingerprint(files) != entry.fingerprint
-        else:
-            return  # written without one (an older tgedge)
+        kind, expected = ("sha256", entry.sha256) if full else ("fingerprint", entry.fingerprint)
+        if not expected:  # null or missing: not checkable, and not to be passed unchecked
+            raise TgedgeError(f"{self.directory}: graph {name!r} ({entry.file}) has no {kind} in {MANIFEST}, so it "
+                              "cannot be checked: export again, or pass --no-verify")
+        differs = (sha256_files(files) if full else graph_fingerprint(files)) != expected
         if differs:
             raise TgedgeError(f"{self.directory}: graph {name!r} ({entry.file}) is not the one {MANIFEST} describes "
                               f"({kind} differs): it changed after export; export again, or pass --no-verify")

@@ -51,6 +51,10 @@ class Pipeline(StageFlow):
                  stages: tuple[str, ...] | None = None, runner_options: dict | None = None):
         """`stages`: load only these of the contract's stages (text-only use: embed and decoder)."""
         self.manifest = Manifest.load(export_dir)
+        longest = self.manifest.max_context
+        if context is not None and context > longest:  # not clamped: the user asked for more than the graphs hold
+            raise TgedgeError(f"{export_dir}: --max-context {context} is above the export's max_context {longest} "
+                              f"(manifest.json): pass at most {longest}, or export again with --max-context {context}")
         if verify not in VERIFY:
             raise TgedgeError(f"unknown verify mode {verify!r} (choose from fingerprint, sha256, None)")
         self.contract = self.manifest.contract
@@ -63,7 +67,7 @@ class Pipeline(StageFlow):
                 self.manifest.verify(graph, full=verify == "sha256")
         self.pre = Preprocessor.from_dir(export_dir, self.manifest.files)
         self.backend = backend
-        self.context = min(context or self.manifest.max_context, self.manifest.max_context)
+        self.context = context or longest
         options = runner_options or {}
         factory = runner_factory or (lambda manifest, graph: make_runner(backend, manifest, graph, **options))
         self.runners: dict[str, BaseRunner] = {}

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 import tiny
 from tgedge.cli import main
+from tgedge.export.onnx_export import newest_opset
 from tgedge.fileio import MARKER
 
 
@@ -74,10 +75,24 @@ def w(tmp_path_factory):
         (d / "config.json").unlink()
         (d / "config.json").symlink_to(d / "config.json")
 
+    def policy(name, text):
+        (root / f"{name}.toml").write_text(text)
+        return root / f"{name}.toml"
+
+    policies = {name: policy(name, text) for name, text in {
+        "cosine_15": "[fp32.vision]\nmin_cosine = 1.5\n", "cosine_m1": "[fp32.vision]\nmin_cosine = -1\n",
+        "top1_0": "[fp32.decoder]\nmin_top1 = 0\n", "kl_inf": "[fp16.decoder]\nmax_kl = inf\n",
+        "bool": "[fp16.decoder]\nmax_kl = true\n", "negative": "[fp16.embed]\nmax_rel = -0.1\n",
+        "text": "[int8.decoder]\nmin_top1 = \"high\"\n", "not_a_section": "[fp16]\ndecoder = 3\n"}.items()}
+    fifo = root / "fifo.png"
+    os.mkfifo(fifo)  # reading it would block until something writes
+    fifo_data = data_folder("fifo_data", [{**good, "image": "images/pipe.png"}])
+    os.mkfifo(fifo_data / "images" / "pipe.png")
     grey16 = root / "grey16.png"
     Image.fromarray((np.arange(40 * 50).reshape(40, 50) * 30).astype(np.uint16)).save(grey16)
     return SimpleNamespace(
-        root=root, ckpt=ckpt, image=image, data=data, grey16=grey16,
+        root=root, ckpt=ckpt, image=image, data=data, grey16=grey16, policies=policies, fifo=fifo,
+        fifo_data=fifo_data,
         bomb=big_png_header(root / "bomb.png", 20000, 20000),
         not_utf8=data_folder("not_utf8", [good, b'{"image": "images/a.png", "prompt": "caf\xe9"}\n']),
         up=data_folder("up", [{**good, "image": "../secret.png"}]),
@@ -129,11 +144,16 @@ ROWS = [
     ("count 0", lambda w: ["data", "shapes", "-n", "0", "-o", w.root / "x"], "argument -n/--count: must be >= 1, got 0"),
     ("eval limit -1", lambda w: ["eval", w.ckpt, "--data", w.data, "--limit", "-1"], "argument --limit: must be >= 1, got -1"),
     ("opset 99", lambda w: ["export", w.ckpt, "-o", w.root / "e", "--opset", "99"], "argument --opset: must be in [14, "),
+    ("opset beyond the exporter", lambda w: ["export", w.ckpt, "-o", w.root / "e", "--opset", str(newest_opset() + 1)],
+     f"argument --opset: must be in [14, {newest_opset()}], got {newest_opset() + 1}"),
     ("opset 11", lambda w: ["export", w.ckpt, "-o", w.root / "e", "--opset", "11"], "argument --opset: must be in [14, "),
     ("export max-context 0", lambda w: ["export", w.ckpt, "-o", w.root / "e", "--max-context", "0"],
      "argument --max-context: must be >= 1, got 0"),
     ("calib-limit 0", lambda w: ["quantize", w.root, "--precision", "int8", "-o", w.root / "q", "--calib-limit", "0"],
      "argument --calib-limit: must be >= 1"),
+    ("calib with calibration", lambda w: ["quantize", w.root, "--precision", "int8", "-o", w.root / "q", "--calib",
+                                          w.data, "--calibration", w.root / "calibration.json"],
+     "argument --calibration: not allowed with argument --calib"),
     ("workspace 0", lambda w: ["build", w.root, "-o", w.root / "b", "--workspace", "0"],
      "argument --workspace: must be in [1, 1048576], got 0"),
     ("validate limit 0", lambda w: ["validate", w.root, "--data", w.data, "--limit", "0"], "argument --limit: must be >= 1"),
@@ -141,6 +161,11 @@ ROWS = [
     ("bench new-tokens 1", lambda w: ["bench", w.ckpt, "--new-tokens", "1"], "argument --new-tokens: must be >= 2, got 1"),
     ("train lr nan", lambda w: ["train-demo", "-o", w.root / "t", "--lr", "nan"], "argument --lr: must be a finite number > 0"),
     ("train batch 0", lambda w: ["train-demo", "-o", w.root / "t", "--batch", "0"], "argument --batch: must be in [1, 4096]"),
+    ("client max-new-tokens 2^31", lambda w: ["client", "127.0.0.1:1", "--image", w.image, "--prompt", "q",
+                                              "--max-new-tokens", "3000000000"],
+     "argument --max-new-tokens: must be in [1, 2147483647], got 3000000000"),
+    ("loadtest top-k 2^31", lambda w: ["loadtest", "127.0.0.1:1", "--data", w.data, "--top-k", str(2 ** 31)],
+     "argument --top-k: must be in [0, 2147483647], got 2147483648"),
     ("unknown option", lambda w: RUN(w, "--bogus"), "unrecognized arguments: --bogus"),
     ("missing option", lambda w: ["run", w.ckpt], "the following arguments are required: --image, --prompt"),
     # prompts
@@ -151,6 +176,12 @@ ROWS = [
     # images
     ("decompression bomb", lambda w: RUN(w, image=w.bomb), "bomb.png: image is 20000x20000 (400 Mpx), over the limit of 179 Mpx"),
     ("image is a directory", lambda w: RUN(w, image=w.root), "is a directory, not an image"),
+    ("image is a FIFO", lambda w: RUN(w, image=w.fifo), "fifo.png: is a FIFO (named pipe), not an image"),
+    ("image is a device", lambda w: RUN(w, image="/dev/zero"), "/dev/zero: is a character device, not an image"),
+    ("client image is a FIFO", lambda w: ["client", "127.0.0.1:1", "--image", w.fifo, "--prompt", "q"],
+     "fifo.png: is a FIFO (named pipe), not an image"),
+    ("data image is a FIFO", lambda w: ["eval", w.ckpt, "--data", w.fifo_data],
+     "samples.jsonl:1: image images/pipe.png is a FIFO (named pipe), not an image"),
     # checkpoints
     ("config types", lambda w: RUN(w, ckpt=w.wrong_types),
      "text_config.num_hidden_layers must be an integer >= 1 (got 2.5); text_config.rope_theta must be a finite number > 0"),
@@ -168,6 +199,17 @@ ROWS = [
     ("answer type", lambda w: ["eval", w.ckpt, "--data", w.answer_type], "samples.jsonl:1: answer must be a string or null"),
     ("jsonl empty prompt", lambda w: ["eval", w.ckpt, "--data", w.empty_prompt], "samples.jsonl:1: empty prompt"),
     ("data is a file", lambda w: ["eval", w.ckpt, "--data", w.image], "data folder not found"),
+    # policies: every limit a number in its figure's range, one that can fail
+    *[(f"policy {name}", (lambda name: lambda w: ["validate", w.root, "--data", w.data, "--policy",
+                                                  w.policies[name]])(name), fragment) for name, fragment in [
+        ("cosine_15", "cosine_15.toml: fp32.vision.min_cosine must be in [0, 1] (got 1.5)"),
+        ("cosine_m1", "fp32.vision.min_cosine = -1 can never fail (a cosine is never below -1)"),
+        ("top1_0", "fp32.decoder.min_top1 = 0 can never fail (the fraction is never below 0): expected a number in (0, 1]"),
+        ("kl_inf", "kl_inf.toml: fp16.decoder.max_kl = inf can never fail: expected a finite number >= 0"),
+        ("bool", "bool.toml: fp16.decoder.max_kl must be a number (got True)"),
+        ("negative", "fp16.embed.max_rel must be >= 0 (got -0.1)"),
+        ("text", "int8.decoder.min_top1 must be a number (got 'high')"),
+        ("not_a_section", "not_a_section.toml: fp16.decoder must be a section of limits (got 3)")]],
     # bench
     ("bench beyond context", lambda w: ["bench", w.ckpt, "--image", w.image, "--prompt", "what color?", "--new-tokens",
                                         "100000", "--runs", "1", "--warmup", "0"], "--new-tokens 100000 does not fit"),
@@ -201,6 +243,14 @@ def test_bad_input_is_one_line_exit_2(written, argv, capsys):
 def test_sixteen_bit_png_answers(w, capsys):
     code, out, err = run(capsys, RUN(w, "--json", image=w.grey16))
     assert code == 0, err
+
+
+def test_extreme_sampling_answers(w, capsys):
+    """Extreme but legal sampling options compute (a temperature of 1e-308 is greedy), no NaN probabilities."""
+    code, out, err = run(capsys, RUN(w, "--json", "--temperature", "1e-308", "--top-k", str(10 ** 30), "--top-p", "1e-300"))
+    assert code == 0, err
+    code, greedy, err = run(capsys, RUN(w, "--json"))
+    assert json.loads(out)["tokens"] == json.loads(greedy)["tokens"]
 
 
 def test_pixel_limit_setting(w, capsys, monkeypatch):

@@ -105,6 +105,48 @@ def test_absurd_calibration_ranges_are_refused(demo_export, tmp_path, capsys):
     assert code == 2 and "not finite or beyond 1e6" in err and not (tmp_path / "q").exists()
 
 
+def _calibration(change=lambda c: None):
+    tensor = {"CLS": "TensorData", "lowest": {"CLS": "numpy.array", "data": [-1.0], "dtype": "float32"}, "highest": 1.0}
+    method = {"CLS": "CalibrationMethod", "value": "CalibrationMethod.MinMax"}
+    c = {"method": "minmax", "data": {"path": "cal", "samples": 2, "sha256": "ab"},
+         "graphs": {g: {"CLS": "TensorsData", "calibration_method": method, "data": {"x": json.loads(json.dumps(tensor))},
+                        "smooth_quant": False} for g in ("text_guide", "vision", "fusion", "decoder")}}
+    change(c)
+    return c
+
+
+def test_a_well_formed_calibration_file_passes():
+    from tgedge.calibration.saved import calibration_problems
+
+    assert calibration_problems(_calibration()) == []
+
+
+@pytest.mark.parametrize("change, fragment", [
+    (lambda c: c["graphs"]["vision"]["data"]["x"].update(lowest=2.0),
+     'calibration.json: graphs.vision.data["x"]: lowest 2.0 is above highest 1.0'),
+    (lambda c: c["graphs"]["vision"]["data"]["x"]["lowest"].update(dtype="float8"),
+     'graphs.vision.data["x"].lowest dtype \'float8\' is not one of float32, float16'),
+    (lambda c: c["graphs"]["vision"]["data"]["x"].update(highest="high"),
+     'graphs.vision.data["x"].highest must be a number or a numpy.array object'),
+    (lambda c: c["graphs"]["vision"]["data"]["x"].update(mean=0.0), 'graphs.vision.data["x"]: unknown key(s) mean'),
+    (lambda c: c["graphs"]["fusion"]["data"]["x"].pop("highest"), 'graphs.fusion.data["x"].highest missing'),
+    (lambda c: c.update(methd="minmax"), "calibration.json: unknown key(s) methd (known: method, data, graphs"),
+    (lambda c: c.update(method="minmaxx"), 'method must be one of minmax, entropy, percentile (got "minmaxx")'),
+    (lambda c: c["data"].update(samples="2"), "data must be an object with path (string), samples (integer)"),
+    (lambda c: c["graphs"]["decoder"].update(smooth_quant="no"), 'graphs.decoder.smooth_quant must be true or false'),
+    (lambda c: c["graphs"]["decoder"].update(calibration_method="MinMaxx"), "graphs.decoder.calibration_method must"),
+    (lambda c: c.update(smooth=True), "smooth must be a number in [0, 1]"),
+    (lambda c: c.update(channels={"decoder": {"x": ["a"]}}), 'channels.decoder["x"] must be a list of finite numbers'),
+])
+def test_malformed_calibration_files_are_refused(demo_export, tmp_path, capsys, change, fragment):
+    cal = tmp_path / "calibration.json"
+    cal.write_text(json.dumps(_calibration(change)))
+    code, err = cli(capsys, "quantize", demo_export.directory, "-o", tmp_path / "q", "--precision", "int8",
+                    "--calibration", cal)
+    assert code == 2 and len(err.splitlines()) == 1 and fragment in err, err
+    assert not (tmp_path / "q").exists()
+
+
 def test_random_bytes_named_engine(tmp_path, capsys):
     (tmp_path / "x.engine").write_bytes(bytes(range(256)) * 8)
     code, err = cli(capsys, "inspect", tmp_path / "x.engine")

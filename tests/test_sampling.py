@@ -38,3 +38,17 @@ def test_stop_strings_and_eos():
 def test_bad_options(kw, msg):
     with pytest.raises(TgedgeError, match=msg):
         GenerationOptions(**kw)
+
+
+@pytest.mark.parametrize("temperature", [1e-308, 5e-324, 1e-300, 1e-12])
+def test_tiny_temperatures_are_greedy_not_nan(temperature):
+    """In log space a temperature however small gives no inf - inf: as it goes to 0, sampling becomes greedy."""
+    logits = np.random.RandomState(1).randn(64) * 30
+    for top_k, top_p in ((0, 1.0), (5, 0.5), (0, 1e-300), (10 ** 30, 1.0)):
+        s = Sampler(GenerationOptions(temperature=temperature, top_k=top_k, top_p=top_p, seed=2))
+        assert {s.pick(logits) for _ in range(20)} == {int(np.argmax(logits))}
+
+
+def test_huge_temperature_is_uniform_and_finite():
+    s = Sampler(GenerationOptions(temperature=1e308, seed=0))
+    assert len({s.pick(np.random.RandomState(2).randn(16) * 30) for _ in range(200)}) == 16

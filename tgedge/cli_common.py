@@ -73,14 +73,13 @@ def text(value: str) -> str:
 
 
 def opset(value: str) -> int:
-    """argparse type: an ONNX opset tgedge's graphs can use and the installed onnx knows."""
+    """argparse type: an ONNX opset tgedge's graphs can use and the installed exporter writes
+    (`tgedge.export.onnx_export.newest_opset`; imported here, with torch, only when --opset is given to export)."""
     try:
-        import onnx
-
-        newest = onnx.defs.onnx_opset_version()
-    except ImportError:
-        newest = None
-    return integer(OPSET_MIN, newest)(value)
+        from tgedge.export.onnx_export import newest_opset
+    except ImportError:  # no torch or onnx: export itself says which is missing
+        return integer(OPSET_MIN)(value)
+    return integer(OPSET_MIN, newest_opset())(value)
 
 
 def add_output(p, help: str) -> None:

@@ -27,7 +27,8 @@ def _add_export(sub) -> None:
     p.add_argument("model", help="checkpoint directory, or `demo` for the embedded demo model")
     add_output(p, "export directory to write")
     p.add_argument("--opset", type=opset, default=17,
-                   help="ONNX opset, 14 to the installed onnx's newest (default 17: what JetPack 6's TensorRT 10.3 parses)")
+                   help="ONNX opset, 14 to the newest the installed exporter writes (torch 2.13 + onnx 1.23: 23; "
+                        "default 17: what JetPack 6's TensorRT 10.3 parses)")
     p.add_argument("--max-context", type=integer(1),
                    help="longest prompt + answer the runtime will run (default: the model's max positions, at most "
                         "4096); sets TensorRT profiles and memory estimates")
@@ -129,9 +130,10 @@ def _add_quantize(sub) -> None:
     p.add_argument("export_dir", help="an fp32 export directory (tgedge export)")
     p.add_argument("--precision", required=True, metavar="P", help="fp16 | int8 | int4w | int8w | GRAPH=P,...")
     add_output(p, "output export directory")
-    p.add_argument("--calib", metavar="DIR", help="calibration data folder (images/ + samples.jsonl), e.g. "
-                                                   "`tgedge data shapes --split calibration -o DIR`")
-    p.add_argument("--calibration", metavar="FILE", help="reuse a calibration.json instead of --calib data")
+    ranges = p.add_mutually_exclusive_group()  # measured on data or reused: never both, one silently ignored
+    ranges.add_argument("--calib", metavar="DIR", help="calibration data folder (images/ + samples.jsonl), e.g. "
+                                                        "`tgedge data shapes --split calibration -o DIR`")
+    ranges.add_argument("--calibration", metavar="FILE", help="reuse a calibration.json instead of --calib data")
     p.add_argument("--calib-limit", type=integer(1), help="use the first N calibration samples")
     p.add_argument("--method", choices=["minmax", "entropy", "percentile"], default="minmax",
                    help="activation range calibration (default minmax: ranges folded while the samples run, "

@@ -126,10 +126,14 @@ def _last_error(server) -> str:
 
 
 # -- tgedge client ----------------------------------------------------------------------------------------------
+INT32_MAX = 2 ** 31 - 1  # max_new_tokens and top_k travel as int32 (tgedge.serving.protocol.REQUEST)
+
+
 def _add_sampling(p) -> None:
-    p.add_argument("--max-new-tokens", type=integer(1), default=64, help="most tokens to generate (default 64)")
+    p.add_argument("--max-new-tokens", type=integer(1, INT32_MAX), default=64, help="most tokens to generate (default 64)")
     p.add_argument("--temperature", type=real(0), default=0.0, help="0 = greedy (default); > 0 samples")
-    p.add_argument("--top-k", type=integer(0), default=0, help="sample from the k most likely tokens (0 = off)")
+    p.add_argument("--top-k", type=integer(0, INT32_MAX), default=0,
+                   help="sample from the k most likely tokens (0 = off)")
     p.add_argument("--top-p", type=real(0, 1, lo_open=True), default=1.0, help="nucleus sampling mass in (0, 1]")
     p.add_argument("--seed", type=SEED, default=0, help="sampling seed (default 0)")
 
@@ -164,8 +168,11 @@ def _add_client(sub) -> None:
 
 def cmd_client(args) -> int:
     from tgedge.errors import os_error
+    from tgedge.fileio import special_file
     from tgedge.serving.client import Session
 
+    if (kind := special_file(args.image)) is not None:  # before opening: a FIFO would block
+        raise TgedgeError(f"{args.image}: is {kind}, not an image")
     try:
         with open(args.image, "rb") as f:
             image = f.read()

@@ -23,6 +23,7 @@ import os
 import secrets
 import shutil
 import signal
+import stat
 import sys
 import tempfile
 import threading
@@ -56,6 +57,23 @@ def _real(path: str | Path) -> Path:
         return Path(os.path.realpath(path))
     except (OSError, ValueError) as e:
         raise TgedgeError(f"{path}: not a usable path ({e})") from None
+
+
+# What a path that is not a regular file is, in words.
+_SPECIAL = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+            (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def special_file(path: str | Path) -> str | None:
+    """What `path` is ("a FIFO (named pipe)", "a directory", ...) when it exists and is not a regular file, else None.
+    Checked before opening an input: reading a FIFO blocks until something writes to it, a device may never end."""
+    try:
+        mode = os.stat(path).st_mode  # symbolic links followed: what an open would read
+    except (OSError, ValueError):
+        return None  # missing or unreadable: the open that follows names it
+    if stat.S_ISREG(mode):
+        return None
+    return next((kind for test, kind in _SPECIAL if test(mode)), "a special file")
 
 
 # -- reading names from files ---------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tgedge.config import read_config_json
 from tgedge.errors import TgedgeError
 from tgedge.precision import REFERENCE, GraphEvidence, recognise
 
@@ -212,7 +213,9 @@ def inspect_engine(path: str | Path) -> dict:
                           f"{' or '.join(repr(t) for t in ENGINE_TAGS)})")
     out: dict = {"path": str(path), "bytes": size, "metadata": None, "layers": None}
     if is_export(path.parent):
-        engines = json.loads((path.parent / MANIFEST).read_text()).get("engines", {})
+        engines = read_config_json(path.parent / MANIFEST).get("engines", {})
+        if not isinstance(engines, dict) or not all(isinstance(m, dict) for m in engines.values()):
+            raise TgedgeError(f"{path.parent / MANIFEST}: engines must be an object of objects (got {engines!r:.40})")
         out["metadata"] = next((m for m in engines.values() if m.get("file") == path.name), None)
     meta = out["metadata"] or {}
     try:

@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from tgedge.errors import TgedgeError, os_error
+from tgedge.fileio import special_file
 from tgedge.prompt import BUILTIN_TEMPLATES, IMAGE_TOKEN, PromptTemplate, check_raw_prompt, split_question
 
 # The original LLaVA code marks image positions with this id where the vocabulary has no image token.
@@ -146,6 +147,8 @@ _pil_limit = threading.Lock()
 def load_image(path: str | Path) -> Image.Image:
     """Decode an image file; its size is checked against max_image_pixels() before any pixel is decoded."""
     limit = max_image_pixels()
+    if isinstance(path, (str, os.PathLike)) and (kind := special_file(path)) is not None:
+        raise TgedgeError(f"{path}: is {kind}, not an image")  # before opening: a FIFO would block
     try:
         with _pil_limit:  # tgedge's limit replaces PIL's, which only warns below 179 Mpx and refuses above
             saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None

@@ -63,11 +63,15 @@ class Sampler:
         logits = np.asarray(logits, dtype=np.float64).reshape(-1)
         if o.temperature == 0:
             return int(np.argmax(logits))
-        logits = logits / o.temperature
+        # In log space, the largest logit first: z <= 0 with its maximum at 0, so no temperature, however small,
+        # overflows into inf - inf = NaN; as the temperature goes to 0 every z but the largest goes to -inf, which
+        # is greedy (the limit, reached where the division underflows, e.g. a temperature of 1e-308).
+        with np.errstate(over="ignore"):
+            logits = (logits - logits.max()) / o.temperature
         if o.top_k:
             kth = np.sort(logits)[-min(o.top_k, logits.size)]
             logits = np.where(logits < kth, -np.inf, logits)
-        probs = np.exp(logits - logits.max())
+        probs = np.exp(logits)
         probs /= probs.sum()
         if o.top_p < 1:
             order = np.argsort(-probs, kind="stable")

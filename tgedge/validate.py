@@ -54,25 +54,68 @@ def _toml(path: Path) -> dict:
         raise TgedgeError(f"{path}: not valid TOML ({e})") from None
 
 
+# What a limit may be: the figure it bounds has a range (a cosine is in [-1, 1], a fraction in [0, 1], a difference
+# >= 0), and a limit outside it, or one the figure can never cross, would judge nothing.
+FRACTIONS = ("min_top1", "min_exact_match")  # fractions: a limit of 0 or less never fails
+
+
+def limit_problem(key: str, value) -> str | None:
+    """Why `value` cannot be the limit `key` (None when it can): a finite number (not a boolean), in the figure's
+    range, and one the figure can fail."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"must be a number (got {value!r})"
+    if math.isnan(value):
+        return None  # the caller's NaN message (a NaN limit passes everything)
+    if key == "min_cosine":
+        if value <= -1:
+            return f"= {value!r} can never fail (a cosine is never below -1): expected a number in [0, 1]"
+        return None if 0 <= value <= 1 else f"must be in [0, 1] (got {value!r})"
+    if key in FRACTIONS:
+        if value <= 0:
+            return f"= {value!r} can never fail (the fraction is never below 0): expected a number in (0, 1]"
+        return None if value <= 1 else f"must be in (0, 1] (got {value!r})"
+    if value == math.inf:
+        return "= inf can never fail: expected a finite number >= 0"
+    return None if value >= 0 else f"must be >= 0 (got {value!r})"
+
+
+def check_policy(tree: dict, path) -> None:
+    """Sections, stages and limits known, every limit a number the figure can fail; every problem in one message."""
+    nan = [b for b in bad_numbers(tree) if b.endswith(" nan")]
+    if nan:  # a NaN limit would pass everything: every comparison with NaN is False
+        raise TgedgeError(f"{path}: limits must be finite numbers: {', '.join(nan)}")
+    problems = []
+    for precision, stages in tree.items():
+        if precision not in PRECISIONS:
+            raise TgedgeError(f"{path}: unknown precision section [{precision}] (known: {', '.join(PRECISIONS)})")
+        if not isinstance(stages, dict):
+            raise TgedgeError(f"{path}: {precision} must be a section of stages (got {stages!r})")
+        for stage, limits in stages.items():
+            if stage not in STAGES:
+                raise TgedgeError(f"{path}: unknown stage [{precision}.{stage}] (known: {', '.join(STAGES)})")
+            if not isinstance(limits, dict):
+                raise TgedgeError(f"{path}: {precision}.{stage} must be a section of limits (got {limits!r})")
+            unknown = [k for k in limits if k not in LIMITS]
+            if unknown:
+                raise TgedgeError(f"{path}: [{precision}.{stage}] unknown limit(s) {', '.join(unknown)} "
+                                  f"(known: {', '.join(LIMITS)})")
+            problems += [f"{precision}.{stage}.{k} {why}" for k, v in limits.items()
+                         if (why := limit_problem(k, v)) is not None]
+    if problems:
+        raise TgedgeError(f"{path}: {'; '.join(problems)}")
+
+
 def load_policy(path: str | Path | None = None) -> dict[str, dict[str, dict[str, float]]]:
-    """The default policy, with a user file's keys laid over it; unknown precisions, stages or limits are errors."""
+    """The default policy, with a user file's keys laid over it; unknown precisions, stages or limits are errors,
+    and so is a limit that is not a number in its figure's range or can never fail (`limit_problem`)."""
     policy = _toml(DEFAULT_POLICY)
+    check_policy(policy, DEFAULT_POLICY)
     if path is None:
         return policy
     user = _toml(Path(path))
-    bad = bad_numbers(user, str(path))
-    if bad:  # a NaN limit would pass everything: every comparison with NaN is False
-        raise TgedgeError(f"{path}: limits must be finite numbers: {', '.join(bad)}")
+    check_policy(user, path)
     for precision, stages in user.items():
-        if precision not in PRECISIONS or not isinstance(stages, dict):
-            raise TgedgeError(f"{path}: unknown precision section [{precision}] (known: {', '.join(PRECISIONS)})")
         for stage, limits in stages.items():
-            if stage not in STAGES or not isinstance(limits, dict):
-                raise TgedgeError(f"{path}: unknown stage [{precision}.{stage}] (known: {', '.join(STAGES)})")
-            bad = [k for k in limits if k not in LIMITS]
-            if bad:
-                raise TgedgeError(f"{path}: [{precision}.{stage}] unknown limit(s) {', '.join(bad)} "
-                                  f"(known: {', '.join(LIMITS)})")
             policy.setdefault(precision, {}).setdefault(stage, {}).update(limits)
     return policy
 

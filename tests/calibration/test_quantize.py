@@ -158,6 +158,14 @@ def test_precision_specs():
         parse_precision("int3", graphs)
     with pytest.raises(TgedgeError, match="unknown graph 'visoin'"):
         parse_precision("visoin=fp16", graphs)
+    with pytest.raises(TgedgeError, match=r"--precision names decoder twice \(decoder=int4w, decoder=fp16\): give each"):
+        parse_precision("decoder=int4w, vision=fp16,decoder=fp16", graphs)
+
+
+def test_calib_and_calibration_conflict(demo_export, tmp_path):
+    with pytest.raises(TgedgeError, match="--calib and --calibration conflict"):
+        quantize_export(demo_export.directory, tmp_path / "q", "int8", calib=tmp_path, calibration=tmp_path / "c.json")
+    assert not (tmp_path / "q").exists()
 
 
 def test_bad_input(demo_export, tmp_path, capsys, caplog):

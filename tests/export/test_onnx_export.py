@@ -8,7 +8,7 @@ import pytest
 
 from tgedge.cli import main
 from tgedge.errors import TgedgeError
-from tgedge.export.onnx_export import export_model
+from tgedge.export.onnx_export import export_model, newest_opset
 from tgedge.export.specs import SPECS
 from tgedge.runtime.manifest import GRAPHS, Manifest
 
@@ -92,8 +92,13 @@ def test_external_data_and_plain_llava(tmp_path):
 
 
 def test_bad_options_are_errors_and_write_nothing(tmp_path):
+    import torch.onnx._constants
+
+    assert newest_opset() <= torch.onnx._constants.ONNX_MAX_OPSET  # torch's exporter fails above it
     with pytest.raises(TgedgeError, match="opset 11 is too old"):
         export_model("demo", tmp_path / "a", opset=11)
+    with pytest.raises(TgedgeError, match=f"opset {newest_opset() + 1} is newer than the installed exporter writes"):
+        export_model("demo", tmp_path / "a", opset=newest_opset() + 1)
     with pytest.raises(TgedgeError, match="--max-context must be in"):
         export_model("demo", tmp_path / "b", max_context=10)
     with pytest.raises(TgedgeError, match="checkpoint directory not found"):

@@ -1,6 +1,7 @@
 """The torch-free Pipeline against the PyTorch reference: same answers, same logits, clear errors."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from tgedge.data.folder import read_folder
 from tgedge.errors import TgedgeError
 from tgedge.export.onnx_export import export_model
 from tgedge.reference import TorchPipeline
+from tgedge.runtime.manifest import Manifest
 from tgedge.runtime.pipeline import Pipeline
 
 
@@ -142,3 +144,61 @@ def test_context_cap(demo_export):
     with Pipeline(demo_export.directory) as rt:
         with pytest.raises(TgedgeError, match="exceed the export's max context"):
             rt.setup_cache(rt.manifest.max_context + 1)
+
+
+def test_max_context_above_the_export_is_refused(demo_export, demo_eval, capsys):
+    """Not clamped silently: one line naming both numbers."""
+    first = read_folder(demo_eval)[0]
+    longest = Manifest.load(demo_export.directory).max_context
+    argv = ["run", str(demo_export.directory), "--image", str(first.image), "--prompt", first.prompt]
+    assert main([*argv, "--max-context", str(longest + 1)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--max-context {longest + 1} is above the export's max_context {longest}" in err
+    assert main([*argv, "--max-context", str(longest), "--max-new-tokens", "2"]) == 0
+
+
+def _raw_manifest(d, old, new):
+    text = (d / "manifest.json").read_text()
+    assert old in text
+    (d / "manifest.json").write_text(text.replace(old, new, 1))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m.update(graphs=[]), "manifest.json: graphs must be an object (got [])"),
+    (lambda m: m.update(max_context=True), "max_context must be an integer in [1, 2147483647] (got true)"),
+    (lambda m: m.update(max_context="2048"), 'max_context must be an integer in [1, 2147483647] (got "2048")'),
+    (lambda m: m.update(max_context=2 ** 40), "max_context must be an integer in [1, 2147483647] (got 1099511627776)"),
+    (lambda m: m.update(opset=17.0), "opset must be an integer in [1, 1000] (got 17.0)"),
+    (lambda m: m["dims"]["sequence_length"].update(max="many"), "dims.sequence_length must be"),
+    (lambda m: m["dims"]["sequence_length"].update(min=9, opt=3), "dims.sequence_length must have min <= opt <= max"),
+    (lambda m: m["graphs"].update(vision="vision.onnx"), 'graphs.vision must be an object (got "vision.onnx")'),
+    (lambda m: m["graphs"]["vision"].update(precision="fp8"), "graphs.vision.precision 'fp8' is not one of"),
+    (lambda m: m["graphs"]["vision"]["inputs"][0].update(shape=["batch", 1.5]), "graphs.vision.inputs[0].shape must be"),
+    (lambda m: m.update(dims=None, files=[]), "dims must be an object (got null); files must be an object (got [])"),
+])
+def test_manifest_fields_are_checked_at_load(broken, edit, message):
+    _manifest(broken, edit)
+    with pytest.raises(TgedgeError, match=re.escape(message)):
+        Manifest.load(broken)
+
+
+def test_manifest_numbers_json_cannot_hold(broken, demo_eval, capsys):
+    """1e400 reads as inf: refused at load, one line, by every command that reads a manifest."""
+    _raw_manifest(broken, '"max_context": ', '"max_context": 1e400, "was": ')
+    for argv in (["inspect", broken], ["quantize", broken, "--precision", "fp16", "-o", broken.parent / "q"],
+                 ["triton", broken, "-o", broken.parent / "repo"], ["validate", broken, "--data", demo_eval],
+                 ["run", broken, "--image", read_folder(demo_eval)[0].image, "--prompt", "q"]):
+        assert main([str(a) for a in argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "manifest.json: max_context must be an integer in [1, 2147483647] (got inf)" \
+            in err, (argv, err)
+
+
+@pytest.mark.parametrize("key", ["sha256", "fingerprint"])
+def test_a_graph_without_a_checksum_is_not_passed_unchecked(broken, key):
+    _manifest(broken, lambda m: m["graphs"]["vision"].update({key: None}))
+    verify = "sha256" if key == "sha256" else "fingerprint"
+    with pytest.raises(TgedgeError, match=f"graph 'vision' \\(vision.onnx\\) has no {key} in manifest.json, so it "
+                                          "cannot be checked: export again, or pass --no-verify"):
+        Pipeline(broken, verify=verify)
+    Pipeline(broken, verify=None).close()  # --no-verify: on purpose

@@ -29,7 +29,7 @@ from google.protobuf import text_format  # noqa: E402
 from tritonclient.grpc import model_config_pb2  # noqa: E402
 
 from tgedge.serving import repository  # noqa: E402
-from tgedge.serving.client import Session  # noqa: E402
+from tgedge.serving.client import Session, request_inputs  # noqa: E402
 from tgedge.serving.protocol import ENTRY_MODEL, REQUEST  # noqa: E402
 from tgedge.serving.server import TritonServer, find_tritonserver, free_port  # noqa: E402
 
@@ -401,3 +401,15 @@ def test_serve_cli_errors_are_one_line(tmp_path, capsys):
     code, _, err = run(capsys, "serve", broken.parent, "--quiet", "--timeout", "120", "--http-port", ports[0],
                        "--grpc-port", ports[1], "--metrics-port", ports[2])
     assert code == 2 and "this model cannot load" in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"max_new_tokens": 2 ** 31}, r"option max_new_tokens: 2147483648 does not fit the request's int32 field"),
+    ({"top_k": -2 ** 31 - 1}, r"option top_k: -2147483649 does not fit"),
+    ({"max_new_tokens": True}, "option max_new_tokens: True does not fit"),
+    ({"temperature": float("nan")}, "option temperature: nan is not a finite number"),
+])
+def test_request_fields_are_range_checked_not_wrapped(options, message):
+    """numpy would wrap 2^31 into int32 (-2^31): the request refuses it instead."""
+    with pytest.raises(TgedgeError, match=message):
+        request_inputs(b"image", "what color?", **options)

@@ -14,7 +14,7 @@ from typing import Iterable
 
 from tgedge.errors import TgedgeError
 from tgedge.errors import os_error
-from tgedge.fileio import atomic_dir, inside
+from tgedge.fileio import atomic_dir, inside, special_file
 
 REQUIRED = ("image", "prompt")
 OPTIONAL = ("answer", "type")  # strings or null
@@ -61,6 +61,8 @@ def read_folder(directory: str | Path) -> list[Record]:
         if not row["prompt"].strip():
             raise TgedgeError(f"{path}:{n}: empty prompt")
         image = inside(directory, row["image"], f"{path}:{n} image")
+        if (kind := special_file(image)) is not None:  # refused before anything opens it: a FIFO would block
+            raise TgedgeError(f"{path}:{n}: image {row['image']} is {kind}, not an image")
         if not image.is_file():
             raise TgedgeError(f"{path}:{n}: image {row['image']} not found")
         records.append(Record(image, row["prompt"], row.get("answer"), row.get("type"), n))

@@ -11,6 +11,7 @@ Errors (no server, no such model, a request the server refuses) are `TgedgeError
 from __future__ import annotations
 
 import json
+import math
 import queue
 import time
 from dataclasses import dataclass
@@ -63,13 +64,27 @@ def request_inputs(image: bytes, question: str, **options) -> list:
             value = values[f.name]
         elif options.get(f.name) is not None:
             value = (np.array([str(options[f.name]).encode("utf-8")], dtype=np.object_) if f.dtype == "bytes"
-                     else np.array([options[f.name]], dtype=f.dtype))
+                     else np.array([_fitting(f, options[f.name])], dtype=f.dtype))
         else:
             continue
         tensor = grpcclient.InferInput(f.name, list(value.shape), WIRE_TYPES[f.dtype])
         tensor.set_data_from_numpy(value)
         inputs.append(tensor)
     return inputs
+
+
+def _fitting(f, value):
+    """`value` if the request field's dtype holds it: numpy would wrap an integer beyond int32 (3e9 -> negative)."""
+    kind = np.dtype(f.dtype).kind
+    if kind in "iu":
+        info = np.iinfo(f.dtype)
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not info.min <= value <= info.max:
+            raise TgedgeError(f"option {f.name}: {value!r} does not fit the request's {f.dtype} field "
+                              f"(expected an integer in [{info.min}, {info.max}])")
+    elif kind == "f" and (isinstance(value, bool) or not isinstance(value, (int, float, np.number))
+                          or not math.isfinite(value)):
+        raise TgedgeError(f"option {f.name}: {value!r} is not a finite number")
+    return value
 
 
 @dataclass
