@@ -113,32 +113,10 @@ def cmd_export(args) -> int:
     return 0
 
 
-SMOOTH_AUTO = "auto"
-
-
-def smooth_alpha(value: str) -> float | str | None:
-    if value.strip().lower() in ("none", SMOOTH_AUTO):
-        return None if value.strip().lower() == "none" else SMOOTH_AUTO
-    return real(0.0, 1.0)(value)
-
-
-def resolve_smooth(smooth, calibration: str | None, method: str) -> float | None:
-    """--smooth auto: SmoothQuant at its default alpha when min/max ranges are measured (--calib; entropy and
-    percentile ranges do not carry the per-channel maxima it needs, so none there); a reused calibration.json
-    keeps what it was calibrated with (its alpha if it holds per-channel maxima, else none). An unreadable file is left
-    to the calibration reader, which names what is wrong."""
-    if smooth != SMOOTH_AUTO:
-        return smooth
-    from tgedge.calibration.smooth import DEFAULT_ALPHA
-
-    if calibration is None:
-        return DEFAULT_ALPHA if method == "minmax" else None
-    try:
-        saved = json.loads(Path(calibration).read_text())
-        alpha = saved.get("smooth") if isinstance(saved.get("channels"), dict) else None
-        return alpha if isinstance(alpha, (int, float)) and not isinstance(alpha, bool) else None
-    except (OSError, ValueError, AttributeError):
+def smooth_alpha(value: str) -> float | None:
+    if value.strip().lower() == "none":
         return None
+    return real(0.0, 1.0)(value)
 
 
 def _add_quantize(sub) -> None:
@@ -164,11 +142,10 @@ def _add_quantize(sub) -> None:
     p.add_argument("--int8-attention", action="store_true",
                    help="int8: also quantise the MatMuls between two activations (attention's Q K^T and P V), "
                         "which stay fp32 by default (docs/QUANTIZATION.md has the measurement)")
-    p.add_argument("--smooth", type=smooth_alpha, default=SMOOTH_AUTO, metavar="ALPHA|none|auto",
+    p.add_argument("--smooth", type=smooth_alpha, default=None, metavar="ALPHA|none",
                    help="int8: SmoothQuant with this alpha in [0, 1] before quantising (activation outlier channels "
                         "moved into the weights, folded into the norms and up projections: the graph keeps its ops); "
-                        "default auto: 0.5 when min/max ranges are measured with --calib, what a reused --calibration file "
-                        "was calibrated with, none with --method entropy/percentile (docs/QUANTIZATION.md has the measurements)")
+                        "default none (docs/QUANTIZATION.md has the measurements)")
     p.add_argument("--awq", action="store_true",
                    help="int4w / int8w: activation-aware scales (AWQ-style) before the weight blocks, from the --calib "
                         "samples' per-channel statistics (folded into the norms and up projections)")
@@ -190,8 +167,7 @@ def cmd_quantize(args) -> int:
         result = quantize_export(args.export_dir, args.output, args.precision, args.calib, args.method, args.exclude,
                                  args.calibration, args.calib_limit, on_step=say, progress=bar.update,
                                  force=args.force, block_size=args.block_size, accuracy_level=args.accuracy_level,
-                                 int8_attention=args.int8_attention,
-                                 smooth=resolve_smooth(args.smooth, args.calibration, args.method), awq=args.awq)
+                                 int8_attention=args.int8_attention, smooth=args.smooth, awq=args.awq)
     if args.json:
         print(json.dumps(result.to_dict()))
         return 0

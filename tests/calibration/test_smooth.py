@@ -1,8 +1,6 @@
 """SmoothQuant (tgedge.calibration.smooth): which inputs it folds, that the smoothed fp32 graph computes the same
 function, and that the per-channel maxima come from the streamed min/max pass."""
 
-import json
-
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -123,21 +121,3 @@ def test_quantize_records_and_refuses(demo_export, tmp_path):
         with pytest.raises(TgedgeError, match=match):
             quantize_export(demo_export.directory, tmp_path / "x", **kwargs)
         assert not (tmp_path / "x").exists()
-
-
-def test_the_cli_default_smooths_measured_ranges_and_keeps_a_reused_files_choice(tmp_path):
-    """`--smooth auto` (the default): alpha 0.5 when min/max ranges are measured, none for entropy/percentile ranges;
-    a reused calibration.json keeps what it was calibrated with; explicit values win."""
-    from tgedge.calibration.smooth import DEFAULT_ALPHA
-    from tgedge.cli_deploy import SMOOTH_AUTO, resolve_smooth, smooth_alpha
-
-    assert smooth_alpha("auto") == SMOOTH_AUTO and smooth_alpha("none") is None and smooth_alpha("0.3") == 0.3
-    assert resolve_smooth(SMOOTH_AUTO, None, "minmax") == DEFAULT_ALPHA == 0.5
-    assert resolve_smooth(SMOOTH_AUTO, None, "entropy") is None
-    smoothed, plain = tmp_path / "s.json", tmp_path / "p.json"
-    smoothed.write_text(json.dumps({"method": "minmax", "graphs": {}, "smooth": 0.7, "channels": {"decoder": {}}}))
-    plain.write_text(json.dumps({"method": "minmax", "graphs": {}}))
-    assert resolve_smooth(SMOOTH_AUTO, str(smoothed), "minmax") == 0.7
-    assert resolve_smooth(SMOOTH_AUTO, str(plain), "minmax") is None
-    assert resolve_smooth(SMOOTH_AUTO, str(tmp_path / "missing.json"), "minmax") is None  # the reader reports it
-    assert resolve_smooth(None, None, "minmax") is None and resolve_smooth(0.2, str(smoothed), "minmax") == 0.2
