@@ -86,7 +86,7 @@ def main() -> int:
     perturb = [("noise 0.1 %", lambda w: w + 1e-3 * w.std() * torch.randn_like(w)),
                ("noise 1 %", lambda w: w + 1e-2 * w.std() * torch.randn_like(w)), ("8-bit rounding", _round8),
                ("4-bit, blocks 32", round4)]
-    print(f"{'variant':<40}{'top-1 p50':>10}" + "".join(f"{name:>16}" for name, _ in perturb))
+    print(f"{'variant':<40}{'top-1 p50':>10}" + "".join(f"{name:>18}" for name, _ in perturb))
     for label, kw in VARIANTS:
         redraw(lm, model.cfg.decoder.hidden_size, **kw)
         options = pipe.options(max_new_tokens=args.tokens, eos_token_ids=[], stop_strings=[])
@@ -104,7 +104,7 @@ def main() -> int:
                 out = [forced_logits(pipe, x, t) for x, t in runs]
             for m, w in zip(linears, saved):
                 m.weight.data = w
-            row += f"{np.mean(np.concatenate([a.argmax(-1) == b.argmax(-1) for a, b in zip(ref, out)])):>16.3f}"
+            row += f"{np.mean(np.concatenate([a.argmax(-1) == b.argmax(-1) for a, b in zip(ref, out)])):>18.3f}"
         print(row, flush=True)
     return 0
 
