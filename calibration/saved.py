@@ -55,13 +55,19 @@ def _array(value, key: str, dtypes: tuple[str, ...], out: list[str]):
     return _flat(value["data"])
 
 
+def _object_problems(value: dict, key: str, known: tuple, cls: str) -> list[str]:
+    """An onnxruntime-serialised object's keys and CLS (absent: taken as `cls`); `value` is a dict."""
+    unknown = sorted(set(value) - set(known))
+    out = [f"{key}: unknown key(s) {', '.join(unknown)} (known: {', '.join(known)})"] if unknown else []
+    if value.get("CLS", cls) != cls:
+        out.append(f"{key}.CLS must be {cls} (got {value['CLS']!r})")
+    return out
+
+
 def _tensor_problems(t, key: str) -> list[str]:
     if not isinstance(t, dict):
         return [f"{key} must be an object (got {json.dumps(t)[:40]})"]
-    out = [f"{key}: unknown key(s) {', '.join(sorted(set(t) - set(TENSOR_KEYS)))} (known: {', '.join(TENSOR_KEYS)})"] \
-        if set(t) - set(TENSOR_KEYS) else []
-    if t.get("CLS", "TensorData") != "TensorData":
-        out.append(f"{key}.CLS must be TensorData (got {t['CLS']!r})")
+    out = _object_problems(t, key, TENSOR_KEYS, "TensorData")
     out += [f"{key}.{k} missing" for k in ("lowest", "highest") if k not in t]
     values = {k: _array(t[k], f"{key}.{k}", FLOAT_DTYPES, out) for k in TENSOR_FLOATS if k in t}
     for k in ("hist", "bins"):
@@ -78,10 +84,7 @@ def _tensor_problems(t, key: str) -> list[str]:
 def _graph_problems(g, key: str) -> list[str]:
     if not isinstance(g, dict):
         return [f"{key} must be an object (got {json.dumps(g)[:40]})"]
-    out = [f"{key}: unknown key(s) {', '.join(sorted(set(g) - set(GRAPH_KEYS)))} (known: {', '.join(GRAPH_KEYS)})"] \
-        if set(g) - set(GRAPH_KEYS) else []
-    if g.get("CLS", "TensorsData") != "TensorsData":
-        out.append(f"{key}.CLS must be TensorsData (got {g['CLS']!r})")
+    out = _object_problems(g, key, GRAPH_KEYS, "TensorsData")
     method = g.get("calibration_method")
     name = method.get("value") if isinstance(method, dict) and method.get("CLS") == "CalibrationMethod" else method
     if not isinstance(name, str) or name.split(".")[-1] not in CALIBRATION_METHODS:

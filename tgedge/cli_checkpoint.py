@@ -144,12 +144,9 @@ def cmd_random(args) -> int:
 
 def cmd_stats(args) -> int:
     from tgedge.model_stats import checkpoint_stats, format_stats
-    from tgedge.presets import CLIP_SUBDIR, MARKER
 
-    clip = args.clip
-    if clip is None and (Path(args.checkpoint) / MARKER).is_file():  # this command's own output: its CLIP dir
-        clip = str(Path(args.checkpoint) / CLIP_SUBDIR)
-    stats = checkpoint_stats(args.checkpoint, clip, args.image, args.prompt, args.max_new_tokens,
+    # a `checkpoint random` output needs no --clip: the original layout's reader finds CKPT/clip by its marker
+    stats = checkpoint_stats(args.checkpoint, args.clip, args.image, args.prompt, args.max_new_tokens,
                              sensitivity=args.sensitivity)
     print(json.dumps(stats) if args.json else format_stats(stats))
     return 0
