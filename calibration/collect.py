@@ -83,7 +83,8 @@ def _answer_all(export_dir: str | Path, data: str | Path, limit: int | None, max
             raise TgedgeError(f"{export_dir}: calibrate on the fp32 export (these graphs are not fp32: {bad})")
         options = pipe.options(max_new_tokens=max_new_tokens)
         for r in records:
-            pipe.answer(r.image, r.prompt, options)
+            with r.errors():
+                pipe.answer(r.image, r.prompt, options)
             if progress is not None:
                 progress()
 

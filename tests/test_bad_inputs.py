@@ -75,6 +75,17 @@ def w(tmp_path_factory):
         (d / "config.json").unlink()
         (d / "config.json").symlink_to(d / "config.json")
 
+    clip = tiny.clip_dir(root / "clip")
+    guide_swapped = tiny.original_tg_checkpoint(root / "guide_swapped", clip)
+    shutil.copy(clip / "tokenizer.json", guide_swapped / "tokenizer.json")  # the decoder's, replaced by the guide's
+
+    def entry_without_stage(name):  # a repository whose entry model calls a stage that is not there
+        repo = root / name
+        (repo / "tgedge").mkdir(parents=True)
+        (repo / "tgedge" / "config.pbtxt").write_text(
+            'name: "tgedge"\nbackend: "python"\nparameters { key: "bls_stages" value { string_value: "vision" } }\n')
+        return repo
+
     def policy(name, text):
         (root / f"{name}.toml").write_text(text)
         return root / f"{name}.toml"
@@ -88,11 +99,16 @@ def w(tmp_path_factory):
     os.mkfifo(fifo)  # reading it would block until something writes
     fifo_data = data_folder("fifo_data", [{**good, "image": "images/pipe.png"}])
     os.mkfifo(fifo_data / "images" / "pipe.png")
+    corrupt = data_folder("corrupt", [good])
+    (corrupt / "images" / "a.png").write_bytes(b"not a png at all")
+    loop = root / "loop"
+    loop.symlink_to(loop)
     grey16 = root / "grey16.png"
     Image.fromarray((np.arange(40 * 50).reshape(40, 50) * 30).astype(np.uint16)).save(grey16)
     return SimpleNamespace(
         root=root, ckpt=ckpt, image=image, data=data, grey16=grey16, policies=policies, fifo=fifo,
-        fifo_data=fifo_data,
+        fifo_data=fifo_data, corrupt=corrupt, loop=loop, no_stage=entry_without_stage("no_stage"),
+        guide_swapped=guide_swapped, clip=clip,
         bomb=big_png_header(root / "bomb.png", 20000, 20000),
         not_utf8=data_folder("not_utf8", [good, b'{"image": "images/a.png", "prompt": "caf\xe9"}\n']),
         up=data_folder("up", [{**good, "image": "../secret.png"}]),
@@ -198,7 +214,20 @@ ROWS = [
     ("image symlink out", lambda w: ["eval", w.ckpt, "--data", w.symlink], "'images/link.png' resolves to"),
     ("answer type", lambda w: ["eval", w.ckpt, "--data", w.answer_type], "samples.jsonl:1: answer must be a string or null"),
     ("jsonl empty prompt", lambda w: ["eval", w.ckpt, "--data", w.empty_prompt], "samples.jsonl:1: empty prompt"),
-    ("data is a file", lambda w: ["eval", w.ckpt, "--data", w.image], "data folder not found"),
+    ("data is a file", lambda w: ["eval", w.ckpt, "--data", w.image], "image.png: is a file, not a data folder"),
+    ("data image corrupt", lambda w: ["eval", w.ckpt, "--data", w.corrupt], "corrupt/samples.jsonl:1: "),
+    # paths: say what is wrong with them, not "not found" or "File exists"
+    ("checkpoint symlink loop", lambda w: RUN(w, ckpt=w.loop), "loop: checkpoint directory: a symlink loop"),
+    ("checkpoint is a file", lambda w: RUN(w, ckpt=w.image), "image.png: is a file, not a checkpoint directory"),
+    ("output under a file", lambda w: ["data", "shapes", "-n", "1", "-o", w.image / "sub"],
+     "image.png is a file, not a directory"),
+    ("output under a loop", lambda w: ["data", "shapes", "-n", "1", "-o", w.loop / "sub"], "loop is a symlink loop"),
+    # files swapped for another model's
+    ("tokenizer swapped for the guide's", lambda w: RUN(w, "--clip", w.clip, ckpt=w.guide_swapped),
+     "guide_swapped/tokenizer.json: the same vocabulary as the text guide's CLIP tokenizer"),
+    # serving: every model the entry calls is in the repository before the server starts
+    ("serve without a stage", lambda w: ["serve", w.no_stage, "--quiet"],
+     "no_stage: model vision missing from the repository"),
     # policies: every limit a number in its figure's range, one that can fail
     *[(f"policy {name}", (lambda name: lambda w: ["validate", w.root, "--data", w.data, "--policy",
                                                   w.policies[name]])(name), fragment) for name, fragment in [

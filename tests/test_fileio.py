@@ -228,3 +228,20 @@ def test_bad_numbers():
     assert bad_numbers(tree) == ["vision.max_abs nan", "graphs.a[2] -inf"]
     assert bad_numbers(tree, "calibration.json", max_abs=1e6) == [
         "calibration.json.vision.max_abs nan", "calibration.json.graphs.a[1] 1e+30", "calibration.json.graphs.a[2] -inf"]
+
+
+def test_a_served_repository_may_be_replaced(tmp_path):
+    """tritonserver's Python caches the repository's model.py files beside them; that cache is derived from what
+    tgedge wrote, so `tgedge triton -o REPO` still replaces the repository; other foreign files still refuse."""
+    out = tmp_path / "repo"
+    with atomic_dir(out, kind="repository") as tmp:
+        (tmp / "tgedge" / "1").mkdir(parents=True)
+        (tmp / "tgedge" / "1" / "model.py").write_text("x = 1\n")
+    (out / "tgedge" / "1" / "__pycache__").mkdir()
+    (out / "tgedge" / "1" / "__pycache__" / "model.cpython-311.pyc").write_bytes(b"\0")
+    assert check_output(out, kind="repository") == out.resolve()
+    with pytest.raises(TgedgeError, match="not export"):
+        check_output(out, kind="export")
+    (out / "tgedge" / "1" / "notes.pyc").write_bytes(b"\0")  # not in a __pycache__: the user's
+    with pytest.raises(TgedgeError, match=r"holds files tgedge did not write \(tgedge/1/notes.pyc\)"):
+        check_output(out, kind="repository")

@@ -225,3 +225,16 @@ def test_empty_prompt_refused(pre):
     for prompt in ("", "   ", "<image>\n"):
         with pytest.raises(TgedgeError, match="empty prompt"):
             pre.prompt(prompt)
+
+
+def test_a_tokenizer_too_small_for_the_model_is_refused(pre):
+    """Another model's tokenizer (the probe's: the guide's CLIP one for a Qwen2 decoder, whose EOS id is 151645)
+    would answer nothing; the EOS id beyond its vocabulary names it."""
+    from dataclasses import replace
+
+    beyond = pre.tokenizer.vocab_size
+    with pytest.raises(TgedgeError, match=rf"t.json: has {beyond} tokens, but this model's EOS id {beyond} lies "):
+        Preprocessor(replace(pre.spec, eos_token_ids=[beyond]), pre.tokenizer, pre.guide_tokenizer)
+    assert Preprocessor(replace(pre.spec, eos_token_ids=[beyond - 1]), pre.tokenizer, pre.guide_tokenizer)
+    with pytest.raises(TgedgeError, match="the same vocabulary as the text guide's CLIP tokenizer"):
+        Preprocessor(pre.spec, pre.guide_tokenizer, pre.guide_tokenizer)

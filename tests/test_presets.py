@@ -387,3 +387,17 @@ def test_a_random_checkpoint_finds_its_clip_directory(tiny):
             load_model(out)
     finally:
         (out / "moved.json").rename(out / presets.MARKER)
+
+
+def test_path_shape_flags_a_path_of_one_token():
+    """A greedy path that repeats one token is one attractor: `checkpoint stats` says so (the 0.5 B realistic
+    preset's did, 1 distinct of 16); a varied path is not flagged."""
+    from tgedge.model_stats import format_stats, path_shape
+
+    assert path_shape([7] * 16) == {"tokens": 16, "distinct": 1, "longest_repeat": 16}
+    assert path_shape([1, 2, 2, 3, 2, 2, 2]) == {"tokens": 7, "distinct": 3, "longest_repeat": 3}
+    stats = {"checkpoint": "c", "prompt_tokens": 5, "image": "i", "prompt": "p", "stages": {}, "vision": {"layers": 0},
+             "decoder": {"layers": 0}, "logits": {"last_std": 1.0, "last_max": 2.0, "std_mean": 1.0},
+             "top1": {"positions": 16, "p10": 0.5, "p50": 0.6, "p90": 0.7}}
+    assert "degenerate" in format_stats({**stats, "greedy": path_shape([7] * 16)})
+    assert "degenerate" not in format_stats({**stats, "greedy": path_shape(list(range(16)))})

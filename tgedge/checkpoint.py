@@ -25,7 +25,7 @@ import torch
 from tgedge import config as C
 from tgedge import layouts
 from tgedge.contract import preprocess_needs
-from tgedge.errors import TgedgeError
+from tgedge.errors import TgedgeError, absent
 from tgedge.fileio import atomic_dir, inside, usual_file_mode
 from tgedge.layouts.common import read_weights, shard_files  # noqa: F401  (re-exported: common reading)
 from tgedge.layouts.tgedge_layout import config_json
@@ -77,7 +77,7 @@ def load_checkpoint(path: str | Path, clip: str | Path | None = None) -> Checkpo
 
     path = resolve_checkpoint(path)
     if not path.is_dir():
-        raise TgedgeError(f"{path}: checkpoint directory not found")
+        raise TgedgeError(f"{path}: {absent(path, 'checkpoint directory')}")
     raw = C.read_config_json(path / "config.json")
     parts = layouts.layout_of(raw, path).read(path, raw, Path(clip) if clip else None)
     cfg, weights, guide_tok_path = parts.config, parts.weights, parts.guide_tokenizer

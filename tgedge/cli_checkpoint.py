@@ -94,7 +94,7 @@ def register(sub) -> None:
 
 
 def cmd_presets(args) -> int:
-    from tgedge.presets import PRESETS, summary
+    from tgedge.presets import PRESETS, size_text, summary
 
     rows = [summary(p, args.dtype) for p in PRESETS.values()]
     if args.json:
@@ -104,7 +104,7 @@ def cmd_presets(args) -> int:
     for row in rows:
         n = row["parameters"]
         print(f"{row['preset']:<18}{row['decoder']:<22}{'yes' if row['tg'] else 'no':<4}{_count(n['total']):>11}"
-              f"{_count(n['loaded']):>11}{_gb(row['weight_bytes']):>11}")
+              f"{_count(n['loaded']):>11}{size_text(row['weight_bytes']):>11}")
     print(f"weights at {args.dtype}; loaded: what tgedge uses (the rest is saved by the reference, unused)\n"
           "all weights are random: for memory, time and shape tests only")
     return 0
@@ -113,7 +113,7 @@ def cmd_presets(args) -> int:
 def cmd_random(args) -> int:
     from tqdm import tqdm
 
-    from tgedge.presets import CLIP_SUBDIR, get, plan, write_random
+    from tgedge.presets import CLIP_SUBDIR, get, plan, size_text, write_random
 
     preset = get(args.preset)
     start = time.perf_counter()
@@ -133,7 +133,7 @@ def cmd_random(args) -> int:
     n = info["parameters"]
     outliers = f"{info['outliers']} outlier channels per tower" if info["outliers"] else "no outlier channels"
     print(f"wrote {preset.name}: {n['total']:,} parameters ({n['loaded']:,} loaded by tgedge), random {args.dtype} "
-          f"weights (seed {args.seed}, {info['init']} init, {outliers}), {_gb(info['bytes'])} in "
+          f"weights (seed {args.seed}, {info['init']} init, {outliers}), {size_text(info['bytes'])} in "
           f"{result['seconds']:.1f} s")
     print(f"  {out}  checkpoint ({preset.model_type}, original LLaVA layout)")
     print(f"  {clip}  CLIP towers, tokenizer and image processor")
@@ -154,7 +154,3 @@ def cmd_stats(args) -> int:
 
 def _count(n: int) -> str:
     return f"{n / 1e9:.3f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"
-
-
-def _gb(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"

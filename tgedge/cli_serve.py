@@ -86,6 +86,7 @@ def _add_serve(sub) -> None:
 
 
 def cmd_serve(args) -> int:
+    from tgedge.serving.repository import check_repository
     from tgedge.serving.server import TritonServer
 
     ports = [args.http_port, args.grpc_port, args.metrics_port]
@@ -93,21 +94,26 @@ def cmd_serve(args) -> int:
         raise TgedgeError(f"--http-port, --grpc-port and --metrics-port must differ (got {', '.join(map(str, ports))})")
     server = TritonServer(args.repository, *ports, host=args.host, tritonserver=args.tritonserver,
                           echo=not args.quiet)
-    # Ctrl-C and SIGTERM stop the server (a shell that started us in the background may have ignored SIGINT)
-    previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    check_repository(args.repository)
+    # Ctrl-C stops the server, exit 0 (a shell that started us in the background may have ignored SIGINT);
+    # SIGTERM too, exit 143 (tgedge.cli's handler raises Terminated, which this unwinds like Ctrl-C)
+    previous = {signal.SIGINT: signal.signal(signal.SIGINT, _raise_interrupt)}
     try:
         if not args.quiet:
             print(f"starting {server.install.source} on {args.repository}", file=sys.stderr, flush=True)
         server.start(args.timeout)
+        server.check_models(args.repository)
         print(f"ready: grpc {server.grpc_url}  http {server.http_url}  metrics "
               f"http://{server.client_host}:{server.metrics_port}/metrics  (Ctrl-C stops)", flush=True)
         while server.running:
             time.sleep(0.5)
         raise TgedgeError(f"tritonserver exited with code {server.process.returncode}: "
                           f"{_last_error(server)}")
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if not args.quiet:
             print("stopping tritonserver", file=sys.stderr, flush=True)
+        if type(e) is not KeyboardInterrupt:  # tgedge.cli.Terminated: SIGTERM, exit 143 at the boundary
+            raise
         return 0
     finally:
         server.stop()

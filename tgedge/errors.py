@@ -8,7 +8,9 @@ The CLI prints a `TgedgeError` as one line and exits 2; anything else is a bug a
 from __future__ import annotations
 
 import errno
+import os
 import sys
+from pathlib import Path
 
 # What an OS error means for the user, where strerror alone is terse.
 _OS_HINTS = {errno.ENOSPC: "no space left on the device", errno.EROFS: "read-only file system",
@@ -30,8 +32,46 @@ def os_error(e: OSError, path=None) -> TgedgeError:
     """`path: what went wrong` for an OSError; `path` names the user's file where e.filename is a temporary one."""
     name = path if path is not None else e.filename
     reason = _OS_HINTS.get(e.errno) or e.strerror or str(e)
+    if e.errno in (errno.EEXIST, errno.ENOTDIR, errno.ELOOP) and name is not None:
+        reason = _blocking_parent(name) or reason  # `mkdir -p afile/sub`: "File exists" names nothing useful
     other = f" -> {e.filename2}" if e.filename2 is not None and path is None else ""
     return TgedgeError(f"{name}{other}: {reason}" if name is not None else reason)
+
+
+def _blocking_parent(path) -> str | None:
+    """Why a path cannot be made or reached: the first of its parents that is a file or a symlink loop."""
+    for parent in reversed(Path(path).parents):
+        if str(parent) in ("", ".", "/"):
+            continue
+        if os.path.islink(parent) and not os.path.exists(parent):
+            try:
+                os.stat(parent)
+            except OSError as e:
+                if e.errno == errno.ELOOP:
+                    return f"{parent} is a symlink loop"
+            return f"{parent} is a broken symlink (to {os.readlink(parent)})"
+        if os.path.exists(parent) and not os.path.isdir(parent):
+            return f"{parent} is a file, not a directory"
+    return None
+
+
+def absent(path, what: str) -> str:
+    """The end of a `PATH: ...` message for a `what` (e.g. "checkpoint directory") that cannot be used: not
+    found, a symlink loop, a broken symlink, or a parent that is a file; never "not found" for what exists."""
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return f"{what}: a symlink loop"
+        if os.path.islink(path):
+            return f"{what}: a broken symlink (to {os.readlink(path)})"
+        if e.errno in (errno.EACCES, errno.EPERM):
+            return f"{what}: permission denied"
+        blocked = _blocking_parent(path)
+        return f"{what} not found" + (f" ({blocked})" if blocked else "")
+    if os.path.isdir(path):
+        return f"is a directory, not a {what}"
+    return f"is a file, not a {what}"
 
 
 def as_user_error(e: BaseException) -> TgedgeError | None:

@@ -45,7 +45,8 @@ def evaluate(answer_fn, records: list[Record], progress=None, max_failures: int 
     counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     report = EvalReport()
     for r in records:
-        got = answer_fn(r.image, r.prompt)
+        with r.errors():
+            got = answer_fn(r.image, r.prompt)
         ok = normalize(got) == normalize(r.answer)
         kind = r.type or "all"
         counts[kind][0] += 1

@@ -142,6 +142,12 @@ def _same_kind(a: str, b: str) -> bool:
     return a == b or "output" in (a, b)
 
 
+def _derived(kind: str, name: str) -> bool:
+    """A file a server derives from what tgedge wrote: Python's cache of a repository's model.py files, which
+    tritonserver's Python-backend stubs write beside them when they load the models."""
+    return kind == "repository" and name.endswith(".pyc") and "__pycache__" in name.split("/")[:-1]
+
+
 def check_output(out: str | Path, kind: str = "output", inputs: Iterable = (), force: bool = False) -> Path:
     """Refuse an `-o` that tgedge may not replace (one line, naming it); return the directory it will write."""
     if kind not in KINDS:
@@ -184,7 +190,7 @@ def check_output(out: str | Path, kind: str = "output", inputs: Iterable = (), f
     if not _same_kind(marker["kind"], kind):
         raise TgedgeError(f"{out}: holds a tgedge {marker['kind']} output, not {kind}: {hint}")
     written = set(marker.get("files") or [])
-    foreign = [f for f in _files(target) if f not in written]
+    foreign = [f for f in _files(target) if f not in written and not _derived(kind, f)]
     if foreign:
         shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
         raise TgedgeError(f"{out}: holds files tgedge did not write ({shown}): move them, or pass --force")

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from tgedge.config import read_config_json
-from tgedge.errors import TgedgeError
+from tgedge.errors import TgedgeError, absent
 from tgedge.precision import REFERENCE, GraphEvidence, recognise
 
 COMPUTE_OPS = ("MatMul", "Gemm", "Conv")
@@ -74,7 +74,7 @@ def load_onnx(path: Path):
     from google.protobuf.message import DecodeError
 
     if not path.exists():
-        raise TgedgeError(f"{path}: not found")
+        raise TgedgeError(f"{path}: {absent(path, 'file')}")
     try:
         return onnx.load(str(path), load_external_data=False)
     except (DecodeError, RuntimeError, ValueError, OSError) as e:
@@ -202,7 +202,7 @@ def inspect_engine(path: str | Path) -> dict:
 
     path = Path(path)
     if not path.exists():
-        raise TgedgeError(f"{path}: not found")
+        raise TgedgeError(f"{path}: {absent(path, 'file')}")
     size = path.stat().st_size
     if size < 1024:
         raise TgedgeError(f"{path}: not a TensorRT engine, or truncated ({size} bytes)")
@@ -239,7 +239,7 @@ def inspect_path(path: str | Path) -> dict:
     if path.is_dir():
         return {"kind": "export", **inspect_export(path)}
     if not path.exists():
-        raise TgedgeError(f"{path}: not found")
+        raise TgedgeError(f"{path}: {absent(path, 'file')}")
     if path.suffix in (".engine", ".plan", ".trt"):
         return {"kind": "engine", **inspect_engine(path)}
     return {"kind": "onnx", **inspect_onnx(path).to_dict()}

@@ -217,7 +217,19 @@ def checkpoint_stats(path: str | Path, clip: str | Path | None = None, image: st
             "logits": {"last_std": float(last.std()), "last_max": float(np.abs(last).max()),
                        "std_mean": float(np.mean([row.std() for row in steps.logits]))},
             "top1": {"positions": len(top1), **{f"p{round(q * 100)}": float(np.quantile(top1, q))
-                                                for q in QUANTILES}}, **extra}
+                                                for q in QUANTILES}},
+            "greedy": path_shape(result.tokens), **extra}
+
+
+def path_shape(tokens: list[int]) -> dict:
+    """How varied a greedy path is: distinct tokens and the longest run of one token. A path that repeats one
+    token makes top-1 agreement one coin per question (every position follows the same attractor), so a
+    quantiser's figures on it say little; a trained model's answer is varied."""
+    run = best = 0
+    for i, t in enumerate(tokens):
+        run = run + 1 if i and t == tokens[i - 1] else 1
+        best = max(best, run)
+    return {"tokens": len(tokens), "distinct": len(set(tokens)), "longest_repeat": best}
 
 
 def format_stats(s: dict) -> str:
@@ -240,6 +252,10 @@ def format_stats(s: dict) -> str:
     lines.append(f"logits: last-position std {lg['last_std']:.3g} (max |x| {lg['last_max']:.3g}), mean std over "
                  f"positions {lg['std_mean']:.3g}; top-1 probability p10 / p50 / p90: "
                  f"{q['p10']:.3g} / {q['p50']:.3g} / {q['p90']:.3g}")
+    g = s["greedy"]
+    lines.append(f"greedy path: {g['distinct']} distinct of {g['tokens']} tokens, longest run of one token "
+                 f"{g['longest_repeat']}" + ("  (degenerate: one attractor, top-1 agreement is one coin per "
+                                             "question)" if g["distinct"] <= max(2, g["tokens"] // 4) else ""))
     if "w8_sensitivity" in s:
         w = s["w8_sensitivity"]
         lines.append(f"decoder weights rounded to 8 bits per channel: top-1 agreement {w['top1']:.3f} over "

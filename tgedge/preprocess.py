@@ -282,6 +282,9 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size()
 
+    def vocabulary(self) -> dict[str, int]:
+        return self._tok.get_vocab()
+
 
 @dataclass
 class PreprocessSpec:
@@ -353,6 +356,14 @@ class Preprocessor:
     def __init__(self, spec: PreprocessSpec, tokenizer: Tokenizer, guide_tokenizer: Tokenizer | None = None):
         if spec.text_guide_length and guide_tokenizer is None:
             raise TgedgeError("this model has a text guide but no CLIP tokenizer was found")
+        ids = {"EOS id": spec.eos_token_ids, "image token id": [spec.image_token_id]}
+        beyond = [f"{what} {i}" for what, values in ids.items() for i in values if i >= tokenizer.vocab_size]
+        if beyond:  # a tokenizer swapped for another model's (the text guide's CLIP one): answers would be empty
+            raise TgedgeError(f"{tokenizer.path}: has {tokenizer.vocab_size} tokens, but this model's "
+                              f"{', '.join(beyond)} lies beyond them: not this decoder's tokenizer")
+        if guide_tokenizer is not None and tokenizer.vocabulary() == guide_tokenizer.vocabulary():
+            raise TgedgeError(f"{tokenizer.path}: the same vocabulary as the text guide's CLIP tokenizer "
+                              f"({guide_tokenizer.path}): the decoder needs its own tokenizer")
         self.spec, self.tokenizer, self.guide_tokenizer = spec, tokenizer, guide_tokenizer
 
     FILES = {"preprocess": "preprocess.json", "tokenizer": "tokenizer.json", "guide_tokenizer": "guide_tokenizer.json"}

@@ -420,6 +420,11 @@ def _image_processor(p: Preset) -> dict:
 
 
 # -- streaming safetensors ---------------------------------------------------------------------------------
+def size_text(n: int) -> str:
+    """Bytes for people: 2.10 GB, 1.31 MB, 640 B (decimal units, as the checkpoint's shard sizes)."""
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB" if n >= 1e4 else f"{n} B"
+
+
 def _rng(seed: int, name: str) -> np.random.Generator:
     words = struct.unpack("<4I", hashlib.sha256(name.encode()).digest()[:16])
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, *words])))
@@ -540,9 +545,11 @@ def write_random(name: str, out: str | Path, seed: int = 0, dtype: str = "bf16",
         check_output_dir(out)
     info = summary(p, dtype)
     out.parent.mkdir(parents=True, exist_ok=True)
-    need, free = info["weight_bytes"] + (64 << 20), shutil.disk_usage(out.parent).free
+    margin = 64 << 20  # config, tokenizers, the CLIP directory's files
+    need, free = info["weight_bytes"] + margin, shutil.disk_usage(out.parent).free
     if need > free:
-        raise TgedgeError(f"{out.parent}: {p.name} needs {need / 1e9:.1f} GB, {free / 1e9:.1f} GB free")
+        raise TgedgeError(f"{out.parent}: {p.name} needs {size_text(info['weight_bytes'])} of weights and "
+                          f"{size_text(margin)} for its other files, {size_text(free)} free")
     with atomic_dir(out, kind="checkpoint", force=force) as tmp:
         clip = tmp / CLIP_SUBDIR
         clip.mkdir()

@@ -326,7 +326,9 @@ def run_samples(runtime, reference, records, max_new_tokens: int = 8, progress=N
     """Every record through both pipelines, one `SampleRun` at a time; the first also measures the noise of
     `noise_stages`."""
     for i, record in enumerate(records):
-        yield run_sample(runtime, reference, record, max_new_tokens, noise_stages if i == 0 else frozenset())
+        with record.errors():
+            run = run_sample(runtime, reference, record, max_new_tokens, noise_stages if i == 0 else frozenset())
+        yield run
         if progress is not None:
             progress()
 

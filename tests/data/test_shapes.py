@@ -75,7 +75,7 @@ def test_eval_bad_data(tmp_path, capsys):
     (d / "samples.jsonl").write_text("\n".join([lines[0], "{not json", lines[2]]) + "\n")
     _one_line_error(capsys, ["eval", str(tmp_path), "--data", str(d)], "samples.jsonl:2: malformed JSON")
     (d / "samples.jsonl").write_text("\n".join([lines[0], json.dumps({"image": "images/gone.png", "prompt": "x"})]))
-    _one_line_error(capsys, ["eval", str(tmp_path), "--data", str(d)], "samples.jsonl:2: image images/gone.png not found")
+    _one_line_error(capsys, ["eval", str(tmp_path), "--data", str(d)], "samples.jsonl:2: images/gone.png: image not found")
 
 
 def test_data_bad_count(tmp_path, capsys):

@@ -20,6 +20,7 @@ import pytest
 
 from tgedge.cli import main
 from tgedge.data.folder import read_folder
+from tgedge.fileio import check_output
 from tgedge.errors import TgedgeError
 from tgedge.runtime.manifest import Manifest
 
@@ -351,7 +352,11 @@ def test_loadtest_refuses(demo_eval, capsys):
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (argv, err)
 
 
-def test_serve_cli_stops_cleanly_on_ctrl_c(repo):
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 0), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
+def test_serve_cli_stops_cleanly(repo, sig, code):
+    """Ctrl-C stops the server (exit 0), SIGTERM too (143, docs/ERRORS.md); its processes go with it, and the
+    repository stays tgedge triton's output (`tgedge triton -o` may replace it, the stubs' __pycache__ beside model.py
+    notwithstanding)."""
     _runnable_tritonserver()
     ports = [str(free_port()) for _ in range(3)]
     proc = subprocess.Popen([sys.executable, "-m", "tgedge", "serve", str(repo), "--quiet", "--http-port", ports[0],
@@ -363,12 +368,13 @@ def test_serve_cli_stops_cleanly_on_ctrl_c(repo):
         server_pids = subprocess.run(["pgrep", "-g", str(_server_group(proc.pid))], capture_output=True,
                                      text=True).stdout.split()
         assert len(server_pids) >= 1 + 6  # tritonserver and a stub per model instance
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(60) == 0
+        proc.send_signal(sig)
+        assert proc.wait(60) == code
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in server_pids):
             time.sleep(0.2)
         assert not [p for p in server_pids if Path(f"/proc/{p}").exists()], "server processes left behind"
+        assert check_output(repo, kind="repository")  # the stubs' __pycache__ does not make it foreign
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -7,13 +7,13 @@ folder (no absolute or `../` paths, symlinks included).
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from tgedge.errors import TgedgeError
-from tgedge.errors import os_error
+from tgedge.errors import TgedgeError, absent, os_error
 from tgedge.fileio import atomic_dir, inside, special_file
 
 REQUIRED = ("image", "prompt")
@@ -27,12 +27,27 @@ class Record:
     answer: str | None
     type: str | None
     line: int
+    source: Path | None = None  # the samples.jsonl it came from
+
+    @property
+    def where(self) -> str:
+        return f"{self.source or 'samples.jsonl'}:{self.line}"
+
+    @contextlib.contextmanager
+    def errors(self):
+        """An error while this row's image or prompt is used names the row: `data/samples.jsonl:7: ...`."""
+        try:
+            yield
+        except TgedgeError as e:
+            raise TgedgeError(f"{self.where}: {e}") from None
+        except OSError as e:
+            raise TgedgeError(f"{self.where}: {os_error(e)}") from None
 
 
 def read_folder(directory: str | Path) -> list[Record]:
     directory = Path(directory)
     if not directory.is_dir():
-        raise TgedgeError(f"{directory}: data folder not found")
+        raise TgedgeError(f"{directory}: {absent(directory, 'data folder')}")
     path = directory / "samples.jsonl"
     if not path.exists():
         raise TgedgeError(f"{directory}: no samples.jsonl")
@@ -64,8 +79,8 @@ def read_folder(directory: str | Path) -> list[Record]:
         if (kind := special_file(image)) is not None:  # refused before anything opens it: a FIFO would block
             raise TgedgeError(f"{path}:{n}: image {row['image']} is {kind}, not an image")
         if not image.is_file():
-            raise TgedgeError(f"{path}:{n}: image {row['image']} not found")
-        records.append(Record(image, row["prompt"], row.get("answer"), row.get("type"), n))
+            raise TgedgeError(f"{path}:{n}: {row['image']}: {absent(image, 'image')}")
+        records.append(Record(image, row["prompt"], row.get("answer"), row.get("type"), n, path))
     if not records:
         raise TgedgeError(f"{path}: no samples")
     return records

@@ -172,7 +172,10 @@ def run_loadtest(url: str, data: str | Path, concurrency: list[int], requests: i
     if bad or not concurrency:
         raise TgedgeError(f"--concurrency levels must be in [1, {MAX_CONCURRENCY}] (got {concurrency})")
     records = read_folder(data)
-    samples = [(r.image, r.prompt, r.image.read_bytes()) for r in records]
+    samples = []
+    for r in records:
+        with r.errors():
+            samples.append((r.image, r.prompt, r.image.read_bytes()))
     Session(url, timeout=timeout).close()  # one line now if the server or the model is not there
     report = Report(url, len(samples), requests, options, machine=machine())
     reference = None

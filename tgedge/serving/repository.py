@@ -23,7 +23,7 @@ from pathlib import Path
 
 from tgedge.contract import BATCH, VIEWS, StageContract, TensorMeta
 from tgedge.errors import TgedgeError
-from tgedge.fileio import atomic_dir, inside
+from tgedge.fileio import atomic_dir, inside, read_marker
 from tgedge.runtime.manifest import Manifest
 from tgedge.serving.protocol import ENTRY_MODEL, REQUEST, RESPONSE, TRITON_TYPES, Field, require_tritonclient
 
@@ -244,3 +244,27 @@ def write_repository(source: str | Path, out: str | Path, settings: RepositorySe
                 result.notes.append(f"{stage}: the engine's profile allows {config.max_batch_size} per batch; build "
                                     "it from an export with a larger batch profile to batch more")
     return result
+
+
+def check_repository(repo: str | Path) -> list[str]:
+    """The models of a repository `tgedge serve` may start, or one line saying what is missing: every model the
+    repository's marker lists (`tgedge triton` wrote them) and every stage the entry model calls through BLS."""
+    root = Path(repo)
+    if not root.is_dir():
+        raise TgedgeError(f"{repo}: not a directory (a model repository written by tgedge triton)")
+    models = sorted(d.name for d in root.iterdir() if (d / "config.pbtxt").is_file())
+    if not models:
+        raise TgedgeError(f"{repo}: no model directories (NAME/config.pbtxt): not a model repository "
+                          "(write one with tgedge triton EXPORT -o REPO)")
+    marker = read_marker(root)
+    written = {f.split("/")[0] for f in (marker or {}).get("files") or [] if f.endswith("/config.pbtxt")}
+    needed = set(written)
+    if ENTRY_MODEL in models:
+        stages = parse_config(root / ENTRY_MODEL / "config.pbtxt").parameters["bls_stages"].string_value
+        needed |= {s for s in stages.split(",") if s}
+    missing = sorted(needed - set(models))
+    if missing:
+        raise TgedgeError(f"{repo}: model{'s' if len(missing) > 1 else ''} {', '.join(missing)} missing from the "
+                          "repository (tgedge triton wrote it; the entry model needs its stages): write the "
+                          "repository again with tgedge triton")
+    return models

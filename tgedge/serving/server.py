@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import ctypes
 import importlib.util
+import json
 import os
 import re
 import secrets
@@ -34,7 +35,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tgedge.errors import TgedgeError
+from tgedge.errors import TgedgeError, absent
 
 LOOPBACK = "127.0.0.1"
 STOP_GRACE_S = 10.0
@@ -129,7 +130,7 @@ class TritonServer:
                  echo: bool = False, extra_args: tuple[str, ...] = ()):
         self.repository = Path(repository)
         if not self.repository.is_dir():
-            raise TgedgeError(f"{repository}: model repository not found")
+            raise TgedgeError(f"{repository}: {absent(repository, 'model repository')}")
         if not any(self.repository.glob("*/config.pbtxt")):
             raise TgedgeError(f"{repository}: no model (*/config.pbtxt) in it: write one with tgedge triton")
         self.install = find_tritonserver(tritonserver)
@@ -227,6 +228,24 @@ class TritonServer:
                 return
             time.sleep(0.25)
         raise TgedgeError(f"tritonserver not ready after {timeout:.0f} s: {error_line(list(self.log))}")
+
+    def check_models(self, repo: str | Path) -> None:
+        """Every model directory of `repo` is READY on the server (its repository index), or one line naming those
+        that are not: ready means every model answers, not only the server's health."""
+        from tgedge.serving.repository import check_repository
+
+        request = urllib.request.Request(f"{self.http_url}/v2/repository/index", data=b"{}", method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=10) as r:
+                index = json.loads(r.read())
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            raise TgedgeError(f"{self.http_url}: the repository index did not answer ({e})") from None
+        state = {m.get("name"): m for m in index if isinstance(m, dict)}
+        bad = [f"{name} ({state.get(name, {}).get('state') or 'not loaded'}"
+               f"{': ' + state[name]['reason'] if state.get(name, {}).get('reason') else ''})"
+               for name in check_repository(repo) if state.get(name, {}).get("state") != "READY"]
+        if bad:
+            raise TgedgeError(f"{repo}: not every model is ready: {'; '.join(bad)}")
 
     @property
     def running(self) -> bool:
