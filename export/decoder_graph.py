@@ -257,8 +257,7 @@ class GrowingAttention:
         # additive mask (B, 1, S, P+S): causal over past + new positions, and the attention mask's padding
         p, total, q_idx = self._indices(w)
         k_idx = w.op("Range", ["zero_i", total, "one_i"], "/mask")
-        causal = w.op("LessOrEqual", [w.op("Unsqueeze", [k_idx, w.const("axis0", np.array([0], np.int64))], "/mask"),
-                                      w.op("Unsqueeze", [q_idx, "axis1"], "/mask")], "/mask")  # (S, P+S)
+        causal = self._causal(w, k_idx, q_idx)
         padded = w.op("Greater", ["attention_mask", w.const("zero_mask", np.array(0, np.int64))], "/mask")
         padded = w.op("Unsqueeze", [padded, w.const("axes12", np.array([1, 2], np.int64))], "/mask")
         allowed = w.op("And", [causal, padded], "/mask")
@@ -275,6 +274,11 @@ class GrowingAttention:
 
     def _position_ids(self, w: GraphWriter) -> str:
         return "position_ids"
+
+    def _causal(self, w: GraphWriter, k_idx: str, q_idx: str) -> str:
+        """Key positions (P+S,) against the new positions (S,): may attend, (S, P+S)."""
+        return w.op("LessOrEqual", [w.op("Unsqueeze", [k_idx, w.const("axis0", np.array([0], np.int64))], "/mask"),
+                                    w.op("Unsqueeze", [q_idx, "axis1"], "/mask")], "/mask")
 
     def _indices(self, w: GraphWriter) -> tuple[str, str, str]:
         """(positions cached P, P + S, the new positions P .. P+S-1) from the inputs' shapes."""
@@ -364,32 +368,39 @@ class StaticAttention:
 
 
 class OnnxStaticAttention(GrowingAttention):
-    """The static cache in standard ONNX ops (opset 24): RoPE and the mask as `GrowingAttention` makes them, with the
-    positions taken from the attention mask's length (the filled slots, as GroupQueryAttention takes them); the step's
-    keys and values written into the buffer by `TensorScatter` at the first new position, whose output is the present
-    itself (TensorRT's KVCacheUpdate layer needs that: it writes the buffer bound as both); `Attention` over the
-    filled positions (a Slice of the written buffer), grouped-query heads as they are."""
+    """The static cache in standard ONNX ops (opset 24): RoPE and the mask as `GrowingAttention` makes them, with each
+    row's positions taken from its attention mask's sum (the filled slots, as GroupQueryAttention's `seqlens_k`), so
+    that one call decodes rows of different lengths (a batched cache's slots; a row's mask is ones, then zeros to the
+    longest row's length); the step's keys and values written into the buffer by `TensorScatter` at each row's first
+    new position, whose output is the present itself (TensorRT's KVCacheUpdate layer needs that: it writes the buffer
+    bound as both); `Attention` over the positions the longest row has filled (a Slice of the written buffer), each
+    row's padding masked out, grouped-query heads as they are."""
     OPSET = 24  # TensorScatter, Attention
 
     def __init__(self, w: GraphWriter, d, contract: StageContract):
         self.present = contract.cache.present_names()
-        # P = the attention mask's length less the step's: the buffers are the past inputs, whatever is filled
         seq = w.op("Gather", [w.op("Shape", ["inputs_embeds"], "/mask"), "one_i"], "/mask", axis=0)
         total = w.op("Gather", [w.op("Shape", ["attention_mask"], "/mask"), "one_i"], "/mask", axis=0)
-        self.p = w.op("Sub", [total, seq], "/mask")
-        self.positions = self.p, total, w.op("Range", [self.p, total, "one_i"], "/mask")
-        self.first = w.const("first_axis", np.array([0], np.int64))  # [0]: Slice's start, Unsqueeze's axes
+        filled = w.op("ReduceSum", ["attention_mask", "axis1"], "/mask", keepdims=0)  # (B,): after this step
+        # (B,) each row's P, the positions it had cached: the buffers are the past inputs, whatever is filled
+        self.write_index = w.op("Sub", [filled, seq], "/mask")
+        steps = w.op("Range", ["zero_i", seq, "one_i"], "/mask")  # (S,)
+        rows = w.op("Add", [w.op("Unsqueeze", [self.write_index, "minus_one"], "/mask"), steps], "/mask")  # (B, S)
+        self.positions = self.write_index, total, rows
+        self.first = w.const("first_axis", np.array([0], np.int64))  # [0]: Slice's start
         self.total = w.op("Unsqueeze", [total, self.first], "/mask")  # (1,): Slice's end
         super().__init__(w, d, contract)  # RoPE and the mask, from the positions above
-        # TensorScatter's write index, one per sequence of the batch: (B,) = P
-        batch = w.op("Shape", ["inputs_embeds"], "/cache", start=0, end=1)
-        self.write_index = w.op("Expand", [w.op("Reshape", [self.p, "minus_one"], "/cache"), batch], "/cache")
 
     def _indices(self, w: GraphWriter) -> tuple[str, str, str]:
         return self.positions
 
     def _position_ids(self, w: GraphWriter) -> str:
-        return w.op("Unsqueeze", [self.positions[2], self.first], "/rope")  # (1, S)
+        return self.positions[2]  # (B, S)
+
+    def _causal(self, w: GraphWriter, k_idx: str, q_idx: str) -> str:
+        """Key positions (T,) against each row's new positions (B, S): (B, 1, S, T)."""
+        return w.op("LessOrEqual", [k_idx, w.op("Unsqueeze", [q_idx, w.const("axes13", np.array([1, 3], np.int64))],
+                                                "/mask")], "/mask")
 
     def __call__(self, w: GraphWriter, weights, a: str, i: int, pre: str, sa: str) -> tuple[str, str, str]:
         d = self.d

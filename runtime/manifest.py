@@ -275,9 +275,12 @@ def load_contract(d: dict) -> StageContract:
         raise TgedgeError(f"{MANIFEST}: kv_cache mode {mode!r} is not one this tgedge runs ({', '.join(CACHE_MODES)}): "
                           "export the model again with this tgedge")
     contract = StageContract.from_config(d["model"], d["max_context"], mode, d["dims"],
-                                         saved_cache.get("dtype", "float32"))
+                                         saved_cache.get("dtype", "float32"),
+                                         saved_cache.get("row_lengths", mode == "static"))
     saved = {k: d[k] for k in ("fusion_family", "stages", "kv_cache") if k in d}
     derived = contract.to_dict()
+    if "row_lengths" not in saved_cache:  # written before the key: its graph is what the mode's default says
+        derived["kv_cache"].pop("row_lengths", None)
     differing = [k for k, v in saved.items() if v != derived[k]]
     if differing:
         raise TgedgeError(f"manifest.json: {', '.join(differing)} differ from what its model config gives "

@@ -17,7 +17,7 @@ import numpy as np
 
 from tgedge.contract import TensorMeta
 from tgedge.errors import TgedgeError
-from tgedge.runtime.runner import BaseRunner, Bound, describe_array
+from tgedge.runtime.runner import BaseRunner, Bound, Rows, describe_array
 
 ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
               "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(int8)": "int8", "tensor(uint8)": "uint8",
@@ -160,14 +160,28 @@ class OnnxRuntimeRunner(BaseRunner):
             return ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype))  # the array's memory, zeroed
         return ort.OrtValue.ortvalue_from_shape_and_type(shape, np.dtype(dtype).type, self.device_type, 0)
 
-    def bind(self, buffers: dict[str, Any], outputs: dict[str, str]) -> Bound:
+    binds_rows = True  # bind(..., rows=): a batched KV cache's slots
+
+    def bind(self, buffers: dict[str, Any], outputs: dict[str, str], rows: tuple[int, int] | None = None) -> Bound:
         """Bind each buffer once as the input of its name and as the output `outputs[name]` (past and present in
-        one buffer: onnxruntime's kernels see the same address and write in place)."""
+        one buffer: onnxruntime's kernels see the same address and write in place). `rows` (start, stop): only
+        those rows of each buffer, bound by address (`Rows`, what the feed then gives for the buffer)."""
         io = self.session.io_binding()
+        fed: dict[str, Any] = {}
         for name, value in buffers.items():
-            io.bind_ortvalue_input(name, value)
-            io.bind_ortvalue_output(outputs[name], value)
-        return Bound(io, dict(buffers), [outputs[n] for n in buffers])
+            if rows is None:
+                io.bind_ortvalue_input(name, value)
+                io.bind_ortvalue_output(outputs[name], value)
+                fed[name] = value
+                continue
+            dtype, shape = self.describe_value(value)
+            row_bytes = int(np.prod(shape[1:])) * np.dtype(dtype).itemsize
+            view = Rows(value, *rows, dtype, shape, value.data_ptr() + rows[0] * row_bytes)
+            where = (self.device_type, 0, np.dtype(dtype).type, list(view.shape), view.address)
+            io.bind_input(name, *where)
+            io.bind_output(outputs[name], *where)
+            fed[name] = view
+        return Bound(io, fed, [outputs[n] for n in buffers])
 
     def infer_impl(self, feed: dict[str, Any], keep: tuple[str, ...] = (), bound: Bound | None = None
                    ) -> dict[str, Any]:

@@ -67,6 +67,19 @@ class Bound:
         return dict(zip(self.outputs, self.inputs.values()))
 
 
+class Rows:
+    """Rows start..stop (the first dim) of a buffer a runner made: the same memory at `address`, bound where a call
+    runs fewer rows than the buffer holds (one slot of a batched KV cache, or its first n). Fed in place of the
+    buffer, it describes itself to the input check."""
+
+    def __init__(self, buffer: Any, start: int, stop: int, dtype: str, shape: tuple[int, ...], address: int):
+        self.buffer, self.start, self.stop, self.address = buffer, start, stop, address
+        self.dtype, self.shape = dtype, (stop - start, *shape[1:])
+
+    def tgedge_meta(self) -> tuple[str, tuple[int, ...]]:
+        return self.dtype, self.shape
+
+
 class BaseRunner:
     """activate / infer(feed) -> outputs / deactivate, usable as a context manager."""
 

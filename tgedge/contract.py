@@ -187,6 +187,9 @@ class CacheLayout:
     present_value: str = "present.{}.value"
     profiles: tuple[dict, ...] = ()  # ({"name": "prefill", "dims": {dim: [min, opt, max]}}, {"name": "decode", ..})
     max_length: int = 0  # static: the buffers' length (the export's max context)
+    # static: the decoder takes each row's filled length from its attention mask's sum, so one call decodes rows of
+    # different lengths (a batched cache's slots). GroupQueryAttention always did; static-onnx exports since then do
+    row_lengths: bool = False
 
     @property
     def shares_buffer(self) -> bool:
@@ -227,7 +230,7 @@ class CacheLayout:
                 "present_key_names": self.present_key.replace("{}", "%d"),
                 "present_value_names": self.present_value.replace("{}", "%d"),
                 "past_present_share_buffer": self.shares_buffer, "profiles": list(self.profiles),
-                **({"max_length": self.max_length} if self.shares_buffer else {})}
+                **({"max_length": self.max_length, "row_lengths": self.row_lengths} if self.shares_buffer else {})}
 
     @classmethod
     def from_dict(cls, d: dict) -> "CacheLayout":
@@ -237,7 +240,8 @@ class CacheLayout:
         fmt = lambda key: str(d[key]).replace("%d", "{}")  # noqa: E731
         return cls(d["mode"], int(d["num_layers"]), int(d["num_kv_heads"]), int(d["head_dim"]), d.get("dtype", "float32"),
                    fmt("past_key_names"), fmt("past_value_names"), fmt("present_key_names"),
-                   fmt("present_value_names"), tuple(d.get("profiles", ())), int(d.get("max_length", 0)))
+                   fmt("present_value_names"), tuple(d.get("profiles", ())), int(d.get("max_length", 0)),
+                   bool(d.get("row_lengths", d["mode"] == "static")))  # an earlier static-onnx: one length for all
 
 
 # -- the contract -----------------------------------------------------------------------------------------------
@@ -293,9 +297,11 @@ class StageContract:
 
     @classmethod
     def from_config(cls, cfg: dict, max_context: int, cache_mode: str = "growing",
-                    dims: dict[str, dict[str, int]] | None = None, cache_dtype: str = "float32") -> "StageContract":
+                    dims: dict[str, dict[str, int]] | None = None, cache_dtype: str = "float32",
+                    row_lengths: bool | None = None) -> "StageContract":
         """The contract of a model config (`ModelConfig.to_dict()`), exported for `max_context` positions;
-        `dims` (min/opt/max per symbolic dim) as recorded in a manifest, else derived."""
+        `dims` (min/opt/max per symbolic dim) and `row_lengths` (`CacheLayout`'s) as recorded in a manifest, else
+        derived (what an export writes now)."""
         family = family_of(cfg)
         dec, vis = cfg["decoder"], cfg["vision"]
         stages: list[Stage] = []
@@ -316,7 +322,8 @@ class StageContract:
         if cache_mode not in CACHE_MODES:
             raise TgedgeError(f"unknown KV cache mode {cache_mode!r} (choose from {', '.join(CACHE_MODES)})")
         cache = CacheLayout(cache_mode, dec["num_layers"], dec["num_kv_heads"], dec["head_dim"], cache_dtype,
-                            profiles=decoder_profiles(dims), max_length=max_context if cache_mode != "growing" else 0)
+                            profiles=decoder_profiles(dims), max_length=max_context if cache_mode != "growing" else 0,
+                            row_lengths=cache_mode != "growing" if row_lengths is None else row_lengths)
         # a static cache's positions are its slots: the graph derives them from the attention mask's length
         positions = () if cache.shares_buffer else (TensorMeta("position_ids", "int64", (BATCH, SEQ)),)
         stages.append(Stage(
