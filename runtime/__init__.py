@@ -12,6 +12,7 @@ from tgedge.runtime.manifest import GRAPHS, Manifest
 from tgedge.runtime.onnxrt import OnnxRuntimeRunner, SessionFromOnnx
 from tgedge.runtime.pipeline import Pipeline
 from tgedge.runtime.runner import BaseRunner
+from tgedge.runtime.scheduler import Request, Scheduler
 
 __all__ = ["BACKENDS", "GRAPHS", "BaseRunner", "GrowingCache", "KVCache", "Manifest", "OnnxRuntimeRunner", "Pipeline",
-           "SessionFromOnnx", "StageContract", "TensorMeta", "make_runner"]
+           "Request", "Scheduler", "SessionFromOnnx", "StageContract", "TensorMeta", "make_runner"]

@@ -19,6 +19,7 @@ from tgedge.runtime.backends import BACKENDS, make_runner
 from tgedge.runtime.cache import make_cache
 from tgedge.runtime.manifest import Manifest, io_differences
 from tgedge.runtime.runner import BaseRunner
+from tgedge.runtime.scheduler import Scheduler
 from tgedge.stageflow import StageFlow
 
 __all__ = ["BACKENDS", "Pipeline", "check_against_manifest"]
@@ -81,6 +82,10 @@ class Pipeline(StageFlow):
             self.close()
             raise
         self.cache = make_cache(self.contract.cache)
+
+    def scheduler(self, slots: int = 8, max_waiting: int = 64, thread: bool = True) -> Scheduler:
+        """In-flight batching of many requests' decoding (`runtime.scheduler.Scheduler`; a static-cache export)."""
+        return Scheduler(self, slots, max_waiting, thread)
 
     def close(self) -> None:
         for runner in self.runners.values():
