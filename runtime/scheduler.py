@@ -81,8 +81,9 @@ class Request:
     def _timings(self) -> dict[str, float]:
         t = self.timings
         end, first = t.get("finished", 0.0), t.get("first_token", 0.0)
+        steps = max(len(self.generated) - 1, 1)
         return {"queued_s": t.get("admitted", end) - t["submitted"], "prefill_s": first - t.get("admitted", first),
-                "decode_s": end - first, "decode_tokens_per_s": max(len(self.generated) - 1, 1) / max(end - first, 1e-9)}
+                "decode_s": end - first, "decode_tokens_per_s": steps / max(end - first, 1e-9)}
 
     # -- the scheduler's side -----------------------------------------------------------------------------------
     def _emit(self, token: int) -> bool:

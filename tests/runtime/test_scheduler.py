@@ -87,7 +87,7 @@ def test_the_thread_streams_and_answers(demo_static):
             streamed = list(handles[0].tokens(timeout=60))
             answers = [h.result(timeout=60) for h in handles]
         assert streamed == seen == answers[0].tokens
-        assert [a.text for a in answers] == [r.text for r in ref] and [a.tokens for a in answers] == [r.tokens for r in ref]
+        assert [(a.text, a.tokens) for a in answers] == [(r.text, r.tokens) for r in ref]
 
 
 def test_bad_requests_fail_alone(demo_static):
