@@ -222,6 +222,10 @@ ROWS = [
     ("output under a file", lambda w: ["data", "shapes", "-n", "1", "-o", w.image / "sub"],
      "image.png is a file, not a directory"),
     ("output under a loop", lambda w: ["data", "shapes", "-n", "1", "-o", w.loop / "sub"], "loop is a symlink loop"),
+    # reports: never inside the embedded demo model (package data), named or not
+    ("report into the demo", lambda w: ["bench", "demo", "--runs", "1", "--json",
+                                        Path(__import__("tgedge").demo_checkpoint()) / "train_settings.json"],
+     "train_settings.json: it is inside an input of this command"),
     # files swapped for another model's
     ("tokenizer swapped for the guide's", lambda w: RUN(w, "--clip", w.clip, ckpt=w.guide_swapped),
      "guide_swapped/tokenizer.json: the same vocabulary as the text guide's CLIP tokenizer"),

@@ -31,7 +31,7 @@ from contextlib import contextmanager
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Iterable
 
-from tgedge import DEMO_NAME
+from tgedge import DEMO_FOLDERS, demo_checkpoint, resolve_checkpoint
 from tgedge.errors import TgedgeError, os_error
 
 log = logging.getLogger("tgedge")
@@ -104,9 +104,9 @@ def check_report(path: str | Path | None, flag: str, inputs: Iterable = ()) -> N
     target = _real(path)
     if target.is_dir():
         raise TgedgeError(f"{flag} {path}: is a directory; give a file name")
-    for given in inputs:
-        if given is None or given == DEMO_NAME:  # the embedded demo: a name, not a path
-            continue
+    # the embedded demo models are package data, an input of whatever names (or defaults to) them: never written
+    embedded = [demo_checkpoint(family) for family in DEMO_FOLDERS]
+    for given in [*(resolve_checkpoint(g) for g in inputs if g is not None), *embedded]:
         src = _real(given)
         if target == src or src in target.parents:
             raise TgedgeError(f"{flag} {path}: it is {'inside ' if target != src else ''}an input of this command "
