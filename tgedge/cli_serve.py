@@ -86,7 +86,6 @@ def _add_serve(sub) -> None:
 
 
 def cmd_serve(args) -> int:
-    from tgedge.serving.repository import check_repository
     from tgedge.serving.server import TritonServer
 
     ports = [args.http_port, args.grpc_port, args.metrics_port]
@@ -94,7 +93,6 @@ def cmd_serve(args) -> int:
         raise TgedgeError(f"--http-port, --grpc-port and --metrics-port must differ (got {', '.join(map(str, ports))})")
     server = TritonServer(args.repository, *ports, host=args.host, tritonserver=args.tritonserver,
                           echo=not args.quiet)
-    check_repository(args.repository)
     # Ctrl-C stops the server, exit 0 (a shell that started us in the background may have ignored SIGINT);
     # SIGTERM too, exit 143 (tgedge.cli's handler raises Terminated, which this unwinds like Ctrl-C)
     previous = {signal.SIGINT: signal.signal(signal.SIGINT, _raise_interrupt)}
@@ -102,7 +100,7 @@ def cmd_serve(args) -> int:
         if not args.quiet:
             print(f"starting {server.install.source} on {args.repository}", file=sys.stderr, flush=True)
         server.start(args.timeout)
-        server.check_models(args.repository)
+        server.check_models()
         print(f"ready: grpc {server.grpc_url}  http {server.http_url}  metrics "
               f"http://{server.client_host}:{server.metrics_port}/metrics  (Ctrl-C stops)", flush=True)
         while server.running:

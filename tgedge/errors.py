@@ -38,19 +38,28 @@ def os_error(e: OSError, path=None) -> TgedgeError:
     return TgedgeError(f"{name}{other}: {reason}" if name is not None else reason)
 
 
+def _bad_link(path, e: OSError) -> str | None:
+    """What a symlink that os.stat failed on is: a loop, or broken (naming its target); None for no symlink."""
+    if e.errno == errno.ELOOP:
+        return "a symlink loop"
+    if os.path.islink(path):
+        return f"a broken symlink (to {os.readlink(path)})"
+    return None
+
+
 def _blocking_parent(path) -> str | None:
-    """Why a path cannot be made or reached: the first of its parents that is a file or a symlink loop."""
+    """Why a path cannot be made or reached: the first of its parents that is a file or a bad symlink."""
     for parent in reversed(Path(path).parents):
         if str(parent) in ("", ".", "/"):
             continue
-        if os.path.islink(parent) and not os.path.exists(parent):
-            try:
-                os.stat(parent)
-            except OSError as e:
-                if e.errno == errno.ELOOP:
-                    return f"{parent} is a symlink loop"
-            return f"{parent} is a broken symlink (to {os.readlink(parent)})"
-        if os.path.exists(parent) and not os.path.isdir(parent):
+        try:
+            os.stat(parent)
+        except OSError as e:
+            link = _bad_link(parent, e)
+            if link:
+                return f"{parent} is {link}"
+            continue
+        if not os.path.isdir(parent):
             return f"{parent} is a file, not a directory"
     return None
 
@@ -61,10 +70,9 @@ def absent(path, what: str) -> str:
     try:
         os.stat(path)
     except OSError as e:
-        if e.errno == errno.ELOOP:
-            return f"{what}: a symlink loop"
-        if os.path.islink(path):
-            return f"{what}: a broken symlink (to {os.readlink(path)})"
+        link = _bad_link(path, e)
+        if link:
+            return f"{what}: {link}"
         if e.errno in (errno.EACCES, errno.EPERM):
             return f"{what}: permission denied"
         blocked = _blocking_parent(path)

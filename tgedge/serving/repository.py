@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tgedge.contract import BATCH, VIEWS, StageContract, TensorMeta
-from tgedge.errors import TgedgeError
+from tgedge.errors import TgedgeError, absent
 from tgedge.fileio import atomic_dir, inside, read_marker
 from tgedge.runtime.manifest import Manifest
 from tgedge.serving.protocol import ENTRY_MODEL, REQUEST, RESPONSE, TRITON_TYPES, Field, require_tritonclient
@@ -251,11 +251,10 @@ def check_repository(repo: str | Path) -> list[str]:
     repository's marker lists (`tgedge triton` wrote them) and every stage the entry model calls through BLS."""
     root = Path(repo)
     if not root.is_dir():
-        raise TgedgeError(f"{repo}: not a directory (a model repository written by tgedge triton)")
+        raise TgedgeError(f"{repo}: {absent(repo, 'model repository')}")
     models = sorted(d.name for d in root.iterdir() if (d / "config.pbtxt").is_file())
     if not models:
-        raise TgedgeError(f"{repo}: no model directories (NAME/config.pbtxt): not a model repository "
-                          "(write one with tgedge triton EXPORT -o REPO)")
+        raise TgedgeError(f"{repo}: no model (*/config.pbtxt) in it: write one with tgedge triton")
     marker = read_marker(root)
     written = {f.split("/")[0] for f in (marker or {}).get("files") or [] if f.endswith("/config.pbtxt")}
     needed = set(written)

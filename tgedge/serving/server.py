@@ -35,7 +35,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tgedge.errors import TgedgeError, absent
+from tgedge.errors import TgedgeError
 
 LOOPBACK = "127.0.0.1"
 STOP_GRACE_S = 10.0
@@ -128,11 +128,10 @@ class TritonServer:
     def __init__(self, repository: str | Path, http_port: int | None = None, grpc_port: int | None = None,
                  metrics_port: int | None = None, host: str = LOOPBACK, tritonserver: str | Path | None = None,
                  echo: bool = False, extra_args: tuple[str, ...] = ()):
+        from tgedge.serving.repository import check_repository
+
         self.repository = Path(repository)
-        if not self.repository.is_dir():
-            raise TgedgeError(f"{repository}: {absent(repository, 'model repository')}")
-        if not any(self.repository.glob("*/config.pbtxt")):
-            raise TgedgeError(f"{repository}: no model (*/config.pbtxt) in it: write one with tgedge triton")
+        self.models = check_repository(repository)  # every model the server must load, or one line on what is not
         self.install = find_tritonserver(tritonserver)
         self.host = host
         self.http_port = http_port or free_port()
@@ -229,11 +228,9 @@ class TritonServer:
             time.sleep(0.25)
         raise TgedgeError(f"tritonserver not ready after {timeout:.0f} s: {error_line(list(self.log))}")
 
-    def check_models(self, repo: str | Path) -> None:
-        """Every model directory of `repo` is READY on the server (its repository index), or one line naming those
+    def check_models(self) -> None:
+        """Every model of the repository is READY on the server (its repository index), or one line naming those
         that are not: ready means every model answers, not only the server's health."""
-        from tgedge.serving.repository import check_repository
-
         request = urllib.request.Request(f"{self.http_url}/v2/repository/index", data=b"{}", method="POST")
         try:
             with urllib.request.urlopen(request, timeout=10) as r:
@@ -243,9 +240,9 @@ class TritonServer:
         state = {m.get("name"): m for m in index if isinstance(m, dict)}
         bad = [f"{name} ({state.get(name, {}).get('state') or 'not loaded'}"
                f"{': ' + state[name]['reason'] if state.get(name, {}).get('reason') else ''})"
-               for name in check_repository(repo) if state.get(name, {}).get("state") != "READY"]
+               for name in self.models if state.get(name, {}).get("state") != "READY"]
         if bad:
-            raise TgedgeError(f"{repo}: not every model is ready: {'; '.join(bad)}")
+            raise TgedgeError(f"{self.repository}: not every model is ready: {'; '.join(bad)}")
 
     @property
     def running(self) -> bool:
