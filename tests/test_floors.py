@@ -98,3 +98,103 @@ def test_best_of_two_measurements():
     assert (best.bandwidth, best.flops) == (25e9, 2e11)
     assert best.how["bandwidth"] == "read" and best.how["flops"] == "matmul a"
     assert "20.00 / 25.00 GB/s" in best.how["measured"] and "200.0 / 100.0 GFLOP/s" in best.how["measured"]
+
+
+# -- the device's peaks: which path measures them (fakes: no GPU here) ---------------------------------------------
+def test_floor_device_follows_the_backends():
+    from tgedge.floors import floor_device
+
+    assert floor_device(["onnxruntime", "torch"]) == "cpu"
+    assert floor_device(["onnxruntime", "onnxruntime-cuda"]) == "cuda"
+    assert floor_device(iter(["tensorrt"])) == "cuda"
+
+
+def test_measure_peaks_picks_torch_then_onnxruntime_then_refuses(monkeypatch):
+    from tgedge import floors
+    from tgedge.errors import TgedgeError
+
+    calls = []
+    monkeypatch.setattr(floors, "measure_host", lambda threads=0: calls.append(("host", threads)) or "host")
+    monkeypatch.setattr(floors, "cuda_peaks_torch", lambda torch: calls.append(("torch", torch)) or "torch peaks")
+    monkeypatch.setattr(floors, "cuda_peaks_onnxruntime", lambda ort: calls.append(("ort", ort)) or "ort peaks")
+    assert floors.measure_peaks("cpu", 3) == "host"
+    monkeypatch.setattr(floors, "_torch_cuda", lambda: "TORCH")
+    monkeypatch.setattr(floors, "_ort_cuda", lambda: "ORT")
+    assert floors.measure_peaks("cuda") == "torch peaks"
+    monkeypatch.setattr(floors, "_torch_cuda", lambda: None)
+    assert floors.measure_peaks("cuda") == "ort peaks"
+    assert calls == [("host", 3), ("torch", "TORCH"), ("ort", "ORT")]
+    monkeypatch.setattr(floors, "_ort_cuda", lambda: None)
+    with pytest.raises(TgedgeError, match="device floors need a CUDA device"):
+        floors.measure_peaks("cuda")
+
+
+def test_no_cuda_here_means_no_device_path():
+    """This CI machine has no GPU: both probes say so (a GPU machine would take the device path)."""
+    from tgedge import floors
+
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    assert floors._torch_cuda() is None
+
+
+class _FakeCudaTorch:
+    """Enough of torch for cuda_peaks_torch: CUDA events that report `ms` for every timed call, tensors as numpy."""
+    float16 = np.float16
+
+    def __init__(self, ms: float):
+        ms_each = ms
+
+        class Event:
+            def __init__(self, enable_timing=False):
+                pass
+
+            def record(self):
+                pass
+
+            def synchronize(self):
+                pass
+
+            def elapsed_time(self, end):
+                return ms_each
+
+        class Cuda:
+            synchronize = staticmethod(lambda: None)
+            get_device_name = staticmethod(lambda: "Fake GPU")
+
+        Cuda.Event = Event
+        self.cuda, self.devices = Cuda(), []
+
+    def ones(self, n, dtype, device):
+        self.devices.append(device)
+        return _FakeTensor(n)
+
+    def empty_like(self, t):
+        return _FakeTensor(t.n)
+
+    def randn(self, n, m, dtype, device):
+        self.devices.append(device)
+        return _FakeTensor(n * m)
+
+    def matmul(self, a, b):
+        return a
+
+
+class _FakeTensor:
+    def __init__(self, n):
+        self.n = n
+
+    def copy_(self, other):
+        return self
+
+
+def test_cuda_peaks_torch_arithmetic():
+    from tgedge.floors import cuda_peaks_torch
+
+    fake = _FakeCudaTorch(ms=2.0)
+    peaks = cuda_peaks_torch(fake, nbytes=1 << 20, n=64, repeats=3)
+    assert set(fake.devices) == {"cuda"}
+    assert peaks.bandwidth == pytest.approx(2 * (1 << 20) / 2e-3)  # read + write bytes over 2 ms
+    assert peaks.flops == pytest.approx(2 * 64 ** 3 / 2e-3)
+    assert "Fake GPU" in peaks.how["bandwidth"] and peaks.how["device"] == "Fake GPU"

@@ -11,6 +11,11 @@ measurably does, measured in the same run as the figures they judge (`tgedge ben
   matmul). FLOPs count the matmuls (2 per multiply-add): linear layers, attention scores and values, the patch
   convolution; norms, activations and softmax are left out (small, and memory-bound).
 
+On a GPU backend (onnxruntime's CUDA or TensorRT provider, TensorRT) the peaks are the device's (`measure_peaks`):
+a device-to-device copy for bandwidth (read + write bytes, as the host's copy) and an fp16 GEMM for FLOP/s, through
+torch where it sees the device, else through onnxruntime's CUDA provider (an Add and a MatMul bound to device
+buffers).
+
 A ratio to the floor is floor time / measured time (1.0 = at the floor). These are roofline floors from measured
 peaks, not promises: a kernel can beat a copy's bandwidth when weights stay in cache, and no kernel reaches the
 large-matmul peak at every shape.
@@ -108,6 +113,112 @@ def measure_host(threads: int = 0) -> Peaks:
             bandwidth, how["bandwidth"] = read[0], f"{read[1]}; the copy: {copy / 1e9:.2f} GB/s"
     flops, how["flops"] = measure_flops()
     return Peaks(bandwidth, flops, how)
+
+
+# -- the device's peaks (a GPU backend's floors) -------------------------------------------------------------------
+GPU_BACKENDS = ("onnxruntime-cuda", "onnxruntime-trt", "tensorrt")
+
+
+def floor_device(backends) -> str:
+    """Where the floors of a run over these backends are measured: `cuda` if any runs on the GPU, else `cpu`."""
+    return "cuda" if any(b in GPU_BACKENDS for b in backends) else "cpu"
+
+
+def _torch_cuda():
+    """torch, if it is installed and sees a CUDA device; else None."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch if torch.cuda.is_available() else None
+
+
+def _ort_cuda():
+    """onnxruntime, if its CUDA execution provider is present; else None."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    return ort if "CUDAExecutionProvider" in ort.get_available_providers() else None
+
+
+def cuda_peaks_torch(torch, nbytes: int = 1 << 30, n: int = 8192, repeats: int = 10) -> Peaks:
+    """The device's peaks through torch: a device-to-device copy of `nbytes` (read + write bytes) and an fp16
+    (n, n) @ (n, n) GEMM, each the best of `repeats`, timed by CUDA events."""
+    def timed(fn) -> float:
+        fn()
+        torch.cuda.synchronize()
+        best = float("inf")
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            best = min(best, start.elapsed_time(end) / 1e3)
+        return best
+
+    src = torch.ones(nbytes // 2, dtype=torch.float16, device="cuda")
+    dst = torch.empty_like(src)
+    copy = 2 * nbytes / timed(lambda: dst.copy_(src))
+    del src, dst
+    a = torch.randn(n, n, dtype=torch.float16, device="cuda")
+    b = torch.randn(n, n, dtype=torch.float16, device="cuda")
+    gemm = 2 * n ** 3 / timed(lambda: torch.matmul(a, b))
+    name = torch.cuda.get_device_name()
+    how = {"bandwidth": f"torch device-to-device copy of {nbytes >> 20} MiB on {name}, best of {repeats} (read + "
+                        f"write bytes): {copy / 1e9:.1f} GB/s",
+           "flops": f"torch fp16 matmul {n}x{n}x{n} on {name}, best of {repeats}", "device": name}
+    return Peaks(copy, gemm, how)
+
+
+def cuda_peaks_onnxruntime(ort, nbytes: int = 1 << 28, n: int = 4096, repeats: int = 10) -> Peaks:
+    """The device's peaks through onnxruntime's CUDA provider: an fp16 Add of a zero scalar over `nbytes` (read +
+    write bytes) and an fp16 (n, n) MatMul, inputs and outputs bound to device buffers, each the best of `repeats`
+    (wall time of a synchronous run: launch overhead included, so a lower bound of the peaks)."""
+    from onnx import TensorProto, helper
+
+    def session(node, inputs, output_shape):
+        graph = helper.make_graph([node], "peak", [helper.make_tensor_value_info(i, TensorProto.FLOAT16, s)
+                                                   for i, s in inputs],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT16, output_shape)])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 8
+        sess = ort.InferenceSession(model.SerializeToString(), providers=["CUDAExecutionProvider"])
+        io = sess.io_binding()
+        for name, shape in inputs:
+            io.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(np.ones(shape, np.float16), "cuda", 0))
+        io.bind_ortvalue_output("y", ort.OrtValue.ortvalue_from_shape_and_type(output_shape, np.float16, "cuda", 0))
+        return lambda: sess.run_with_iobinding(io)
+
+    elements = nbytes // 2
+    copy = 2 * nbytes / best_time(session(helper.make_node("Add", ["x", "z"], ["y"]), [("x", [elements]), ("z", [1])],
+                                          [elements]), repeats)
+    gemm = 2 * n ** 3 / best_time(session(helper.make_node("MatMul", ["a", "b"], ["y"]), [("a", [n, n]), ("b", [n, n])],
+                                          [n, n]), repeats)
+    how = {"bandwidth": f"onnxruntime CUDA fp16 Add over {nbytes >> 20} MiB, device buffers, best of {repeats} "
+                        f"(read + write bytes): {copy / 1e9:.1f} GB/s",
+           "flops": f"onnxruntime CUDA fp16 MatMul {n}x{n}x{n}, best of {repeats}", "device": "cuda (onnxruntime)"}
+    return Peaks(copy, gemm, how)
+
+
+def measure_device() -> Peaks:
+    """The CUDA device's peaks: through torch where it sees the device, else through onnxruntime's CUDA provider."""
+    torch = _torch_cuda()
+    if torch is not None:
+        return cuda_peaks_torch(torch)
+    ort = _ort_cuda()
+    if ort is not None:
+        return cuda_peaks_onnxruntime(ort)
+    from tgedge.errors import TgedgeError
+
+    raise TgedgeError("device floors need a CUDA device: neither torch nor onnxruntime (CUDAExecutionProvider) sees "
+                      "one")
+
+
+def measure_peaks(device: str = "cpu", threads: int = 0) -> Peaks:
+    """The peaks floors are measured against: the host's (`cpu`) or the CUDA device's (`cuda`)."""
+    return measure_device() if device == "cuda" else measure_host(threads)
 
 
 def best_of(before: Peaks, after: Peaks) -> Peaks:

@@ -131,8 +131,10 @@ def _one(pipe, settings: Settings) -> dict:
 def run_bench(targets: list[Target], settings: Settings, peaks=None, progress=None) -> dict:
     """Open every target, warm each up, then `runs` rounds in which each target runs once (alternating, so that
     the machine's load drifts over all of them alike); the floors measured on this machine before and after the runs,
-    the higher taken (tgedge.floors)."""
-    from tgedge.floors import best_of, measure_host
+    the higher taken (tgedge.floors): the CUDA device's where a target runs on a GPU backend, else the host's."""
+    from functools import partial
+
+    from tgedge.floors import best_of, floor_device, measure_peaks
 
     if settings.power and len(targets) > 1:
         raise TgedgeError("--power measures one model at a time (the board's power is not the model's alone)")
@@ -148,7 +150,8 @@ def run_bench(targets: list[Target], settings: Settings, peaks=None, progress=No
             loaded = pipe.peak_rss() if getattr(pipe, "separate_process", False) else MemorySampler.rss() - before
             results[target.name] = {"runs": [], "rss_loaded": loaded, "peak_rss": 0}
         threads = max((t.threads for t in targets), default=0)
-        first = peaks or measure_host(threads)  # with the models loaded, before their runs
+        measure = partial(measure_peaks, floor_device(t.backend for t in targets), threads)
+        first = peaks or measure()  # with the models loaded, before their runs
         for target, pipe in opened:
             for _ in range(settings.warmup):
                 _one(pipe, settings)
@@ -168,7 +171,7 @@ def run_bench(targets: list[Target], settings: Settings, peaks=None, progress=No
             if sampler:
                 sampler.__exit__(None, None, None)
         elapsed = time.perf_counter() - start  # the runs alone: the power samples end with them
-        peaks = first if peaks else best_of(first, measure_host(threads))  # and again after them
+        peaks = first if peaks else best_of(first, measure())  # and again after them
         if sampler:
             results[targets[0].name]["power"] = _power(sampler, elapsed,
                                                        settings.runs * settings.new_tokens * (
