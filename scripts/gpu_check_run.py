@@ -1,0 +1,416 @@
+"""`scripts/gpu_check --run`: the measurement, phase by phase, each within its own time budget.
+
+Every phase writes what it measured into `results.json` as soon as it has it (and `results.md` / `results.png` are
+rendered from it at each phase's end), so a phase stopped at its budget, or a call killed at its limit, still brings
+back everything measured before. Long steps (writing presets, exporting, each bench) run as `python -m tgedge`
+subprocesses with the phase's remaining seconds as their timeout; in-process loops check the clock between items.
+
+Nothing here imports tgedge or onnxruntime before the install phase has put the staged wheels and source first on
+`sys.path` (and on the subprocesses' PYTHONPATH).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+# Per device: phase -> seconds. cuda's are the plan's (scripts/gpu_check --plan adds them up); cpu's fit the tiny
+# presets of the rehearsal. A phase past its budget stops and the run goes on to the next.
+BUDGETS = {
+    "cuda": {"install": 40, "floors": 15, "parity": 60, "presets": 45, "export": 110, "bench": 140, "copies": 20,
+             "report": 10},
+    "cpu": {"install": 30, "floors": 30, "parity": 150, "presets": 30, "export": 60, "bench": 180, "copies": 20,
+            "report": 10},
+}
+# What the bench phase measures, per device: the preset (and its plain twin for transformers), the export's dtype,
+# the prompt lengths, tokens generated and timed runs per context.
+BENCH = {
+    "cuda": {"preset": "tg-qwen2-1.5b", "twin": None, "dtype": "fp16", "contexts": (128, 671, 2048), "new_tokens": 32,
+             "runs": 3},
+    "cpu": {"preset": "tg-tiny", "twin": "llava-tiny", "dtype": "fp32", "contexts": (32, 128, 512), "new_tokens": 16,
+            "runs": 2},
+}
+PARITY = (("demo", "demo"), ("tg-tiny", "tg-tiny"))  # name, checkpoint (`demo` or a preset written in the run)
+PARITY_DTYPES = ("fp32", "fp16")
+PARITY_TOKENS = 16
+FILES = ("results.json", "results.md", "results.png", "run.log")  # all the run writes under --out (<= 8 come back)
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class Stopped(Exception):
+    """A phase ran out of its budget (what it measured so far is kept)."""
+
+
+class Phase:
+    def __init__(self, run: "Run", name: str, budget: float):
+        self.run, self.name, self.budget = run, name, budget
+        self.start = time.monotonic()
+        self.entry = run.results["phases"].setdefault(name, {"budget_s": budget})
+
+    def remaining(self) -> float:
+        return self.budget - (time.monotonic() - self.start)
+
+    def check(self, what: str) -> None:
+        if self.remaining() <= 1:
+            raise Stopped(f"{what}: stopped at the phase's budget ({self.budget} s)")
+
+    def record(self, key: str, value) -> None:
+        self.entry[key] = value
+        self.run.save()
+
+    def tool(self, *args: str, what: str) -> subprocess.CompletedProcess:
+        """`python -m tgedge ARGS` within the phase's remaining time; its output goes to run.log."""
+        self.check(what)
+        cmd = [sys.executable, "-m", "tgedge", *args]
+        self.run.log(f"$ {' '.join(cmd)}")
+        start = time.monotonic()
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=max(self.remaining(), 1),
+                                  env=self.run.env)
+        except subprocess.TimeoutExpired:
+            raise Stopped(f"{what}: stopped at the phase's budget ({self.budget} s)") from None
+        self.run.log(f"{done.stdout[-4000:]}{done.stderr[-4000:]}\n({time.monotonic() - start:.1f} s)")
+        if done.returncode != 0:
+            raise RuntimeError(f"{what}: exit {done.returncode}: {(done.stderr.strip().splitlines() or [''])[-1]}")
+        return done
+
+
+def installs_here(wheel: str) -> bool:
+    """Whether this Python can install the wheel (a cp312 wheel is verified but not installed on a 3.11 rehearsal)."""
+    from packaging.tags import sys_tags
+    from packaging.utils import parse_wheel_filename
+
+    return bool(set(parse_wheel_filename(wheel)[3]) & set(sys_tags()))
+
+
+def pip_install(phase: Phase, *args: str) -> None:
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=max(phase.remaining(), 1))
+    phase.run.log(f"$ {' '.join(cmd)}\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+    if done.returncode != 0:
+        raise RuntimeError(f"pip install: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+
+
+class Run:
+    def __init__(self, device: str, out: Path, work: Path, stage: Path | None, budgets: dict | None = None):
+        self.device, self.out, self.work, self.stage = device, out, work, stage
+        self.budgets = budgets or BUDGETS[device]
+        self.env = dict(os.environ)
+        self.results = {"device": device, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                        "phases": {}, "no_gpu_figure": device != "cuda"}
+        self.started = time.monotonic()
+        out.mkdir(parents=True, exist_ok=True)
+        work.mkdir(parents=True, exist_ok=True)
+        self.save()
+
+    # -- files ------------------------------------------------------------------------------------------------------
+    def save(self) -> None:
+        self.results["elapsed_s"] = round(time.monotonic() - self.started, 1)
+        tmp = self.out / "results.json.tmp"
+        tmp.write_text(json.dumps(self.results, indent=1, default=str) + "\n")
+        tmp.replace(self.out / "results.json")
+
+    def log(self, text: str) -> None:
+        with open(self.out / "run.log", "a") as f:
+            f.write(text.rstrip() + "\n")
+
+    def phase(self, name: str, fn) -> None:
+        phase = Phase(self, name, self.budgets[name])
+        self.log(f"== {name} (budget {phase.budget} s)")
+        try:
+            fn(phase)
+            status = "done"
+        except Stopped as e:
+            status = f"stopped: {e}"
+        except Exception as e:  # one phase's failure is a result; the next phases still run
+            status = f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        phase.entry.update(status=status, seconds=round(time.monotonic() - phase.start, 1))
+        self.log(f"== {name}: {status} ({phase.entry['seconds']} s)")
+        self.save()
+        if name != "install":
+            self.render(plot=name in ("bench", "report"))
+
+    def render(self, plot: bool = True) -> None:
+        """results.md (and results.png) from the results so far; a failure to render is logged, not raised."""
+        from gpu_check_report import write_markdown, write_plot
+
+        try:
+            write_markdown(self.results, self.out / "results.md")
+            if plot:
+                write_plot(self.results, self.out / "results.png")
+        except Exception as e:  # the JSON holds the figures either way
+            self.log(f"render: {type(e).__name__}: {e}")
+
+    def found(self, name: str) -> Path | None:
+        """A staged folder: received on the device (WORK/name) or, rehearsing here, the stage folder's own."""
+        for base in (self.work, self.stage):
+            if base is not None and (base / name).is_dir():
+                return base / name
+        return None
+
+    # -- phases -----------------------------------------------------------------------------------------------------
+    def install(self, phase: Phase) -> None:
+        parts = sorted({p.name for base in (self.work, self.stage) if base and base.is_dir()
+                        for p in base.glob("part[0-9][0-9]")})
+        site = self.work / "site"
+        if not parts:
+            phase.record("wheels", "none staged: onnxruntime as installed")
+        else:
+            dirs = [self.found(p) for p in parts]
+            names = (dirs[-1] / "names.txt").read_text().split()
+            sizes = [int(s) for s in (dirs[-1] / "sizes.txt").read_text().split()]
+            expected = dict(line.split()[::-1] for line in (dirs[-1] / "wheels.sha256").read_text().splitlines())
+            pieces = [p for d in dirs for p in sorted(d.glob("piece.*"))]
+            wheels_dir = self.work / "wheels"
+            wheels_dir.mkdir(exist_ok=True)
+            with open(self.work / "all.bin", "wb") as whole:  # the device-wheels format: wheels joined, then split
+                for piece in pieces:
+                    with open(piece, "rb") as f:
+                        shutil.copyfileobj(f, whole)
+            checked = []
+            with open(self.work / "all.bin", "rb") as whole:
+                for name, size in zip(names, sizes):
+                    target = wheels_dir / name
+                    with open(target, "wb") as f:
+                        f.write(whole.read(size))
+                    digest = sha256(target)
+                    if digest != expected.get(name):
+                        raise RuntimeError(f"{name}: sha256 {digest[:16]}... is not the staged {expected.get(name)}")
+                    checked.append({"name": name, "bytes": size, "sha256": digest})
+            (self.work / "all.bin").unlink()
+            installable = [wheels_dir / w["name"] for w in checked if installs_here(w["name"])]
+            for w in checked:
+                w["installed"] = wheels_dir / w["name"] in installable
+            phase.record("wheels", checked)
+            if installable:
+                phase.check("install the wheels")
+                pip_install(phase, "--upgrade", "--target", str(site), *map(str, installable))
+                self._first_on_path(site)
+        source = self.found("source")
+        if source is None:
+            phase.record("source", "none staged: tgedge as installed")
+        else:
+            tarball = source / "tgedge-src.tar.gz"
+            digest = sha256(tarball)
+            if digest != (source / "tgedge-src.tar.gz.sha256").read_text().split()[0]:
+                raise RuntimeError("tgedge-src.tar.gz: sha256 differs from the staged one")
+            src, tg_site = self.work / "src", self.work / "site-tgedge"
+            shutil.rmtree(src, ignore_errors=True)
+            shutil.rmtree(tg_site, ignore_errors=True)
+            with tarfile.open(tarball) as tar:
+                tar.extractall(src, filter="data")
+            phase.check("install the tgedge source")
+            pip_install(phase, "--no-build-isolation", "--target", str(tg_site), str(src))
+            self._first_on_path(tg_site)
+            phase.record("source", {"sha256": digest, **json.loads((source / "source.json").read_text())})
+        if self.device == "cuda":
+            import torch  # noqa: F401  (loads the CUDA and cuDNN libraries onnxruntime's provider links against)
+        import onnxruntime as ort
+
+        if hasattr(ort, "preload_dlls") and self.device == "cuda":
+            ort.preload_dlls()
+        import tgedge
+
+        phase.record("onnxruntime", {"version": ort.__version__, "providers": ort.get_available_providers(),
+                                     "from": str(Path(ort.__file__).parent)})
+        phase.record("tgedge", {"from": str(Path(tgedge.__file__).parent)})
+
+    def _first_on_path(self, path: Path) -> None:
+        sys.path.insert(0, str(path))
+        self.env["PYTHONPATH"] = os.pathsep.join([str(path), *filter(None, [self.env.get("PYTHONPATH")])])
+
+    @property
+    def ort_device(self) -> str:
+        """`cuda` where onnxruntime has its CUDA provider and the run is on the GPU (an onnxruntime-gpu build lists the
+        provider on a CPU machine too)."""
+        import onnxruntime as ort
+
+        return "cuda" if self.device == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
+
+    def floors(self, phase: Phase) -> None:
+        from tgedge.floors import measure_peaks
+
+        phase.record("peaks", measure_peaks(self.device).to_dict())
+
+    def _export(self, phase: Phase, checkpoint: str, name: str, dtype: str, cache: str = "static") -> Path:
+        out = self.work / "exports" / name
+        if not (out / "manifest.json").exists():
+            phase.tool("export", checkpoint, "-o", str(out), "--dtype", dtype, "--cache", cache, "--no-check",
+                       what=f"export {name}")
+        return out
+
+    def _preset(self, phase: Phase, preset: str) -> Path:
+        out = self.work / "presets" / preset
+        if not (out / "config.json").exists():
+            phase.tool("checkpoint", "random", "--preset", preset, "-o", str(out), what=f"write {preset}")
+        return out
+
+    def parity(self, phase: Phase) -> None:
+        """Greedy tokens of onnxruntime on the device (CUDA when its provider is there) against onnxruntime CPU."""
+        from tgedge.data import shapes
+        from tgedge.generate import generate
+        from tgedge.runtime.pipeline import Pipeline
+        from tgedge.sampling import GenerationOptions
+
+        device = self.ort_device
+        sample = next(iter(shapes.generate(shapes.SPLIT_SEEDS["eval"], 1)))
+        rows = []
+        for name, checkpoint in PARITY:
+            if checkpoint != "demo":
+                checkpoint = str(self._preset(phase, checkpoint))
+            for dtype in PARITY_DTYPES:
+                export = self._export(phase, checkpoint, f"{name}-{dtype}", dtype)
+                tokens = {}
+                for backend in ("onnxruntime", "onnxruntime-cuda" if device == "cuda" else "onnxruntime"):
+                    phase.check(f"greedy tokens of {name} {dtype}")
+                    with Pipeline(export, backend) as pipe:
+                        providers = pipe.runners["decoder"].session.get_providers()  # what it fell back to, if any
+                        x = pipe.embeddings(pipe.pre(sample.image, sample.prompt))
+                        tokens[backend] = generate(pipe, x, GenerationOptions(max_new_tokens=PARITY_TOKENS),
+                                                   pipe.context).tokens
+                cpu, dev = tokens["onnxruntime"], tokens["onnxruntime-cuda" if device == "cuda" else "onnxruntime"]
+                first = next((i for i, (a, b) in enumerate(zip(cpu, dev)) if a != b), None)
+                rows.append({"model": name, "dtype": dtype, "device": device, "equal": cpu == dev, "tokens": len(cpu),
+                             "first_difference": first, "cpu": cpu, "device_tokens": dev,
+                             "device_providers": providers})
+                phase.record("rows", rows)
+
+    def presets(self, phase: Phase) -> None:
+        spec = BENCH[self.device]
+        written = [str(self._preset(phase, spec["preset"]))]
+        if spec["twin"]:
+            written.append(str(self._preset(phase, spec["twin"])))
+        phase.record("written", written)
+
+    def export(self, phase: Phase) -> None:
+        spec = BENCH[self.device]
+        ckpt = self.work / "presets" / spec["preset"]
+        out = self._export(phase, str(ckpt), f"{spec['preset']}-{spec['dtype']}-static", spec["dtype"])
+        phase.record("export", str(out))
+
+    def bench(self, phase: Phase) -> None:
+        """One `tgedge bench` per context (text-only prompts): TTFT, decode tok/s and their floors' ratios. On the CPU
+        the torch reference and transformers generate (the plain twin) run beside it; on CUDA they are not run: both
+        are CPU-only in tgedge (no device option yet)."""
+        spec = BENCH[self.device]
+        export = self.work / "exports" / f"{spec['preset']}-{spec['dtype']}-static"
+        backend = "onnxruntime-cuda" if self.device == "cuda" else "onnxruntime"
+        peers = []
+        if self.device == "cpu":
+            peers = ["--compare", "torch,transformers", "--transformers-model",
+                     str(self.work / "presets" / spec["twin"])]
+        else:
+            phase.record("peers", "torch eager and transformers generate not run: tgedge runs both on the CPU only")
+        phase.record("cuda_graphs", "not measured: the runtime has no CUDA-graph decode yet")
+        rows = []
+        for context in spec["contexts"]:
+            report = self.work / f"bench-{context}.json"
+            phase.tool("bench", str(export), "--backend", backend, "--no-image", "--prompt-tokens", str(context),
+                       "--new-tokens", str(spec["new_tokens"]), "--runs", str(spec["runs"]), "--warmup", "1",
+                       *peers, "--json", str(report), what=f"bench at {context} positions")
+            for target in json.loads(report.read_text())["targets"]:
+                for m in target["contexts"]:
+                    rows.append({"target": target["name"], "backend": target["backend"], "context": m["prompt_tokens"],
+                                 "ttft_s": m["ttft"]["median"], "decode_tokens_per_s": m["decode_tokens_per_s"],
+                                 "floor_tokens_per_s": m["floor_tokens_per_s"], "of_floor": m["of_floor"]})
+            phase.record("rows", rows)
+            phase.record("report", merge_reports(phase.entry.get("report"), json.loads(report.read_text())))
+
+    def copies(self, phase: Phase) -> None:
+        """Copies of the KV cache per decode step: the cache buffers' addresses across steps (bound once, written in
+        place) and, on CUDA, the memory copies CUPTI sees per step (torch.profiler), those of a cache buffer's size
+        or more counted as cache copies."""
+        from tgedge.bench.genai_worker import ids_for
+        from tgedge.runtime.pipeline import Pipeline
+
+        spec = BENCH[self.device]
+        export = self.work / "exports" / f"{spec['preset']}-{spec['dtype']}-static"
+        backend = "onnxruntime-cuda" if self.ort_device == "cuda" else "onnxruntime"
+        steps = 8
+        with Pipeline(export, backend, stages=("embed", "decoder")) as pipe:
+            layout = pipe.cache.layout
+            x = pipe.embed_tokens(ids_for(64, pipe.manifest.model["decoder"]["vocab_size"])[None])
+            pipe.setup_cache(64 + steps + 1)
+            out = pipe.prefill(x)
+            addresses = lambda: [b.data_ptr() if hasattr(b, "data_ptr") else b.ctypes.data  # noqa: E731
+                                 for b in pipe.cache.buffers.values()]
+            before = addresses()
+
+            def decode():
+                nonlocal out
+                for i in range(steps):
+                    out = pipe.decode_one_token(int(out.argmax()), 64 + i)
+
+            entry = {"steps": steps, "cache_bound_once": pipe.cache.bound is not None}
+            if self.ort_device == "cuda":
+                entry.update(cupti_copies(decode, steps, layout))
+            else:
+                decode()
+                entry["memcpy"] = "not counted on the CPU (CUPTI sees CUDA copies only)"
+            entry["addresses_stable"] = addresses() == before
+            pipe.clear_cache()
+        phase.record("cache", entry)
+
+    def report(self, phase: Phase) -> None:
+        phase.record("files", list(FILES))  # results.md and results.png are rendered after this phase (Run.phase)
+
+
+def merge_reports(merged: dict | None, report: dict) -> dict:
+    """One bench report of the runs so far: each target's contexts appended (the floors: the first run's)."""
+    if merged is None:
+        return report
+    by_name = {t["name"]: t for t in merged["targets"]}
+    for target in report["targets"]:
+        if target["name"] in by_name:
+            by_name[target["name"]]["contexts"] += target["contexts"]
+        else:
+            merged["targets"].append(target)
+    merged["settings"]["prompt_tokens"] += report["settings"]["prompt_tokens"]
+    return merged
+
+
+def cupti_copies(decode, steps: int, layout) -> dict:
+    """Memory copies during `decode()` as CUPTI records them (torch.profiler's trace: each copy's kind and bytes)."""
+    import tempfile
+
+    import numpy as np
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    buffer_bytes = layout.num_kv_heads * layout.max_length * layout.head_dim * np.dtype(layout.dtype).itemsize
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        decode()
+        torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        events = json.loads(trace.read_text()).get("traceEvents", [])
+    copies = [e for e in events if e.get("cat") == "gpu_memcpy"]
+    sizes = [int(e.get("args", {}).get("bytes", 0)) for e in copies]
+    return {"memcpy_per_step": round(len(copies) / steps, 2), "memcpy_bytes_per_step": round(sum(sizes) / steps),
+            "cache_copies_per_step": round(sum(s >= buffer_bytes for s in sizes) / steps, 2),
+            "cache_buffer_bytes": int(buffer_bytes),
+            "kinds": sorted({e.get("name", "") for e in copies})}
+
+
+def run(device: str, out: Path, work: Path, stage: Path | None) -> dict:
+    sys.path.insert(0, str(Path(__file__).parent))  # gpu_check_report beside this file
+    r = Run(device, out, work, stage)
+    for name in ("install", "floors", "parity", "presets", "export", "bench", "copies", "report"):
+        r.phase(name, getattr(r, name))
+    r.render(plot=False)  # the report phase's own status in the table
+    return r.results
