@@ -4,7 +4,8 @@ Inference goes through IO binding: outputs named in `keep` stay as OrtValues whe
 GPU with CUDA/TensorRT), so the decoder's `present.*` feed the next step's `past_key_values.*` without a
 copy through the host. A static KV cache goes further: `buffer()` allocates its buffers on the session's device once
 and `bind()` binds each as both a past input and its present output, once; `infer(feed, bound=...)` then binds only
-the step's own inputs, and the graph writes the cache in place.
+the step's own inputs, and the graph writes the cache in place. With `cuda_graph` (onnxruntime's CUDA provider, a
+`static` decoder) the decode step is captured once as a CUDA graph and replayed per token (`runtime.cudagraph`).
 """
 
 from __future__ import annotations
@@ -72,19 +73,22 @@ class SessionFromOnnx:
 
     def __init__(self, path: str | Path, device: str = "cpu", threads: int = 0, trt_cache: str | Path | None = None,
                  spin: bool = True, rewrite: Callable[[Any], Any] | None = None, in_order: bool = False,
-                 int8_kernels: str = "auto"):
+                 int8_kernels: str = "auto", cuda_graph: bool = False):
         """`threads`: intra-op threads (0: onnxruntime's default, one per core); `spin` False: idle threads block
         instead of spinning (what a CPU shared with other work wants). `rewrite`: a function of the graph's
         structure (an `onnx.ModelProto` without its weights) that returns the structure to load instead; its
         external weights are still read from beside `path`, never copied. `in_order`: run the nodes in the graph's
         own order (onnxruntime's priority-based order) instead of its default topological order, which may run a
         node long after its input was made and so keep that input in memory meanwhile. `int8_kernels`: how Q/DQ
-        graphs run on the CPU (`INT8_KERNELS`)."""
+        graphs run on the CPU (`INT8_KERNELS`). `cuda_graph`: the CUDA provider's `enable_cuda_graph` (the runner
+        then captures decode steps and replays them; `runtime.cudagraph`)."""
         if device not in DEVICES:
             raise TgedgeError(f"unknown onnxruntime device {device!r} (choose from {', '.join(DEVICES)})")
         if int8_kernels not in INT8_KERNELS:
             raise TgedgeError(f"unknown int8 kernels {int8_kernels!r} (choose from {', '.join(INT8_KERNELS)})")
-        self.int8_kernels = int8_kernels
+        if cuda_graph and device != "cuda":
+            raise TgedgeError(f"CUDA graphs run on onnxruntime's CUDA provider (device cuda), not {device!r}")
+        self.int8_kernels, self.cuda_graph = int8_kernels, cuda_graph
         self.path, self.device, self.threads, self.trt_cache = Path(path), device, threads, trt_cache
         self.spin, self.rewrite, self.in_order = spin, rewrite, in_order
 
@@ -101,6 +105,8 @@ class SessionFromOnnx:
             if self.trt_cache:
                 opts["trt_engine_cache_path"] = str(self.trt_cache)
             providers[0] = ("TensorrtExecutionProvider", opts)
+        if self.cuda_graph:
+            providers[0] = ("CUDAExecutionProvider", {"enable_cuda_graph": "1"})
         so = ort.SessionOptions()
         so.log_severity_level = 3
         if self.threads:
@@ -129,6 +135,8 @@ class OnnxRuntimeRunner(BaseRunner):
         super().__init__(name or session_loader.path.stem)
         self.loader = session_loader
         self.session = None
+        self.graph = None  # the decode step's CUDA graph binding (runtime.cudagraph.GraphStep), made at its first step
+        self._uncaptured = None  # run options of every other call when the session captures graphs
 
     @property
     def device_type(self) -> str:
@@ -137,9 +145,15 @@ class OnnxRuntimeRunner(BaseRunner):
     def activate_impl(self) -> None:
         self.session = self.loader()
         self.output_names = [o.name for o in self.session.get_outputs()]
+        if getattr(self.loader, "cuda_graph", False):
+            import onnxruntime as ort
+
+            from tgedge.runtime.cudagraph import NO_GRAPH, run_options
+
+            self._uncaptured = run_options(ort, NO_GRAPH)
 
     def deactivate_impl(self) -> None:
-        self.session = None
+        self.session, self.graph, self._uncaptured = None, None, None
 
     def describe_value(self, value: Any) -> tuple[str, tuple[int, ...]]:
         if callable(getattr(value, "data_type", None)) and callable(getattr(value, "shape", None)):  # an OrtValue
@@ -186,7 +200,11 @@ class OnnxRuntimeRunner(BaseRunner):
     def infer_impl(self, feed: dict[str, Any], keep: tuple[str, ...] = (), bound: Bound | None = None
                    ) -> dict[str, Any]:
         """Outputs as numpy arrays, except those named in `keep`: OrtValues left on the device. With `bound`, its
-        buffers are not bound again and its outputs come back as those buffers."""
+        buffers are not bound again and its outputs come back as those buffers. With CUDA graphs, a step of one
+        position on bound buffers replays the captured decode step (`_graph_step`)."""
+        if self._uncaptured is not None and bound is not None and self.describe_value(
+                feed["inputs_embeds"])[1][1] == 1:
+            return self._graph_step(feed, bound)
         if bound is None:
             binding, fixed, order = self.session.io_binding(), {}, []
         else:
@@ -203,7 +221,7 @@ class OnnxRuntimeRunner(BaseRunner):
                 binding.bind_output(name, self.device_type)  # rebinding a name keeps its place in the binding
                 if name not in order:
                     order.append(name)
-        self.session.run_with_iobinding(binding)
+        self.session.run_with_iobinding(binding, self._uncaptured)
         outputs = dict(zip(order, binding.get_outputs()))
         if bound is not None:
             outputs.update(bound.output_buffers())
@@ -211,7 +229,32 @@ class OnnxRuntimeRunner(BaseRunner):
                 for n in self.output_names}
 
 
-def runner_for(manifest, graph: str, device: str = "cpu", **loader_options) -> OnnxRuntimeRunner:
+    def _graph_step(self, feed: dict[str, Any], bound: Bound) -> dict[str, Any]:
+        """A decode step through the captured graph: its inputs written into fixed buffers, nothing bound or
+        allocated (the binding is made once per cache binding)."""
+        import onnxruntime as ort
+
+        from tgedge.runtime.cudagraph import GraphStep
+
+        if self.graph is None or self.graph.bound is not bound:
+            meta = self.get_output_metadata()["logits"]
+            shape = (1, 1, int(meta.shape[-1]))
+            self.graph = GraphStep(self, bound, self.describe_value(feed["inputs_embeds"])[0], "logits", shape,
+                                   meta.dtype, ort)
+        logits = self.graph.run(self.session, feed["inputs_embeds"], self.describe_value(feed["attention_mask"])[1][1])
+        presents = bound.output_buffers()
+        return {n: logits.numpy() if n == "logits" else presents[n] for n in self.output_names}
+
+
+def runner_for(manifest, graph: str, device: str = "cpu", cuda_graph: bool = False,
+               **loader_options) -> OnnxRuntimeRunner:
     """The backend registry's door (tgedge.runtime.backends): a graph of an export directory on a device;
-    `loader_options` are SessionFromOnnx's (threads, spin, in_order, rewrite, trt_cache)."""
-    return OnnxRuntimeRunner(SessionFromOnnx(manifest.graph_path(graph), device, **loader_options), graph)
+    `loader_options` are SessionFromOnnx's (threads, spin, in_order, rewrite, trt_cache). `cuda_graph`: the decoder of
+    a `static` export decodes through CUDA graphs (the other graphs run as before)."""
+    if cuda_graph and graph == "decoder":
+        mode = getattr(getattr(manifest, "contract", None), "cache", None)
+        if getattr(mode, "mode", None) != "static":
+            raise TgedgeError(f"CUDA graphs need a decoder exported with --cache static (this one: "
+                              f"{getattr(mode, 'mode', 'unknown')}): its mask may then be of fixed size")
+    return OnnxRuntimeRunner(SessionFromOnnx(manifest.graph_path(graph), device,
+                                             cuda_graph=cuda_graph and graph == "decoder", **loader_options), graph)

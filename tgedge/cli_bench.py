@@ -56,6 +56,9 @@ def _add_bench(sub) -> None:
                         "(the reference, transformers) are set for the whole process")
     p.add_argument("--no-spin", action="store_true",
                    help="onnxruntime's idle threads block instead of spinning (a CPU shared with other work)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="--backend onnxruntime-cuda: decode steps captured once as a CUDA graph and replayed (a "
+                        "--cache static export)")
     p.add_argument("--power", action="store_true", help="sample board power during the timed runs (one model)")
     p.add_argument("--json", nargs="?", const="-", metavar="F", help="write the report as JSON to F (alone: stdout)")
     p.add_argument("--markdown", metavar="F", help="write the report as Markdown tables to F")
@@ -114,7 +117,8 @@ def _targets(args) -> list:
         name = f"{name} ({backend})" if name in seen or backend != "onnxruntime" else name
         seen.add(name)
         targets.append(Target(name, model, backend, args.clip, "torch" if backend == "torch" else "tgedge",
-                              threads=args.threads, spin=not args.no_spin))
+                              threads=args.threads, spin=not args.no_spin,
+                              cuda_graph=args.cuda_graph and backend == "onnxruntime-cuda"))
     if "torch" in args.compare:
         checkpoint, clip = _source(args, "--compare torch")
         targets.append(Target("torch reference", checkpoint, "torch", clip, "torch", threads=args.threads))
@@ -191,6 +195,8 @@ def cmd_bench(args) -> int:
         image, prompt = sample.image, prompt or sample.prompt
     if image is not None and prompt is None:
         raise TgedgeError("--prompt is needed with --image")
+    if args.cuda_graph and args.backend != "onnxruntime-cuda":
+        raise TgedgeError("--cuda-graph needs --backend onnxruntime-cuda")
     targets = _targets(args)
     settings = Settings(args.runs, args.warmup, args.new_tokens, args.prompt_tokens or (), image, prompt, args.power)
     with tqdm(total=args.runs * len(targets), desc="bench", unit="run", disable=None, file=sys.stderr) as bar:

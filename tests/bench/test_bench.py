@@ -79,6 +79,7 @@ def test_text_only_loads_the_decoder_alone(demo_export, capsys, tmp_path):
     (["--no-image"], "--no-image needs --prompt-tokens"),
     (["--new-tokens", "300"], "does not fit the context"),
     (["--runs", "0"], "--runs"),
+    (["--cuda-graph"], "--cuda-graph needs --backend onnxruntime-cuda"),
 ])
 def test_bad_arguments_are_one_line(demo_export, args, message, capsys):
     assert main(["bench", str(demo_export.directory), "--warmup", "0", *args]) == 2

@@ -68,7 +68,7 @@ def summarize(targets: list, settings, peaks, results: dict) -> dict:
         r, info = results[target.name], target.info
         floors = Floors(peaks, info["weight_bytes"], info["kv_per_position"])
         entry = {"name": target.name, "kind": target.kind, "model": target.model, "backend": target.backend,
-                 "threads": target.threads or "default", "spin": target.spin,
+                 "threads": target.threads or "default", "spin": target.spin, "cuda_graph": target.cuda_graph,
                  "precision": info["precision"], "cache": info["cache"], "runs": len(r["runs"]),
                  "decoder_weight_bytes": info["weight_bytes"], "kv_bytes_per_position": info["kv_per_position"],
                  "memory": {"rss_loaded_mb": round(r["rss_loaded"] / 2**20, 1),

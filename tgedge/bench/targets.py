@@ -18,6 +18,7 @@ class Target:
     info: dict = field(default_factory=dict)  # precision, cache mode, weight bytes, KV bytes per position, config
     threads: int = 0  # intra-op threads (0: the library's default): onnxruntime's, or torch's (process-wide)
     spin: bool = True  # onnxruntime's idle threads spin
+    cuda_graph: bool = False  # onnxruntime-cuda: decode steps replayed as CUDA graphs (runtime.cudagraph)
 
     def open(self, text_only: bool = False):
         """`text_only`: an export's embed and decoder graphs alone (text-only prompts need no more)."""
@@ -37,8 +38,9 @@ class Target:
             return TransformersPeer(self.model, self.clip)
         if self.kind == "tgedge":
             stages = ("embed", "decoder") if text_only else None
+            graphs = {"cuda_graph": True} if self.cuda_graph else {}
             return open_pipeline(self.model, self.backend, self.clip, stages=stages, threads=self.threads,
-                                 spin=self.spin)
+                                 spin=self.spin, **graphs)
         return open_pipeline(self.model, self.backend, self.clip)
 
 
