@@ -28,10 +28,11 @@ def write_markdown(results: dict, path: Path) -> None:
                   "| model | dtype | device | tokens | equal | first difference |", "|---|---|---|---|---|---|"]
         lines += [f"| {r['model']} | {r['dtype']} | {r['device']} | {r['tokens']} | {'yes' if r['equal'] else 'NO'} | "
                   f"{'-' if r['first_difference'] is None else r['first_difference']} |" for r in rows]
-    cache = phases.get("copies", {}).get("cache")
-    if cache:
-        lines += ["", "## The KV cache per decode step", ""]
-        lines += [f"- {k}: {v}" for k, v in cache.items()]
+    for key, title in (("cache", ""), ("cache_cuda_graph", ", CUDA graphs")):
+        cache = phases.get("copies", {}).get(key)
+        if cache:
+            lines += ["", f"## The KV cache per decode step{title}", ""]
+            lines += [f"- {k}: {v}" for k, v in cache.items()]
     bench = phases.get("bench", {})
     for key in ("peers", "cuda_graphs"):
         if key in bench:

@@ -303,74 +303,54 @@ class Run:
         phase.record("export", str(out))
 
     def bench(self, phase: Phase) -> None:
-        """One `tgedge bench` per context (text-only prompts): TTFT, decode tok/s and their floors' ratios. On the CPU
-        the torch reference and transformers generate (the plain twin) run beside it; on CUDA they are not run: both
-        are CPU-only in tgedge (no device option yet)."""
+        """`tgedge bench` over the contexts (text-only prompts): TTFT, decode tok/s and their floors' ratios; on CUDA
+        once as it is and once with CUDA graphs (`--cuda-graph`), each call's report kept as it comes. On the CPU
+        the torch reference and transformers generate (the plain twin) run beside it; on CUDA they are not run:
+        tgedge runs both on the CPU only (no device option yet)."""
         spec = BENCH[self.device]
         export = self.work / "exports" / f"{spec['preset']}-{spec['dtype']}-static"
-        backend = "onnxruntime-cuda" if self.device == "cuda" else "onnxruntime"
-        peers = []
+        contexts = ",".join(map(str, spec["contexts"]))
+        common = ["bench", str(export), "--no-image", "--prompt-tokens", contexts, "--new-tokens",
+                  str(spec["new_tokens"]), "--runs", str(spec["runs"]), "--warmup", "1"]
         if self.device == "cpu":
-            peers = ["--compare", "torch,transformers", "--transformers-model",
-                     str(self.work / "presets" / spec["twin"])]
+            modes = [("", ["--backend", "onnxruntime", "--compare", "torch,transformers", "--transformers-model",
+                           str(self.work / "presets" / spec["twin"])])]
+            phase.record("cuda_graphs", "not measured: CUDA graphs need onnxruntime's CUDA provider")
         else:
+            modes = [("", ["--backend", "onnxruntime-cuda"]),
+                     (" + CUDA graphs", ["--backend", "onnxruntime-cuda", "--cuda-graph"])]
             phase.record("peers", "torch eager and transformers generate not run: tgedge runs both on the CPU only")
-        phase.record("cuda_graphs", "not measured: the runtime has no CUDA-graph decode yet")
-        rows = []
-        for context in spec["contexts"]:
-            report = self.work / f"bench-{context}.json"
-            phase.tool("bench", str(export), "--backend", backend, "--no-image", "--prompt-tokens", str(context),
-                       "--new-tokens", str(spec["new_tokens"]), "--runs", str(spec["runs"]), "--warmup", "1",
-                       *peers, "--json", str(report), what=f"bench at {context} positions")
-            for target in json.loads(report.read_text())["targets"]:
+        rows = phase.entry.setdefault("rows", [])
+        for i, (label, args) in enumerate(modes):
+            report = self.work / f"bench-{i}.json"
+            phase.tool(*common, *args, "--json", str(report), what=f"bench{label or ''}")
+            data = json.loads(report.read_text())
+            for target in data["targets"]:
+                target["name"] += label if target["kind"] == "tgedge" else ""
                 for m in target["contexts"]:
                     rows.append({"target": target["name"], "backend": target["backend"], "context": m["prompt_tokens"],
                                  "ttft_s": m["ttft"]["median"], "decode_tokens_per_s": m["decode_tokens_per_s"],
                                  "floor_tokens_per_s": m["floor_tokens_per_s"], "of_floor": m["of_floor"]})
             phase.record("rows", rows)
-            phase.record("report", merge_reports(phase.entry.get("report"), json.loads(report.read_text())))
+            phase.record("report", merge_reports(phase.entry.get("report"), data))
 
     def copies(self, phase: Phase) -> None:
         """Copies of the KV cache per decode step: the cache buffers' addresses across steps (bound once, written in
         place) and, on CUDA, the memory copies CUPTI sees per step (torch.profiler), those of a cache buffer's size
-        or more counted as cache copies."""
-        from tgedge.bench.genai_worker import ids_for
-        from tgedge.runtime.pipeline import Pipeline
-
+        or more counted as cache copies; on CUDA with and without CUDA graphs."""
         spec = BENCH[self.device]
         export = self.work / "exports" / f"{spec['preset']}-{spec['dtype']}-static"
-        backend = "onnxruntime-cuda" if self.ort_device == "cuda" else "onnxruntime"
-        steps = 8
-        with Pipeline(export, backend, stages=("embed", "decoder")) as pipe:
-            layout = pipe.cache.layout
-            x = pipe.embed_tokens(ids_for(64, pipe.manifest.model["decoder"]["vocab_size"])[None])
-            pipe.setup_cache(64 + steps + 1)
-            out = pipe.prefill(x)
-            addresses = lambda: [b.data_ptr() if hasattr(b, "data_ptr") else b.ctypes.data  # noqa: E731
-                                 for b in pipe.cache.buffers.values()]
-            before = addresses()
-
-            def decode():
-                nonlocal out
-                for i in range(steps):
-                    out = pipe.decode_one_token(int(out.argmax()), 64 + i)
-
-            entry = {"steps": steps, "cache_bound_once": pipe.cache.bound is not None}
-            if self.ort_device == "cuda":
-                entry.update(cupti_copies(decode, steps, layout))
-            else:
-                decode()
-                entry["memcpy"] = "not counted on the CPU (CUPTI sees CUDA copies only)"
-            entry["addresses_stable"] = addresses() == before
-            pipe.clear_cache()
-        phase.record("cache", entry)
+        cuda = self.ort_device == "cuda"
+        for key, options in (("cache", {}), *((("cache_cuda_graph", {"cuda_graph": True}),) if cuda else ())):
+            phase.check(key)
+            phase.record(key, decode_copies(export, "onnxruntime-cuda" if cuda else "onnxruntime", options))
 
     def report(self, phase: Phase) -> None:
         phase.record("files", list(FILES))  # results.md and results.png are rendered after this phase (Run.phase)
 
 
 def merge_reports(merged: dict | None, report: dict) -> dict:
-    """One bench report of the runs so far: each target's contexts appended (the floors: the first run's)."""
+    """One bench report of the calls so far: their targets side by side (the floors: the first call's)."""
     if merged is None:
         return report
     by_name = {t["name"]: t for t in merged["targets"]}
@@ -379,8 +359,38 @@ def merge_reports(merged: dict | None, report: dict) -> dict:
             by_name[target["name"]]["contexts"] += target["contexts"]
         else:
             merged["targets"].append(target)
-    merged["settings"]["prompt_tokens"] += report["settings"]["prompt_tokens"]
     return merged
+
+
+def decode_copies(export: Path, backend: str, options: dict, steps: int = 8) -> dict:
+    """Decode `steps` tokens after a 64-token prompt; what the cache's buffers did meanwhile (see Run.copies)."""
+    from tgedge.bench.genai_worker import ids_for
+    from tgedge.runtime.pipeline import Pipeline
+
+    with Pipeline(export, backend, stages=("embed", "decoder"), runner_options=options) as pipe:
+        x = pipe.embed_tokens(ids_for(64, pipe.manifest.model["decoder"]["vocab_size"])[None])
+        pipe.setup_cache(64 + steps + 1)
+        out = pipe.prefill(x)
+
+        def addresses():
+            return [b.data_ptr() if hasattr(b, "data_ptr") else b.ctypes.data for b in pipe.cache.buffers.values()]
+
+        before = addresses()
+
+        def decode():
+            nonlocal out
+            for i in range(steps):
+                out = pipe.decode_one_token(int(out.argmax()), 64 + i)
+
+        entry = {"steps": steps, "options": options, "cache_bound_once": pipe.cache.bound is not None}
+        if backend == "onnxruntime-cuda":
+            entry.update(cupti_copies(decode, steps, pipe.cache.layout))
+        else:
+            decode()
+            entry["memcpy"] = "not counted on the CPU (CUPTI sees CUDA copies only)"
+        entry["addresses_stable"] = addresses() == before
+        pipe.clear_cache()
+    return entry
 
 
 def cupti_copies(decode, steps: int, layout) -> dict:
