@@ -37,10 +37,17 @@ def write_markdown(results: dict, path: Path) -> None:
     for key in ("peers", "cuda_graphs"):
         if key in bench:
             lines += ["", f"{key}: {bench[key]}"]
+    if bench.get("rows"):
+        lines += ["", "## TTFT and decode against the floors", "",
+                  "| target | backend | prompt tokens | TTFT ms | decode tok/s | floor tok/s | decode of floor | "
+                  "prefill of floor |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"| {r['target']} | {r['backend']} | {r['context']} | {1e3 * r['ttft_s']:.1f} | "
+                  f"{r['decode_tokens_per_s']} | {r['floor_tokens_per_s']} | {r['of_floor']['decode']} | "
+                  f"{r['of_floor']['prefill']} |" for r in bench["rows"]]
     if bench.get("report"):
         body = to_markdown(bench["report"]).splitlines()
-        lines += ["", "## Bench (tgedge bench, one run per context)", ""] + ["#" + b if b.startswith("#") else b
-                                                                             for b in body[1:]]
+        lines += ["", "## Bench (tgedge bench: one call per mode, its tables)", ""] + [
+            "#" + b if b.startswith("#") else b for b in body[1:]]
     path.write_text("\n".join(lines) + "\n")
 
 

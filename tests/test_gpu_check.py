@@ -122,20 +122,39 @@ def test_receive_and_install_what_was_staged(tmp_path):
     for folder in [*sorted(stage.glob("part*")), stage / "source"]:
         done = gpu_check("--receive", folder, "--work", work)
         assert done.returncode == 0 and "verified" in done.stdout, done.stderr
-    install = ("import sys, json; sys.path.insert(0, sys.argv[1]); from gpu_check_run import Run; "
-               "from pathlib import Path; r = Run('cpu', Path(sys.argv[2]), Path(sys.argv[3]), None); "
-               "r.phase('install', r.install); print(json.dumps(r.results['phases']['install']))")
     out = tmp_path / "out"
-    done = subprocess.run([sys.executable, "-c", install, str(ROOT / "scripts"), str(out), str(work)],
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    phase = json.loads(done.stdout.strip().splitlines()[-1])
+    phase = install_phase(out, work)
     assert phase["status"] == "done", phase
     assert phase["wheels"][0]["installed"] and phase["wheels"][0]["sha256"] == hashlib.sha256(
         wheel.read_bytes()).hexdigest()
     assert (work / "site" / "gpucheck_dummy" / "__init__.py").read_text() == "VALUE = 7\n"
     assert phase["tgedge"]["from"] == str(work / "site-tgedge" / "tgedge")  # the staged source, not the checkout
     assert json.loads((out / "results.json").read_text())["phases"]["install"]["status"] == "done"
+
+
+def install_phase(out: Path, work: Path) -> dict:
+    """The run's install phase alone, in its own process (it puts what it installs first on sys.path)."""
+    install = ("import sys, json; sys.path.insert(0, sys.argv[1]); from gpu_check_run import Run; "
+               "from pathlib import Path; r = Run('cpu', Path(sys.argv[2]), Path(sys.argv[3]), None); "
+               "r.phase('install', r.install); print(json.dumps(r.results['phases']['install']))")
+    done = subprocess.run([sys.executable, "-c", install, str(ROOT / "scripts"), str(out), str(work)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@needs_tool
+def test_install_names_the_missing_pieces(tmp_path):
+    """A part not received (the machine went back between calls): the install phase says which, and installs
+    nothing."""
+    wheel = dummy_wheel(tmp_path)
+    stage, work = tmp_path / "stage", tmp_path / "work"
+    assert gpu_check("--stage", "--wheel", wheel, "--stage-dir", stage).returncode == 0
+    assert gpu_check("--receive", stage / "part00", "--work", work).returncode == 0
+    (work / "part00").rename(work / "part01")  # as if part00 of two had not come
+    phase = install_phase(tmp_path / "out", work)
+    assert phase["status"].startswith("failed") and "wheel pieces missing: part00" in phase["status"]
+    assert not (work / "site").exists()
 
 
 @needs_tool
