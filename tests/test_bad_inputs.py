@@ -427,3 +427,50 @@ def test_sigterm_leaves_nothing_half_written(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143 and "tgedge: terminated" in err
     assert list(tmp_path.iterdir()) == []
+
+
+# -- tampered exports: the demo export copied and edited, one variant per row ----------------------------------------
+@pytest.fixture(scope="module")
+def x(demo_export, tmp_path_factory):
+    root = tmp_path_factory.mktemp("exports")
+
+    def variant(name, change):
+        d = root / name
+        shutil.copytree(demo_export.directory, d)
+        change(d)
+        return d
+
+    def swap(d, a="embed.onnx", b="fusion.onnx"):
+        (d / a).rename(d / "tmp")
+        (d / b).rename(d / a)
+        (d / "tmp").rename(d / b)
+
+    def manifest(change):
+        def apply(d):
+            m = json.loads((d / "manifest.json").read_text())
+            change(m)
+            (d / "manifest.json").write_text(json.dumps(m))
+        return apply
+
+    return SimpleNamespace(root=root, good=Path(demo_export.directory), swapped=variant("swapped", swap))
+
+
+EXPORT_ROWS = [
+    ("triton swapped graphs", lambda x: ["triton", x.swapped, "-o", x.root / "repo"],
+     "graph 'fusion' (fusion.onnx) is not the one manifest.json describes (sha256 differs)"),
+]
+
+
+@pytest.mark.parametrize("argv", [r[1] for r in EXPORT_ROWS], ids=[r[0] for r in EXPORT_ROWS])
+def test_bad_export_is_one_line_exit_2(x, argv, capsys):
+    expected = next(r[2] for r in EXPORT_ROWS if r[1] is argv)
+    code, _, err = run(capsys, argv(x))
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    assert lines[0].startswith("tgedge: error: ") and expected in lines[0], lines[0]
+    assert not (x.root / "repo").exists() and not list(x.root.glob(".repo.*"))
+
+
+def test_triton_no_verify_takes_the_graphs_as_they_are(x, tmp_path, capsys):
+    code, _, err = run(capsys, ["triton", x.swapped, "-o", tmp_path / "repo", "--no-verify"])
+    assert code == 0, err

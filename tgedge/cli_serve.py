@@ -44,6 +44,8 @@ def _add_triton(sub) -> None:
     p.add_argument("--max-inflight", type=integer(1, 1024), default=8,
                    help="requests one entry instance decodes at once, each with its own KV cache (default 8; "
                         "1 with --backend tensorrt)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip checking the graphs against the manifest's sha256 (on purpose: a graph edited by hand)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_triton)
 
@@ -53,7 +55,7 @@ def cmd_triton(args) -> int:
 
     settings = RepositorySettings(args.backend, args.instances, args.max_batch, args.queue_delay_us,
                                   args.max_inflight)
-    result = write_repository(args.model, args.output, settings, force=args.force)
+    result = write_repository(args.model, args.output, settings, force=args.force, verify=not args.no_verify)
     if args.json:
         print(json.dumps(result.to_dict()))
         return 0

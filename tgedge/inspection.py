@@ -160,8 +160,10 @@ def inspect_export(directory: str | Path) -> dict:
                 mismatches.append(f"{name} {kind} differ from manifest.json: {', '.join(diff)}")
         if g.precision != entry.precision:
             mismatches.append(f"{name}: manifest says {entry.precision}, graph looks {g.precision}")
-        files = [manifest.graph_path(name)] + ([manifest.directory / entry.external_data] if entry.external_data else [])
-        if entry.sha256 and sha256_files(files) != entry.sha256:
+        files = manifest.graph_files(name)  # what Manifest.verify hashes: graph, its weights, the weights it shares
+        if not entry.sha256:  # null or missing: not checkable, and not to be reported as matching
+            mismatches.append(f"{name}: {entry.file} has no sha256 in manifest.json, so it cannot be checked")
+        elif sha256_files(files) != entry.sha256:
             mismatches.append(f"{name}: {entry.file} changed since it was written (sha256 differs from manifest.json)")
     return {"directory": str(directory), "tgedge_version": manifest.tgedge_version, "opset": manifest.opset,
             "graphs": {k: v.to_dict() for k, v in graphs.items()}, "engines": manifest.engines,

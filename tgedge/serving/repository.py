@@ -200,10 +200,15 @@ def _check_engines(manifest: Manifest, source) -> None:
 
 
 def write_repository(source: str | Path, out: str | Path, settings: RepositorySettings | None = None,
-                     force: bool = False) -> RepositoryResult:
+                     force: bool = False, verify: bool = True) -> RepositoryResult:
+    """`verify`: each graph's files are checked against the manifest's sha256 first, as `validate` checks them (a
+    swapped graph would be served); engines (`--backend tensorrt`) are checked against their own metadata."""
     settings = settings or RepositorySettings()
     manifest = Manifest.load(source)
     contract = manifest.contract
+    if verify and settings.backend != "tensorrt":
+        for stage in contract.stage_names:
+            manifest.verify(stage, full=True)
     views = contract.fusion_family.views(manifest.model)
     if settings.backend == "tensorrt":
         _check_engines(manifest, source)
