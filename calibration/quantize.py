@@ -326,7 +326,7 @@ def write_manifest(src: Manifest, out: Path, rewrite: Rewrite, precision: str,
     calibrated = record is not None
     manifest = Manifest(graphs=rewrite.graphs, dims=src.dims, max_context=src.max_context, opset=src.opset,
                         model=src.model, source=src.source, reference=src.reference, files=src.files,
-                        contract=src.contract,
+                        file_sha256=src.file_sha256, contract=src.contract,
                         quantization={"precision": precision,
                                       "method": rewrite.calibration.method if calibrated else None,
                                       "int8_attention": int8_attention if calibrated else None,

@@ -33,7 +33,7 @@ from tgedge.contract import PAST, StageContract
 from tgedge.export.specs import GraphSpec, graph_specs
 from tgedge.fileio import atomic_dir, checkpoint_hash, sha256_files, usual_file_mode
 from tgedge.precision import EXPORT_DTYPES, HALF, REFERENCE, WEIGHT_ONLY, Precision, lookup, names
-from tgedge.runtime.manifest import GraphEntry, Manifest, graph_fingerprint
+from tgedge.runtime.manifest import GraphEntry, Manifest, file_sha256, graph_fingerprint
 
 log = logging.getLogger("tgedge")
 
@@ -428,6 +428,7 @@ def export_model(checkpoint: str | Path, out: str | Path, opset: int = DEFAULT_O
             files["guide_tokenizer"] = "guide_tokenizer.json"
         result.manifest = Manifest(graphs=graphs, dims=contract.dims, max_context=max_context,
                                    opset=opset, model=model.cfg.to_dict(), files=files, reference=reference,
+                                   file_sha256={k: file_sha256(tmp / name) for k, name in files.items()},
                                    source=source_record(checkpoint, ckpt.path, Path(out)),
                                    contract=contract)
         result.manifest.save(tmp)

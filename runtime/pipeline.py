@@ -66,6 +66,8 @@ class Pipeline(StageFlow):
         if verify and backend != "tensorrt":  # TensorRT runs engines, checked against their own metadata
             for graph in stages:
                 self.manifest.verify(graph, full=verify == "sha256")
+        if verify:
+            self.manifest.verify_files()
         self.pre = Preprocessor.from_dir(export_dir, self.manifest.files)
         self.backend = backend
         self.context = context or longest

@@ -431,7 +431,7 @@ def test_sigterm_leaves_nothing_half_written(tmp_path):
 
 # -- tampered exports: the demo export copied and edited, one variant per row ----------------------------------------
 @pytest.fixture(scope="module")
-def x(demo_export, tmp_path_factory):
+def x(demo_export, demo_eval, tmp_path_factory):
     root = tmp_path_factory.mktemp("exports")
 
     def variant(name, change):
@@ -452,12 +452,32 @@ def x(demo_export, tmp_path_factory):
             (d / "manifest.json").write_text(json.dumps(m))
         return apply
 
-    return SimpleNamespace(root=root, good=Path(demo_export.directory), swapped=variant("swapped", swap))
+    def edit_preprocess(d):
+        pre = json.loads((d / "preprocess.json").read_text())
+        pre["image"]["mean"] = [0.5, 0.5, 0.5]
+        (d / "preprocess.json").write_text(json.dumps(pre))
+
+    return SimpleNamespace(
+        root=root, good=Path(demo_export.directory), image=tiny.test_image(root / "image.png"), data=demo_eval,
+        swapped=variant("swapped", swap), preprocess=variant("preprocess", edit_preprocess),
+        no_file_sha=variant("no_file_sha", manifest(lambda m: m.pop("file_sha256"))))
+
+
+def XRUN(x, export, *extra):
+    return ["run", export, "--image", x.image, "--prompt", "what color?", "--max-new-tokens", "2", *extra]
 
 
 EXPORT_ROWS = [
     ("triton swapped graphs", lambda x: ["triton", x.swapped, "-o", x.root / "repo"],
      "graph 'fusion' (fusion.onnx) is not the one manifest.json describes (sha256 differs)"),
+    ("run edited preprocess.json", lambda x: XRUN(x, x.preprocess),
+     "preprocess: preprocess.json is not the one manifest.json describes (sha256 differs): it changed after export"),
+    ("triton edited preprocess.json", lambda x: ["triton", x.preprocess, "-o", x.root / "repo"],
+     "preprocess.json is not the one manifest.json describes (sha256 differs)"),
+    ("validate edited preprocess.json", lambda x: ["validate", x.preprocess, "--data", x.data],
+     "preprocess.json is not the one manifest.json describes (sha256 differs)"),
+    ("run without file checksums", lambda x: XRUN(x, x.no_file_sha),
+     "preprocess.json has no sha256 in manifest.json (file_sha256.preprocess), so it cannot be checked"),
 ]
 
 
@@ -471,6 +491,10 @@ def test_bad_export_is_one_line_exit_2(x, argv, capsys):
     assert not (x.root / "repo").exists() and not list(x.root.glob(".repo.*"))
 
 
-def test_triton_no_verify_takes_the_graphs_as_they_are(x, tmp_path, capsys):
+def test_no_verify_takes_the_files_as_they_are(x, tmp_path, capsys):
     code, _, err = run(capsys, ["triton", x.swapped, "-o", tmp_path / "repo", "--no-verify"])
     assert code == 0, err
+    code, _, err = run(capsys, XRUN(x, x.preprocess, "--no-verify"))
+    assert code == 0, err
+    code, out, _ = run(capsys, ["inspect", x.preprocess])
+    assert code == 1 and "preprocess.json is not the one manifest.json describes" in " ".join(out.split())

@@ -165,6 +165,7 @@ def inspect_export(directory: str | Path) -> dict:
             mismatches.append(f"{name}: {entry.file} has no sha256 in manifest.json, so it cannot be checked")
         elif sha256_files(files) != entry.sha256:
             mismatches.append(f"{name}: {entry.file} changed since it was written (sha256 differs from manifest.json)")
+    mismatches += manifest.file_problems()
     return {"directory": str(directory), "tgedge_version": manifest.tgedge_version, "opset": manifest.opset,
             "graphs": {k: v.to_dict() for k, v in graphs.items()}, "engines": manifest.engines,
             "memory": memory_estimate(manifest, graphs), "mismatches": mismatches}

@@ -209,6 +209,8 @@ def write_repository(source: str | Path, out: str | Path, settings: RepositorySe
     if verify and settings.backend != "tensorrt":
         for stage in contract.stage_names:
             manifest.verify(stage, full=True)
+    if verify:
+        manifest.verify_files()  # the entry model preprocesses with them, whichever backend runs the stages
     views = contract.fusion_family.views(manifest.model)
     if settings.backend == "tensorrt":
         _check_engines(manifest, source)
