@@ -79,6 +79,12 @@ def manifest_problems(d: dict) -> list[str]:
     for key in ("graphs", "dims", "model", "files", "file_sha256", "source", "reference", "quantization", "engines", "kv_cache"):
         if key in d and not isinstance(d[key], dict) and not (key == "kv_cache" and d[key] is None):
             out.append(f"{key} must be an object (got {_show(d[key])})")
+    decoder = d["model"].get("decoder") if isinstance(d.get("model"), dict) else None
+    positions = decoder.get("max_position_embeddings") if isinstance(decoder, dict) else None
+    if _int(d.get("max_context"), 1) and _int(positions, 1) and d["max_context"] > positions:
+        # past the positions the model was trained on (and its rotary tables cover): silently wrong answers
+        out.append(f"max_context {d['max_context']} is above the model's positions "
+                   f"(model.decoder.max_position_embeddings {positions})")
     if isinstance(d.get("graphs"), dict):
         for name, g in d["graphs"].items():
             out += _graph_problems(name, g)

@@ -460,7 +460,8 @@ def x(demo_export, demo_eval, tmp_path_factory):
     return SimpleNamespace(
         root=root, good=Path(demo_export.directory), image=tiny.test_image(root / "image.png"), data=demo_eval,
         swapped=variant("swapped", swap), preprocess=variant("preprocess", edit_preprocess),
-        no_file_sha=variant("no_file_sha", manifest(lambda m: m.pop("file_sha256"))))
+        no_file_sha=variant("no_file_sha", manifest(lambda m: m.pop("file_sha256"))),
+        long_context=variant("long_context", manifest(lambda m: m.update(max_context=300))))
 
 
 def XRUN(x, export, *extra):
@@ -476,6 +477,8 @@ EXPORT_ROWS = [
      "preprocess.json is not the one manifest.json describes (sha256 differs)"),
     ("validate edited preprocess.json", lambda x: ["validate", x.preprocess, "--data", x.data],
      "preprocess.json is not the one manifest.json describes (sha256 differs)"),
+    ("max_context above the positions", lambda x: XRUN(x, x.long_context),
+     "manifest.json: max_context 300 is above the model's positions (model.decoder.max_position_embeddings 256)"),
     ("run without file checksums", lambda x: XRUN(x, x.no_file_sha),
      "preprocess.json has no sha256 in manifest.json (file_sha256.preprocess), so it cannot be checked"),
 ]
