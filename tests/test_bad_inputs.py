@@ -387,6 +387,24 @@ def test_nothing_tgedge_did_not_write_is_ever_deleted(w, tmp_path, capsys, monke
     assert not (user / MARKER).exists()
 
 
+def test_output_paths_are_resolved_before_anything_is_created(w, tmp_path, capsys):
+    """`-o link/new/..` names what the link points to: refused there, and new/ is not created inside it."""
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "notes.txt").write_text("mine")
+    (tmp_path / "link").symlink_to(user)
+    before = snapshot(tmp_path)
+    code, _, err = run(capsys, ["checkpoint", "random", "--preset", "tg-tiny", "-o", tmp_path / "link" / "clip" / ".."])
+    assert code == 2 and "not empty (notes.txt) and not a tgedge output" in err, err
+    code, _, err = run(capsys, ["data", "shapes", "-n", "1", "-o", tmp_path / "link" / "sub" / ".."])
+    assert code == 2 and "not empty (notes.txt) and not a tgedge output" in err, err
+    assert snapshot(tmp_path) == before
+    from tgedge.fileio import write_atomic
+
+    write_atomic(tmp_path / "link" / "new" / ".." / "report.json", "{}")
+    assert sorted(p.name for p in user.iterdir()) == ["notes.txt", "report.json"]
+
+
 def test_fake_nvidia_smi_with_odd_numbers(tmp_path, monkeypatch, capsys):
     fake = tmp_path / "nvidia-smi"
     fake.write_text("#!/bin/sh\nprintf 'Odd GPU, 1e999, 550.1, abc\\nOther, -3, , 8.9\\nbroken line\\n\\377\\376\\n'\n")

@@ -310,16 +310,17 @@ def write_atomic(path: str | Path, data: str | bytes) -> None:
     out = Path(path)
     if out.is_dir():
         raise TgedgeError(f"{out}: is a directory; name a file to write")
+    real = _real(out.parent) / out.name  # `link/new/../r.json` must not create new/ where the link points
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+        real.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{real.name}.", suffix=".tmp", dir=real.parent)
     except OSError as e:
         raise os_error(e, out) from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data if isinstance(data, bytes) else data.encode("utf-8"))
         os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, out)
+        os.replace(tmp, real)
     except BaseException as e:
         try:
             os.unlink(tmp)
