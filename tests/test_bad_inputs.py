@@ -103,10 +103,12 @@ def w(tmp_path_factory):
     (corrupt / "images" / "a.png").write_bytes(b"not a png at all")
     loop = root / "loop"
     loop.symlink_to(loop)
+    strip = root / "strip.png"
+    Image.new("RGB", (1, 60000)).save(strip)  # 60000 pixels; padded to a square, 3.6 billion
     grey16 = root / "grey16.png"
     Image.fromarray((np.arange(40 * 50).reshape(40, 50) * 30).astype(np.uint16)).save(grey16)
     return SimpleNamespace(
-        root=root, ckpt=ckpt, image=image, data=data, grey16=grey16, policies=policies, fifo=fifo,
+        root=root, ckpt=ckpt, image=image, data=data, grey16=grey16, strip=strip, policies=policies, fifo=fifo,
         fifo_data=fifo_data, corrupt=corrupt, loop=loop, no_stage=entry_without_stage("no_stage"),
         guide_swapped=guide_swapped, clip=clip,
         bomb=big_png_header(root / "bomb.png", 20000, 20000),
@@ -191,6 +193,8 @@ ROWS = [
     ("image placeholder only", lambda w: RUN(w, prompt="<image>"), "empty prompt"),
     # images
     ("decompression bomb", lambda w: RUN(w, image=w.bomb), "bomb.png: image is 20000x20000 (400 Mpx), over the limit of 179 Mpx"),
+    ("padded past the pixel limit", lambda w: RUN(w, ckpt="demo", image=w.strip),
+     "image is 1x60000; this model pads it to a square, 60000x60000 (3600 Mpx), over the limit of 179 Mpx"),
     ("image is a directory", lambda w: RUN(w, image=w.root), "is a directory, not an image"),
     ("image is a FIFO", lambda w: RUN(w, image=w.fifo), "fifo.png: is a FIFO (named pipe), not an image"),
     ("image is a device", lambda w: RUN(w, image="/dev/zero"), "/dev/zero: is a character device, not an image"),

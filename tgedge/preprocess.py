@@ -198,6 +198,10 @@ def pad_to_square(image: Image.Image, mean: tuple[float, ...]) -> Image.Image:
     if w == h:
         return image
     side = max(w, h)
+    limit = max_image_pixels()
+    if side * side > limit:  # checked before the square is allocated: a 1 x 60000 strip would need 3.6 Gpx
+        raise TgedgeError(f"image is {w}x{h}; this model pads it to a square, {side}x{side} ({side * side / 1e6:.0f} "
+                          f"Mpx), over the limit of {limit / 1e6:.0f} Mpx (raise it with {MAX_PIXELS_ENV}=PIXELS)")
     out = Image.new(image.mode, (side, side), tuple(int(m * 255) for m in mean))
     out.paste(image, ((side - w) // 2, (side - h) // 2))
     return out
