@@ -14,6 +14,7 @@ from pathlib import Path
 
 from tgedge.config import bad_numbers
 from tgedge.errors import TgedgeError
+from tgedge.fileio import regular_file
 
 METHODS = ("minmax", "entropy", "percentile")
 CALIBRATION = "calibration.json"
@@ -131,6 +132,7 @@ def calibration_problems(saved: dict) -> list[str]:
 def read_calibration(path: str | Path, graphs: list[str]) -> dict:
     """A saved calibration.json, checked: ranges finite and within 1e6, every key known and typed, lowest <= highest,
     a calibration for each of `graphs`."""
+    regular_file(path, "calibration file")  # a FIFO would block the read below
     try:
         saved = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:

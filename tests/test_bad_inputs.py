@@ -99,6 +99,10 @@ def w(tmp_path_factory):
     os.mkfifo(fifo)  # reading it would block until something writes
     fifo_data = data_folder("fifo_data", [{**good, "image": "images/pipe.png"}])
     os.mkfifo(fifo_data / "images" / "pipe.png")
+    fifo_jsonl = root / "fifo_jsonl"
+    fifo_jsonl.mkdir()
+    for name in ("samples.jsonl", "policy.toml", "calibration.json", "graph.onnx"):  # every file tgedge reads
+        os.mkfifo((fifo_jsonl if name == "samples.jsonl" else root) / name)
     corrupt = data_folder("corrupt", [good])
     (corrupt / "images" / "a.png").write_bytes(b"not a png at all")
     loop = root / "loop"
@@ -109,7 +113,7 @@ def w(tmp_path_factory):
     Image.fromarray((np.arange(40 * 50).reshape(40, 50) * 30).astype(np.uint16)).save(grey16)
     return SimpleNamespace(
         root=root, ckpt=ckpt, image=image, data=data, grey16=grey16, strip=strip, policies=policies, fifo=fifo,
-        fifo_data=fifo_data, corrupt=corrupt, loop=loop, no_stage=entry_without_stage("no_stage"),
+        fifo_data=fifo_data, fifo_jsonl=fifo_jsonl, corrupt=corrupt, loop=loop, no_stage=entry_without_stage("no_stage"),
         guide_swapped=guide_swapped, clip=clip,
         bomb=big_png_header(root / "bomb.png", 20000, 20000),
         not_utf8=data_folder("not_utf8", [good, b'{"image": "images/a.png", "prompt": "caf\xe9"}\n']),
@@ -202,6 +206,13 @@ ROWS = [
      "fifo.png: is a FIFO (named pipe), not an image"),
     ("data image is a FIFO", lambda w: ["eval", w.ckpt, "--data", w.fifo_data],
      "samples.jsonl:1: image images/pipe.png is a FIFO (named pipe), not an image"),
+    # every other file tgedge reads: a FIFO would block, a device never end
+    ("samples.jsonl is a FIFO", lambda w: ["eval", w.ckpt, "--data", w.fifo_jsonl],
+     "samples.jsonl: is a FIFO (named pipe), not a data file"),
+    ("policy is a FIFO", lambda w: ["validate", w.root, "--data", w.data, "--policy", w.root / "policy.toml"],
+     "policy.toml: is a FIFO (named pipe), not a policy file"),
+    ("onnx is a FIFO", lambda w: ["inspect", w.root / "graph.onnx"], "graph.onnx: is a FIFO (named pipe), not a graph file"),
+    ("inspect a device", lambda w: ["inspect", "/dev/zero"], "/dev/zero: is a character device, not a graph file"),
     # checkpoints
     ("config types", lambda w: RUN(w, ckpt=w.wrong_types),
      "text_config.num_hidden_layers must be an integer >= 1 (got 2.5); text_config.rope_theta must be a finite number > 0"),
@@ -479,11 +490,17 @@ def x(demo_export, demo_eval, tmp_path_factory):
         pre["image"]["mean"] = [0.5, 0.5, 0.5]
         (d / "preprocess.json").write_text(json.dumps(pre))
 
+    def fifo_manifest(d):
+        (d / "manifest.json").unlink()
+        os.mkfifo(d / "manifest.json")
+
+    os.mkfifo(root / "calibration.json")
     return SimpleNamespace(
         root=root, good=Path(demo_export.directory), image=tiny.test_image(root / "image.png"), data=demo_eval,
         swapped=variant("swapped", swap), preprocess=variant("preprocess", edit_preprocess),
         no_file_sha=variant("no_file_sha", manifest(lambda m: m.pop("file_sha256"))),
-        long_context=variant("long_context", manifest(lambda m: m.update(max_context=300))))
+        long_context=variant("long_context", manifest(lambda m: m.update(max_context=300))),
+        fifo_manifest=variant("fifo_manifest", fifo_manifest))
 
 
 def XRUN(x, export, *extra):
@@ -501,6 +518,10 @@ EXPORT_ROWS = [
      "preprocess.json is not the one manifest.json describes (sha256 differs)"),
     ("max_context above the positions", lambda x: XRUN(x, x.long_context),
      "manifest.json: max_context 300 is above the model's positions (model.decoder.max_position_embeddings 256)"),
+    ("manifest.json is a FIFO", lambda x: XRUN(x, x.fifo_manifest), "manifest.json: is a FIFO (named pipe), not a JSON file"),
+    ("calibration.json is a FIFO", lambda x: ["quantize", x.good, "--precision", "int8", "--calibration",
+                                              x.root / "calibration.json", "-o", x.root / "repo"],
+     "calibration.json: is a FIFO (named pipe), not a calibration file"),
     ("run without file checksums", lambda x: XRUN(x, x.no_file_sha),
      "preprocess.json has no sha256 in manifest.json (file_sha256.preprocess), so it cannot be checked"),
 ]

@@ -225,7 +225,9 @@ class ModelConfig:
 def read_config_json(path: Path) -> dict:
     """A JSON object from a checkpoint's file; every failure names the file."""
     from tgedge.errors import os_error
+    from tgedge.fileio import regular_file
 
+    regular_file(path, "JSON file")  # a FIFO would block the read below
     try:
         d = json.loads(Path(path).read_bytes())
     except FileNotFoundError:

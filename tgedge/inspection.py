@@ -15,6 +15,7 @@ import numpy as np
 
 from tgedge.config import read_config_json
 from tgedge.errors import TgedgeError, absent
+from tgedge.fileio import regular_file
 from tgedge.precision import REFERENCE, GraphEvidence, recognise
 
 COMPUTE_OPS = ("MatMul", "Gemm", "Conv")
@@ -75,6 +76,7 @@ def load_onnx(path: Path):
 
     if not path.exists():
         raise TgedgeError(f"{path}: {absent(path, 'file')}")
+    regular_file(path, "graph file")  # /dev/zero would be read forever, a FIFO would block
     try:
         return onnx.load(str(path), load_external_data=False)
     except (DecodeError, RuntimeError, ValueError, OSError) as e:
@@ -206,6 +208,7 @@ def inspect_engine(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise TgedgeError(f"{path}: {absent(path, 'file')}")
+    regular_file(path, "engine file")
     size = path.stat().st_size
     if size < 1024:
         raise TgedgeError(f"{path}: not a TensorRT engine, or truncated ({size} bytes)")

@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from tgedge.errors import TgedgeError, os_error
-from tgedge.fileio import special_file
+from tgedge.fileio import regular_file, special_file
 from tgedge.prompt import BUILTIN_TEMPLATES, IMAGE_TOKEN, PromptTemplate, check_raw_prompt, split_question
 
 # The original LLaVA code marks image positions with this id where the vocabulary has no image token.
@@ -265,6 +265,7 @@ class Tokenizer:
 
     def __init__(self, path: str | Path):
         from tokenizers import Tokenizer as _Tokenizer
+        regular_file(path, "tokenizer file")
         try:
             self._tok = _Tokenizer.from_file(str(path))
         except FileNotFoundError:
@@ -387,6 +388,7 @@ class Preprocessor:
             return inside(directory, files[key], f"{directory / source} files.{key}")
 
         spec_path = path("preprocess")
+        regular_file(spec_path, "JSON file")
         try:
             raw = json.loads(spec_path.read_bytes())
         except FileNotFoundError:

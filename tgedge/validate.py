@@ -21,6 +21,7 @@ from tgedge.config import bad_numbers
 from tgedge.contract import ALL_STAGES
 from tgedge.drift import noise_ratio, rel_l2
 from tgedge.errors import TgedgeError
+from tgedge.fileio import regular_file
 from tgedge.generate import forced_logits
 from tgedge.precision import PRECISIONS
 from tgedge.stageflow import StageFlow
@@ -42,6 +43,7 @@ def _toml(path: Path) -> dict:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
         import tomli as tomllib
+    regular_file(path, "policy file")  # a FIFO would block the read below
     try:
         return tomllib.loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError:
