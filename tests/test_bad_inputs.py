@@ -495,12 +495,25 @@ def x(demo_export, demo_eval, tmp_path_factory):
         os.mkfifo(d / "manifest.json")
 
     os.mkfifo(root / "calibration.json")
+
+    def calibration(name, data, method="minmax"):
+        graphs = {g: {"CLS": "TensorsData", "calibration_method": "MinMax", "data": data}
+                  for g in ("decoder", "fusion", "text_guide", "vision")}
+        (root / name).write_text(json.dumps({"method": method, "graphs": graphs}))
+        return root / name
+
+    one = {"lowest": {"CLS": "numpy.array", "data": [-1.0], "dtype": "float32"}, "highest": 1.0}
+    cal = SimpleNamespace(
+        foreign=calibration("foreign.json", {"no_such_tensor": one}),
+        mixed=calibration("mixed.json", {"no_such_tensor": one}, method="entropy"), no_ranges=calibration("no_ranges.json", {}),
+        empty=calibration("empty.json", {"x": {**one, "lowest": {**one["lowest"], "data": []}}}),
+        nested=calibration("nested.json", {"x": {**one, "lowest": {**one["lowest"], "data": [[-1.0]]}}}))
     return SimpleNamespace(
         root=root, good=Path(demo_export.directory), image=tiny.test_image(root / "image.png"), data=demo_eval,
         swapped=variant("swapped", swap), preprocess=variant("preprocess", edit_preprocess),
         no_file_sha=variant("no_file_sha", manifest(lambda m: m.pop("file_sha256"))),
         long_context=variant("long_context", manifest(lambda m: m.update(max_context=300))),
-        fifo_manifest=variant("fifo_manifest", fifo_manifest))
+        fifo_manifest=variant("fifo_manifest", fifo_manifest), cal=cal)
 
 
 def XRUN(x, export, *extra):
@@ -522,6 +535,17 @@ EXPORT_ROWS = [
     ("calibration.json is a FIFO", lambda x: ["quantize", x.good, "--precision", "int8", "--calibration",
                                               x.root / "calibration.json", "-o", x.root / "repo"],
      "calibration.json: is a FIFO (named pipe), not a calibration file"),
+    *[(f"calibration {name}", (lambda name, extra: lambda x: [
+        "quantize", x.good, "--precision", "int8", "--calibration", getattr(x.cal, name), "-o", x.root / "repo",
+        *extra])(name, extra), fragment) for name, extra, fragment in [
+        ("foreign", ["--method", "entropy"], "foreign.json was measured with method minmax: leave --method out"),
+        ("foreign", [], "graphs.text_guide.data names 1 tensor(s) the text_guide graph lacks (no_such_tensor)"),
+        ("no_ranges", [], "no_ranges.json: graphs.text_guide.data has no range for "),
+        ("mixed", [], "mixed.json: graphs.decoder.calibration_method MinMax is not the file's method entropy (Entropy)"),
+        ("empty", [], 'empty.json: graphs.decoder.data["x"].lowest must be a number or a numpy.array object whose '
+                      "data is a non-empty flat list of numbers"),
+        ("nested", [], 'graphs.decoder.data["x"].lowest must be a number or a numpy.array object whose data is a '
+                       "non-empty flat list")]],
     ("run without file checksums", lambda x: XRUN(x, x.no_file_sha),
      "preprocess.json has no sha256 in manifest.json (file_sha256.preprocess), so it cannot be checked"),
 ]
@@ -531,7 +555,7 @@ EXPORT_ROWS = [
 def test_bad_export_is_one_line_exit_2(x, argv, capsys):
     expected = next(r[2] for r in EXPORT_ROWS if r[1] is argv)
     code, _, err = run(capsys, argv(x))
-    lines = err.strip().splitlines()
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("  ")]  # quantize's steps
     assert code == 2 and len(lines) == 1, err
     assert lines[0].startswith("tgedge: error: ") and expected in lines[0], lines[0]
     assert not (x.root / "repo").exists() and not list(x.root.glob(".repo.*"))
