@@ -94,7 +94,8 @@ def w(tmp_path_factory):
         "cosine_15": "[fp32.vision]\nmin_cosine = 1.5\n", "cosine_m1": "[fp32.vision]\nmin_cosine = -1\n",
         "top1_0": "[fp32.decoder]\nmin_top1 = 0\n", "kl_inf": "[fp16.decoder]\nmax_kl = inf\n",
         "bool": "[fp16.decoder]\nmax_kl = true\n", "negative": "[fp16.embed]\nmax_rel = -0.1\n",
-        "text": "[int8.decoder]\nmin_top1 = \"high\"\n", "not_a_section": "[fp16]\ndecoder = 3\n"}.items()}
+        "text": "[int8.decoder]\nmin_top1 = \"high\"\n", "not_a_section": "[fp16]\ndecoder = 3\n",
+        "drop_100": "[int8.accuracy]\nmax_drop = 100\n", "drop_1000": "[int8.accuracy]\nmax_drop = 1000.0\n"}.items()}
     fifo = root / "fifo.png"
     os.mkfifo(fifo)  # reading it would block until something writes
     fifo_data = data_folder("fifo_data", [{**good, "image": "images/pipe.png"}])
@@ -163,7 +164,10 @@ ROWS = [
     ("max-context 0", lambda w: RUN(w, "--max-context", "0"), "argument --max-context: must be >= 1, got 0"),
     ("size 100000", lambda w: ["data", "shapes", "--size", "100000", "-o", w.root / "x"],
      "argument --size: must be in [24, 4096], got 100000"),
-    ("count 0", lambda w: ["data", "shapes", "-n", "0", "-o", w.root / "x"], "argument -n/--count: must be >= 1, got 0"),
+    ("count 0", lambda w: ["data", "shapes", "-n", "0", "-o", w.root / "x"],
+     "argument -n/--count: must be in [1, 1000000], got 0"),
+    ("count 10^12", lambda w: ["data", "shapes", "-n", str(10 ** 12), "-o", w.root / "x"],
+     "argument -n/--count: must be in [1, 1000000], got 1000000000000"),
     ("eval limit -1", lambda w: ["eval", w.ckpt, "--data", w.data, "--limit", "-1"], "argument --limit: must be >= 1, got -1"),
     ("opset 99", lambda w: ["export", w.ckpt, "-o", w.root / "e", "--opset", "99"], "argument --opset: must be in [14, "),
     ("opset beyond the exporter", lambda w: ["export", w.ckpt, "-o", w.root / "e", "--opset", str(newest_opset() + 1)],
@@ -257,7 +261,9 @@ ROWS = [
         ("bool", "bool.toml: fp16.decoder.max_kl must be a number (got True)"),
         ("negative", "fp16.embed.max_rel must be >= 0 (got -0.1)"),
         ("text", "int8.decoder.min_top1 must be a number (got 'high')"),
-        ("not_a_section", "not_a_section.toml: fp16.decoder must be a section of limits (got 3)")]],
+        ("not_a_section", "not_a_section.toml: fp16.decoder must be a section of limits (got 3)"),
+        ("drop_100", "int8.accuracy.max_drop = 100 can never fail (accuracy, in points, drops by at most 100)"),
+        ("drop_1000", "int8.accuracy.max_drop = 1000.0 can never fail")]],
     # bench
     ("bench beyond context", lambda w: ["bench", w.ckpt, "--image", w.image, "--prompt", "what color?", "--new-tokens",
                                         "100000", "--runs", "1", "--warmup", "0"], "--new-tokens 100000 does not fit"),

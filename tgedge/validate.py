@@ -59,6 +59,7 @@ def _toml(path: Path) -> dict:
 # What a limit may be: the figure it bounds has a range (a cosine is in [-1, 1], a fraction in [0, 1], a difference
 # >= 0), and a limit outside it, or one the figure can never cross, would judge nothing.
 FRACTIONS = ("min_top1", "min_exact_match")  # fractions: a limit of 0 or less never fails
+POINTS = ("max_drop",)  # accuracy points lost, out of 100: a limit of 100 or more never fails
 
 
 def limit_problem(key: str, value) -> str | None:
@@ -76,6 +77,9 @@ def limit_problem(key: str, value) -> str | None:
         if value <= 0:
             return f"= {value!r} can never fail (the fraction is never below 0): expected a number in (0, 1]"
         return None if value <= 1 else f"must be in (0, 1] (got {value!r})"
+    if key in POINTS and value >= 100:
+        return (f"= {value!r} can never fail (accuracy, in points, drops by at most 100): expected a number in "
+                "[0, 100)")
     if value == math.inf:
         return "= inf can never fail: expected a finite number >= 0"
     return None if value >= 0 else f"must be >= 0 (got {value!r})"
