@@ -359,6 +359,23 @@ def write_manifest(src: Manifest, out: Path, rewrite: Rewrite, precision: str,
     return manifest, record
 
 
+def _refuse_ignored(plan: Plan, precision: str, calib, calibration, calib_limit: int | None, smooth: float | None,
+                    block_size: int | None, accuracy_level: int | None) -> None:
+    """Options that would change nothing for this --precision are refused, not silently ignored."""
+    if calib_limit is not None and calib is None:
+        raise TgedgeError("--calib-limit N takes the first N samples of --calib DIR" +
+                          (": --calibration reuses saved ranges, leave it out" if calibration is not None else
+                           "; no --calib given"))
+    if smooth is not None and not plan.calibrated:
+        raise TgedgeError(f"--smooth applies SmoothQuant to int8 graphs; --precision {precision} quantises none to "
+                          "int8: leave it out")
+    weight_only = any(p.weight_only for p in plan.precisions.values())
+    for flag, value in (("--block-size", block_size), ("--accuracy-level", accuracy_level)):
+        if value is not None and not weight_only:
+            raise TgedgeError(f"{flag} sets int4w/int8w graphs' MatMulNBits blocks; --precision {precision} has "
+                              "none: leave it out")
+
+
 def quantize_export(export_dir: str | Path, out: str | Path, precision: str, calib: str | Path | None = None,
                     method: str | None = None, exclude: list[str] | None = None, calibration: str | Path | None = None,
                     calib_limit: int | None = None, on_step: Callable[[str], None] | None = None,
@@ -382,6 +399,7 @@ def quantize_export(export_dir: str | Path, out: str | Path, precision: str, cal
         method = read_calibration(calibration, [])["method"] if calibration is not None else "minmax"
     src = Manifest.load(export_dir)
     plan = plan_quantization(src, precision, method)
+    _refuse_ignored(plan, precision, calib, calibration, calib_limit, smooth, block_size, accuracy_level)
     awq_graphs = [g for g, p in plan.precisions.items() if p.weight_only] if awq else []
     if awq and not awq_graphs:
         raise TgedgeError(f"--awq scales weight-only graphs ({', '.join(names(WEIGHT_ONLY))}); --precision {precision} "

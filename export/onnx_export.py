@@ -379,6 +379,10 @@ def export_model(checkpoint: str | Path, out: str | Path, opset: int = DEFAULT_O
         raise TgedgeError(f"--decoder-weights {decoder_weights!r}: choose from {', '.join(names(WEIGHT_ONLY))}")
     if cache_mode not in CACHE_MODES:
         raise TgedgeError(f"--cache {cache_mode!r}: choose from {', '.join(CACHE_MODES)}")
+    if quantized is None and (block_size is not None or accuracy_level is not None):  # they would be ignored
+        flag = "--block-size" if block_size is not None else "--accuracy-level"
+        raise TgedgeError(f"{flag} sets the int4w/int8w decoder's MatMulNBits blocks: it needs --decoder-weights "
+                          f"({', '.join(names(WEIGHT_ONLY))}); without it, leave it out")
     weight_only = WeightOnly.of(quantized, block_size, accuracy_level) if quantized else None
     floats = lookup(dtype, EXPORT_DTYPES)  # every graph's float type
     if floats is None:

@@ -79,7 +79,11 @@ def load_checkpoint(path: str | Path, clip: str | Path | None = None) -> Checkpo
     if not path.is_dir():
         raise TgedgeError(f"{path}: {absent(path, 'checkpoint directory')}")
     raw = C.read_config_json(path / "config.json")
-    parts = layouts.layout_of(raw, path).read(path, raw, Path(clip) if clip else None)
+    layout = layouts.layout_of(raw, path)
+    if clip and not getattr(layout, "USES_CLIP", False):  # it would be ignored: the towers are in the checkpoint
+        raise TgedgeError(f"--clip {clip}: {path} is a {layout.NAME} checkpoint with its vision tower inside; --clip "
+                          "is for original-layout (TG-LLaVA repository) checkpoints only: leave it out")
+    parts = layout.read(path, raw, Path(clip) if clip else None)
     cfg, weights, guide_tok_path = parts.config, parts.weights, parts.guide_tokenizer
     if not cfg.has_tg:
         log.warning("%s: no TG-LLaVA weights: running as plain LLaVA", path)

@@ -7,7 +7,7 @@ import signal
 import sys
 import time
 
-from tgedge.cli_common import EPILOG, SEED, add_output, integer, real, text
+from tgedge.cli_common import EPILOG, SEED, add_output, comma_list, integer, real, text
 from tgedge.errors import TgedgeError
 
 PORT = integer(1, 65535)
@@ -206,11 +206,8 @@ def cmd_client(args) -> int:
 def _levels(value: str) -> list[int]:
     import argparse
 
-    try:
-        levels = [int(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, e.g. 1,4,16 (got {value!r})") from None
-    if not levels or any(not 1 <= c <= 256 for c in levels):
+    levels = comma_list(value, "integers (e.g. 1,4,16)", int)
+    if any(not 1 <= c <= 256 for c in levels):
         raise argparse.ArgumentTypeError(f"levels must be integers in [1, 256] (got {value!r})")
     return levels
 
@@ -244,11 +241,8 @@ def _add_loadtest(sub) -> None:
 def _threads(value: str) -> tuple[int, ...]:
     import argparse
 
-    try:
-        threads = tuple(int(v) for v in value.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 0 (got {value!r})") from None
-    if not threads or any(t < 0 or t > 256 for t in threads):
+    threads = tuple(comma_list(value, "integers >= 0", int))
+    if any(t < 0 or t > 256 for t in threads):
         raise argparse.ArgumentTypeError(f"thread counts must be in [0, 256] (got {value!r})")
     return threads
 
