@@ -168,7 +168,8 @@ def load_image(path: str | Path) -> Image.Image:
     except IsADirectoryError:
         raise TgedgeError(f"{path}: is a directory, not an image") from None
     except (UnidentifiedImageError, SyntaxError, ValueError, EOFError) as e:
-        raise TgedgeError(f"{path}: unreadable image ({e})") from None
+        reason = str(e) if isinstance(path, (str, os.PathLike)) else str(e).replace(f" {path!r}", "")
+        raise TgedgeError(f"{path}: unreadable image ({reason})") from None  # no object repr for in-memory bytes
     except OSError as e:
         if e.errno is not None:  # the file system's error (permission, loop...), not the decoder's
             raise os_error(e, path) from None
