@@ -125,6 +125,7 @@ def w(tmp_path_factory):
         empty_prompt=data_folder("empty_prompt", [{**good, "prompt": "  "}]),
         wrong_types=variant("wrong_types", edit_json("config.json", lambda c: c["text_config"].update(
             num_hidden_layers=2.5, rope_theta=float("inf")))),
+        feature_layer=variant("feature_layer", edit_json("config.json", lambda c: c.update(vision_feature_layer=100))),
         heads=variant("heads", edit_json("config.json", lambda c: c["vision_config"].update(num_attention_heads=3))),
         std0=variant("std0", edit_json("processor_config.json", lambda c: c["image_processor"].update(image_std=[0, 0, 0]))),
         nan=variant("nan", nan_weight),
@@ -239,6 +240,10 @@ ROWS = [
     # checkpoints
     ("config types", lambda w: RUN(w, ckpt=w.wrong_types),
      "text_config.num_hidden_layers must be an integer >= 1 (got 2.5); text_config.rope_theta must be a finite number > 0"),
+    ("feature layer", lambda w: RUN(w, ckpt=w.feature_layer),
+     "feature_layer/config.json: the vision feature layer (vision_feature_layer, mm_vision_select_layer) 100 is outside"),
+    ("serve host", lambda w: ["serve", w.no_stage, "--host", "999.1.1.1"],
+     "argument --host: '999.1.1.1' is not an IP address or a host name"),
     ("heads", lambda w: RUN(w, ckpt=w.heads), "vision_config.hidden_size 32 is not a multiple of num_attention_heads 3"),
     ("image_std 0", lambda w: RUN(w, ckpt=w.std0), "processor_config.json image_processor: image_std must be > 0"),
     ("inf weights", lambda w: RUN(w, ckpt=w.nan), "non-finite weights (NaN or inf) in 1 tensor(s): multi_modal_projector.linear_1.weight"),
@@ -510,6 +515,13 @@ def x(demo_export, demo_eval, tmp_path_factory):
             (d / "manifest.json").write_text(json.dumps(m))
         return apply
 
+    def edit_preprocess_key(key, value):
+        def apply(d):
+            pre = json.loads((d / "preprocess.json").read_text())
+            pre[key] = value
+            (d / "preprocess.json").write_text(json.dumps(pre))
+        return apply
+
     def edit_preprocess(d):
         pre = json.loads((d / "preprocess.json").read_text())
         pre["image"]["mean"] = [0.5, 0.5, 0.5]
@@ -520,6 +532,9 @@ def x(demo_export, demo_eval, tmp_path_factory):
         os.mkfifo(d / "manifest.json")
 
     os.mkfifo(root / "calibration.json")
+    other = root / "other"  # a model of another architecture, as a --reference
+    other.mkdir()
+    tiny.hf_llava(other)
 
     def calibration(name, data, method="minmax"):
         graphs = {g: {"CLS": "TensorsData", "calibration_method": "MinMax", "data": data}
@@ -538,7 +553,8 @@ def x(demo_export, demo_eval, tmp_path_factory):
         swapped=variant("swapped", swap), preprocess=variant("preprocess", edit_preprocess),
         no_file_sha=variant("no_file_sha", manifest(lambda m: m.pop("file_sha256"))),
         long_context=variant("long_context", manifest(lambda m: m.update(max_context=300))),
-        fifo_manifest=variant("fifo_manifest", fifo_manifest), cal=cal)
+        fifo_manifest=variant("fifo_manifest", fifo_manifest), cal=cal,
+        image_tokens=variant("image_tokens", edit_preprocess_key("num_image_tokens", 81)), other=other)
 
 
 def XRUN(x, export, *extra):
@@ -579,6 +595,12 @@ EXPORT_ROWS = [
     ("block-size with fp16", lambda x: ["quantize", x.good, "--precision", "fp16", "--block-size", "32", "-o",
                                         x.root / "repo"],
      "--block-size sets int4w/int8w graphs' MatMulNBits blocks; --precision fp16 has none"),
+    ("export an export", lambda x: ["export", x.good, "-o", x.root / "repo"],
+     "is an export directory (manifest.json), not a checkpoint: run it with tgedge run"),
+    ("image tokens in preprocess.json", lambda x: XRUN(x, x.image_tokens, "--no-verify"),
+     "image_tokens/preprocess.json: num_image_tokens 81, the model's is 80 (manifest.json model)"),
+    ("validate reference another model", lambda x: ["validate", x.good, "--data", x.data, "--reference", x.other],
+     "another model than the export's ("),
     ("run without file checksums", lambda x: XRUN(x, x.no_file_sha),
      "preprocess.json has no sha256 in manifest.json (file_sha256.preprocess), so it cannot be checked"),
 ]
@@ -601,3 +623,19 @@ def test_no_verify_takes_the_files_as_they_are(x, tmp_path, capsys):
     assert code == 0, err
     code, out, _ = run(capsys, ["inspect", x.preprocess])
     assert code == 1 and "preprocess.json is not the one manifest.json describes" in " ".join(out.split())
+
+
+def test_in_memory_image_errors_name_no_object():
+    """A served request's image is bytes, not a file: PIL's message must not show the object's repr."""
+    import io
+
+    from tgedge.errors import TgedgeError
+    from tgedge.preprocess import load_image
+
+    class Bytes(io.BytesIO):
+        def __str__(self):
+            return "request image"
+
+    with pytest.raises(TgedgeError) as info:
+        load_image(Bytes(b""))
+    assert str(info.value) == "request image: unreadable image (cannot identify image file)"

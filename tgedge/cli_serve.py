@@ -13,6 +13,25 @@ from tgedge.errors import TgedgeError
 PORT = integer(1, 65535)
 
 
+def host(value: str) -> str:
+    """argparse type: an IP address, or a host name made of valid labels (`999.1.1.1` is neither)."""
+    import argparse
+    import ipaddress
+    import re
+
+    try:
+        ipaddress.ip_address(value)
+        return value
+    except ValueError:
+        pass
+    labels = value.rstrip(".").split(".")
+    numeric = all(label.isdigit() for label in labels)  # dotted numbers are an IPv4 address or nothing
+    if numeric or len(value) > 253 or not all(re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?", label)
+                                              for label in labels):
+        raise argparse.ArgumentTypeError(f"{value!r} is not an IP address or a host name")
+    return value
+
+
 def register(sub) -> None:
     _add_triton(sub)
     _add_serve(sub)
@@ -79,7 +98,7 @@ def _add_serve(sub) -> None:
     p.add_argument("--http-port", type=PORT, default=8000, help="HTTP/REST port (default 8000)")
     p.add_argument("--grpc-port", type=PORT, default=8001, help="gRPC port (default 8001; tgedge client uses it)")
     p.add_argument("--metrics-port", type=PORT, default=8002, help="Prometheus metrics port (default 8002)")
-    p.add_argument("--host", default="127.0.0.1",
+    p.add_argument("--host", type=host, default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1; 0.0.0.0 in a container or a cluster)")
     p.add_argument("--tritonserver", metavar="PATH", help="the tritonserver binary to run")
     p.add_argument("--timeout", type=real(1), default=180.0, help="seconds to wait for readiness (default 180)")

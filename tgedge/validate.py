@@ -8,6 +8,7 @@ answers and task accuracy. A policy (TOML) gives the limits; the report names th
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import sys
@@ -444,12 +445,19 @@ def validate(export_dir: str | Path, data: str | Path, reference: str | Path | N
         if verify:
             check_precisions(runtime.manifest)
         source = runtime.manifest.source
+        given = reference is not None
         reference = reference or source_checkpoint(runtime.manifest)
         model, ckpt = load_model(reference, clip)
         from tgedge.fileio import checkpoint_hash
 
+        what = f"--reference {reference}" if given else f"the export's source checkpoint {reference}"
+        ours, theirs = json.loads(json.dumps(model.cfg.to_dict())), runtime.manifest.model  # as the manifest holds it
+        differ = sorted(k for k in set(ours) | set(theirs) if k != "layout" and ours.get(k) != theirs.get(k))
+        if differ:  # another architecture: its stages cannot be compared with the export's
+            raise TgedgeError(f"{what}: another model than the export's ({', '.join(differ)} differ from "
+                              f"{export_dir}/manifest.json model): give the checkpoint the export was made from")
         if source.get("sha256") and checkpoint_hash(ckpt.path) != source["sha256"]:
-            log.warning("%s is not the checkpoint this export was made from (weights hash differs)", reference)
+            log.warning("%s is not the checkpoint this export was made from (weights hash differs)", what)
         ref = TorchPipeline(model, ckpt.preprocessor, runtime.context)
         with tqdm(total=len(records), desc="validate", unit="sample", disable=not show_progress or None,
                   file=sys.stderr) as bar:
