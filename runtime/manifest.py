@@ -76,7 +76,8 @@ def manifest_problems(d: dict) -> list[str]:
     for key, lo, hi in (("max_context", 1, INT_MAX), ("opset", 1, 1000)):
         if key in d and not _int(d[key], lo, hi):
             out.append(f"{key} must be an integer in [{lo}, {hi}] (got {_show(d[key])})")
-    for key in ("graphs", "dims", "model", "files", "file_sha256", "source", "reference", "quantization", "engines", "kv_cache"):
+    for key in ("graphs", "dims", "model", "files", "file_sha256", "source", "reference", "quantization", "engines",
+                "kv_cache"):
         if key in d and not isinstance(d[key], dict) and not (key == "kv_cache" and d[key] is None):
             out.append(f"{key} must be an object (got {_show(d[key])})")
     decoder = d["model"].get("decoder") if isinstance(d.get("model"), dict) else None
@@ -180,7 +181,8 @@ class Manifest:
         return {"manifest_version": self.manifest_version, "tgedge_version": self.tgedge_version,
                 "opset": self.opset, "max_context": self.max_context,
                 "graphs": {k: g.to_dict() for k, g in self.graphs.items()}, "dims": self.dims,
-                "files": self.files, "file_sha256": self.file_sha256, "source": self.source, "reference": self.reference,
+                "files": self.files, "file_sha256": self.file_sha256, "source": self.source,
+                "reference": self.reference,
                 "quantization": self.quantization, "engines": self.engines,
                 **(self.contract.to_dict() if self.contract else {}), "model": self.model}
 

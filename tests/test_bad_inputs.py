@@ -114,7 +114,8 @@ def w(tmp_path_factory):
     Image.fromarray((np.arange(40 * 50).reshape(40, 50) * 30).astype(np.uint16)).save(grey16)
     return SimpleNamespace(
         root=root, ckpt=ckpt, image=image, data=data, grey16=grey16, strip=strip, policies=policies, fifo=fifo,
-        fifo_data=fifo_data, fifo_jsonl=fifo_jsonl, corrupt=corrupt, loop=loop, no_stage=entry_without_stage("no_stage"),
+        fifo_data=fifo_data, fifo_jsonl=fifo_jsonl, corrupt=corrupt, loop=loop,
+        no_stage=entry_without_stage("no_stage"),
         guide_swapped=guide_swapped, clip=clip,
         bomb=big_png_header(root / "bomb.png", 20000, 20000),
         not_utf8=data_folder("not_utf8", [good, b'{"image": "images/a.png", "prompt": "caf\xe9"}\n']),
@@ -203,7 +204,7 @@ ROWS = [
     ("limit twice", lambda w: ["eval", w.ckpt, "--data", w.data, "--limit", "1", "--limit", "2"],
      "argument --limit: given twice (--limit 1, then --limit 2): give it once"),
     ("clip a checkpoint does not use", lambda w: RUN(w, "--clip", w.clip),
-     "is a hf checkpoint with its vision tower inside; --clip is for original-layout (TG-LLaVA repository) checkpoints"),
+     "is a hf checkpoint with its vision tower inside; --clip is for original-layout (TG-LLaVA repository)"),
     ("export clip it does not use", lambda w: ["export", w.ckpt, "-o", w.root / "e", "--clip", w.clip],
      "is a hf checkpoint with its vision tower inside; --clip is for original-layout"),
     ("block-size without decoder-weights", lambda w: ["export", w.ckpt, "-o", w.root / "e", "--block-size", "32"],
@@ -235,13 +236,14 @@ ROWS = [
      "samples.jsonl: is a FIFO (named pipe), not a data file"),
     ("policy is a FIFO", lambda w: ["validate", w.root, "--data", w.data, "--policy", w.root / "policy.toml"],
      "policy.toml: is a FIFO (named pipe), not a policy file"),
-    ("onnx is a FIFO", lambda w: ["inspect", w.root / "graph.onnx"], "graph.onnx: is a FIFO (named pipe), not a graph file"),
+    ("onnx is a FIFO", lambda w: ["inspect", w.root / "graph.onnx"],
+     "graph.onnx: is a FIFO (named pipe), not a graph file"),
     ("inspect a device", lambda w: ["inspect", "/dev/zero"], "/dev/zero: is a character device, not a graph file"),
     # checkpoints
     ("config types", lambda w: RUN(w, ckpt=w.wrong_types),
      "text_config.num_hidden_layers must be an integer >= 1 (got 2.5); text_config.rope_theta must be a finite number > 0"),
     ("feature layer", lambda w: RUN(w, ckpt=w.feature_layer),
-     "feature_layer/config.json: the vision feature layer (vision_feature_layer, mm_vision_select_layer) 100 is outside"),
+     "feature_layer/config.json: the vision feature layer (vision_feature_layer, mm_vision_select_layer) 100 is"),
     ("serve host", lambda w: ["serve", w.no_stage, "--host", "999.1.1.1"],
      "argument --host: '999.1.1.1' is not an IP address or a host name"),
     ("heads", lambda w: RUN(w, ckpt=w.heads), "vision_config.hidden_size 32 is not a multiple of num_attention_heads 3"),
@@ -545,7 +547,8 @@ def x(demo_export, demo_eval, tmp_path_factory):
     one = {"lowest": {"CLS": "numpy.array", "data": [-1.0], "dtype": "float32"}, "highest": 1.0}
     cal = SimpleNamespace(
         foreign=calibration("foreign.json", {"no_such_tensor": one}),
-        mixed=calibration("mixed.json", {"no_such_tensor": one}, method="entropy"), no_ranges=calibration("no_ranges.json", {}),
+        mixed=calibration("mixed.json", {"no_such_tensor": one}, method="entropy"),
+        no_ranges=calibration("no_ranges.json", {}),
         empty=calibration("empty.json", {"x": {**one, "lowest": {**one["lowest"], "data": []}}}),
         nested=calibration("nested.json", {"x": {**one, "lowest": {**one["lowest"], "data": [[-1.0]]}}}))
     return SimpleNamespace(
@@ -572,7 +575,8 @@ EXPORT_ROWS = [
      "preprocess.json is not the one manifest.json describes (sha256 differs)"),
     ("max_context above the positions", lambda x: XRUN(x, x.long_context),
      "manifest.json: max_context 300 is above the model's positions (model.decoder.max_position_embeddings 256)"),
-    ("manifest.json is a FIFO", lambda x: XRUN(x, x.fifo_manifest), "manifest.json: is a FIFO (named pipe), not a JSON file"),
+    ("manifest.json is a FIFO", lambda x: XRUN(x, x.fifo_manifest),
+     "manifest.json: is a FIFO (named pipe), not a JSON file"),
     ("calibration.json is a FIFO", lambda x: ["quantize", x.good, "--precision", "int8", "--calibration",
                                               x.root / "calibration.json", "-o", x.root / "repo"],
      "calibration.json: is a FIFO (named pipe), not a calibration file"),
@@ -582,12 +586,13 @@ EXPORT_ROWS = [
         ("foreign", ["--method", "entropy"], "foreign.json was measured with method minmax: leave --method out"),
         ("foreign", [], "graphs.text_guide.data names 1 tensor(s) the text_guide graph lacks (no_such_tensor)"),
         ("no_ranges", [], "no_ranges.json: graphs.text_guide.data has no range for "),
-        ("mixed", [], "mixed.json: graphs.decoder.calibration_method MinMax is not the file's method entropy (Entropy)"),
+        ("mixed", [], "mixed.json: graphs.decoder.calibration_method MinMax is not the file's method entropy"),
         ("empty", [], 'empty.json: graphs.decoder.data["x"].lowest must be a number or a numpy.array object whose '
                       "data is a non-empty flat list of numbers"),
         ("nested", [], 'graphs.decoder.data["x"].lowest must be a number or a numpy.array object whose data is a '
                        "non-empty flat list")]],
-    ("smooth with fp16", lambda x: ["quantize", x.good, "--precision", "fp16", "--smooth", "0.5", "-o", x.root / "repo"],
+    ("smooth with fp16", lambda x: ["quantize", x.good, "--precision", "fp16", "--smooth", "0.5", "-o",
+                                    x.root / "repo"],
      "--smooth applies SmoothQuant to int8 graphs; --precision fp16 quantises none to int8: leave it out"),
     ("calib-limit with calibration", lambda x: ["quantize", x.good, "--precision", "int8", "--calibration",
                                                 x.cal.foreign, "--calib-limit", "2", "-o", x.root / "repo"],

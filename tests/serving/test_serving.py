@@ -291,7 +291,8 @@ def test_out_of_range_requests_are_one_line_errors(server, samples, demo_export)
     question = _tensor("question", np.array([prompt.encode()], dtype=np.object_), "BYTES")
     base = [_tensor("image", np.frombuffer(image, np.uint8), "UINT8"), question]
     for name, value, message in (
-            ("max_new_tokens", 2 ** 32 + 1, "input 'max_new_tokens' must be an integer in [1, 2147483647] (got 4294967297)"),
+            ("max_new_tokens", 2 ** 32 + 1,
+             "input 'max_new_tokens' must be an integer in [1, 2147483647] (got 4294967297)"),
             ("top_k", 2 ** 32, "input 'top_k' must be an integer in [0, 2147483647] (got 4294967296)"),
             ("seed", -1, "input 'seed' must be an integer in [0, 4294967295] (got -1)")):
         error = _raw_request(url, [*base, _tensor(name, np.array([value], np.int64), "INT64")])
