@@ -12,6 +12,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import logging
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from tgedge.errors import TgedgeError
 from tgedge.calibration.collect import FeedReader
 from tgedge.calibration.convert import (QUANT_OPS, GraphReport, matched_nodes, restore_shared, shared_refs,
                                         activation_products, save_graph, to_fp16, to_int8, to_weight_only)
-from tgedge.calibration.saved import CALIBRATION, METHODS, read_calibration
+from tgedge.calibration.saved import CALIBRATION, METHODS, graph_method, read_calibration
 from tgedge.calibration.weight_only import WeightOnly
 from tgedge.fileio import atomic_dir, inside, sha256_files
 from tgedge.precision import FLOAT, PRECISIONS, QDQ, REFERENCE, WEIGHT_ONLY, Precision, names
@@ -123,6 +124,7 @@ def plan_quantization(src: Manifest, precision: str, method: str) -> Plan:
 class Calibration:
     method: str
     saved: dict | None = None  # a calibration.json given with --calibration
+    saved_path: str | Path | None = None  # its path, for messages
     streamed: dict = field(default_factory=dict)  # graph -> ranges measured while the samples ran (minmax)
     feeds: dict = field(default_factory=dict)  # graph -> recorded inputs (entropy, percentile)
     data: str | Path | None = None
@@ -138,8 +140,10 @@ class Calibration:
         """The ranges of `graph` where onnxruntime's quantize_static reads them (none: it measures on the feeds),
         kept as measured in `ranges` (calibration.json); `smoothed`: tensor -> its symmetric range after SmoothQuant
         (max |x| / s), which the cache gets in place of the measured one."""
-        if self.saved is not None:
-            cache.write_text(json.dumps(self.saved["graphs"][graph]))
+        if self.saved is not None:  # the method as onnxruntime's loader reads it back, whichever way the file says it
+            saved = dict(self.saved["graphs"][graph], calibration_method={
+                "CLS": "CalibrationMethod", "value": f"CalibrationMethod.{graph_method(self.saved['graphs'][graph])}"})
+            cache.write_text(json.dumps(saved))
         elif graph in self.streamed:
             from onnxruntime.quantization.calibrate import save_tensors_data
 
@@ -186,7 +190,11 @@ def calibrate(export_dir: str | Path, graphs: list[str], method: str, calib: str
             raise TgedgeError(f"{flag} needs --method minmax (its per-channel statistics are measured in the min/max "
                               f"pass; got {method})")
     if calibration is not None:
-        result.saved = read_calibration(calibration, graphs)
+        result.saved, result.saved_path = read_calibration(calibration, graphs), calibration
+        if result.saved["method"] != method:  # onnxruntime refuses ranges from another method, with a traceback
+            raise TgedgeError(f"--method {method}: {calibration} was measured with method {result.saved['method']}: "
+                              f"leave --method out (or pass --method {result.saved['method']}), or measure again "
+                              "with --calib DIR")
         if awq:
             saved = result.saved.get("mean_sq")
             if not isinstance(saved, dict) or any(g not in saved for g in awq):
@@ -306,8 +314,23 @@ class Rewrite:
             self.say(f"{graph}: SmoothQuant alpha {self.calibration.smooth} on {len(scales)} MatMul inputs")
         self.calibration.write_cache(graph, cache, smoothed)
         kept = excluded if self.int8_attention else sorted(set(excluded) | set(activation_products(structure)))
-        report = to_int8(p, source, target, FeedReader(self.calibration.feeds.get(graph, [])),
-                         self.calibration.method, kept, cache, external=external)
+        saved = self.calibration.saved_path
+        if saved is not None:
+            tensors = {v for n in structure.graph.node for v in (*n.input, *n.output)}
+            unknown = sorted(set(self.calibration.saved["graphs"][graph]["data"]) - tensors)
+            if unknown:
+                raise TgedgeError(f"{saved}: graphs.{graph}.data names {len(unknown)} tensor(s) the {graph} graph "
+                                  f"lacks ({', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''}): it was "
+                                  "measured on another export; measure again with --calib DIR")
+        try:
+            report = to_int8(p, source, target, FeedReader(self.calibration.feeds.get(graph, [])),
+                             self.calibration.method, kept, cache, external=external)
+        except ValueError as e:  # onnxruntime's word for a range the graph needs and the saved file lacks
+            missing = re.search(r"not specified for param (\S+?)\.? ", str(e))
+            if saved is None or missing is None:
+                raise
+            raise TgedgeError(f"{saved}: graphs.{graph}.data has no range for {missing.group(1)}, which the {graph} "
+                              "graph quantises: measure again with --calib DIR") from None
         if smoothed:
             report.note = f"SmoothQuant alpha {self.calibration.smooth}: {len(smoothed)} MatMul inputs smoothed"
         if graph not in self.calibration.ranges:  # the calibrators measured on the feeds: what they wrote
@@ -326,7 +349,7 @@ def write_manifest(src: Manifest, out: Path, rewrite: Rewrite, precision: str,
     calibrated = record is not None
     manifest = Manifest(graphs=rewrite.graphs, dims=src.dims, max_context=src.max_context, opset=src.opset,
                         model=src.model, source=src.source, reference=src.reference, files=src.files,
-                        contract=src.contract,
+                        file_sha256=src.file_sha256, contract=src.contract,
                         quantization={"precision": precision,
                                       "method": rewrite.calibration.method if calibrated else None,
                                       "int8_attention": int8_attention if calibrated else None,
@@ -336,8 +359,25 @@ def write_manifest(src: Manifest, out: Path, rewrite: Rewrite, precision: str,
     return manifest, record
 
 
+def _refuse_ignored(plan: Plan, precision: str, calib, calibration, calib_limit: int | None, smooth: float | None,
+                    block_size: int | None, accuracy_level: int | None) -> None:
+    """Options that would change nothing for this --precision are refused, not silently ignored."""
+    if calib_limit is not None and calib is None:
+        raise TgedgeError("--calib-limit N takes the first N samples of --calib DIR" +
+                          (": --calibration reuses saved ranges, leave it out" if calibration is not None else
+                           "; no --calib given"))
+    if smooth is not None and not plan.calibrated:
+        raise TgedgeError(f"--smooth applies SmoothQuant to int8 graphs; --precision {precision} quantises none to "
+                          "int8: leave it out")
+    weight_only = any(p.weight_only for p in plan.precisions.values())
+    for flag, value in (("--block-size", block_size), ("--accuracy-level", accuracy_level)):
+        if value is not None and not weight_only:
+            raise TgedgeError(f"{flag} sets int4w/int8w graphs' MatMulNBits blocks; --precision {precision} has "
+                              "none: leave it out")
+
+
 def quantize_export(export_dir: str | Path, out: str | Path, precision: str, calib: str | Path | None = None,
-                    method: str = "minmax", exclude: list[str] | None = None, calibration: str | Path | None = None,
+                    method: str | None = None, exclude: list[str] | None = None, calibration: str | Path | None = None,
                     calib_limit: int | None = None, on_step: Callable[[str], None] | None = None,
                     progress=None, force: bool = False, block_size: int | None = None,
                     accuracy_level: int | None = None, int8_attention: bool = False,
@@ -355,8 +395,11 @@ def quantize_export(export_dir: str | Path, out: str | Path, precision: str, cal
     say = on_step or (lambda s: None)
     settings = {"block_size": block_size, "accuracy_level": accuracy_level}
     WeightOnly.of(WEIGHT_ONLY[0], **settings)  # settings refused before any work
+    if method is None:  # a saved file's ranges were measured one way: that is the method they quantise with
+        method = read_calibration(calibration, [])["method"] if calibration is not None else "minmax"
     src = Manifest.load(export_dir)
     plan = plan_quantization(src, precision, method)
+    _refuse_ignored(plan, precision, calib, calibration, calib_limit, smooth, block_size, accuracy_level)
     awq_graphs = [g for g, p in plan.precisions.items() if p.weight_only] if awq else []
     if awq and not awq_graphs:
         raise TgedgeError(f"--awq scales weight-only graphs ({', '.join(names(WEIGHT_ONLY))}); --precision {precision} "

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from tgedge.config import bad_numbers
 from tgedge.errors import TgedgeError
+from tgedge.fileio import regular_file
 
 METHODS = ("minmax", "entropy", "percentile")
 CALIBRATION = "calibration.json"
@@ -21,6 +22,7 @@ TOP_KEYS = ("method", "data", "graphs", "smooth", "channels", "mean_sq")
 DATA_KEYS = {"path": str, "samples": int, "sha256": str}
 GRAPH_KEYS = ("CLS", "calibration_method", "data", "smooth_quant")
 CALIBRATION_METHODS = ("MinMax", "Entropy", "Percentile", "Distribution")  # onnxruntime's CalibrationMethod
+METHOD_NAMES = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}  # tgedge's -> onnxruntime's
 # onnxruntime's TensorData fields; the float ones must be float32 / float16 arrays (TensorData refuses others)
 TENSOR_FLOATS = ("avg", "std", "lowest", "highest", "hist_edges")
 TENSOR_KEYS = ("CLS", *TENSOR_FLOATS, "hist", "bins")
@@ -33,12 +35,9 @@ def _number(v) -> bool:
 
 
 def _numbers(v) -> bool:
-    """A number, or a (nested) list of numbers."""
-    return _number(v) or (isinstance(v, list) and all(_numbers(x) for x in v))
-
-
-def _flat(v) -> list:
-    return [v] if not isinstance(v, list) else [y for x in v for y in _flat(x)]
+    """A number, or a non-empty flat list of numbers: what TensorData's arrays hold (an empty range fails deep in
+    onnxruntime with an AssertionError; a nested one is not a range)."""
+    return _number(v) or (isinstance(v, list) and len(v) > 0 and all(_number(x) for x in v))
 
 
 def _array(value, key: str, dtypes: tuple[str, ...], out: list[str]):
@@ -47,12 +46,14 @@ def _array(value, key: str, dtypes: tuple[str, ...], out: list[str]):
         return [value]
     if not isinstance(value, dict) or set(value) - {"CLS", "data", "dtype"} or value.get("CLS", "numpy.array") != \
             "numpy.array" or not _numbers(value.get("data")):
-        out.append(f"{key} must be a number or a numpy.array object with numeric data (got {json.dumps(value)[:60]})")
+        out.append(f"{key} must be a number or a numpy.array object whose data is a non-empty flat list of numbers "
+                   f"(got {json.dumps(value)[:60]})")
         return None
     if value.get("dtype") not in dtypes:
         out.append(f"{key} dtype {value.get('dtype')!r} is not one of {', '.join(dtypes)}")
         return None
-    return _flat(value["data"])
+    data = value["data"]
+    return data if isinstance(data, list) else [data]
 
 
 def _object_problems(value: dict, key: str, known: tuple, cls: str) -> list[str]:
@@ -81,15 +82,23 @@ def _tensor_problems(t, key: str) -> list[str]:
     return out
 
 
-def _graph_problems(g, key: str) -> list[str]:
+def graph_method(g: dict) -> str | None:
+    """A graph's onnxruntime CalibrationMethod name ("MinMax"), as an object or a string; None if it names none."""
+    method = g.get("calibration_method")
+    name = method.get("value") if isinstance(method, dict) and method.get("CLS") == "CalibrationMethod" else method
+    return name.split(".")[-1] if isinstance(name, str) and name.split(".")[-1] in CALIBRATION_METHODS else None
+
+
+def _graph_problems(g, key: str, method: str | None) -> list[str]:
     if not isinstance(g, dict):
         return [f"{key} must be an object (got {json.dumps(g)[:40]})"]
     out = _object_problems(g, key, GRAPH_KEYS, "TensorsData")
-    method = g.get("calibration_method")
-    name = method.get("value") if isinstance(method, dict) and method.get("CLS") == "CalibrationMethod" else method
-    if not isinstance(name, str) or name.split(".")[-1] not in CALIBRATION_METHODS:
+    name = graph_method(g)
+    if name is None:
         out.append(f"{key}.calibration_method must name one of {', '.join(CALIBRATION_METHODS)} "
-                   f"(got {json.dumps(method)[:60]})")
+                   f"(got {json.dumps(g.get('calibration_method'))[:60]})")
+    elif method in METHOD_NAMES and name != METHOD_NAMES[method]:  # onnxruntime refuses the pair, with a traceback
+        out.append(f"{key}.calibration_method {name} is not the file's method {method} ({METHOD_NAMES[method]})")
     if "smooth_quant" in g and not isinstance(g["smooth_quant"], bool):
         out.append(f"{key}.smooth_quant must be true or false (got {json.dumps(g['smooth_quant'])})")
     if not isinstance(g.get("data"), dict):
@@ -124,13 +133,14 @@ def calibration_problems(saved: dict) -> list[str]:
         if key in saved:
             out += _statistics_problems(saved[key], key)
     for graph, g in saved["graphs"].items():
-        out += _graph_problems(g, f"graphs.{graph}")
+        out += _graph_problems(g, f"graphs.{graph}", saved.get("method"))
     return out
 
 
 def read_calibration(path: str | Path, graphs: list[str]) -> dict:
     """A saved calibration.json, checked: ranges finite and within 1e6, every key known and typed, lowest <= highest,
     a calibration for each of `graphs`."""
+    regular_file(path, "calibration file")  # a FIFO would block the read below
     try:
         saved = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:

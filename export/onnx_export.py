@@ -33,7 +33,7 @@ from tgedge.contract import PAST, StageContract
 from tgedge.export.specs import GraphSpec, graph_specs
 from tgedge.fileio import atomic_dir, checkpoint_hash, sha256_files, usual_file_mode
 from tgedge.precision import EXPORT_DTYPES, HALF, REFERENCE, WEIGHT_ONLY, Precision, lookup, names
-from tgedge.runtime.manifest import GraphEntry, Manifest, graph_fingerprint
+from tgedge.runtime.manifest import GraphEntry, Manifest, file_sha256, graph_fingerprint
 
 log = logging.getLogger("tgedge")
 
@@ -379,6 +379,10 @@ def export_model(checkpoint: str | Path, out: str | Path, opset: int = DEFAULT_O
         raise TgedgeError(f"--decoder-weights {decoder_weights!r}: choose from {', '.join(names(WEIGHT_ONLY))}")
     if cache_mode not in CACHE_MODES:
         raise TgedgeError(f"--cache {cache_mode!r}: choose from {', '.join(CACHE_MODES)}")
+    if quantized is None and (block_size is not None or accuracy_level is not None):  # they would be ignored
+        flag = "--block-size" if block_size is not None else "--accuracy-level"
+        raise TgedgeError(f"{flag} sets the int4w/int8w decoder's MatMulNBits blocks: it needs --decoder-weights "
+                          f"({', '.join(names(WEIGHT_ONLY))}); without it, leave it out")
     weight_only = WeightOnly.of(quantized, block_size, accuracy_level) if quantized else None
     floats = lookup(dtype, EXPORT_DTYPES)  # every graph's float type
     if floats is None:
@@ -428,6 +432,7 @@ def export_model(checkpoint: str | Path, out: str | Path, opset: int = DEFAULT_O
             files["guide_tokenizer"] = "guide_tokenizer.json"
         result.manifest = Manifest(graphs=graphs, dims=contract.dims, max_context=max_context,
                                    opset=opset, model=model.cfg.to_dict(), files=files, reference=reference,
+                                   file_sha256={k: file_sha256(tmp / name) for k, name in files.items()},
                                    source=source_record(checkpoint, ckpt.path, Path(out)),
                                    contract=contract)
         result.manifest.save(tmp)

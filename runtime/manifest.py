@@ -6,6 +6,7 @@ An export directory is self-contained: the graphs, this manifest, and the prepro
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -75,9 +76,16 @@ def manifest_problems(d: dict) -> list[str]:
     for key, lo, hi in (("max_context", 1, INT_MAX), ("opset", 1, 1000)):
         if key in d and not _int(d[key], lo, hi):
             out.append(f"{key} must be an integer in [{lo}, {hi}] (got {_show(d[key])})")
-    for key in ("graphs", "dims", "model", "files", "source", "reference", "quantization", "engines", "kv_cache"):
+    for key in ("graphs", "dims", "model", "files", "file_sha256", "source", "reference", "quantization", "engines",
+                "kv_cache"):
         if key in d and not isinstance(d[key], dict) and not (key == "kv_cache" and d[key] is None):
             out.append(f"{key} must be an object (got {_show(d[key])})")
+    decoder = d["model"].get("decoder") if isinstance(d.get("model"), dict) else None
+    positions = decoder.get("max_position_embeddings") if isinstance(decoder, dict) else None
+    if _int(d.get("max_context"), 1) and _int(positions, 1) and d["max_context"] > positions:
+        # past the positions the model was trained on (and its rotary tables cover): silently wrong answers
+        out.append(f"max_context {d['max_context']} is above the model's positions "
+                   f"(model.decoder.max_position_embeddings {positions})")
     if isinstance(d.get("graphs"), dict):
         for name, g in d["graphs"].items():
             out += _graph_problems(name, g)
@@ -90,6 +98,9 @@ def manifest_problems(d: dict) -> list[str]:
                 out.append(f"dims.{name} must have min <= opt <= max (got {_show(dim)})")
     if isinstance(d.get("files"), dict):
         out += [f"files.{k} must be a file name (got {_show(v)})" for k, v in d["files"].items() if not isinstance(v, str)]
+    if isinstance(d.get("file_sha256"), dict):
+        out += [f"file_sha256.{k} must be a sha256 string or null (got {_show(v)})"
+                for k, v in d["file_sha256"].items() if not isinstance(v, (str, type(None)))]
     if isinstance(d.get("engines"), dict):
         out += [f"engines.{k} must be an object with a file name (got {_show(v)})" for k, v in d["engines"].items()
                 if not isinstance(v, dict) or not isinstance(v.get("file"), str)]
@@ -158,6 +169,7 @@ class Manifest:
     source: dict = field(default_factory=dict)  # {"checkpoint": path as given, "sha256": weights hash}
     reference: dict = field(default_factory=dict)  # per graph: fixed input and reference output checksums
     files: dict = field(default_factory=dict)  # preprocessing files copied in
+    file_sha256: dict = field(default_factory=dict)  # files key -> sha256 of that file, checked like the graphs
     quantization: dict = field(default_factory=dict)  # tgedge quantize: precision, method, per-graph coverage
     engines: dict = field(default_factory=dict)  # tgedge build: graph -> engine file and build metadata
     contract: StageContract | None = None  # derived from `model` at load; saved as fusion_family/stages/kv_cache
@@ -169,7 +181,8 @@ class Manifest:
         return {"manifest_version": self.manifest_version, "tgedge_version": self.tgedge_version,
                 "opset": self.opset, "max_context": self.max_context,
                 "graphs": {k: g.to_dict() for k, g in self.graphs.items()}, "dims": self.dims,
-                "files": self.files, "source": self.source, "reference": self.reference,
+                "files": self.files, "file_sha256": self.file_sha256, "source": self.source,
+                "reference": self.reference,
                 "quantization": self.quantization, "engines": self.engines,
                 **(self.contract.to_dict() if self.contract else {}), "model": self.model}
 
@@ -201,6 +214,7 @@ class Manifest:
             m = cls(graphs={k: GraphEntry.from_dict(g) for k, g in d["graphs"].items()}, dims=d["dims"],
                     max_context=d["max_context"], opset=d["opset"], model=d["model"], source=d.get("source", {}),
                     reference=d.get("reference", {}), files=d.get("files", {}),
+                    file_sha256=d.get("file_sha256", {}),
                     quantization=d.get("quantization", {}), engines=d.get("engines", {}),
                     tgedge_version=written_by,
                     manifest_version=version, directory=directory)
@@ -257,9 +271,30 @@ class Manifest:
             raise TgedgeError(f"{self.directory}: graph {name!r} ({entry.file}) is not the one {MANIFEST} describes "
                               f"({kind} differs): it changed after export; export again, or pass --no-verify")
 
+    def file_problems(self) -> list[str]:
+        """How the preprocessing files (`preprocess.json`, tokenizers) differ from the exported ones (an edited image
+        size or mean would answer silently wrong); empty when none. Small files: their full sha256."""
+        out = []
+        for key, name in self.files.items():
+            expected = self.file_sha256.get(key)
+            if not expected:
+                out.append(f"{name} has no sha256 in {MANIFEST} (file_sha256.{key}), so it cannot be checked")
+            elif file_sha256(inside(self.directory, name, f"{self.directory}/{MANIFEST} files.{key}")) != expected:
+                out.append(f"{name} is not the one {MANIFEST} describes (sha256 differs): it changed after export")
+        return out
+
+    def verify_files(self) -> None:
+        problems = self.file_problems()
+        if problems:
+            raise TgedgeError(f"{self.directory}: {'; '.join(problems)}; export again, or pass --no-verify")
+
     def graph_path(self, name: str) -> Path:
         return inside(self.directory, self.graphs[name].file, f"{self.directory}/{MANIFEST} graphs.{name}.file")
 
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def graph_fingerprint(files: list[Path]) -> str:

@@ -18,6 +18,7 @@ import numpy as np
 
 from tgedge.contract import TensorMeta
 from tgedge.errors import TgedgeError
+from tgedge.fileio import regular_file
 from tgedge.runtime.runner import BaseRunner, Bound, Rows, describe_array
 
 ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
@@ -119,6 +120,7 @@ class SessionFromOnnx:
                                      or (self.int8_kernels == "auto" and int8_kernels_saturate())):
             so.add_session_config_entry("session.disable_quant_qdq", "1")  # a graph without Q/DQ runs as before
         source: str | bytes = str(self.path)
+        regular_file(self.path, "graph file")  # with --no-verify nothing has read it yet: a FIFO would block
         if self.rewrite is not None:
             import onnx
 

@@ -47,6 +47,20 @@ class Pipeline(StageFlow):
     checks each ONNX graph against the manifest first: a fingerprint (cheap, the default), every byte (sha256, what
     validate does) or not at all (None)."""
 
+    def _check_preprocess(self, export_dir) -> None:
+        """preprocess.json agrees with the model the graphs were exported from (checked with --no-verify too: an
+        image-token count the graphs do not make is a message naming the file and key, not a shape error later)."""
+        from tgedge.contract import preprocess_needs
+
+        spec, model = self.pre.spec, self.manifest.model
+        want = {**preprocess_needs(model), "pad_to_square": model.get("pad_to_square", spec.pad_to_square)}
+        if model.get("image_token_index") is not None:  # None: the placeholder id, whatever preprocess.json says
+            want["image_token_id"] = model["image_token_index"]
+        wrong = [f"{k} {getattr(spec, k)!r}, the model's is {v!r}" for k, v in want.items() if getattr(spec, k) != v]
+        if wrong:
+            name = self.manifest.files.get("preprocess", "preprocess.json")
+            raise TgedgeError(f"{export_dir}/{name}: {'; '.join(wrong)} (manifest.json model): export again")
+
     def __init__(self, export_dir: str | Path, backend: str = "onnxruntime", context: int | None = None,
                  runner_factory: RunnerFactory | None = None, verify: str | None = "fingerprint",
                  stages: tuple[str, ...] | None = None, runner_options: dict | None = None):
@@ -66,7 +80,10 @@ class Pipeline(StageFlow):
         if verify and backend != "tensorrt":  # TensorRT runs engines, checked against their own metadata
             for graph in stages:
                 self.manifest.verify(graph, full=verify == "sha256")
+        if verify:
+            self.manifest.verify_files()
         self.pre = Preprocessor.from_dir(export_dir, self.manifest.files)
+        self._check_preprocess(export_dir)
         self.backend = backend
         self.context = context or longest
         options = runner_options or {}

@@ -94,20 +94,28 @@ def w(tmp_path_factory):
         "cosine_15": "[fp32.vision]\nmin_cosine = 1.5\n", "cosine_m1": "[fp32.vision]\nmin_cosine = -1\n",
         "top1_0": "[fp32.decoder]\nmin_top1 = 0\n", "kl_inf": "[fp16.decoder]\nmax_kl = inf\n",
         "bool": "[fp16.decoder]\nmax_kl = true\n", "negative": "[fp16.embed]\nmax_rel = -0.1\n",
-        "text": "[int8.decoder]\nmin_top1 = \"high\"\n", "not_a_section": "[fp16]\ndecoder = 3\n"}.items()}
+        "text": "[int8.decoder]\nmin_top1 = \"high\"\n", "not_a_section": "[fp16]\ndecoder = 3\n",
+        "drop_100": "[int8.accuracy]\nmax_drop = 100\n", "drop_1000": "[int8.accuracy]\nmax_drop = 1000.0\n"}.items()}
     fifo = root / "fifo.png"
     os.mkfifo(fifo)  # reading it would block until something writes
     fifo_data = data_folder("fifo_data", [{**good, "image": "images/pipe.png"}])
     os.mkfifo(fifo_data / "images" / "pipe.png")
+    fifo_jsonl = root / "fifo_jsonl"
+    fifo_jsonl.mkdir()
+    for name in ("samples.jsonl", "policy.toml", "calibration.json", "graph.onnx"):  # every file tgedge reads
+        os.mkfifo((fifo_jsonl if name == "samples.jsonl" else root) / name)
     corrupt = data_folder("corrupt", [good])
     (corrupt / "images" / "a.png").write_bytes(b"not a png at all")
     loop = root / "loop"
     loop.symlink_to(loop)
+    strip = root / "strip.png"
+    Image.new("RGB", (1, 60000)).save(strip)  # 60000 pixels; padded to a square, 3.6 billion
     grey16 = root / "grey16.png"
     Image.fromarray((np.arange(40 * 50).reshape(40, 50) * 30).astype(np.uint16)).save(grey16)
     return SimpleNamespace(
-        root=root, ckpt=ckpt, image=image, data=data, grey16=grey16, policies=policies, fifo=fifo,
-        fifo_data=fifo_data, corrupt=corrupt, loop=loop, no_stage=entry_without_stage("no_stage"),
+        root=root, ckpt=ckpt, image=image, data=data, grey16=grey16, strip=strip, policies=policies, fifo=fifo,
+        fifo_data=fifo_data, fifo_jsonl=fifo_jsonl, corrupt=corrupt, loop=loop,
+        no_stage=entry_without_stage("no_stage"),
         guide_swapped=guide_swapped, clip=clip,
         bomb=big_png_header(root / "bomb.png", 20000, 20000),
         not_utf8=data_folder("not_utf8", [good, b'{"image": "images/a.png", "prompt": "caf\xe9"}\n']),
@@ -118,6 +126,7 @@ def w(tmp_path_factory):
         empty_prompt=data_folder("empty_prompt", [{**good, "prompt": "  "}]),
         wrong_types=variant("wrong_types", edit_json("config.json", lambda c: c["text_config"].update(
             num_hidden_layers=2.5, rope_theta=float("inf")))),
+        feature_layer=variant("feature_layer", edit_json("config.json", lambda c: c.update(vision_feature_layer=100))),
         heads=variant("heads", edit_json("config.json", lambda c: c["vision_config"].update(num_attention_heads=3))),
         std0=variant("std0", edit_json("processor_config.json", lambda c: c["image_processor"].update(image_std=[0, 0, 0]))),
         nan=variant("nan", nan_weight),
@@ -157,7 +166,10 @@ ROWS = [
     ("max-context 0", lambda w: RUN(w, "--max-context", "0"), "argument --max-context: must be >= 1, got 0"),
     ("size 100000", lambda w: ["data", "shapes", "--size", "100000", "-o", w.root / "x"],
      "argument --size: must be in [24, 4096], got 100000"),
-    ("count 0", lambda w: ["data", "shapes", "-n", "0", "-o", w.root / "x"], "argument -n/--count: must be >= 1, got 0"),
+    ("count 0", lambda w: ["data", "shapes", "-n", "0", "-o", w.root / "x"],
+     "argument -n/--count: must be in [1, 1000000], got 0"),
+    ("count 10^12", lambda w: ["data", "shapes", "-n", str(10 ** 12), "-o", w.root / "x"],
+     "argument -n/--count: must be in [1, 1000000], got 1000000000000"),
     ("eval limit -1", lambda w: ["eval", w.ckpt, "--data", w.data, "--limit", "-1"], "argument --limit: must be >= 1, got -1"),
     ("opset 99", lambda w: ["export", w.ckpt, "-o", w.root / "e", "--opset", "99"], "argument --opset: must be in [14, "),
     ("opset beyond the exporter", lambda w: ["export", w.ckpt, "-o", w.root / "e", "--opset", str(newest_opset() + 1)],
@@ -184,6 +196,25 @@ ROWS = [
      "argument --top-k: must be in [0, 2147483647], got 2147483648"),
     ("unknown option", lambda w: RUN(w, "--bogus"), "unrecognized arguments: --bogus"),
     ("missing option", lambda w: ["run", w.ckpt], "the following arguments are required: --image, --prompt"),
+    # a single-value option given twice, options that would be ignored, lists with an empty or repeated item
+    ("prompt twice", lambda w: RUN(w, "--prompt", "b"),
+     "argument --prompt: given twice (--prompt 'what color?', then --prompt 'b'): give it once"),
+    ("-o twice", lambda w: ["data", "shapes", "-n", "1", "-o", w.root / "x", "--output", w.root / "y"],
+     "argument -o/--output: given twice (-o "),
+    ("limit twice", lambda w: ["eval", w.ckpt, "--data", w.data, "--limit", "1", "--limit", "2"],
+     "argument --limit: given twice (--limit 1, then --limit 2): give it once"),
+    ("clip a checkpoint does not use", lambda w: RUN(w, "--clip", w.clip),
+     "is a hf checkpoint with its vision tower inside; --clip is for original-layout (TG-LLaVA repository)"),
+    ("export clip it does not use", lambda w: ["export", w.ckpt, "-o", w.root / "e", "--clip", w.clip],
+     "is a hf checkpoint with its vision tower inside; --clip is for original-layout"),
+    ("block-size without decoder-weights", lambda w: ["export", w.ckpt, "-o", w.root / "e", "--block-size", "32"],
+     "--block-size sets the int4w/int8w decoder's MatMulNBits blocks: it needs --decoder-weights"),
+    ("bench no-image with image", lambda w: ["bench", w.ckpt, "--no-image", "--image", w.image, "--prompt-tokens", "8"],
+     "--no-image runs text-only prompts: it cannot take --image too"),
+    ("compare torch twice", lambda w: ["bench", w.ckpt, "--compare", "torch,torch"],
+     "argument --compare: 'torch,torch': torch given twice in the list of peers"),
+    ("concurrency empty item", lambda w: ["loadtest", "127.0.0.1:1", "--data", w.data, "--concurrency", "1,,2"],
+     "argument --concurrency: '1,,2': an empty item in the comma-separated list"),
     # prompts
     ("empty prompt", lambda w: RUN(w, prompt=""), "argument --prompt: must not be empty"),
     ("blank prompt", lambda w: RUN(w, prompt=" \n "), "argument --prompt: must not be empty"),
@@ -191,6 +222,8 @@ ROWS = [
     ("image placeholder only", lambda w: RUN(w, prompt="<image>"), "empty prompt"),
     # images
     ("decompression bomb", lambda w: RUN(w, image=w.bomb), "bomb.png: image is 20000x20000 (400 Mpx), over the limit of 179 Mpx"),
+    ("padded past the pixel limit", lambda w: RUN(w, ckpt="demo", image=w.strip),
+     "image is 1x60000; this model pads it to a square, 60000x60000 (3600 Mpx), over the limit of 179 Mpx"),
     ("image is a directory", lambda w: RUN(w, image=w.root), "is a directory, not an image"),
     ("image is a FIFO", lambda w: RUN(w, image=w.fifo), "fifo.png: is a FIFO (named pipe), not an image"),
     ("image is a device", lambda w: RUN(w, image="/dev/zero"), "/dev/zero: is a character device, not an image"),
@@ -198,9 +231,21 @@ ROWS = [
      "fifo.png: is a FIFO (named pipe), not an image"),
     ("data image is a FIFO", lambda w: ["eval", w.ckpt, "--data", w.fifo_data],
      "samples.jsonl:1: image images/pipe.png is a FIFO (named pipe), not an image"),
+    # every other file tgedge reads: a FIFO would block, a device never end
+    ("samples.jsonl is a FIFO", lambda w: ["eval", w.ckpt, "--data", w.fifo_jsonl],
+     "samples.jsonl: is a FIFO (named pipe), not a data file"),
+    ("policy is a FIFO", lambda w: ["validate", w.root, "--data", w.data, "--policy", w.root / "policy.toml"],
+     "policy.toml: is a FIFO (named pipe), not a policy file"),
+    ("onnx is a FIFO", lambda w: ["inspect", w.root / "graph.onnx"],
+     "graph.onnx: is a FIFO (named pipe), not a graph file"),
+    ("inspect a device", lambda w: ["inspect", "/dev/zero"], "/dev/zero: is a character device, not a graph file"),
     # checkpoints
     ("config types", lambda w: RUN(w, ckpt=w.wrong_types),
      "text_config.num_hidden_layers must be an integer >= 1 (got 2.5); text_config.rope_theta must be a finite number > 0"),
+    ("feature layer", lambda w: RUN(w, ckpt=w.feature_layer),
+     "feature_layer/config.json: the vision feature layer (vision_feature_layer, mm_vision_select_layer) 100 is"),
+    ("serve host", lambda w: ["serve", w.no_stage, "--host", "999.1.1.1"],
+     "argument --host: '999.1.1.1' is not an IP address or a host name"),
     ("heads", lambda w: RUN(w, ckpt=w.heads), "vision_config.hidden_size 32 is not a multiple of num_attention_heads 3"),
     ("image_std 0", lambda w: RUN(w, ckpt=w.std0), "processor_config.json image_processor: image_std must be > 0"),
     ("inf weights", lambda w: RUN(w, ckpt=w.nan), "non-finite weights (NaN or inf) in 1 tensor(s): multi_modal_projector.linear_1.weight"),
@@ -242,7 +287,9 @@ ROWS = [
         ("bool", "bool.toml: fp16.decoder.max_kl must be a number (got True)"),
         ("negative", "fp16.embed.max_rel must be >= 0 (got -0.1)"),
         ("text", "int8.decoder.min_top1 must be a number (got 'high')"),
-        ("not_a_section", "not_a_section.toml: fp16.decoder must be a section of limits (got 3)")]],
+        ("not_a_section", "not_a_section.toml: fp16.decoder must be a section of limits (got 3)"),
+        ("drop_100", "int8.accuracy.max_drop = 100 can never fail (accuracy, in points, drops by at most 100)"),
+        ("drop_1000", "int8.accuracy.max_drop = 1000.0 can never fail")]],
     # bench
     ("bench beyond context", lambda w: ["bench", w.ckpt, "--image", w.image, "--prompt", "what color?", "--new-tokens",
                                         "100000", "--runs", "1", "--warmup", "0"], "--new-tokens 100000 does not fit"),
@@ -387,6 +434,24 @@ def test_nothing_tgedge_did_not_write_is_ever_deleted(w, tmp_path, capsys, monke
     assert not (user / MARKER).exists()
 
 
+def test_output_paths_are_resolved_before_anything_is_created(w, tmp_path, capsys):
+    """`-o link/new/..` names what the link points to: refused there, and new/ is not created inside it."""
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "notes.txt").write_text("mine")
+    (tmp_path / "link").symlink_to(user)
+    before = snapshot(tmp_path)
+    code, _, err = run(capsys, ["checkpoint", "random", "--preset", "tg-tiny", "-o", tmp_path / "link" / "clip" / ".."])
+    assert code == 2 and "not empty (notes.txt) and not a tgedge output" in err, err
+    code, _, err = run(capsys, ["data", "shapes", "-n", "1", "-o", tmp_path / "link" / "sub" / ".."])
+    assert code == 2 and "not empty (notes.txt) and not a tgedge output" in err, err
+    assert snapshot(tmp_path) == before
+    from tgedge.fileio import write_atomic
+
+    write_atomic(tmp_path / "link" / "new" / ".." / "report.json", "{}")
+    assert sorted(p.name for p in user.iterdir()) == ["notes.txt", "report.json"]
+
+
 def test_fake_nvidia_smi_with_odd_numbers(tmp_path, monkeypatch, capsys):
     fake = tmp_path / "nvidia-smi"
     fake.write_text("#!/bin/sh\nprintf 'Odd GPU, 1e999, 550.1, abc\\nOther, -3, , 8.9\\nbroken line\\n\\377\\376\\n'\n")
@@ -427,3 +492,155 @@ def test_sigterm_leaves_nothing_half_written(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143 and "tgedge: terminated" in err
     assert list(tmp_path.iterdir()) == []
+
+
+# -- tampered exports: the demo export copied and edited, one variant per row ----------------------------------------
+@pytest.fixture(scope="module")
+def x(demo_export, demo_eval, tmp_path_factory):
+    root = tmp_path_factory.mktemp("exports")
+
+    def variant(name, change):
+        d = root / name
+        shutil.copytree(demo_export.directory, d)
+        change(d)
+        return d
+
+    def swap(d, a="embed.onnx", b="fusion.onnx"):
+        (d / a).rename(d / "tmp")
+        (d / b).rename(d / a)
+        (d / "tmp").rename(d / b)
+
+    def manifest(change):
+        def apply(d):
+            m = json.loads((d / "manifest.json").read_text())
+            change(m)
+            (d / "manifest.json").write_text(json.dumps(m))
+        return apply
+
+    def edit_preprocess_key(key, value):
+        def apply(d):
+            pre = json.loads((d / "preprocess.json").read_text())
+            pre[key] = value
+            (d / "preprocess.json").write_text(json.dumps(pre))
+        return apply
+
+    def edit_preprocess(d):
+        pre = json.loads((d / "preprocess.json").read_text())
+        pre["image"]["mean"] = [0.5, 0.5, 0.5]
+        (d / "preprocess.json").write_text(json.dumps(pre))
+
+    def fifo_manifest(d):
+        (d / "manifest.json").unlink()
+        os.mkfifo(d / "manifest.json")
+
+    os.mkfifo(root / "calibration.json")
+    other = root / "other"  # a model of another architecture, as a --reference
+    other.mkdir()
+    tiny.hf_llava(other)
+
+    def calibration(name, data, method="minmax"):
+        graphs = {g: {"CLS": "TensorsData", "calibration_method": "MinMax", "data": data}
+                  for g in ("decoder", "fusion", "text_guide", "vision")}
+        (root / name).write_text(json.dumps({"method": method, "graphs": graphs}))
+        return root / name
+
+    one = {"lowest": {"CLS": "numpy.array", "data": [-1.0], "dtype": "float32"}, "highest": 1.0}
+    cal = SimpleNamespace(
+        foreign=calibration("foreign.json", {"no_such_tensor": one}),
+        mixed=calibration("mixed.json", {"no_such_tensor": one}, method="entropy"),
+        no_ranges=calibration("no_ranges.json", {}),
+        empty=calibration("empty.json", {"x": {**one, "lowest": {**one["lowest"], "data": []}}}),
+        nested=calibration("nested.json", {"x": {**one, "lowest": {**one["lowest"], "data": [[-1.0]]}}}))
+    return SimpleNamespace(
+        root=root, good=Path(demo_export.directory), image=tiny.test_image(root / "image.png"), data=demo_eval,
+        swapped=variant("swapped", swap), preprocess=variant("preprocess", edit_preprocess),
+        no_file_sha=variant("no_file_sha", manifest(lambda m: m.pop("file_sha256"))),
+        long_context=variant("long_context", manifest(lambda m: m.update(max_context=300))),
+        fifo_manifest=variant("fifo_manifest", fifo_manifest), cal=cal,
+        image_tokens=variant("image_tokens", edit_preprocess_key("num_image_tokens", 81)), other=other)
+
+
+def XRUN(x, export, *extra):
+    return ["run", export, "--image", x.image, "--prompt", "what color?", "--max-new-tokens", "2", *extra]
+
+
+EXPORT_ROWS = [
+    ("triton swapped graphs", lambda x: ["triton", x.swapped, "-o", x.root / "repo"],
+     "graph 'fusion' (fusion.onnx) is not the one manifest.json describes (sha256 differs)"),
+    ("run edited preprocess.json", lambda x: XRUN(x, x.preprocess),
+     "preprocess: preprocess.json is not the one manifest.json describes (sha256 differs): it changed after export"),
+    ("triton edited preprocess.json", lambda x: ["triton", x.preprocess, "-o", x.root / "repo"],
+     "preprocess.json is not the one manifest.json describes (sha256 differs)"),
+    ("validate edited preprocess.json", lambda x: ["validate", x.preprocess, "--data", x.data],
+     "preprocess.json is not the one manifest.json describes (sha256 differs)"),
+    ("max_context above the positions", lambda x: XRUN(x, x.long_context),
+     "manifest.json: max_context 300 is above the model's positions (model.decoder.max_position_embeddings 256)"),
+    ("manifest.json is a FIFO", lambda x: XRUN(x, x.fifo_manifest),
+     "manifest.json: is a FIFO (named pipe), not a JSON file"),
+    ("calibration.json is a FIFO", lambda x: ["quantize", x.good, "--precision", "int8", "--calibration",
+                                              x.root / "calibration.json", "-o", x.root / "repo"],
+     "calibration.json: is a FIFO (named pipe), not a calibration file"),
+    *[(f"calibration {name}", (lambda name, extra: lambda x: [
+        "quantize", x.good, "--precision", "int8", "--calibration", getattr(x.cal, name), "-o", x.root / "repo",
+        *extra])(name, extra), fragment) for name, extra, fragment in [
+        ("foreign", ["--method", "entropy"], "foreign.json was measured with method minmax: leave --method out"),
+        ("foreign", [], "graphs.text_guide.data names 1 tensor(s) the text_guide graph lacks (no_such_tensor)"),
+        ("no_ranges", [], "no_ranges.json: graphs.text_guide.data has no range for "),
+        ("mixed", [], "mixed.json: graphs.decoder.calibration_method MinMax is not the file's method entropy"),
+        ("empty", [], 'empty.json: graphs.decoder.data["x"].lowest must be a number or a numpy.array object whose '
+                      "data is a non-empty flat list of numbers"),
+        ("nested", [], 'graphs.decoder.data["x"].lowest must be a number or a numpy.array object whose data is a '
+                       "non-empty flat list")]],
+    ("smooth with fp16", lambda x: ["quantize", x.good, "--precision", "fp16", "--smooth", "0.5", "-o",
+                                    x.root / "repo"],
+     "--smooth applies SmoothQuant to int8 graphs; --precision fp16 quantises none to int8: leave it out"),
+    ("calib-limit with calibration", lambda x: ["quantize", x.good, "--precision", "int8", "--calibration",
+                                                x.cal.foreign, "--calib-limit", "2", "-o", x.root / "repo"],
+     "--calib-limit N takes the first N samples of --calib DIR: --calibration reuses saved ranges, leave it out"),
+    ("block-size with fp16", lambda x: ["quantize", x.good, "--precision", "fp16", "--block-size", "32", "-o",
+                                        x.root / "repo"],
+     "--block-size sets int4w/int8w graphs' MatMulNBits blocks; --precision fp16 has none"),
+    ("export an export", lambda x: ["export", x.good, "-o", x.root / "repo"],
+     "is an export directory (manifest.json), not a checkpoint: run it with tgedge run"),
+    ("image tokens in preprocess.json", lambda x: XRUN(x, x.image_tokens, "--no-verify"),
+     "image_tokens/preprocess.json: num_image_tokens 81, the model's is 80 (manifest.json model)"),
+    ("validate reference another model", lambda x: ["validate", x.good, "--data", x.data, "--reference", x.other],
+     "another model than the export's ("),
+    ("run without file checksums", lambda x: XRUN(x, x.no_file_sha),
+     "preprocess.json has no sha256 in manifest.json (file_sha256.preprocess), so it cannot be checked"),
+]
+
+
+@pytest.mark.parametrize("argv", [r[1] for r in EXPORT_ROWS], ids=[r[0] for r in EXPORT_ROWS])
+def test_bad_export_is_one_line_exit_2(x, argv, capsys):
+    expected = next(r[2] for r in EXPORT_ROWS if r[1] is argv)
+    code, _, err = run(capsys, argv(x))
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("  ")]  # quantize's steps
+    assert code == 2 and len(lines) == 1, err
+    assert lines[0].startswith("tgedge: error: ") and expected in lines[0], lines[0]
+    assert not (x.root / "repo").exists() and not list(x.root.glob(".repo.*"))
+
+
+def test_no_verify_takes_the_files_as_they_are(x, tmp_path, capsys):
+    code, _, err = run(capsys, ["triton", x.swapped, "-o", tmp_path / "repo", "--no-verify"])
+    assert code == 0, err
+    code, _, err = run(capsys, XRUN(x, x.preprocess, "--no-verify"))
+    assert code == 0, err
+    code, out, _ = run(capsys, ["inspect", x.preprocess])
+    assert code == 1 and "preprocess.json is not the one manifest.json describes" in " ".join(out.split())
+
+
+def test_in_memory_image_errors_name_no_object():
+    """A served request's image is bytes, not a file: PIL's message must not show the object's repr."""
+    import io
+
+    from tgedge.errors import TgedgeError
+    from tgedge.preprocess import load_image
+
+    class Bytes(io.BytesIO):
+        def __str__(self):
+            return "request image"
+
+    with pytest.raises(TgedgeError) as info:
+        load_image(Bytes(b""))
+    assert str(info.value) == "request image: unreadable image (cannot identify image file)"

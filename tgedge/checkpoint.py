@@ -78,8 +78,21 @@ def load_checkpoint(path: str | Path, clip: str | Path | None = None) -> Checkpo
     path = resolve_checkpoint(path)
     if not path.is_dir():
         raise TgedgeError(f"{path}: {absent(path, 'checkpoint directory')}")
+    if (path / "manifest.json").exists() and not (path / "config.json").exists():
+        raise TgedgeError(f"{path}: is an export directory (manifest.json), not a checkpoint: run it with tgedge run "
+                          "(or validate, bench); export works from the checkpoint it was made from")
     raw = C.read_config_json(path / "config.json")
-    parts = layouts.layout_of(raw, path).read(path, raw, Path(clip) if clip else None)
+    layout = layouts.layout_of(raw, path)
+    if clip and not getattr(layout, "USES_CLIP", False):  # it would be ignored: the towers are in the checkpoint
+        raise TgedgeError(f"--clip {clip}: {path} is a {layout.NAME} checkpoint with its vision tower inside; --clip "
+                          "is for original-layout (TG-LLaVA repository) checkpoints only: leave it out")
+    try:
+        parts = layout.read(path, raw, Path(clip) if clip else None)
+    except TgedgeError as e:  # a config check that does not know its file: it is this config.json's
+        named = [str(path)] + ([str(clip)] if clip else [])
+        if any(n in str(e) for n in named):
+            raise
+        raise TgedgeError(f"{path / 'config.json'}: {e}") from None
     cfg, weights, guide_tok_path = parts.config, parts.weights, parts.guide_tokenizer
     if not cfg.has_tg:
         log.warning("%s: no TG-LLaVA weights: running as plain LLaVA", path)

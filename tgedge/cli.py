@@ -11,6 +11,8 @@ import traceback
 
 from tgedge import __version__, cli_bench, cli_checkpoint, cli_deploy, cli_device
 from tgedge.cli_common import BACKENDS, EPILOG, SEED, Parser, add_output, integer, real, text
+
+MAX_SAMPLES = 1_000_000  # `data shapes -n`: ~27 GB of 112 px PNGs; beyond it is a typo, not a data set
 from tgedge.contract import FAMILIES, ablation_choices
 from tgedge.errors import TgedgeError, as_user_error, one_line
 from tgedge.pipelines import open_pipeline
@@ -71,7 +73,8 @@ def _add_data(sub) -> None:
     s.add_argument("--split", choices=["train", "calibration", "eval"], default="eval",
                    help="which split's seed and default size (train 10000, calibration 256, eval 1000)")
     s.add_argument("--seed", type=SEED, help="another seed: a fresh set from the same distribution")
-    s.add_argument("-n", "--count", type=integer(1), help="number of samples (default: the split's size)")
+    s.add_argument("-n", "--count", type=integer(1, MAX_SAMPLES), metavar="N",
+                   help=f"number of samples, at most {MAX_SAMPLES:,} (default: the split's size)")
     s.add_argument("--size", type=integer(24, 4096), default=112, help="image side in pixels, 24 to 4096 (default 112)")
     add_output(s, "output data folder")
     s.set_defaults(func=cmd_data_shapes)

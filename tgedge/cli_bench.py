@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from tgedge.cli_common import BACKENDS, EPILOG, integer, text
+from tgedge.cli_common import BACKENDS, EPILOG, comma_list, integer, text
 from tgedge.errors import TgedgeError
 from tgedge.runtime.manifest import Manifest, is_export
 
@@ -72,11 +72,8 @@ PEERS = ("torch", "genai", "transformers")
 def int_list(value: str) -> tuple[int, ...]:
     import argparse
 
-    try:
-        values = tuple(int(v) for v in value.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a comma-separated list of whole numbers") from None
-    if not values or min(values) < 1:
+    values = tuple(comma_list(value, "whole numbers", int))
+    if min(values) < 1:
         raise argparse.ArgumentTypeError(f"{value!r}: every prompt length must be >= 1")
     return values
 
@@ -84,9 +81,9 @@ def int_list(value: str) -> tuple[int, ...]:
 def peer_list(value: str) -> tuple[str, ...]:
     import argparse
 
-    peers = tuple(v.strip() for v in value.split(",") if v.strip())
+    peers = tuple(comma_list(value, "peers"))
     unknown = [p for p in peers if p not in PEERS]
-    if unknown or not peers:
+    if unknown:
         raise argparse.ArgumentTypeError(f"unknown peer {', '.join(unknown) or value!r} (choose from "
                                          f"{', '.join(PEERS)})")
     return peers
@@ -178,6 +175,8 @@ def cmd_bench(args) -> int:
     _writable(args.json, "--json", inputs=inputs)
     _writable(args.markdown, "--markdown", inputs=inputs)
     _writable(args.plot, "--plot", ".png", inputs)
+    if args.no_image and args.image:
+        raise TgedgeError("--no-image runs text-only prompts: it cannot take --image too (give one or the other)")
     if args.no_image and not args.prompt_tokens:
         raise TgedgeError("--no-image needs --prompt-tokens (text-only prompts to run)")
     if args.plot:

@@ -14,8 +14,37 @@ SEED_MAX = 2 ** 32 - 1  # numpy, torch and Python's random all take it
 OPSET_MIN = 14  # export.onnx_export.MIN_OPSET (Trilu), not imported here: that module imports torch
 
 
+# Single-value options that may still be given more than once, the last winning: --image is to become repeatable
+# (several images per prompt) in its own change, so it keeps argparse's behaviour until then.
+REPEATABLE = {"--image"}
+
+
+class _Once(argparse._StoreAction):
+    """argparse's `store`, refusing a second value: `--prompt a --prompt b` silently answered `b`."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        seen = namespace.__dict__.setdefault("_tgedge_given", {})
+        if self.option_strings and self.dest in seen and not REPEATABLE & set(self.option_strings):
+            first, before = seen[self.dest]
+            raise argparse.ArgumentError(self, f"given twice ({first} {before!r}, then {option_string} {values!r}): "
+                                               "give it once")
+        seen[self.dest] = (option_string, values)
+        super().__call__(parser, namespace, values, option_string)
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line in tgedge's form (`tgedge: error: ...`), exit 2, no usage block."""
+    """argparse whose errors are one line in tgedge's form (`tgedge: error: ...`), exit 2, no usage block; a
+    single-value option given twice is an error, not the last winning (`_Once`)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register("action", None, _Once)  # argument groups share this registry
+        self.register("action", "store", _Once)
+
+    def parse_known_args(self, args=None, namespace=None):
+        parsed, extra = super().parse_known_args(args, namespace)
+        parsed.__dict__.pop("_tgedge_given", None)
+        return parsed, extra
 
     def error(self, message: str):
         self.exit(2, f"tgedge: error: {message} (see {self.prog} --help)\n")
@@ -58,6 +87,24 @@ def real(lo: float, hi: float | None = None, lo_open: bool = False):
 
 
 SEED = integer(0, SEED_MAX)
+
+
+def comma_list(value: str, what: str, convert=str) -> list:
+    """The items of a comma-separated option value, each through `convert`: no empty item (`1,,2`), none twice
+    (`torch,torch`): either would be a typo run as something else."""
+    parts = [v.strip() for v in value.split(",")]
+    if not any(parts):
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {what}, got {value!r}")
+    if not all(parts):
+        raise argparse.ArgumentTypeError(f"{value!r}: an empty item in the comma-separated list of {what}")
+    try:
+        items = [convert(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a comma-separated list of {what}") from None
+    twice = list(dict.fromkeys(str(i) for i in items if items.count(i) > 1))
+    if twice:
+        raise argparse.ArgumentTypeError(f"{value!r}: {', '.join(twice)} given twice in the list of {what}")
+    return items
 
 
 def text(value: str) -> str:

@@ -135,8 +135,9 @@ def _add_quantize(sub) -> None:
                                                         "`tgedge data shapes --split calibration -o DIR`")
     ranges.add_argument("--calibration", metavar="FILE", help="reuse a calibration.json instead of --calib data")
     p.add_argument("--calib-limit", type=integer(1), help="use the first N calibration samples")
-    p.add_argument("--method", choices=["minmax", "entropy", "percentile"], default="minmax",
-                   help="activation range calibration (default minmax: ranges folded while the samples run, "
+    p.add_argument("--method", choices=["minmax", "entropy", "percentile"], default=None,
+                   help="activation range calibration (default minmax, or the method a --calibration file was "
+                        "measured with; minmax: ranges folded while the samples run, "
                         "memory of the graphs alone; entropy / percentile keep every graph's recorded inputs, "
                         "which grows with --calib samples; docs/QUANTIZATION.md compares them)")
     p.add_argument("--int8-attention", action="store_true",

@@ -7,10 +7,29 @@ import signal
 import sys
 import time
 
-from tgedge.cli_common import EPILOG, SEED, add_output, integer, real, text
+from tgedge.cli_common import EPILOG, SEED, add_output, comma_list, integer, real, text
 from tgedge.errors import TgedgeError
 
 PORT = integer(1, 65535)
+
+
+def host(value: str) -> str:
+    """argparse type: an IP address, or a host name made of valid labels (`999.1.1.1` is neither)."""
+    import argparse
+    import ipaddress
+    import re
+
+    try:
+        ipaddress.ip_address(value)
+        return value
+    except ValueError:
+        pass
+    labels = value.rstrip(".").split(".")
+    numeric = all(label.isdigit() for label in labels)  # dotted numbers are an IPv4 address or nothing
+    if numeric or len(value) > 253 or not all(re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?", label)
+                                              for label in labels):
+        raise argparse.ArgumentTypeError(f"{value!r} is not an IP address or a host name")
+    return value
 
 
 def register(sub) -> None:
@@ -44,6 +63,8 @@ def _add_triton(sub) -> None:
     p.add_argument("--max-inflight", type=integer(1, 1024), default=8,
                    help="requests one entry instance decodes at once, each with its own KV cache (default 8; "
                         "1 with --backend tensorrt)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip checking the graphs against the manifest's sha256 (on purpose: a graph edited by hand)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_triton)
 
@@ -53,7 +74,7 @@ def cmd_triton(args) -> int:
 
     settings = RepositorySettings(args.backend, args.instances, args.max_batch, args.queue_delay_us,
                                   args.max_inflight)
-    result = write_repository(args.model, args.output, settings, force=args.force)
+    result = write_repository(args.model, args.output, settings, force=args.force, verify=not args.no_verify)
     if args.json:
         print(json.dumps(result.to_dict()))
         return 0
@@ -77,7 +98,7 @@ def _add_serve(sub) -> None:
     p.add_argument("--http-port", type=PORT, default=8000, help="HTTP/REST port (default 8000)")
     p.add_argument("--grpc-port", type=PORT, default=8001, help="gRPC port (default 8001; tgedge client uses it)")
     p.add_argument("--metrics-port", type=PORT, default=8002, help="Prometheus metrics port (default 8002)")
-    p.add_argument("--host", default="127.0.0.1",
+    p.add_argument("--host", type=host, default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1; 0.0.0.0 in a container or a cluster)")
     p.add_argument("--tritonserver", metavar="PATH", help="the tritonserver binary to run")
     p.add_argument("--timeout", type=real(1), default=180.0, help="seconds to wait for readiness (default 180)")
@@ -204,11 +225,8 @@ def cmd_client(args) -> int:
 def _levels(value: str) -> list[int]:
     import argparse
 
-    try:
-        levels = [int(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, e.g. 1,4,16 (got {value!r})") from None
-    if not levels or any(not 1 <= c <= 256 for c in levels):
+    levels = comma_list(value, "integers (e.g. 1,4,16)", int)
+    if any(not 1 <= c <= 256 for c in levels):
         raise argparse.ArgumentTypeError(f"levels must be integers in [1, 256] (got {value!r})")
     return levels
 
@@ -242,11 +260,8 @@ def _add_loadtest(sub) -> None:
 def _threads(value: str) -> tuple[int, ...]:
     import argparse
 
-    try:
-        threads = tuple(int(v) for v in value.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 0 (got {value!r})") from None
-    if not threads or any(t < 0 or t > 256 for t in threads):
+    threads = tuple(comma_list(value, "integers >= 0", int))
+    if any(t < 0 or t > 256 for t in threads):
         raise argparse.ArgumentTypeError(f"thread counts must be in [0, 256] (got {value!r})")
     return threads
 

@@ -55,7 +55,9 @@ class VisionConfig:
         if self.select_strategy not in ("default", "full"):
             raise TgedgeError(f"unknown vision_feature_select_strategy {self.select_strategy!r} (expected default or full)")
         if not -self.num_layers - 1 <= self.select_layer <= self.num_layers:
-            raise TgedgeError(f"vision feature layer {self.select_layer} is outside a {self.num_layers}-layer tower")
+            raise TgedgeError(f"the vision feature layer (vision_feature_layer, mm_vision_select_layer) "
+                              f"{self.select_layer} is outside a {self.num_layers}-layer tower (expected "
+                              f"{-self.num_layers - 1} to {self.num_layers})")
         self.num_patches = (self.image_size // self.patch_size) ** 2
         self.num_features = self.num_patches + (self.select_strategy == "full")
 
@@ -225,7 +227,9 @@ class ModelConfig:
 def read_config_json(path: Path) -> dict:
     """A JSON object from a checkpoint's file; every failure names the file."""
     from tgedge.errors import os_error
+    from tgedge.fileio import regular_file
 
+    regular_file(path, "JSON file")  # a FIFO would block the read below
     try:
         d = json.loads(Path(path).read_bytes())
     except FileNotFoundError:

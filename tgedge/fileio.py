@@ -76,6 +76,25 @@ def special_file(path: str | Path) -> str | None:
     return next((kind for test, kind in _SPECIAL if test(mode)), "a special file")
 
 
+def regular_file(path: str | Path, what: str = "file") -> Path:
+    """`path`, refused (one line) when it exists and is not a regular file: every file tgedge reads comes through
+    here or `read_input` before it is opened, so a FIFO or a device (`/dev/zero`) is refused instead of hanging."""
+    kind = special_file(path)
+    if kind is not None:
+        raise TgedgeError(f"{path}: is {kind}, not a {what}" if kind != "a directory" else
+                          f"{path}: is a directory, not a {what}")
+    return Path(path)
+
+
+def read_input(path: str | Path, what: str = "file") -> bytes:
+    """The bytes of a file tgedge reads (`regular_file` first); OS errors name the file."""
+    regular_file(path, what)
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise os_error(e, path) from None
+
+
 # -- reading names from files ---------------------------------------------------------------------------------
 def inside(directory: str | Path, name, what: str) -> Path:
     """`directory / name`, resolved (symlinks included), refused unless it stays inside `directory`.
@@ -310,16 +329,17 @@ def write_atomic(path: str | Path, data: str | bytes) -> None:
     out = Path(path)
     if out.is_dir():
         raise TgedgeError(f"{out}: is a directory; name a file to write")
+    real = _real(out.parent) / out.name  # `link/new/../r.json` must not create new/ where the link points
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+        real.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{real.name}.", suffix=".tmp", dir=real.parent)
     except OSError as e:
         raise os_error(e, out) from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data if isinstance(data, bytes) else data.encode("utf-8"))
         os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, out)
+        os.replace(tmp, real)
     except BaseException as e:
         try:
             os.unlink(tmp)
@@ -334,6 +354,7 @@ def fingerprint(path: str | Path, edge: int = 1 << 20) -> str:
     """A cheap identity for a large file (size + sha256 of its first and last MiB): what `run` can afford to
     check on every start where validate checks the full sha256."""
     h = hashlib.sha256()
+    regular_file(path, "graph file")
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         h.update(str(size).encode())
@@ -349,6 +370,7 @@ def sha256_files(paths: list[Path]) -> str:
     h = hashlib.sha256()
     for p in paths:
         h.update(Path(p).name.encode())
+        regular_file(p)
         with open(p, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)

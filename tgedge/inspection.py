@@ -15,6 +15,7 @@ import numpy as np
 
 from tgedge.config import read_config_json
 from tgedge.errors import TgedgeError, absent
+from tgedge.fileio import regular_file
 from tgedge.precision import REFERENCE, GraphEvidence, recognise
 
 COMPUTE_OPS = ("MatMul", "Gemm", "Conv")
@@ -75,6 +76,7 @@ def load_onnx(path: Path):
 
     if not path.exists():
         raise TgedgeError(f"{path}: {absent(path, 'file')}")
+    regular_file(path, "graph file")  # /dev/zero would be read forever, a FIFO would block
     try:
         return onnx.load(str(path), load_external_data=False)
     except (DecodeError, RuntimeError, ValueError, OSError) as e:
@@ -160,9 +162,12 @@ def inspect_export(directory: str | Path) -> dict:
                 mismatches.append(f"{name} {kind} differ from manifest.json: {', '.join(diff)}")
         if g.precision != entry.precision:
             mismatches.append(f"{name}: manifest says {entry.precision}, graph looks {g.precision}")
-        files = [manifest.graph_path(name)] + ([manifest.directory / entry.external_data] if entry.external_data else [])
-        if entry.sha256 and sha256_files(files) != entry.sha256:
+        files = manifest.graph_files(name)  # what Manifest.verify hashes: graph, its weights, the weights it shares
+        if not entry.sha256:  # null or missing: not checkable, and not to be reported as matching
+            mismatches.append(f"{name}: {entry.file} has no sha256 in manifest.json, so it cannot be checked")
+        elif sha256_files(files) != entry.sha256:
             mismatches.append(f"{name}: {entry.file} changed since it was written (sha256 differs from manifest.json)")
+    mismatches += manifest.file_problems()
     return {"directory": str(directory), "tgedge_version": manifest.tgedge_version, "opset": manifest.opset,
             "graphs": {k: v.to_dict() for k, v in graphs.items()}, "engines": manifest.engines,
             "memory": memory_estimate(manifest, graphs), "mismatches": mismatches}
@@ -203,6 +208,7 @@ def inspect_engine(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise TgedgeError(f"{path}: {absent(path, 'file')}")
+    regular_file(path, "engine file")
     size = path.stat().st_size
     if size < 1024:
         raise TgedgeError(f"{path}: not a TensorRT engine, or truncated ({size} bytes)")

@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from tgedge.errors import TgedgeError, os_error
-from tgedge.fileio import special_file
+from tgedge.fileio import regular_file, special_file
 from tgedge.prompt import BUILTIN_TEMPLATES, IMAGE_TOKEN, PromptTemplate, check_raw_prompt, split_question
 
 # The original LLaVA code marks image positions with this id where the vocabulary has no image token.
@@ -168,7 +168,8 @@ def load_image(path: str | Path) -> Image.Image:
     except IsADirectoryError:
         raise TgedgeError(f"{path}: is a directory, not an image") from None
     except (UnidentifiedImageError, SyntaxError, ValueError, EOFError) as e:
-        raise TgedgeError(f"{path}: unreadable image ({e})") from None
+        reason = str(e) if isinstance(path, (str, os.PathLike)) else str(e).replace(f" {path!r}", "")
+        raise TgedgeError(f"{path}: unreadable image ({reason})") from None  # no object repr for in-memory bytes
     except OSError as e:
         if e.errno is not None:  # the file system's error (permission, loop...), not the decoder's
             raise os_error(e, path) from None
@@ -198,6 +199,10 @@ def pad_to_square(image: Image.Image, mean: tuple[float, ...]) -> Image.Image:
     if w == h:
         return image
     side = max(w, h)
+    limit = max_image_pixels()
+    if side * side > limit:  # checked before the square is allocated: a 1 x 60000 strip would need 3.6 Gpx
+        raise TgedgeError(f"image is {w}x{h}; this model pads it to a square, {side}x{side} ({side * side / 1e6:.0f} "
+                          f"Mpx), over the limit of {limit / 1e6:.0f} Mpx (raise it with {MAX_PIXELS_ENV}=PIXELS)")
     out = Image.new(image.mode, (side, side), tuple(int(m * 255) for m in mean))
     out.paste(image, ((side - w) // 2, (side - h) // 2))
     return out
@@ -261,6 +266,7 @@ class Tokenizer:
 
     def __init__(self, path: str | Path):
         from tokenizers import Tokenizer as _Tokenizer
+        regular_file(path, "tokenizer file")
         try:
             self._tok = _Tokenizer.from_file(str(path))
         except FileNotFoundError:
@@ -383,6 +389,7 @@ class Preprocessor:
             return inside(directory, files[key], f"{directory / source} files.{key}")
 
         spec_path = path("preprocess")
+        regular_file(spec_path, "JSON file")
         try:
             raw = json.loads(spec_path.read_bytes())
         except FileNotFoundError:

@@ -28,7 +28,7 @@ import numpy as np
 
 from tgedge import config as C
 from tgedge.layouts import original
-from tgedge.errors import TgedgeError, TgedgeInternalError
+from tgedge.errors import TgedgeError, TgedgeInternalError, os_error
 
 MARKER = "random_checkpoint.json"  # marks a directory this command wrote (it may be replaced); layouts/original.py
 # finds CKPT/CLIP_SUBDIR by it, so that such a checkpoint needs no --clip
@@ -530,7 +530,7 @@ def write_random(name: str, out: str | Path, seed: int = 0, dtype: str = "bf16",
     default (4 with `realistic`, none with `flat`). `force` replaces a non-empty `out` that this command did not
     write (fileio.atomic_dir's rules otherwise)."""
     from tgedge import presets_init
-    from tgedge.fileio import atomic_dir
+    from tgedge.fileio import atomic_dir, check_output
 
     p, out = get(name), Path(out)
     if dtype not in DTYPES:
@@ -541,14 +541,19 @@ def write_random(name: str, out: str | Path, seed: int = 0, dtype: str = "bf16",
         raise TgedgeError(f"shard size must be positive (got {shard_bytes})")
     outliers = presets_init.default_outliers(init) if outliers is None else outliers
     specs = plan(p, init, outliers, seed)  # checks init and outliers
+    # resolved first (symlinks, `..`): `-o link/clip/..` must not create clip/ inside what the link points to
+    target = check_output(out, "checkpoint", force=force)
     if not force:
-        check_output_dir(out)
+        check_output_dir(target)
     info = summary(p, dtype)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise os_error(e, out) from None
     margin = 64 << 20  # config, tokenizers, the CLIP directory's files
-    need, free = info["weight_bytes"] + margin, shutil.disk_usage(out.parent).free
+    need, free = info["weight_bytes"] + margin, shutil.disk_usage(target.parent).free
     if need > free:
-        raise TgedgeError(f"{out.parent}: {p.name} needs {size_text(info['weight_bytes'])} of weights and "
+        raise TgedgeError(f"{target.parent}: {p.name} needs {size_text(info['weight_bytes'])} of weights and "
                           f"{size_text(margin)} for its other files, {size_text(free)} free")
     with atomic_dir(out, kind="checkpoint", force=force) as tmp:
         clip = tmp / CLIP_SUBDIR

@@ -8,6 +8,7 @@ answers and task accuracy. A policy (TOML) gives the limits; the report names th
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import sys
@@ -21,6 +22,7 @@ from tgedge.config import bad_numbers
 from tgedge.contract import ALL_STAGES
 from tgedge.drift import noise_ratio, rel_l2
 from tgedge.errors import TgedgeError
+from tgedge.fileio import regular_file
 from tgedge.generate import forced_logits
 from tgedge.precision import PRECISIONS
 from tgedge.stageflow import StageFlow
@@ -42,6 +44,7 @@ def _toml(path: Path) -> dict:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
         import tomli as tomllib
+    regular_file(path, "policy file")  # a FIFO would block the read below
     try:
         return tomllib.loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError:
@@ -57,6 +60,7 @@ def _toml(path: Path) -> dict:
 # What a limit may be: the figure it bounds has a range (a cosine is in [-1, 1], a fraction in [0, 1], a difference
 # >= 0), and a limit outside it, or one the figure can never cross, would judge nothing.
 FRACTIONS = ("min_top1", "min_exact_match")  # fractions: a limit of 0 or less never fails
+POINTS = ("max_drop",)  # accuracy points lost, out of 100: a limit of 100 or more never fails
 
 
 def limit_problem(key: str, value) -> str | None:
@@ -74,6 +78,9 @@ def limit_problem(key: str, value) -> str | None:
         if value <= 0:
             return f"= {value!r} can never fail (the fraction is never below 0): expected a number in (0, 1]"
         return None if value <= 1 else f"must be in (0, 1] (got {value!r})"
+    if key in POINTS and value >= 100:
+        return (f"= {value!r} can never fail (accuracy, in points, drops by at most 100): expected a number in "
+                "[0, 100)")
     if value == math.inf:
         return "= inf can never fail: expected a finite number >= 0"
     return None if value >= 0 else f"must be >= 0 (got {value!r})"
@@ -438,12 +445,19 @@ def validate(export_dir: str | Path, data: str | Path, reference: str | Path | N
         if verify:
             check_precisions(runtime.manifest)
         source = runtime.manifest.source
+        given = reference is not None
         reference = reference or source_checkpoint(runtime.manifest)
         model, ckpt = load_model(reference, clip)
         from tgedge.fileio import checkpoint_hash
 
+        what = f"--reference {reference}" if given else f"the export's source checkpoint {reference}"
+        ours, theirs = json.loads(json.dumps(model.cfg.to_dict())), runtime.manifest.model  # as the manifest holds it
+        differ = sorted(k for k in set(ours) | set(theirs) if k != "layout" and ours.get(k) != theirs.get(k))
+        if differ:  # another architecture: its stages cannot be compared with the export's
+            raise TgedgeError(f"{what}: another model than the export's ({', '.join(differ)} differ from "
+                              f"{export_dir}/manifest.json model): give the checkpoint the export was made from")
         if source.get("sha256") and checkpoint_hash(ckpt.path) != source["sha256"]:
-            log.warning("%s is not the checkpoint this export was made from (weights hash differs)", reference)
+            log.warning("%s is not the checkpoint this export was made from (weights hash differs)", what)
         ref = TorchPipeline(model, ckpt.preprocessor, runtime.context)
         with tqdm(total=len(records), desc="validate", unit="sample", disable=not show_progress or None,
                   file=sys.stderr) as bar:

@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 
 from tgedge.errors import TgedgeError
+from tgedge.fileio import regular_file
 
 
 # safetensors dtype names -> torch dtypes (https://github.com/huggingface/safetensors, the format's header)
@@ -25,6 +26,7 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
 
 def _safetensors_index(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]:
     """name -> (dtype, shape, absolute start, end) from a safetensors file's header."""
+    regular_file(path, "safetensors file")  # a FIFO would block the read below
     try:
         with open(path, "rb") as f:
             size = int.from_bytes(f.read(8), "little")

@@ -79,6 +79,7 @@ def test_eval_bad_data(tmp_path, capsys):
 
 
 def test_data_bad_count(tmp_path, capsys):
-    _one_line_error(capsys, ["data", "shapes", "-n", "0", "-o", str(tmp_path / "x")], "argument -n/--count: must be >= 1, got 0")
+    _one_line_error(capsys, ["data", "shapes", "-n", "0", "-o", str(tmp_path / "x")],
+                    "argument -n/--count: must be in [1, 1000000], got 0")
     with pytest.raises(TgedgeError, match="no samples.jsonl"):
         read_folder(tmp_path)

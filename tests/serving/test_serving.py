@@ -280,6 +280,38 @@ def _tensor(name, value, datatype):
     return t
 
 
+def test_out_of_range_requests_are_one_line_errors(server, samples, demo_export):
+    """Sent raw (no client-side checks): integers beyond their bounds arrive whole (int64 fields) and are refused
+    naming the input and its bound; an empty image; token ids outside a stage's vocabulary, never a stack trace."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    url = server.grpc_url
+    _, prompt, image = samples[0]
+    question = _tensor("question", np.array([prompt.encode()], dtype=np.object_), "BYTES")
+    base = [_tensor("image", np.frombuffer(image, np.uint8), "UINT8"), question]
+    for name, value, message in (
+            ("max_new_tokens", 2 ** 32 + 1,
+             "input 'max_new_tokens' must be an integer in [1, 2147483647] (got 4294967297)"),
+            ("top_k", 2 ** 32, "input 'top_k' must be an integer in [0, 2147483647] (got 4294967296)"),
+            ("seed", -1, "input 'seed' must be an integer in [0, 4294967295] (got -1)")):
+        error = _raw_request(url, [*base, _tensor(name, np.array([value], np.int64), "INT64")])
+        assert error and message in error, error
+    error = _raw_request(url, [_tensor("image", np.zeros(0, np.uint8), "UINT8"), question])
+    assert error and "input 'image' is empty" in error, error
+    model = demo_export.manifest.model
+    client = grpcclient.InferenceServerClient(url)
+    guide = model["text_guide"]["max_position_embeddings"]  # the guide's fixed token length
+    for stage, ids, message in (
+            ("text_guide", np.full((1, guide), model["text_guide"]["vocab_size"], np.int64),
+             f"text_guide: input 'input_ids' must hold token ids in [0, {model['text_guide']['vocab_size'] - 1}]"),
+            ("embed", np.array([[1, -1, 2]], np.int64), "embed: input 'input_ids' must hold token ids in [0, ")):
+        with pytest.raises(InferenceServerException) as info:
+            client.infer(stage, [_tensor("input_ids", ids, "INT64")])
+        assert message in str(info.value) and "Traceback" not in str(info.value), str(info.value)
+    assert _raw_request(url, base) is None  # and it still answers
+
+
 def test_malformed_requests_get_error_responses(server, samples, reference):
     url = server.grpc_url
     _, prompt, image = samples[0]
@@ -410,8 +442,9 @@ def test_serve_cli_errors_are_one_line(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"max_new_tokens": 2 ** 31}, r"option max_new_tokens: 2147483648 does not fit the request's int32 field"),
-    ({"top_k": -2 ** 31 - 1}, r"option top_k: -2147483649 does not fit"),
+    ({"max_new_tokens": 2 ** 31}, r"option max_new_tokens must be an integer in \[1, 2147483647\] \(got 2147483648\)"),
+    ({"top_k": -2 ** 31 - 1}, r"option top_k must be an integer in \[0, 2147483647\] \(got -2147483649\)"),
+    ({"seed": 2 ** 64}, r"option seed: 18446744073709551616 does not fit the request's int64 field"),
     ({"max_new_tokens": True}, "option max_new_tokens: True does not fit"),
     ({"temperature": float("nan")}, "option temperature: nan is not a finite number"),
 ])

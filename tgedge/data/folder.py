@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterable
 
 from tgedge.errors import TgedgeError, absent, os_error
-from tgedge.fileio import atomic_dir, inside, special_file
+from tgedge.fileio import atomic_dir, inside, read_input, special_file
 
 REQUIRED = ("image", "prompt")
 OPTIONAL = ("answer", "type")  # strings or null
@@ -51,10 +51,7 @@ def read_folder(directory: str | Path) -> list[Record]:
     path = directory / "samples.jsonl"
     if not path.exists():
         raise TgedgeError(f"{directory}: no samples.jsonl")
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise os_error(e, path) from None
+    data = read_input(path, "data file")
     records = []
     for n, raw in enumerate(data.splitlines(), start=1):
         try:

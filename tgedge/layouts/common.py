@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from tgedge.config import ModelConfig, read_config_json
 from tgedge.errors import TgedgeError
-from tgedge.fileio import inside
+from tgedge.fileio import inside, regular_file
 from tgedge.preprocess import ImageSettings, Tokenizer
 from tgedge.prompt import PromptTemplate
 
@@ -101,6 +101,7 @@ def find_image_settings(*dirs: Path) -> ImageSettings:
 
 def find_chat_template(d: Path) -> str | None:
     if (d / "chat_template.jinja").exists():
+        regular_file(d / "chat_template.jinja", "template file")
         try:
             return (d / "chat_template.jinja").read_bytes().decode("utf-8")
         except UnicodeDecodeError as e:

@@ -17,6 +17,7 @@ from tgedge.preprocess import Tokenizer
 from tgedge.prompt import template_for_family
 
 NAME = ORIGINAL_LAYOUT
+USES_CLIP = True  # the CLIP towers live in a separate directory (--clip, mm_vision_tower)
 MODEL_TYPES = {  # -> decoder family
     "llava_llama": "llama",
     "llava_qwen": "qwen2",

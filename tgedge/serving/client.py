@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from tgedge.errors import TgedgeError
-from tgedge.serving.protocol import DEFAULTS, ENTRY_MODEL, REQUEST, WIRE_TYPES, require_tritonclient
+from tgedge.serving.protocol import DEFAULTS, ENTRY_MODEL, REQUEST, WIRE_TYPES, bound_problem, require_tritonclient
 
 DEFAULT_GRPC_PORT = 8001
 
@@ -81,6 +81,9 @@ def _fitting(f, value):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not info.min <= value <= info.max:
             raise TgedgeError(f"option {f.name}: {value!r} does not fit the request's {f.dtype} field "
                               f"(expected an integer in [{info.min}, {info.max}])")
+        problem = bound_problem(f, int(value))
+        if problem:
+            raise TgedgeError(f"option {f.name} {problem}")
     elif kind == "f" and (isinstance(value, bool) or not isinstance(value, (int, float, np.number))
                           or not math.isfinite(value)):
         raise TgedgeError(f"option {f.name}: {value!r} is not a finite number")

@@ -30,7 +30,7 @@ from tgedge.runtime.backends import make_runner
 from tgedge.runtime.cache import make_cache
 from tgedge.runtime.pipeline import Pipeline
 from tgedge.runtime.runner import BaseRunner
-from tgedge.serving.protocol import DEFAULTS, OPTIONS, REQUEST
+from tgedge.serving.protocol import DEFAULTS, OPTIONS, REQUEST, bound_problem
 from tgedge.serving.stage import error_response, parameters
 
 
@@ -88,6 +88,8 @@ def read_request(request) -> dict:
             continue
         array = tensor.as_numpy()
         if f.name == "image":
+            if array.size == 0:
+                raise TgedgeError("input 'image' is empty (expected the image file's bytes)")
             values[f.name] = array.tobytes()
             continue
         if array.size != 1:
@@ -100,6 +102,9 @@ def read_request(request) -> dict:
                 raise TgedgeError(f"input {f.name!r} is not UTF-8 text (byte at {e.start})") from None
         else:
             value = value.item()
+            problem = bound_problem(f, value)
+            if problem:
+                raise TgedgeError(f"input {f.name!r} {problem}")
         values[f.name] = value
     return values
 

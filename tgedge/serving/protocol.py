@@ -32,16 +32,22 @@ class Field:
     dims: tuple[int, ...]  # -1: any length
     optional: bool = False
     help: str = ""
+    bounds: tuple[int, int] | None = None  # an integer field's range, checked by client and server alike
+
+
+INT31 = 2 ** 31 - 1
 
 
 REQUEST = (
     Field("image", "uint8", (-1,), help="the image file's bytes (PNG, JPEG, any format pillow reads)"),
     Field("question", "bytes", (1,), help="the question, UTF-8; the model's chat template wraps it"),
-    Field("max_new_tokens", "int32", (1,), True, "most tokens to generate (default 64)"),
+    # int64 on the wire: Triton's HTTP/JSON reader casts a number into the declared type, so an int32 field
+    # would wrap 4294967297 to 1 before the model sees it; as int64 it arrives whole and is refused by its bounds
+    Field("max_new_tokens", "int64", (1,), True, "most tokens to generate (default 64)", (1, INT31)),
     Field("temperature", "float64", (1,), True, "0 = greedy (default); > 0 samples"),
-    Field("top_k", "int32", (1,), True, "sample from the k most likely tokens (0 = off)"),
+    Field("top_k", "int64", (1,), True, "sample from the k most likely tokens (0 = off)", (0, INT31)),
     Field("top_p", "float64", (1,), True, "nucleus sampling mass in (0, 1]"),
-    Field("seed", "int64", (1,), True, "sampling seed"),
+    Field("seed", "int64", (1,), True, "sampling seed", (0, 2 ** 32 - 1)),
     Field("raw", "bool", (1,), True, "send the question verbatim (it must hold <image> once)"),
     Field("guide", "bytes", (1,), True, "the text the text guide encodes (default: the question; with raw, "
                                         "required for TG models: the question alone)"),
@@ -50,6 +56,18 @@ RESPONSE = (
     Field("text", "bytes", (1,), help="the next piece of the answer's text (streamed)"),
     Field("answer", "bytes", (1,), help="final response only: JSON with text, tokens, prompt_tokens, timings"),
 )
+
+
+def bound_problem(f: Field, value) -> str | None:
+    """Why an integer field cannot take `value` (its declared bounds), or None."""
+    if f.bounds is None:
+        return None
+    lo, hi = f.bounds
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        return f"must be an integer in [{lo}, {hi}] (got {value!r})"
+    return None
+
+
 # The options' defaults are `tgedge run`'s.
 DEFAULTS = {"max_new_tokens": 64, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": 0, "raw": False,
             "guide": None}

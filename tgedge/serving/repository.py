@@ -116,8 +116,9 @@ def stage_batch(contract: StageContract, stage: str, max_batch: int, views: int,
 
 
 def stage_config(contract: StageContract, stage: str, settings: RepositorySettings, views: int,
-                 engine_dims: dict | None = None):
-    """The ModelConfig of one stage model (`views`: vision views per image; `engine_dims`: an engine's profile)."""
+                 engine_dims: dict | None = None, vocab: int | None = None):
+    """The ModelConfig of one stage model (`views`: vision views per image; `engine_dims`: an engine's profile;
+    `vocab`: the vocabulary its `input_ids` index, which the Python stage checks them against)."""
     pb, _ = _pb2()
     s = contract.stages[stage]
     batched = s.inputs[0].shape[0] in (BATCH, VIEWS)
@@ -126,6 +127,8 @@ def stage_config(contract: StageContract, stage: str, settings: RepositorySettin
         config.backend = "python"
         config.parameters["stage"].string_value = stage
         config.parameters["threads"].string_value = str(settings.threads)
+        if vocab:
+            config.parameters["vocab_size"].string_value = str(vocab)
     elif settings.backend == "onnxruntime":
         config.platform = "onnxruntime_onnx"
         config.default_model_filename = "model.onnx"
@@ -199,11 +202,24 @@ def _check_engines(manifest: Manifest, source) -> None:
                           "runs TensorRT engines (tgedge build --backend tensorrt)")
 
 
+def _vocab(model: dict, stage: str) -> int | None:
+    """The vocabulary a stage's `input_ids` index: the text guide's or the decoder's; None for other stages."""
+    part = {"text_guide": "text_guide", "embed": "decoder"}.get(stage)
+    return (model.get(part) or {}).get("vocab_size") if part else None
+
+
 def write_repository(source: str | Path, out: str | Path, settings: RepositorySettings | None = None,
-                     force: bool = False) -> RepositoryResult:
+                     force: bool = False, verify: bool = True) -> RepositoryResult:
+    """`verify`: each graph's files are checked against the manifest's sha256 first, as `validate` checks them (a
+    swapped graph would be served); engines (`--backend tensorrt`) are checked against their own metadata."""
     settings = settings or RepositorySettings()
     manifest = Manifest.load(source)
     contract = manifest.contract
+    if verify and settings.backend != "tensorrt":
+        for stage in contract.stage_names:
+            manifest.verify(stage, full=True)
+    if verify:
+        manifest.verify_files()  # the entry model preprocesses with them, whichever backend runs the stages
     views = contract.fusion_family.views(manifest.model)
     if settings.backend == "tensorrt":
         _check_engines(manifest, source)
@@ -222,7 +238,7 @@ def write_repository(source: str | Path, out: str | Path, settings: RepositorySe
                                       f"{entry.parameters['bls_stages'].string_value} through BLS, the rest on "
                                       f"{RUNTIME_BACKEND[settings.backend]} in the instance")
         for stage in contract.stage_names:
-            config = stage_config(contract, stage, settings, views, engine_dims)
+            config = stage_config(contract, stage, settings, views, engine_dims, _vocab(manifest.model, stage))
             version = tmp / stage / "1"
             graph = manifest.graphs[stage]
             if settings.backend == "tensorrt":

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from tgedge.errors import TgedgeError
+from tgedge.errors import TgedgeError, one_line
 from tgedge.runtime.backends import GraphFile, make_runner
 
 
@@ -44,6 +44,8 @@ class TritonPythonModel:
         self.stage = params.get("stage") or args["model_name"]
         graph = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
         threads = int(params.get("threads") or 0)
+        self.vocab = int(params.get("vocab_size") or 0)  # input_ids index it: onnxruntime's Gather would fail with a
+        # stack trace above it, and take a negative id from the end of the table
         self.runner = make_runner("onnxruntime", GraphFile(graph), self.stage, threads=threads)
         self.runner.activate()
         self.inputs = [t["name"] for t in config["input"]]
@@ -58,15 +60,30 @@ class TritonPythonModel:
             if missing:
                 responses[i] = error_response(f"{self.stage}: missing input(s) {', '.join(missing)}")
                 continue
-            feeds.append((i, {n: t.as_numpy() for n, t in feed.items()}))
+            arrays = {n: t.as_numpy() for n, t in feed.items()}
+            problem = self._id_problem(arrays.get("input_ids"))
+            if problem:
+                responses[i] = error_response(problem)
+                continue
+            feeds.append((i, arrays))
         for group in batches(feeds):
             try:
                 outputs = self._run(group)
-            except TgedgeError as e:
-                outputs = [error_response(str(e))] * len(group)
+            except Exception as e:  # noqa: BLE001 - one line to the client, never the backend's stack frames
+                message = str(e) if isinstance(e, TgedgeError) else f"{self.stage}: {type(e).__name__}: {e}"
+                outputs = [error_response(one_line(message))] * len(group)
             for (i, _), response in zip(group, outputs):
                 responses[i] = response
         return responses
+
+    def _id_problem(self, ids) -> str | None:
+        if ids is None or not self.vocab or ids.size == 0:
+            return None
+        low, high = int(ids.min()), int(ids.max())
+        if low >= 0 and high < self.vocab:
+            return None
+        return (f"{self.stage}: input 'input_ids' must hold token ids in [0, {self.vocab - 1}] (the vocabulary; got "
+                f"{low if low < 0 else high})")
 
     def _run(self, group) -> list:
         """One runner call for the group; each request's rows of every output."""
