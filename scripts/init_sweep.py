@@ -36,8 +36,17 @@ VARIANTS = [("qk 2, writers sqrt(2k+1), 4 outliers", {"qk": 2.0}), ("qk 2, no ou
 WRITERS = {"sqrt": lambda k: math.sqrt(2 * k + 1), "one": lambda k: 1.0, "half": lambda k: 0.5}
 
 
-def redraw(lm, width: int, qk: float, writer: str = "sqrt", outliers: int = 4, gain: float = 32.0, seed: int = 0):
+def writer_gain(writer):
+    """A writer rule by name (WRITERS) or a constant gain (a number)."""
+    return WRITERS[writer] if writer in WRITERS else (lambda k, g=float(writer): g)
+
+
+def redraw(lm, width: int, qk: float, writer="sqrt", outliers: int = 4, gain: float = 32.0, seed: int = 0,
+           attn_writer=None):
+    """The decoder layers re-drawn by the realistic rules; `writer` the residual writers' gain rule (o_proj and
+    down_proj), `attn_writer` o_proj's alone where given."""
     g = torch.Generator().manual_seed(seed)
+    mlp_gain, attn_gain = writer_gain(writer), writer_gain(writer if attn_writer is None else attn_writer)
     channels = torch.randperm(width, generator=g)[:outliers]
     with torch.no_grad():
         for name, m in lm.named_modules():
@@ -47,7 +56,7 @@ def redraw(lm, width: int, qk: float, writer: str = "sqrt", outliers: int = 4, g
             if re.search(r"(q|k)_proj", name):
                 s = qk
             elif re.search(r"(o|down)_proj", name):
-                s = WRITERS[writer](2 * layer + ("mlp" in name))
+                s = (mlp_gain if "mlp" in name else attn_gain)(2 * layer + ("mlp" in name))
             else:
                 s = 1.0
             m.weight.copy_(torch.randn(m.weight.shape, generator=g) * s / math.sqrt(m.weight.shape[1]))
