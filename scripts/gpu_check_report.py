@@ -34,7 +34,7 @@ def write_markdown(results: dict, path: Path) -> None:
             lines += ["", f"## The KV cache per decode step{title}", ""]
             lines += [f"- {k}: {v}" for k, v in cache.items()]
     bench = phases.get("bench", {})
-    for key in ("peers", "cuda_graphs"):
+    for key in ("peers", "transformers", "cuda_graphs"):
         if key in bench:
             lines += ["", f"{key}: {bench[key]}"]
     if bench.get("rows"):

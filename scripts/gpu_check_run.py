@@ -24,7 +24,7 @@ from pathlib import Path
 # Per device: phase -> seconds. cuda's are the plan's (scripts/gpu_check --plan adds them up); cpu's fit the tiny
 # presets of the rehearsal. A phase past its budget stops and the run goes on to the next.
 BUDGETS = {
-    "cuda": {"install": 40, "floors": 15, "parity": 55, "presets": 60, "export": 110, "bench": 125, "copies": 20,
+    "cuda": {"install": 40, "floors": 15, "parity": 55, "presets": 70, "export": 110, "bench": 150, "copies": 20,
              "report": 5},
     "cpu": {"install": 30, "floors": 30, "parity": 150, "presets": 30, "export": 60, "bench": 180, "copies": 20,
             "report": 10},
@@ -38,18 +38,20 @@ BASIS = {
               "and CUDA start the rest",
     "parity": "rehearsal: 86 s (4 small exports at 18-21 s each: torch import and tracing on 2 loaded cores); "
               "assumed 2x faster there",
-    "presets": "tg-qwen2-0.5b (2.1 GB) writes in 17-23 s here (docs/SCALE.md): 4.2 GB about 45 s",
+    "presets": "tg-qwen2-0.5b (2.1 GB) writes in 17-23 s here (docs/SCALE.md): 4.2 GB about 45 s; its plain twin "
+               "(transformers') written at the same time by a second process",
     "export": "tg-qwen2-1.5b fp16 --no-check: 94 s here (docs/SCALE.md)",
-    "bench": "rehearsal: 46-50 s per bench call with both peers; on CUDA 2 calls (without, with graphs), each "
-             "loading the 3 GB model, 3 contexts x 4 runs of 32 tokens",
+    "bench": "rehearsal: 46-50 s per bench call with both peers; on CUDA 2 calls (with graphs; without, beside torch "
+             "eager and transformers generate on CUDA, fp16), each loading the 3 GB export (and 2 x ~3.5 GB into "
+             "torch), 3 contexts x 4 runs of 32 tokens; assumed ~30 s and ~80 s",
     "copies": "rehearsal: 0.1 s; on CUDA two pipeline loads, assumed 8 s each",
     "report": "rehearsal: under 3 s (matplotlib)",
 }
 # What the bench phase measures, per device: the preset (and its plain twin for transformers), the export's dtype,
 # the prompt lengths, tokens generated and timed runs per context.
 BENCH = {
-    "cuda": {"preset": "tg-qwen2-1.5b", "twin": None, "dtype": "fp16", "contexts": (128, 671, 2048), "new_tokens": 32,
-             "runs": 3},
+    "cuda": {"preset": "tg-qwen2-1.5b", "twin": "llava-qwen2-1.5b", "dtype": "fp16", "contexts": (128, 671, 2048),
+             "new_tokens": 32, "runs": 3},
     "cpu": {"preset": "tg-tiny", "twin": "llava-tiny", "dtype": "fp32", "contexts": (32, 128, 512), "new_tokens": 16,
             "runs": 2},
 }
@@ -90,18 +92,37 @@ class Phase:
 
     def tool(self, *args: str, what: str) -> subprocess.CompletedProcess:
         """`python -m tgedge ARGS` within the phase's remaining time; its output goes to run.log."""
-        self.check(what)
-        cmd = [sys.executable, "-m", "tgedge", *args]
-        self.run.log(f"$ {' '.join(cmd)}")
-        start = time.monotonic()
+        return self.tools([(args, what)])[0]
+
+    def tools(self, commands: list[tuple[tuple[str, ...], str]]) -> list[subprocess.CompletedProcess]:
+        """`python -m tgedge ARGS` for each (ARGS, what) at the same time, all within the phase's remaining time (one
+        past it: every one still running is stopped); their output goes to run.log, in order."""
+        for _, what in commands:
+            self.check(what)
+        procs = []
+        for args, what in commands:
+            cmd = [sys.executable, "-m", "tgedge", *args]
+            self.run.log(f"$ {' '.join(cmd)}")
+            procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                          env=self.run.env))
+        start, done, failed = time.monotonic(), [], None
         try:
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=max(self.remaining(), 1),
-                                  env=self.run.env)
-        except subprocess.TimeoutExpired:
-            raise Stopped(f"{what}: stopped at the phase's budget ({self.budget} s)") from None
-        self.run.log(f"{done.stdout[-4000:]}{done.stderr[-4000:]}\n({time.monotonic() - start:.1f} s)")
-        if done.returncode != 0:
-            raise RuntimeError(f"{what}: exit {done.returncode}: {(done.stderr.strip().splitlines() or [''])[-1]}")
+            for proc, (args, what) in zip(procs, commands):
+                try:
+                    out, err = proc.communicate(timeout=max(self.remaining(), 1))
+                except subprocess.TimeoutExpired:
+                    raise Stopped(f"{what}: stopped at the phase's budget ({self.budget} s)") from None
+                self.run.log(f"{out[-4000:]}{err[-4000:]}\n({what}: {time.monotonic() - start:.1f} s)")
+                done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+                if proc.returncode != 0 and failed is None:
+                    failed = f"{what}: exit {proc.returncode}: {(err.strip().splitlines() or [''])[-1]}"
+        finally:
+            for proc in procs:  # ours, stopped at the budget (or after another's failure, on an exception)
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        if failed:
+            raise RuntimeError(failed)
         return done
 
 
@@ -277,10 +298,14 @@ class Run:
         return out
 
     def _preset(self, phase: Phase, preset: str) -> Path:
-        out = self.work / "presets" / preset
-        if not (out / "config.json").exists():
-            phase.tool("checkpoint", "random", "--preset", preset, "-o", str(out), what=f"write {preset}")
-        return out
+        return self._presets(phase, [preset])[0]
+
+    def _presets(self, phase: Phase, presets: list[str]) -> list[Path]:
+        """The presets written under WORK/presets, those not there yet by one process each, at the same time."""
+        outs = [self.work / "presets" / p for p in presets]
+        phase.tools([(("checkpoint", "random", "--preset", p, "-o", str(out)), f"write {p}")
+                     for p, out in zip(presets, outs) if not (out / "config.json").exists()])
+        return outs
 
     def parity(self, phase: Phase) -> None:
         """Greedy tokens of onnxruntime on the device (CUDA when its provider is there) against onnxruntime CPU."""
@@ -314,10 +339,8 @@ class Run:
 
     def presets(self, phase: Phase) -> None:
         spec = BENCH[self.device]
-        written = [str(self._preset(phase, spec["preset"]))]
-        if spec["twin"]:
-            written.append(str(self._preset(phase, spec["twin"])))
-        phase.record("written", written)
+        written = self._presets(phase, [spec["preset"], *([spec["twin"]] if spec["twin"] else [])])
+        phase.record("written", list(map(str, written)))
 
     def export(self, phase: Phase) -> None:
         spec = BENCH[self.device]
@@ -326,23 +349,19 @@ class Run:
         phase.record("export", str(out))
 
     def bench(self, phase: Phase) -> None:
-        """`tgedge bench` over the contexts (text-only prompts): TTFT, decode tok/s and their floors' ratios; on CUDA
-        once as it is and once with CUDA graphs (`--cuda-graph`), each call's report kept as it comes. On the CPU
-        the torch reference and transformers generate (the plain twin) run beside it; on CUDA they are not run:
-        tgedge runs both on the CPU only (no device option yet)."""
+        """`tgedge bench` over the contexts (text-only prompts): TTFT, decode tok/s and their floors' ratios, each
+        call's report kept as it comes (`bench_modes`: which calls, beside which peers)."""
+        import importlib.util
+
         spec = BENCH[self.device]
         export = self.work / "exports" / f"{spec['preset']}-{spec['dtype']}"
         contexts = ",".join(map(str, spec["contexts"]))
         common = ["bench", str(export), "--no-image", "--prompt-tokens", contexts, "--new-tokens",
                   str(spec["new_tokens"]), "--runs", str(spec["runs"]), "--warmup", "1"]
-        if self.device == "cpu":
-            modes = [("", ["--backend", "onnxruntime", "--compare", "torch,transformers", "--transformers-model",
-                           str(self.work / "presets" / spec["twin"])])]
-            phase.record("cuda_graphs", "not measured: CUDA graphs need onnxruntime's CUDA provider")
-        else:
-            modes = [("", ["--backend", "onnxruntime-cuda"]),
-                     (" + CUDA graphs", ["--backend", "onnxruntime-cuda", "--cuda-graph"])]
-            phase.record("peers", "torch eager and transformers generate not run: tgedge runs both on the CPU only")
+        twin = self.work / "presets" / spec["twin"] if spec["twin"] else None
+        modes, notes = bench_modes(self.device, twin, importlib.util.find_spec("transformers") is not None)
+        for key, note in notes.items():
+            phase.record(key, note)
         rows = phase.entry.setdefault("rows", [])
         for i, (label, args) in enumerate(modes):
             report = self.work / f"bench-{i}.json"
@@ -372,6 +391,24 @@ class Run:
 
     def report(self, phase: Phase) -> None:
         phase.record("files", list(FILES))  # results.md and results.png are rendered after this phase (Run.phase)
+
+
+def bench_modes(device: str, twin: Path | None, transformers: bool) -> tuple[list[tuple[str, list[str]]], dict]:
+    """The bench calls as (label, arguments), and notes on what is not measured. On the CPU one call, beside the
+    torch reference and transformers generate (the plain twin) on the CPU. On CUDA first with CUDA graphs (the figure
+    the issue's targets are about, measured before anything riskier), then without, beside torch eager (tgedge's
+    reference) and transformers generate, both on CUDA in fp16 (`--torch-device cuda`); transformers only where it is
+    installed (tgedge's source is installed there without dependencies)."""
+    peers = ["torch", *(["transformers"] if transformers else [])]
+    compare = ["--compare", ",".join(peers), *(["--transformers-model", str(twin)] if transformers else [])]
+    notes = {} if transformers else {"transformers": "transformers generate not run: transformers is not installed"}
+    if device == "cpu":
+        notes["cuda_graphs"] = "not measured: CUDA graphs need onnxruntime's CUDA provider"
+        return [("", ["--backend", "onnxruntime", *compare])], notes
+    notes["peers"] = (f"{' and '.join(peers)} on CUDA (fp16, --torch-device cuda), beside onnxruntime-cuda without "
+                      "graphs")
+    return [(" + CUDA graphs", ["--backend", "onnxruntime-cuda", "--cuda-graph"]),
+            ("", ["--backend", "onnxruntime-cuda", *compare, "--torch-device", "cuda"])], notes
 
 
 def merge_reports(merged: dict | None, report: dict) -> dict:

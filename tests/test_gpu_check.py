@@ -176,3 +176,38 @@ def test_run_refuses_an_out_folder_with_other_files(tmp_path):
     done = gpu_check("--run", "--device", "cpu", "--out", tmp_path, "--work", tmp_path / "work")
     assert done.returncode == 2 and "did not write" in done.stderr
     assert (tmp_path / "notes.txt").read_text() == "mine" and not (tmp_path / "work").exists()
+
+
+def run_module():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import gpu_check_run
+
+    return gpu_check_run
+
+
+def test_bench_modes_put_torch_and_transformers_on_cuda():
+    """On CUDA: CUDA graphs first (alone), then without graphs beside torch eager and transformers generate on CUDA;
+    on the CPU one call, the peers on the CPU; without transformers installed, torch alone and a note."""
+    twin = Path("/w/presets/llava-qwen2-1.5b")
+    modes, notes = run_module().bench_modes("cuda", twin, True)
+    (graphs_label, graphs), (plain_label, plain) = modes
+    assert "--cuda-graph" in graphs and "--compare" not in graphs and "--torch-device" not in graphs
+    assert plain[plain.index("--compare") + 1] == "torch,transformers"
+    assert plain[plain.index("--torch-device") + 1] == "cuda" and str(twin) in plain and "--cuda-graph" not in plain
+    assert "on CUDA" in notes["peers"] and "transformers" not in notes
+    (_, cpu), = run_module().bench_modes("cpu", twin, True)[0]
+    assert "--torch-device" not in cpu and cpu[cpu.index("--compare") + 1] == "torch,transformers"
+    modes, notes = run_module().bench_modes("cuda", twin, False)
+    assert modes[1][1][modes[1][1].index("--compare") + 1] == "torch" and str(twin) not in modes[1][1]
+    assert "not installed" in notes["transformers"]
+
+
+def test_tools_run_together_and_name_the_failure(tmp_path):
+    """Phase.tools: the commands at once; the first that fails named, with its last line."""
+    m = run_module()
+    run = m.Run("cpu", tmp_path / "out", tmp_path / "work", None)
+    phase = m.Phase(run, "presets", 120)
+    with pytest.raises(RuntimeError, match=r"^second: exit 2: .*invalid choice"):
+        phase.tools([(("--help",), "first"), (("no-such-command",), "second")])
+    log = (tmp_path / "out" / "run.log").read_text()
+    assert "(first:" in log and "(second:" in log

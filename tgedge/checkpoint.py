@@ -140,22 +140,36 @@ def load_state(model: torch.nn.Module, weights: LazyWeights, source: Path, copy:
             target.copy_(weights[k])
 
 
-def load_model(path: str | Path, clip: str | Path | None = None, device: str = "cpu"):
-    """-> (TGLlava in eval mode, fp32, Checkpoint). `device="meta"`: the model without weights (nothing allocated),
-    checked against the checkpoint's names and shapes; `materialize` then loads the parts a step needs."""
+def load_model(path: str | Path, clip: str | Path | None = None, device: str = "cpu",
+               dtype: torch.dtype | None = None):
+    """-> (TGLlava in eval mode, fp32 unless `dtype`, Checkpoint). `device="meta"`: the model without weights (nothing
+    allocated), checked against the checkpoint's names and shapes; `materialize` then loads the parts a step needs.
+    `device="cuda"` (or any torch device) / `dtype`: the weights loaded straight there in that dtype."""
     ckpt = load_checkpoint(path, clip)
-    return model_of(ckpt, device), ckpt
+    return model_of(ckpt, device, dtype), ckpt
 
 
-def model_of(ckpt: Checkpoint, device: str = "cpu"):
+def model_of(ckpt: Checkpoint, device: str = "cpu", dtype: torch.dtype | None = None):
     """The TGLlava of a loaded checkpoint (`load_model` without reading the checkpoint again: a caller that looked
     at its config first)."""
     from tgedge.model import TGLlava
 
     meta = device == "meta"
-    with torch.device("meta") if meta else contextlib.nullcontext():
-        model = TGLlava(ckpt.config)
-    load_state(model, ckpt.weights, ckpt.path, copy=not meta)
+    if device in ("cpu", "meta") and dtype in (None, torch.float32):  # as ever: built (and initialised) in fp32
+        with torch.device("meta") if meta else contextlib.nullcontext():
+            model = TGLlava(ckpt.config)
+        load_state(model, ckpt.weights, ckpt.path, copy=not meta)
+        return model.eval()
+    # elsewhere, or in another dtype: built without weights, given memory there in the dtype (never an fp32 copy, never
+    # initialised: every parameter is then loaded), the rotary frequencies recomputed in fp32 as the export writes them
+    with torch.device("meta"):
+        model = TGLlava(ckpt.config).to(dtype or torch.float32)
+    model.to_empty(device=device)
+    load_state(model, ckpt.weights, ckpt.path)
+    from tgedge.model.decoder import rope_inv_freq
+
+    dec = model.language_model
+    dec.inv_freq = rope_inv_freq(dec.cfg).to(device)
     return model.eval()
 
 

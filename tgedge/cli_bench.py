@@ -41,7 +41,8 @@ def _add_bench(sub) -> None:
     p.add_argument("--compare", type=peer_list, default=(), metavar="PEERS",
                    help=f"peers on the same weights, comma-separated: {', '.join(PEERS)} (torch: tgedge's PyTorch "
                         "reference of the first export's checkpoint; genai: onnxruntime-genai, text-only prompts; "
-                        "transformers: LlavaForConditionalGeneration.generate, fp32, of a plain-LLaVA checkpoint)")
+                        "transformers: LlavaForConditionalGeneration.generate of a plain-LLaVA checkpoint; both fp32 "
+                        "on the CPU unless --torch-device)")
     p.add_argument("--genai-model", metavar="DIR", action="append", default=[],
                    help="--compare genai: an onnxruntime-genai model directory (its builder's output over the same "
                         "decoder weights; repeatable)")
@@ -59,6 +60,9 @@ def _add_bench(sub) -> None:
     p.add_argument("--cuda-graph", action="store_true",
                    help="--backend onnxruntime-cuda: decode steps captured once as a CUDA graph and replayed (a "
                         "--cache static export)")
+    p.add_argument("--torch-device", choices=TORCH_DEVICES, default="cpu",
+                   help="where torch runs the torch reference, transformers generate and checkpoints (--backend "
+                        "torch): cpu (default, fp32) or cuda (fp16: torch eager on the GPU)")
     p.add_argument("--power", action="store_true", help="sample board power during the timed runs (one model)")
     p.add_argument("--json", nargs="?", const="-", metavar="F", help="write the report as JSON to F (alone: stdout)")
     p.add_argument("--markdown", metavar="F", help="write the report as Markdown tables to F")
@@ -67,6 +71,7 @@ def _add_bench(sub) -> None:
 
 
 PEERS = ("torch", "genai", "transformers")
+TORCH_DEVICES = ("cpu", "cuda")  # tgedge.reference's (not imported here: it imports torch)
 
 
 def int_list(value: str) -> tuple[int, ...]:
@@ -108,24 +113,30 @@ def _targets(args) -> list:
     from tgedge.bench import Target
 
     targets, seen = [], set()
+    device = args.torch_device
+    on = "" if device == "cpu" else f" ({device} fp16)"  # the torch targets' names say where they ran
     for model in args.model:
         backend = args.backend or ("onnxruntime" if is_export(model) else "torch")
         name = Path(model).name or model
-        name = f"{name} ({backend})" if name in seen or backend != "onnxruntime" else name
+        label = f"{backend}{on}" if backend == "torch" else backend
+        name = f"{name} ({label})" if name in seen or backend != "onnxruntime" else name
         seen.add(name)
         targets.append(Target(name, model, backend, args.clip, "torch" if backend == "torch" else "tgedge",
                               threads=args.threads, spin=not args.no_spin,
-                              cuda_graph=args.cuda_graph and backend == "onnxruntime-cuda"))
+                              cuda_graph=args.cuda_graph and backend == "onnxruntime-cuda",
+                              device=device if backend == "torch" else "cpu"))
     if "torch" in args.compare:
         checkpoint, clip = _source(args, "--compare torch")
-        targets.append(Target("torch reference", checkpoint, "torch", clip, "torch", threads=args.threads))
+        targets.append(Target(f"torch reference{on}", checkpoint, "torch", clip, "torch", threads=args.threads,
+                              device=device))
     if "transformers" in args.compare:
         if args.transformers_model:
             checkpoint = args.transformers_model
             clip = _own_clip(checkpoint) or args.clip  # a twin's own CLIP first: --clip is the models' under test
         else:
             checkpoint, clip = _source(args, "--compare transformers", checkpoints=True)
-        targets.append(Target("transformers generate", checkpoint, "torch", clip, "transformers", threads=args.threads))
+        targets.append(Target(f"transformers generate{on}", checkpoint, "torch", clip, "transformers",
+                              threads=args.threads, device=device))
     elif args.transformers_model:
         raise TgedgeError("--transformers-model is for --compare transformers")
     if "genai" in args.compare:
@@ -197,6 +208,13 @@ def cmd_bench(args) -> int:
     if args.cuda_graph and args.backend != "onnxruntime-cuda":
         raise TgedgeError("--cuda-graph needs --backend onnxruntime-cuda")
     targets = _targets(args)
+    if args.torch_device != "cpu":
+        if not any(t.device != "cpu" for t in targets):
+            raise TgedgeError("--torch-device is for torch's targets: --compare torch or transformers, or a "
+                              "checkpoint on --backend torch")
+        from tgedge.reference import torch_device
+
+        torch_device(args.torch_device)  # no CUDA in this torch: said now, before any model is loaded
     settings = Settings(args.runs, args.warmup, args.new_tokens, args.prompt_tokens or (), image, prompt, args.power)
     with tqdm(total=args.runs * len(targets), desc="bench", unit="run", disable=None, file=sys.stderr) as bar:
         report = run_bench(targets, settings, progress=bar.update)

@@ -10,10 +10,12 @@ from tgedge.runtime.manifest import is_export
 
 
 def open_pipeline(model: str, backend: str | None, clip: str | None = None, context: int | None = None,
-                  verify: bool = True, stages: tuple[str, ...] | None = None, **loader_options):
+                  verify: bool = True, stages: tuple[str, ...] | None = None, torch_device: str = "cpu",
+                  **loader_options):
     """A checkpoint runs on torch; an export directory (it has manifest.json) on a runtime backend, its graphs
-    first checked against the manifest's fingerprints unless `verify` is False. `stages` (only these of an export's
-    stages) and `loader_options` (`make_runner`'s: threads, spin, ...) are the runtime's."""
+    first checked against the manifest's fingerprints unless `verify` is False. `torch_device` (cpu, cuda: fp16
+    there) is the torch reference's; `stages` (only these of an export's stages) and `loader_options`
+    (`make_runner`'s: threads, spin, ...) are the runtime's."""
     export = is_export(model)
     backend = backend or ("onnxruntime" if export else "torch")
     if backend == "torch":
@@ -22,7 +24,10 @@ def open_pipeline(model: str, backend: str | None, clip: str | None = None, cont
                               "(pass the checkpoint, or pick a runtime backend)")
         from tgedge.reference import TorchPipeline
 
-        return TorchPipeline.from_checkpoint(model, clip, context)
+        return TorchPipeline.from_checkpoint(model, clip, context, device=torch_device)
+    if torch_device != "cpu":
+        raise TgedgeError(f"a torch device ({torch_device}) is for the torch backend; --backend {backend} chooses "
+                          "its own device")
     if not export:
         raise TgedgeError(f"--backend {backend} runs an export directory (with manifest.json); {model} is not one "
                           f"(make one with: tgedge export {model} -o DIR)")

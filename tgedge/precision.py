@@ -73,6 +73,11 @@ WEIGHT_ONLY = tuple(p for p in PRECISIONS.values() if p.weight_only)  # export -
 EXPORT_DTYPES = tuple(p for p in PRECISIONS.values() if p.form == FLOAT and p.export_limit is not None)  # --dtype
 
 
+def float_name(dtype: str) -> str:
+    """The float precision a numpy/torch dtype name is (float32 -> fp32, float16 -> fp16); else the dtype itself."""
+    return next((p.name for p in PRECISIONS.values() if p.form == FLOAT and p.float_dtype == dtype), dtype)
+
+
 def names(precisions=None) -> list[str]:
     return [p.name for p in (PRECISIONS.values() if precisions is None else precisions)]
 

@@ -1,4 +1,9 @@
-"""The PyTorch reference pipeline: preprocess -> text guide -> vision -> fusion -> prefill -> decode."""
+"""The PyTorch reference pipeline: preprocess -> text guide -> vision -> fusion -> prefill -> decode.
+
+On the CPU in fp32 (the reference every export is judged against); `device="cuda"` runs it on a CUDA device, in fp16
+unless told otherwise (torch eager, what the bench compares the runtime with there). Stages take and give numpy
+(fp32) either way: the tensors go to the device and come back once per stage, and once per decode step.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,29 @@ from tgedge.generate import Answer
 from tgedge.preprocess import Inputs, Preprocessor
 from tgedge.stageflow import StageFlow
 
-__all__ = ["Answer", "TorchPipeline"]
+__all__ = ["Answer", "TORCH_DEVICES", "TorchPipeline", "torch_device"]
+
+TORCH_DEVICES = ("cpu", "cuda")
+DEFAULT_DTYPE = {"cpu": "fp32", "cuda": "fp16"}  # precision names (tgedge.precision): the reference's, torch eager's
+
+
+def torch_device(device: str, dtype: str | None = None) -> tuple[str, torch.dtype]:
+    """(device, torch dtype) for the reference on `device` (`cpu`, `cuda`) in `dtype` (a float precision name,
+    default fp32 on the CPU, fp16 on CUDA); a device torch cannot use is a user error, found before any loading."""
+    from tgedge.errors import TgedgeError
+    from tgedge.precision import FLOAT, PRECISIONS
+
+    if device not in TORCH_DEVICES:
+        raise TgedgeError(f"torch device {device!r}: choose from {', '.join(TORCH_DEVICES)}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise TgedgeError(f"torch device cuda: this torch ({torch.__version__}) sees no CUDA device "
+                          f"({'no CUDA build' if torch.version.cuda is None else 'none visible'})")
+    name = dtype or DEFAULT_DTYPE[device]
+    precision = PRECISIONS.get(name)
+    if precision is None or precision.form != FLOAT:
+        floats = [p.name for p in PRECISIONS.values() if p.form == FLOAT]
+        raise TgedgeError(f"torch dtype {name!r}: choose from {', '.join(floats)}")
+    return device, getattr(torch, precision.float_dtype)
 
 
 class TorchPipeline(StageFlow):
@@ -26,16 +53,38 @@ class TorchPipeline(StageFlow):
     def contract(self) -> StageContract:
         return self.model.contract
 
+    @property
+    def device(self) -> torch.device:
+        return self.model.language_model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The model's float dtype now (read live: tgedge.noise turns modules to float64 and back)."""
+        return self.model.language_model.embed_tokens.weight.dtype
+
+    def to_model(self, v) -> torch.Tensor:
+        """A numpy array or tensor -> on the model's device; floats in the model's dtype."""
+        t = torch.as_tensor(v)
+        return t.to(self.device, self.dtype) if t.is_floating_point() else t.to(self.device)
+
+    @staticmethod
+    def to_numpy(t: torch.Tensor) -> np.ndarray:
+        """Back to the host: half floats as fp32 (what every pipeline gives), the rest as they are."""
+        return (t.float() if t.dtype in (torch.float16, torch.bfloat16) else t).cpu().numpy()
+
     @torch.no_grad()
     def run_stage(self, name: str, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out = self.model.run_stage(name, {k: torch.from_numpy(v) for k, v in feed.items()})
-        return {k: v.numpy() for k, v in out.items()}
+        out = self.model.run_stage(name, {k: self.to_model(v) for k, v in feed.items()})
+        return {k: self.to_numpy(v) for k, v in out.items()}
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, clip: str | Path | None = None, context: int | None = None):
+    def from_checkpoint(cls, path: str | Path, clip: str | Path | None = None, context: int | None = None,
+                        device: str = "cpu", dtype: str | None = None):
+        """`device`, `dtype`: `torch_device`'s (default: the CPU, fp32)."""
         from tgedge.checkpoint import load_model
 
-        model, ckpt = load_model(path, clip)
+        device, torch_dtype = torch_device(device, dtype)
+        model, ckpt = load_model(path, clip, device, torch_dtype)
         return cls(model, ckpt.preprocessor, context)
 
     @torch.no_grad()
@@ -68,11 +117,11 @@ class TorchPipeline(StageFlow):
     @torch.no_grad()
     def prefill(self, x):
         """Prompt embeddings (1, T, D) -> last logits (V,) as numpy; fills the KV cache."""
-        x = torch.as_tensor(x)
-        return self.model(x, torch.arange(x.shape[1]))[0, -1].numpy()
+        x = self.to_model(x)
+        return self.to_numpy(self.model(x, torch.arange(x.shape[1], device=self.device))[0, -1])
 
     @torch.no_grad()
     def decode_one_token(self, token: int, pos: int):
         """A generated id is always text, even the image token's id: it goes through the embedding table."""
-        x = self.model.language_model.embed_tokens(torch.tensor([[token]]))
-        return self.model(x, torch.tensor([pos]))[0, -1].numpy()
+        x = self.model.language_model.embed_tokens(torch.tensor([[token]], device=self.device))
+        return self.to_numpy(self.model(x, torch.tensor([pos], device=self.device))[0, -1])

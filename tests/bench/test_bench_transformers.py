@@ -10,6 +10,7 @@ import torch
 import tiny
 from tgedge.bench.peers import TransformersPeer
 from tgedge.cli import main
+from tgedge.errors import TgedgeError
 from tgedge.reference import TorchPipeline
 
 QUESTION = "what color is the circle?"
@@ -117,3 +118,17 @@ def test_bad_arguments(demo_export, args, message, capsys):
     assert main(["bench", str(demo_export.directory), "--runs", "1", "--warmup", "0", *args]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
+
+
+def test_cuda_without_cuda_is_one_line(monkeypatch, tmp_path):
+    """Said before the checkpoint is read (the path does not exist)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(TgedgeError, match="^torch device cuda: .* sees no CUDA device"):
+        TransformersPeer(str(tmp_path / "absent"), None, "cuda")
+
+
+def test_on_the_cpu_in_fp32(hf_dir):
+    peer = TransformersPeer(str(hf_dir), None, "cpu")
+    info = peer.describe()
+    assert info["precision"] == "fp32" and info["cache"].endswith(", cpu)")
+    assert {p.device.type for p in peer.model.parameters()} == {"cpu"}

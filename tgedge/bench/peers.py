@@ -8,13 +8,15 @@ has LLaVA but no TG-LLaVA modules, so the peer runs a plain-LLaVA checkpoint: th
 checkpoint when it is plain LLaVA, else the twin the user names (`tgedge checkpoint random --preset llava-...`: the
 TG preset's CLIP tower and decoder, without TG-FOM / TG-DP). The checkpoint is read by tgedge (every layout it reads)
 and its tensors are handed to a `LlavaForConditionalGeneration` built from the same config (`load_state_dict(...,
-assign=True)`: shared, not copied), so both sides run the very same weights in fp32.
+assign=True)`: shared, not copied), so both sides run the very same weights (fp32 on the CPU, fp16 on CUDA).
 
 Inputs are tgedge's preprocessing (the same pixels and prompt ids; the image positions carry the twin's image token
 id), decoding is greedy with exactly N new tokens (EOS held off by `min_new_tokens`), transformers' own cache (its
 default, a DynamicCache) and attention (its default, SDPA). Times are taken inside `generate`: forward hooks on the
 vision tower and the projector give the vision and fusion stages, a logits processor stamps the moment each token's
 logits arrive (the first: TTFT; the differences: one decode step each, generate's own per-step work included).
+On CUDA (`device="cuda"`: the weights loaded there in fp16, the inputs moved there) each stamp waits for the device
+first (`torch.cuda.synchronize`), so that it marks logits computed, not kernels queued.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import time
 from pathlib import Path
 
 from tgedge.errors import TgedgeError
-from tgedge.precision import REFERENCE
+from tgedge.precision import REFERENCE, float_name
 
 
 def twin_config(cfg, image_token_index: int) -> dict:
@@ -65,14 +67,18 @@ def build_twin(model, cfg):
 
 
 class TransformersPeer:
-    """`LlavaForConditionalGeneration.generate` on a plain-LLaVA checkpoint, in this process (torch, fp32, CPU)."""
+    """`LlavaForConditionalGeneration.generate` on a plain-LLaVA checkpoint, in this process (torch: fp32 on the CPU,
+    fp16 on CUDA)."""
 
-    def __init__(self, checkpoint: str, clip: str | None):
+    def __init__(self, checkpoint: str, clip: str | None, device: str = "cpu"):
         try:
             import transformers
         except ImportError:
             raise TgedgeError("--compare transformers needs transformers (pip install transformers)") from None
         from tgedge.checkpoint import load_checkpoint, model_of
+        from tgedge.reference import torch_device
+
+        self.device, self.dtype = torch_device(device)  # before any loading
 
         ckpt = load_checkpoint(checkpoint, clip)  # its config, and its weights read lazily: nothing loaded yet
         if ckpt.config.has_tg:
@@ -80,7 +86,7 @@ class TransformersPeer:
                               "no TG modules: --transformers-model takes a plain-LLaVA checkpoint (a TG preset's "
                               "twin: tgedge checkpoint random --preset llava-...)")
         self.cfg, self.pre, self.version = ckpt.config, ckpt.preprocessor, transformers.__version__
-        self.model = build_twin(model_of(ckpt), ckpt.config)
+        self.model = build_twin(model_of(ckpt, self.device, self.dtype), ckpt.config).to(self.device)  # its buffers
         self.context = ckpt.config.decoder.max_position_embeddings
 
     # -- one generate, timed ----------------------------------------------------------------------------------------
@@ -91,17 +97,23 @@ class TransformersPeer:
         from transformers import LogitsProcessor, LogitsProcessorList
 
         stamps, stages = [], {}
+        cuda = self.device == "cuda"
+
+        def now() -> float:
+            if cuda:
+                torch.cuda.synchronize()  # what was queued is done: the moment is the computation's
+            return time.perf_counter()
 
         class Stamp(LogitsProcessor):
             def __call__(self, ids, scores):
-                stamps.append(time.perf_counter())
+                stamps.append(now())
                 return scores
 
         def clocked(module, name):
             entered = []
-            pre = module.register_forward_pre_hook(lambda *_: entered.append(time.perf_counter()))
+            pre = module.register_forward_pre_hook(lambda *_: entered.append(now()))
             post = module.register_forward_hook(
-                lambda *_: stages.__setitem__(name, stages.get(name, 0.0) + time.perf_counter() - entered.pop()))
+                lambda *_: stages.__setitem__(name, stages.get(name, 0.0) + now() - entered.pop()))
             hooks.extend((pre, post))
 
         hooks = []
@@ -110,9 +122,10 @@ class TransformersPeer:
             clocked(self.model.model.vision_tower, "vision")
             clocked(self.model.model.multi_modal_projector, "fusion")
             with torch.inference_mode():
-                ids = torch.as_tensor(input_ids)
+                ids = torch.as_tensor(input_ids).to(self.device)
                 # no pixel_values key at all for text-only prompts: generate takes a key given as None for an image
-                image = {} if pixel_values is None else {"pixel_values": torch.as_tensor(pixel_values)}
+                image = {} if pixel_values is None else {
+                    "pixel_values": torch.as_tensor(pixel_values).to(self.device, self.dtype)}
                 out = self.model.generate(
                     input_ids=ids, attention_mask=torch.ones_like(ids), **image, do_sample=False,
                     max_new_tokens=new_tokens, min_new_tokens=new_tokens,
@@ -175,9 +188,10 @@ class TransformersPeer:
 
         d = self.cfg.decoder
         params = {id(p): p for p in [*self.model.model.language_model.parameters(), *self.model.lm_head.parameters()]}
-        return {"precision": REFERENCE.name, "cache": f"dynamic (transformers {self.version})",
+        dtype = str(self.dtype).removeprefix("torch.")
+        return {"precision": float_name(dtype), "cache": f"dynamic (transformers {self.version}, {self.device})",
                 "weight_bytes": sum(p.numel() * p.element_size() for p in params.values()),
-                "kv_per_position": kv_bytes_per_position(d.num_layers, d.num_kv_heads, d.head_dim),
+                "kv_per_position": kv_bytes_per_position(d.num_layers, d.num_kv_heads, d.head_dim, dtype),
                 "model": self.cfg.to_dict()}
 
 

@@ -131,7 +131,8 @@ def _one(pipe, settings: Settings) -> dict:
 def run_bench(targets: list[Target], settings: Settings, peaks=None, progress=None) -> dict:
     """Open every target, warm each up, then `runs` rounds in which each target runs once (alternating, so that
     the machine's load drifts over all of them alike); the floors measured on this machine before and after the runs,
-    the higher taken (tgedge.floors): the CUDA device's where a target runs on a GPU backend, else the host's."""
+    the higher taken (tgedge.floors): the CUDA device's where a target runs on a GPU backend or torch on CUDA, else
+    the host's."""
     from functools import partial
 
     from tgedge.floors import best_of, floor_device, measure_peaks
@@ -150,7 +151,9 @@ def run_bench(targets: list[Target], settings: Settings, peaks=None, progress=No
             loaded = pipe.peak_rss() if getattr(pipe, "separate_process", False) else MemorySampler.rss() - before
             results[target.name] = {"runs": [], "rss_loaded": loaded, "peak_rss": 0}
         threads = max((t.threads for t in targets), default=0)
-        measure = partial(measure_peaks, floor_device(t.backend for t in targets), threads)
+        # the GPU's floors where any target runs there: on a GPU backend, or torch on CUDA
+        device = "cuda" if any(t.device == "cuda" for t in targets) else floor_device(t.backend for t in targets)
+        measure = partial(measure_peaks, device, threads)
         first = peaks or measure()  # with the models loaded, before their runs
         for target, pipe in opened:
             for _ in range(settings.warmup):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tgedge.precision import REFERENCE
+from tgedge.precision import float_name
+
 
 
 @dataclass
@@ -19,6 +20,7 @@ class Target:
     threads: int = 0  # intra-op threads (0: the library's default): onnxruntime's, or torch's (process-wide)
     spin: bool = True  # onnxruntime's idle threads spin
     cuda_graph: bool = False  # onnxruntime-cuda: decode steps replayed as CUDA graphs (runtime.cudagraph)
+    device: str = "cpu"  # torch and transformers: where torch runs them (cuda: in fp16; tgedge.reference.torch_device)
 
     def open(self, text_only: bool = False):
         """`text_only`: an export's embed and decoder graphs alone (text-only prompts need no more)."""
@@ -35,13 +37,13 @@ class Target:
         if self.kind == "transformers":
             from tgedge.bench.peers import TransformersPeer
 
-            return TransformersPeer(self.model, self.clip)
+            return TransformersPeer(self.model, self.clip, self.device)
         if self.kind == "tgedge":
             stages = ("embed", "decoder") if text_only else None
             graphs = {"cuda_graph": True} if self.cuda_graph else {}
             return open_pipeline(self.model, self.backend, self.clip, stages=stages, threads=self.threads,
                                  spin=self.spin, **graphs)
-        return open_pipeline(self.model, self.backend, self.clip)
+        return open_pipeline(self.model, self.backend, self.clip, torch_device=self.device)
 
 
 def describe_target(target: Target, pipe) -> dict:
@@ -61,7 +63,8 @@ def describe_target(target: Target, pipe) -> dict:
     dec = cfg["decoder"]
     params = list(pipe.model.language_model.parameters()) + (
         list(pipe.model.lm_head.parameters()) if getattr(pipe.model, "lm_head", None) is not None else [])
-    return {"precision": REFERENCE.name, "cache": "preallocated (torch)", "model": cfg,
-            "weight_bytes": sum(p.numel() * p.element_size() for p in params),
-            "kv_per_position": kv_bytes_per_position(dec["num_layers"], dec["num_kv_heads"], dec["head_dim"])}
+    dtype = str(pipe.dtype).removeprefix("torch.")  # float32 on the CPU, float16 on CUDA
+    return {"precision": float_name(dtype), "cache": f"preallocated (torch, {pipe.device.type})",
+            "model": cfg, "weight_bytes": sum(p.numel() * p.element_size() for p in params),
+            "kv_per_position": kv_bytes_per_position(dec["num_layers"], dec["num_kv_heads"], dec["head_dim"], dtype)}
 

@@ -46,11 +46,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache(nn.Module):
-    def __init__(self, batch: int, num_kv_heads: int, max_seq_len: int, head_dim: int, dtype=torch.float32):
+    def __init__(self, batch: int, num_kv_heads: int, max_seq_len: int, head_dim: int, dtype=torch.float32,
+                 device=None):
         super().__init__()
         shape = (batch, num_kv_heads, max_seq_len, head_dim)
-        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
-        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Write k, v (B, Hkv, T, D) at `input_pos` (T,); return the whole caches (B, Hkv, S, D)."""
@@ -118,9 +119,10 @@ class Decoder(nn.Module):
     def setup_cache(self, batch: int, max_seq_len: int) -> None:
         """Preallocate the KV cache; forward() then writes at `input_pos` and attends over the cache."""
         self.max_seq_len = max_seq_len
-        dtype = self.embed_tokens.weight.dtype
+        weight = self.embed_tokens.weight  # the cache lives where the weights do, in their dtype
         for layer in self.layers:
-            layer.self_attn.kv_cache = KVCache(batch, self.cfg.num_kv_heads, max_seq_len, self.cfg.head_dim, dtype)
+            layer.self_attn.kv_cache = KVCache(batch, self.cfg.num_kv_heads, max_seq_len, self.cfg.head_dim,
+                                               weight.dtype, weight.device)
 
     def clear_cache(self) -> None:
         self.max_seq_len = 0
