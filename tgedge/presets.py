@@ -98,6 +98,7 @@ class TensorSpec:
     channels: tuple = ()  # last-axis indices multiplied by channel_scale (planted outliers, presets_init)
     channel_scale: float = 1.0
     row_spread: float = 0.0  # > 0: each row's values times a log-normal factor of this sigma (and rms 1)
+    signs: bool = False  # every value times a random sign, drawn from the seed (the realistic decoder's final norm)
 
     @property
     def numel(self) -> int:
@@ -458,6 +459,9 @@ def tensor_bytes(s: TensorSpec, dtype: str, seed: int) -> Iterator[bytes]:
             x.reshape(-1, last)[...] *= rows[start // last:start // last + len(x) // last, None]
         for c in s.channels:  # the positions of channel c in this chunk, a strided view: no index array
             x[(c - start) % last::last] *= np.float32(s.channel_scale)
+        if s.signs:
+            x *= np.where(_rng(seed, s.name + "#signs").random(s.numel)[start:start + len(x)] < 0.5, -1, 1).astype(
+                np.float32)
         yield _encode(x, dtype)
 
 

@@ -7,9 +7,13 @@ Both are random (a preset answers noise either way); they differ in how much the
 - `realistic`: variance-preserving weights, W ~ N(0, g^2 / fan_in), with gains chosen for what trained models show
   (docs/SCALE.md states each target, its source, and what this produces, measured): q/k gain 1 (attention scores of
   std ~1; gain 2, scores of std ~4, made a 24-layer decoder chaotic: 0.1 % weight noise flipped a quarter of its
-  argmaxes, where trained checkpoints survive bf16 rounding and 8-bit weights unchanged), the residual writers (o_proj/down_proj, out_proj/fc2) of sublayer k at gain
-  sqrt(2k + 1) (the residual stream's rms grows linearly with depth), and an output vocabulary whose logits have std
-  ~3 with a log-normal spread of row norms (a heavy right tail: sharp next-token distributions, stable greedy paths).
+  argmaxes, where trained checkpoints survive bf16 rounding and 8-bit weights unchanged); in the vision and text
+  towers the residual writers (out_proj/fc2) of sublayer k at gain sqrt(2k + 1) (the residual stream's rms grows
+  linearly with depth); in the decoder o_proj and down_proj writing 0.3x and 1x a token embedding's std (the
+  residual still grows, as sqrt(depth)), and random signs on the final norm's gains; an output vocabulary whose logits have std ~3 with a log-normal spread of row norms (a heavy right tail: sharp
+  next-token distributions). The decoder's rules are what keep its greedy paths varied and stable at 24 layers
+  (docs/SCALE.md "Greedy paths": with the towers' rules, near-uniform random attention averages every position into
+  the same state, and a tied head copies the current token, so the path was one token repeated).
 - outliers (`--outliers N`, on by default with `realistic`): N channels of the decoder's and the vision tower's
   pre-attention and pre-MLP norm weights (and LayerNorm biases) OUTLIER_GAIN times the rest, and the matching input
   columns of the Linear layers those norms feed scaled down by as much, so the function is the same model's (up to
@@ -38,6 +42,11 @@ QK_GAIN = 1.0  # scores q.k / sqrt(d) of std ~1: the largest gain (of 1, 1.25, 1
 LOGIT_STD = 3.0  # last-position logit std of trained LMs is ~2-4 (docs/SCALE.md)
 ROW_SPREAD = 0.3  # log-normal sigma of vocabulary row norms: median top-1 probability ~0.5 at logit std 3
 ZERO_LAYER_GAIN = 4.0  # TG-FOM's term, a few percent of the (grown) vision features
+# The decoder's residual writers, in units of a token embedding's std (LOGIT_STD / sqrt(hidden), tied):
+ATTN_WRITER_GAIN = 0.3  # o_proj: random attention is near-uniform, so what it writes is the same at every position;
+# at the towers' sqrt(2k + 1) it swamps the token's own state (rank collapse: Dong et al., 2021)
+MLP_WRITER_GAIN = 1.0  # down_proj: each MLP writes as much as the token's embedding holds; larger made varied paths
+# chaotic (docs/SCALE.md "Greedy paths")
 
 
 # -- the realistic scale of each tensor: one table, first match wins ---------------------------------------------
@@ -47,6 +56,11 @@ def _fan_in(shape: tuple) -> int:
 
 def _vocab(name, shape):  # the tied embedding or the LM head: logits = h_normed . row
     return LOGIT_STD / math.sqrt(shape[1])
+
+
+def _decoder_writer(name, shape):  # o_proj / down_proj (out_features = hidden): in units of the embedding's std
+    gain = ATTN_WRITER_GAIN if "self_attn" in name else MLP_WRITER_GAIN
+    return gain * LOGIT_STD / math.sqrt(shape[0]) / math.sqrt(_fan_in(shape))
 
 
 def _qk(name, shape):
@@ -72,12 +86,20 @@ SCALES: list[tuple[str, Callable]] = [
     (r"^(model\.embed_tokens|lm_head)\.weight$", _vocab),
     (r"^model\.mm_cross_attn\.zero_layer\.weight$", _zero_layer),
     (r"(self_attn\.(q|k)_proj|self\.(query|key))\.weight$", _qk),
-    (r"^model\.layers\.\d+\.(self_attn\.o_proj|mlp\.down_proj)\.weight$", _residual_writer),
+    (r"^model\.layers\.\d+\.(self_attn\.o_proj|mlp\.down_proj)\.weight$", _decoder_writer),
     (r"^(vision|text)_model\.encoder\.layers\.\d+\.(self_attn\.out_proj|mlp\.fc2)\.weight$", _residual_writer),
     (r"(position_embeddings?|word_embeddings|token_embedding)\.weight$", None),  # embeddings keep the flat std
     (r"\.weight$", _linear),  # every other matrix (and the patch convolution): variance-preserving
 ]
 ROW_SPREAD_NAMES = r"^(model\.embed_tokens|lm_head)\.weight$"
+FINAL_NORM = r"^model\.norm\.weight$"
+
+
+def final_norm(spec):
+    """The decoder's final norm under `realistic`: random signs. A tied head's logit for the current token is
+    h . e_token, and the residual carries e_token: with gains of one sign that copy wins and greedy repeats the token;
+    random signs cancel it (sum_j s_j e_j^2 ~ 0) and leave the logits' std."""
+    return dataclasses.replace(spec, signs=True)
 
 
 def realistic_scale(spec):
@@ -135,6 +157,8 @@ def apply(specs: list, cfg, init: str, outliers: int, rng_for: Callable[[str], n
         if init == "realistic":
             std, spread = realistic_scale(s)
             s = dataclasses.replace(s, std=std, row_spread=spread)
+            if re.search(FINAL_NORM, s.name):
+                s = final_norm(s)
         for site in OUTLIER_SITES if channels else ():
             if re.search(site.gains, s.name):
                 s = dataclasses.replace(s, channels=channels[site.tower], channel_scale=OUTLIER_GAIN)
