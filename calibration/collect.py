@@ -71,13 +71,14 @@ class FeedReader:
 
 
 def _answer_all(export_dir: str | Path, data: str | Path, limit: int | None, max_new_tokens: int, progress,
-                runner_factory) -> None:
-    """The fp32 export answers every sample of `data` through the runners `runner_factory` makes."""
+                runner_factory, verify: str | None = "fingerprint") -> None:
+    """The fp32 export answers every sample of `data` through the runners `runner_factory` makes (`verify`: the
+    Pipeline's check of the graphs; None where the caller checked them, or was told not to)."""
     from tgedge.data.folder import read_folder
     from tgedge.runtime.pipeline import Pipeline
 
     records = read_folder(data)[:limit]
-    with Pipeline(export_dir, runner_factory=runner_factory) as pipe:
+    with Pipeline(export_dir, runner_factory=runner_factory, verify=verify) as pipe:
         bad = {g: e.precision for g, e in pipe.manifest.graphs.items() if e.precision != REFERENCE.name}
         if bad:
             raise TgedgeError(f"{export_dir}: calibrate on the fp32 export (these graphs are not fp32: {bad})")
@@ -91,7 +92,8 @@ def _answer_all(export_dir: str | Path, data: str | Path, limit: int | None, max
 
 def collect_ranges(export_dir: str | Path, data: str | Path, graphs: list[str], op_types: tuple[str, ...],
                    limit: int | None = None, max_new_tokens: int = 4, progress=None,
-                   channel_absmax: dict | None = None, channel_mean_sq: dict | None = None) -> dict[str, Any]:
+                   channel_absmax: dict | None = None, channel_mean_sq: dict | None = None,
+                   verify: str | None = "fingerprint") -> dict[str, Any]:
     """graph name -> onnxruntime `TensorsData`: the symmetric min/max ranges of `graphs`' calibrated tensors while
     the fp32 export answered every sample of `data`, folded call by call (`tgedge.calibration.ranges`); memory is
     the graphs once, whatever the number of samples. `channel_absmax`, when given, is filled with graph -> tensor ->
@@ -108,7 +110,7 @@ def collect_ranges(export_dir: str | Path, data: str | Path, graphs: list[str], 
                                       per_channel=channel_absmax is not None or channel_mean_sq is not None)
         return runners[graph]
 
-    _answer_all(export_dir, data, limit, max_new_tokens, progress, measuring)
+    _answer_all(export_dir, data, limit, max_new_tokens, progress, measuring, verify)
     if channel_absmax is not None:
         channel_absmax.update({g: r.channel_absmax for g, r in runners.items()})
     if channel_mean_sq is not None:
@@ -118,7 +120,7 @@ def collect_ranges(export_dir: str | Path, data: str | Path, graphs: list[str], 
 
 
 def collect(export_dir: str | Path, data: str | Path, limit: int | None = None, max_new_tokens: int = 4,
-            progress=None) -> dict[str, list[dict[str, np.ndarray]]]:
+            progress=None, verify: str | None = "fingerprint") -> dict[str, list[dict[str, np.ndarray]]]:
     """graph name -> the feeds it received while the fp32 export answered every sample of `data` (what the
     histogram calibrators need; min/max streams instead: `collect_ranges`)."""
     feeds: dict[str, list] = {}
@@ -126,7 +128,7 @@ def collect(export_dir: str | Path, data: str | Path, limit: int | None = None, 
     def recording(manifest, graph: str) -> RecordingRunner:
         return RecordingRunner(make_runner("onnxruntime", manifest, graph), feeds.setdefault(graph, []))
 
-    _answer_all(export_dir, data, limit, max_new_tokens, progress, recording)
+    _answer_all(export_dir, data, limit, max_new_tokens, progress, recording, verify)
     # The vision stage sees the main view and its crops in one batch; the calibrator runs every feed through a graph
     # that outputs every activation, so one view at a time bounds its memory (a ViT-L/336 batch of 5 views is ~10 GiB
     # of activations). Min/max (and histogram) ranges over single views are the ranges over the batch.

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import logging
 import re
 import shutil
 import tempfile
@@ -31,8 +30,6 @@ from tgedge.calibration.weight_only import WeightOnly
 from tgedge.fileio import atomic_dir, inside, sha256_files
 from tgedge.precision import FLOAT, PRECISIONS, QDQ, REFERENCE, WEIGHT_ONLY, Precision, names
 from tgedge.runtime.manifest import Manifest, graph_fingerprint
-
-log = logging.getLogger("tgedge")
 
 
 def parse_precision(spec: str, graphs: list[str]) -> dict[str, Precision]:
@@ -177,7 +174,8 @@ class Calibration:
 
 def calibrate(export_dir: str | Path, graphs: list[str], method: str, calib: str | Path | None,
               calibration: str | Path | None, calib_limit: int | None, say: Callable[[str], None],
-              progress=None, smooth: float | None = None, awq: list[str] = ()) -> Calibration:
+              progress=None, smooth: float | None = None, awq: list[str] = (),
+              verify: str | None = "fingerprint") -> Calibration:
     """`graphs`' ranges: read from `calibration` (a saved calibration.json), else measured with the fp32 export
     answering the `calib` samples. `smooth`: SmoothQuant's alpha (None: off); its per-channel maxima are measured in
     the same pass (min/max only) or read from the saved file. `awq`: the weight-only graphs that get AWQ-style scales,
@@ -221,12 +219,12 @@ def calibrate(export_dir: str | Path, graphs: list[str], method: str, calib: str
         say(f"measuring the ranges of {', '.join(measured)} on {calib} ({result.samples} samples, streamed)")
         result.streamed = collect_ranges(export_dir, calib, measured, QUANT_OPS, calib_limit, progress=progress,
                                          channel_absmax=result.channels if smooth is not None else None,
-                                         channel_mean_sq=result.mean_sq if awq else None)
+                                         channel_mean_sq=result.mean_sq if awq else None, verify=verify)
         for g in set(result.mean_sq) - set(awq):
             del result.mean_sq[g]
     else:
         say(f"recording the inputs of {', '.join(graphs)} on {calib} ({result.samples} samples, kept for {method})")
-        result.feeds = collect(export_dir, calib, calib_limit, progress=progress)
+        result.feeds = collect(export_dir, calib, calib_limit, progress=progress, verify=verify)
     return result
 
 
@@ -360,8 +358,17 @@ def write_manifest(src: Manifest, out: Path, rewrite: Rewrite, precision: str,
 
 
 def _refuse_ignored(plan: Plan, precision: str, calib, calibration, calib_limit: int | None, smooth: float | None,
-                    block_size: int | None, accuracy_level: int | None) -> None:
-    """Options that would change nothing for this --precision are refused, not silently ignored."""
+                    block_size: int | None, accuracy_level: int | None, method: str | None = None,
+                    int8_attention: bool = False, awq: bool = False) -> None:
+    """Options that would change nothing for this --precision are refused, not silently ignored (`method`: the
+    --method given, None when left out)."""
+    if not plan.calibrated:
+        measured = ["--method" if method is not None and not awq else None, "--int8-attention" if int8_attention
+                    else None, "--calib" if calib is not None and not awq else None,
+                    "--calibration" if calibration is not None and not awq else None]
+        for flag in filter(None, measured):
+            raise TgedgeError(f"{flag} is for int8 graphs (calibrated activation ranges); --precision {precision} "
+                              "quantises none to int8: leave it out")
     if calib_limit is not None and calib is None:
         raise TgedgeError("--calib-limit N takes the first N samples of --calib DIR" +
                           (": --calibration reuses saved ranges, leave it out" if calibration is not None else
@@ -381,12 +388,13 @@ def quantize_export(export_dir: str | Path, out: str | Path, precision: str, cal
                     calib_limit: int | None = None, on_step: Callable[[str], None] | None = None,
                     progress=None, force: bool = False, block_size: int | None = None,
                     accuracy_level: int | None = None, int8_attention: bool = False,
-                    smooth: float | None = None, awq: bool = False) -> QuantizeResult:
+                    smooth: float | None = None, awq: bool = False, verify: bool = True) -> QuantizeResult:
     """`block_size`, `accuracy_level`: int4w / int8w's MatMulNBits settings (None: the defaults, `WeightOnly`).
     `int8_attention`: int8 also quantises the MatMuls between two activations (`activation_products`), which it
     keeps in fp32 by default. `smooth`: SmoothQuant's alpha in [0, 1] for the int8 graphs (None: off;
     `tgedge.calibration.smooth`). `awq`: AWQ-style activation-aware scales before the weight-only graphs' blocks
-    (needs calibration data)."""
+    (needs calibration data). `verify`: each graph's sha256 and the preprocessing files against the manifest first
+    (a swapped graph would be quantised and given a new checksum, hiding the swap); False skips it, on purpose."""
     if calib is not None and calibration is not None:
         raise TgedgeError("--calib and --calibration conflict: measure the ranges on data (--calib DIR) or reuse "
                           "saved ones (--calibration FILE), not both")
@@ -395,17 +403,23 @@ def quantize_export(export_dir: str | Path, out: str | Path, precision: str, cal
     say = on_step or (lambda s: None)
     settings = {"block_size": block_size, "accuracy_level": accuracy_level}
     WeightOnly.of(WEIGHT_ONLY[0], **settings)  # settings refused before any work
+    method_given = method
     if method is None:  # a saved file's ranges were measured one way: that is the method they quantise with
         method = read_calibration(calibration, [])["method"] if calibration is not None else "minmax"
     src = Manifest.load(export_dir)
+    if verify:
+        for graph in src.graphs:
+            src.verify(graph, full=True)
+        src.verify_files()
     plan = plan_quantization(src, precision, method)
-    _refuse_ignored(plan, precision, calib, calibration, calib_limit, smooth, block_size, accuracy_level)
+    _refuse_ignored(plan, precision, calib, calibration, calib_limit, smooth, block_size, accuracy_level,
+                    method_given, int8_attention, awq)
     awq_graphs = [g for g, p in plan.precisions.items() if p.weight_only] if awq else []
     if awq and not awq_graphs:
         raise TgedgeError(f"--awq scales weight-only graphs ({', '.join(names(WEIGHT_ONLY))}); --precision {precision} "
                           "has none")
     ranges = calibrate(export_dir, plan.calibrated, method, calib, calibration, calib_limit, say, progress, smooth,
-                       awq_graphs)
+                       awq_graphs, verify=None)  # checked above in full, or not on purpose
     exclude = exclude or []
     with atomic_dir(out, kind="export", inputs=[export_dir, calib, calibration], force=force) as tmp, \
             tempfile.TemporaryDirectory() as work:
@@ -415,9 +429,10 @@ def quantize_export(export_dir: str | Path, out: str | Path, precision: str, cal
         rewrite = Rewrite(src, tmp, Path(work), ranges, exclude, settings, int8_attention, say)
         for graph, p in plan.precisions.items():
             rewrite.graph(graph, p)
+        unused = [p for p in exclude if p not in rewrite.used_patterns]
+        if unused:  # the user meant some nodes to stay fp32: a pattern that keeps none is a mistake, not a no-op
+            raise TgedgeError(f"--exclude {unused[0]!r} matches no node that --precision {precision} quantises in "
+                              f"any graph ({', '.join(plan.precisions)}): check the node names (tgedge inspect)")
         manifest, record = write_manifest(src, tmp, rewrite, precision, int8_attention)
     manifest.directory = Path(out)
-    for p in exclude:
-        if p not in rewrite.used_patterns:
-            log.warning("--exclude %r matches no node in any graph", p)
     return QuantizeResult(Path(out), manifest, rewrite.reports, record)

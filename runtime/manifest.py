@@ -14,7 +14,7 @@ from pathlib import Path
 from tgedge import __version__
 from tgedge.contract import ALL_STAGES, CACHE_MODES, StageContract, TensorMeta
 from tgedge.errors import TgedgeError
-from tgedge.fileio import fingerprint, inside, sha256_files
+from tgedge.fileio import fingerprint, inside, read_input, sha256_files
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
@@ -86,6 +86,17 @@ def manifest_problems(d: dict) -> list[str]:
         # past the positions the model was trained on (and its rotary tables cover): silently wrong answers
         out.append(f"max_context {d['max_context']} is above the model's positions "
                    f"(model.decoder.max_position_embeddings {positions})")
+    vocab = decoder.get("vocab_size") if isinstance(decoder, dict) else None
+    if _int(vocab, 1):  # an id beyond the vocabulary never comes out of the decoder: an EOS there never stops it
+        model = d["model"]
+        eos = model.get("eos_token_id")
+        for key, ids in (("eos_token_id", eos if isinstance(eos, list) else [eos]),
+                         ("bos_token_id", [model.get("bos_token_id")]),
+                         ("image_token_index", [model.get("image_token_index")])):
+            bad = [i for i in ids if i is not None and not _int(i, 0, vocab - 1)]
+            if bad or (key == "eos_token_id" and not ids):
+                out.append(f"model.{key} must be token ids in [0, {vocab - 1}] (model.decoder.vocab_size {vocab}; "
+                           f"got {_show(model.get(key))})")
     if isinstance(d.get("graphs"), dict):
         for name, g in d["graphs"].items():
             out += _graph_problems(name, g)
@@ -294,7 +305,7 @@ class Manifest:
 
 
 def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return hashlib.sha256(read_input(path, "preprocessing file")).hexdigest()  # a FIFO would block: refused first
 
 
 def graph_fingerprint(files: list[Path]) -> str:

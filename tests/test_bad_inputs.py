@@ -211,6 +211,14 @@ ROWS = [
      "--block-size sets the int4w/int8w decoder's MatMulNBits blocks: it needs --decoder-weights"),
     ("bench no-image with image", lambda w: ["bench", w.ckpt, "--no-image", "--image", w.image, "--prompt-tokens", "8"],
      "--no-image runs text-only prompts: it cannot take --image too"),
+    # probe 3: reports that name one file, sampling options at greedy
+    ("bench reports one file", lambda w: ["bench", w.ckpt, "--json", w.root / "r.txt", "--markdown", w.root / "r.txt"],
+     "--json and --markdown both name"),
+    ("loadtest reports one file", lambda w: ["loadtest", "127.0.0.1:1", "--data", w.data, "--json", w.root / "r.png",
+                                             "--plot", w.root / "r.png"], "--json and --plot both name"),
+    ("top-k at greedy", lambda w: RUN(w, "--top-k", "5"), "--top-k shapes sampling, and at --temperature 0"),
+    ("client seed at greedy", lambda w: ["client", "127.0.0.1:1", "--image", w.image, "--prompt", "q", "--seed", "3"],
+     "--seed shapes sampling, and at --temperature 0"),
     ("compare torch twice", lambda w: ["bench", w.ckpt, "--compare", "torch,torch"],
      "argument --compare: 'torch,torch': torch given twice in the list of peers"),
     ("concurrency empty item", lambda w: ["loadtest", "127.0.0.1:1", "--data", w.data, "--concurrency", "1,,2"],
@@ -556,6 +564,9 @@ def x(demo_export, demo_eval, tmp_path_factory):
         swapped=variant("swapped", swap), preprocess=variant("preprocess", edit_preprocess),
         no_file_sha=variant("no_file_sha", manifest(lambda m: m.pop("file_sha256"))),
         long_context=variant("long_context", manifest(lambda m: m.update(max_context=300))),
+        eos=variant("eos", manifest(lambda m: m["model"].update(eos_token_id=[999]))),
+        fifo_preprocess=variant("fifo_preprocess", lambda d: ((d / "preprocess.json").unlink(),
+                                                             os.mkfifo(d / "preprocess.json"))),
         fifo_manifest=variant("fifo_manifest", fifo_manifest), cal=cal,
         image_tokens=variant("image_tokens", edit_preprocess_key("num_image_tokens", 81)), other=other)
 
@@ -608,6 +619,23 @@ EXPORT_ROWS = [
      "another model than the export's ("),
     ("run without file checksums", lambda x: XRUN(x, x.no_file_sha),
      "preprocess.json has no sha256 in manifest.json (file_sha256.preprocess), so it cannot be checked"),
+    # quantize checks its input as triton does: a swapped graph would be quantised and given a new checksum (probe 3)
+    ("quantize swapped graphs", lambda x: ["quantize", x.swapped, "--precision", "fp16", "-o", x.root / "q"],
+     "graph 'fusion' (fusion.onnx) is not the one manifest.json describes (sha256 differs)"),
+    ("quantize edited preprocess.json", lambda x: ["quantize", x.preprocess, "--precision", "fp16", "-o", x.root / "q"],
+     "preprocess.json is not the one manifest.json describes (sha256 differs)"),
+    ("quantize fp16 --method", lambda x: ["quantize", x.good, "--precision", "fp16", "--method", "entropy", "-o",
+                                          x.root / "q"], "--method is for int8 graphs"),
+    ("quantize fp16 --int8-attention", lambda x: ["quantize", x.good, "--precision", "fp16", "--int8-attention", "-o",
+                                                  x.root / "q"], "--int8-attention is for int8 graphs"),
+    ("run export --clip", lambda x: XRUN(x, x.good, "--clip", x.root), "--clip is for original-layout checkpoints"),
+    ("manifest eos beyond the vocabulary", lambda x: XRUN(x, x.eos),
+     "model.eos_token_id must be token ids in [0, 48] (model.decoder.vocab_size 49; got [999])"),
+    ("triton preprocess.json a FIFO", lambda x: ["triton", x.fifo_preprocess, "-o", x.root / "repo"],
+     "preprocess.json: is a FIFO (named pipe), not a preprocessing file"),
+    ("quantize exclude matches nothing", lambda x: ["quantize", x.good, "--precision", "fp16", "--exclude", "/no/*",
+                                                    "-o", x.root / "q"],
+     "--exclude '/no/*' matches no node that --precision fp16 quantises"),
 ]
 
 
@@ -618,12 +646,14 @@ def test_bad_export_is_one_line_exit_2(x, argv, capsys):
     lines = [line for line in err.splitlines() if line.strip() and not line.startswith("  ")]  # quantize's steps
     assert code == 2 and len(lines) == 1, err
     assert lines[0].startswith("tgedge: error: ") and expected in lines[0], lines[0]
-    assert not (x.root / "repo").exists() and not list(x.root.glob(".repo.*"))
+    assert not (x.root / "repo").exists() and not list(x.root.glob(".repo.*")) and not (x.root / "q").exists()
 
 
 def test_no_verify_takes_the_files_as_they_are(x, tmp_path, capsys):
     code, _, err = run(capsys, ["triton", x.swapped, "-o", tmp_path / "repo", "--no-verify"])
     assert code == 0, err
+    code, _, err = run(capsys, ["quantize", x.swapped, "--precision", "fp16", "-o", tmp_path / "q", "--no-verify"])
+    assert code == 0 and (tmp_path / "q" / "manifest.json").exists(), err
     code, _, err = run(capsys, XRUN(x, x.preprocess, "--no-verify"))
     assert code == 0, err
     code, out, _ = run(capsys, ["inspect", x.preprocess])

@@ -109,3 +109,14 @@ def test_cli_json(exports, capsys):
     products = activation_products(onnx.load(str(exports["fp32"] / "vision.onnx"), load_external_data=False))
     assert r["kind"] == "onnx" and r["precision"] == "int8" and products
     assert r["qdq_wrapped"] == r["compute_ops"] - len(products)
+
+
+def test_manifest_opset_other_than_the_graphs_is_reported(exports, tmp_path, capsys):
+    """A manifest that claims another opset than its graphs import (probe 3: opset 99 passed) is a mismatch."""
+    d = tmp_path / "opset"
+    shutil.copytree(exports["fp32"], d)
+    manifest = json.loads((d / "manifest.json").read_text())
+    manifest["opset"] = 99
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["inspect", str(d)]) == 1
+    assert "vision: manifest.json says opset 99, vision.onnx imports opset 17" in " ".join(capsys.readouterr().out.split())

@@ -90,8 +90,8 @@ def test_report_files_never_replace_an_input(demo_export, demo_eval, tmp_path, c
         (["validate", export, "--data", demo_eval, "--json", export / "manifest.json"], "--json", "an input"),
         (["validate", export, "--data", demo_eval, "--junit", demo_eval / "samples.jsonl"], "--junit", "an input"),
         (["validate", export, "--data", demo_eval, "--markdown", export / "new.md"], "--markdown", "inside an input"),
-        (["validate", export, "--data", demo_eval, "--json", tmp_path / "r", "--junit", tmp_path / "r"], "different",
-         "different files"),
+        (["validate", export, "--data", demo_eval, "--json", tmp_path / "r", "--junit", tmp_path / "r"], "--json",
+         "and --junit both name"),
         (["validate", export, "--data", demo_eval, "--json", tmp_path], "--json", "is a directory"),
         (["bench", export, "--json", export / "decoder.onnx"], "--json", "an input"),
     ]

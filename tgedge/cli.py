@@ -10,7 +10,7 @@ import threading
 import traceback
 
 from tgedge import __version__, cli_bench, cli_checkpoint, cli_deploy, cli_device
-from tgedge.cli_common import BACKENDS, EPILOG, SEED, Parser, add_output, integer, real, text
+from tgedge.cli_common import BACKENDS, EPILOG, SEED, Parser, add_output, integer, real, sampling, text
 
 MAX_SAMPLES = 1_000_000  # `data shapes -n`: ~27 GB of 112 px PNGs; beyond it is a typo, not a data set
 from tgedge.contract import FAMILIES, ablation_choices
@@ -38,10 +38,11 @@ def _add_run(sub) -> None:
     p.add_argument("--clip", metavar="DIR", help="transformers CLIPModel directory for original-layout checkpoints")
     p.add_argument("--max-new-tokens", type=integer(1), default=64, help="most tokens to generate (default 64)")
     p.add_argument("--temperature", type=real(0), default=0.0, help="0 = greedy (default); > 0 samples")
-    p.add_argument("--top-k", type=integer(0), default=0, help="sample from the k most likely tokens (0 = off)")
-    p.add_argument("--top-p", type=real(0, 1, lo_open=True), default=1.0,
-                   help="nucleus sampling mass in (0, 1] (default 1.0 = off)")
-    p.add_argument("--seed", type=SEED, default=0, help="sampling seed (default 0)")
+    p.add_argument("--top-k", type=integer(0), help="sample from the k most likely tokens (0 = off, the default; with "
+                   "--temperature > 0)")
+    p.add_argument("--top-p", type=real(0, 1, lo_open=True),
+                   help="nucleus sampling mass in (0, 1] (default 1.0 = off; with --temperature > 0)")
+    p.add_argument("--seed", type=SEED, help="sampling seed (default 0; with --temperature > 0)")
     p.add_argument("--max-context", type=integer(1), help="KV-cache length (default: the model's max positions)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.add_argument("--no-verify", action="store_true",
@@ -52,8 +53,7 @@ def _add_run(sub) -> None:
 
 def cmd_run(args) -> int:
     pipe = open_pipeline(args.checkpoint, args.backend, args.clip, args.max_context, not args.no_verify)
-    options = pipe.options(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                           top_p=args.top_p, seed=args.seed)
+    options = pipe.options(max_new_tokens=args.max_new_tokens, **sampling(args))
     stream = None if args.json else (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
     answer = pipe.answer(args.image, args.prompt, options, raw=args.raw, on_text=stream, guide=args.guide)
     if args.json:

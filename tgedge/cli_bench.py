@@ -180,12 +180,13 @@ def cmd_bench(args) -> int:
     from tgedge.bench import Settings, run_bench
     from tgedge.bench.report import plot, summary_lines, to_markdown
 
-    from tgedge.fileio import write_atomic
+    from tgedge.fileio import distinct_reports, write_atomic
 
     inputs = [*args.model, args.clip, args.image, *args.genai_model, args.transformers_model]
     _writable(args.json, "--json", inputs=inputs)
     _writable(args.markdown, "--markdown", inputs=inputs)
     _writable(args.plot, "--plot", ".png", inputs)
+    distinct_reports([(args.json, "--json"), (args.markdown, "--markdown"), (args.plot, "--plot")])
     if args.no_image and args.image:
         raise TgedgeError("--no-image runs text-only prompts: it cannot take --image too (give one or the other)")
     if args.no_image and not args.prompt_tokens:

@@ -107,6 +107,20 @@ def comma_list(value: str, what: str, convert=str) -> list:
     return items
 
 
+def sampling(args) -> dict:
+    """--temperature, --top-k, --top-p, --seed as options; the last three shape sampling, so at --temperature 0
+    (greedy, the default) they would change nothing and are refused (their defaults: 0 = off, 1.0 = off, 0)."""
+    given = [flag for flag, v in (("--top-k", args.top_k), ("--top-p", args.top_p), ("--seed", args.seed))
+             if v is not None]
+    if given and not args.temperature:
+        from tgedge.errors import TgedgeError
+
+        raise TgedgeError(f"{given[0]} shapes sampling, and at --temperature 0 (greedy, the default) it changes "
+                          "nothing: pass --temperature T > 0 to sample, or leave it out")
+    return {"temperature": args.temperature, "top_k": args.top_k or 0,
+            "top_p": 1.0 if args.top_p is None else args.top_p, "seed": args.seed or 0}
+
+
 def text(value: str) -> str:
     """argparse type: non-empty text that is valid UTF-8 (argv bytes that are not arrive as lone surrogates)."""
     try:

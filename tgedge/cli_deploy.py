@@ -9,7 +9,7 @@ from pathlib import Path
 from tgedge.cli_common import BACKENDS, EPILOG, add_output, integer, opset, real
 from tgedge.contract import CACHE_MODES
 from tgedge.errors import TgedgeError
-from tgedge.fileio import check_output, check_report, write_atomic
+from tgedge.fileio import check_output, check_report, distinct_reports, write_atomic
 from tgedge.precision import EXPORT_DTYPES, REFERENCE, WEIGHT_ONLY, names
 
 
@@ -153,6 +153,9 @@ def _add_quantize(sub) -> None:
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                    help="keep nodes whose name matches this glob in fp32, e.g. '/layers.0/*' (repeatable)")
     _add_weight_only(p)
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip checking the export's graphs (sha256) and preprocessing files against its manifest "
+                        "before quantising (on purpose: a graph edited by hand)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_quantize)
 
@@ -168,7 +171,8 @@ def cmd_quantize(args) -> int:
         result = quantize_export(args.export_dir, args.output, args.precision, args.calib, args.method, args.exclude,
                                  args.calibration, args.calib_limit, on_step=say, progress=bar.update,
                                  force=args.force, block_size=args.block_size, accuracy_level=args.accuracy_level,
-                                 int8_attention=args.int8_attention, smooth=args.smooth, awq=args.awq)
+                                 int8_attention=args.int8_attention, smooth=args.smooth, awq=args.awq,
+                                 verify=not args.no_verify)
     if args.json:
         print(json.dumps(result.to_dict()))
         return 0
@@ -263,9 +267,7 @@ def cmd_validate(args) -> int:
     reports = [(args.json, "--json"), (args.junit, "--junit"), (args.markdown, "--markdown")]
     for path, flag in reports:
         check_report(path, flag, inputs)
-    given = [str(Path(p).resolve()) for p, _ in reports if p]
-    if len(given) != len(set(given)):
-        raise TgedgeError("--json, --junit and --markdown must name different files")
+    distinct_reports(reports)
     report = validate(args.export_dir, args.data, args.reference, args.backend, args.policy, args.limit,
                       args.max_new_tokens, args.clip, verify=not args.no_verify)
     if args.json:

@@ -7,7 +7,7 @@ import signal
 import sys
 import time
 
-from tgedge.cli_common import EPILOG, SEED, add_output, comma_list, integer, real, text
+from tgedge.cli_common import EPILOG, SEED, add_output, comma_list, integer, real, sampling, text
 from tgedge.errors import TgedgeError
 
 PORT = integer(1, 65535)
@@ -157,15 +157,15 @@ INT32_MAX = 2 ** 31 - 1  # max_new_tokens and top_k travel as int32 (tgedge.serv
 def _add_sampling(p) -> None:
     p.add_argument("--max-new-tokens", type=integer(1, INT32_MAX), default=64, help="most tokens to generate (default 64)")
     p.add_argument("--temperature", type=real(0), default=0.0, help="0 = greedy (default); > 0 samples")
-    p.add_argument("--top-k", type=integer(0, INT32_MAX), default=0,
-                   help="sample from the k most likely tokens (0 = off)")
-    p.add_argument("--top-p", type=real(0, 1, lo_open=True), default=1.0, help="nucleus sampling mass in (0, 1]")
-    p.add_argument("--seed", type=SEED, default=0, help="sampling seed (default 0)")
+    p.add_argument("--top-k", type=integer(0, INT32_MAX),
+                   help="sample from the k most likely tokens (0 = off, the default; with --temperature > 0)")
+    p.add_argument("--top-p", type=real(0, 1, lo_open=True),
+                   help="nucleus sampling mass in (0, 1] (default 1.0 = off; with --temperature > 0)")
+    p.add_argument("--seed", type=SEED, help="sampling seed (default 0; with --temperature > 0)")
 
 
 def _options(args) -> dict:
-    return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
-            "top_p": args.top_p, "seed": args.seed}
+    return {"max_new_tokens": args.max_new_tokens, **sampling(args)}
 
 
 def _add_client(sub) -> None:
@@ -196,6 +196,7 @@ def cmd_client(args) -> int:
     from tgedge.fileio import special_file
     from tgedge.serving.client import Session
 
+    options = _options(args)  # refused before any connection
     if (kind := special_file(args.image)) is not None:  # before opening: a FIFO would block
         raise TgedgeError(f"{args.image}: is {kind}, not an image")
     try:
@@ -208,7 +209,7 @@ def cmd_client(args) -> int:
         on_text = ((lambda s: print(json.dumps({"text": s}), flush=True)) if args.json
                    else (lambda s: (sys.stdout.write(s), sys.stdout.flush())))
     with Session(args.url, args.model, args.timeout) as session:
-        reply = session.ask(image, args.prompt, on_text=on_text, raw=args.raw, guide=args.guide, **_options(args))
+        reply = session.ask(image, args.prompt, on_text=on_text, raw=args.raw, guide=args.guide, **options)
     answer = reply.answer
     answer["timings"].update(first_text_s=None if reply.first_text_s is None else round(reply.first_text_s, 6),
                              round_trip_s=round(reply.latency_s, 6))
@@ -269,12 +270,13 @@ def _threads(value: str) -> tuple[int, ...]:
 def cmd_loadtest(args) -> int:
     from pathlib import Path
 
-    from tgedge.fileio import check_report, write_atomic
+    from tgedge.fileio import check_report, distinct_reports, write_atomic
     from tgedge.runtime.manifest import is_export
     from tgedge.serving.loadtest import plot, run_loadtest
 
     for path, flag in ((args.json, "--json"), (args.plot, "--plot")):
         check_report(path, flag, [args.data, args.baseline])
+    distinct_reports([(args.json, "--json"), (args.plot, "--plot")])
     baseline = args.baseline
     if baseline and not is_export(baseline) and (Path(baseline) / "tgedge/1/export").is_dir():
         baseline = str(Path(baseline) / "tgedge/1/export")

@@ -132,6 +132,18 @@ def check_report(path: str | Path | None, flag: str, inputs: Iterable = ()) -> N
                               f"({given}); write the report elsewhere")
 
 
+def distinct_reports(reports: Iterable[tuple[str | Path | None, str]]) -> None:
+    """(path, flag) pairs: no two report options name the same file (the last written would replace the others)."""
+    seen: dict[Path, tuple[str, str | Path]] = {}
+    for path, flag in reports:
+        if path is None or str(path) == "-":
+            continue
+        target = _real(path)
+        if target in seen:
+            raise TgedgeError(f"{seen[target][0]} and {flag} both name {path}: give each report its own file")
+        seen[target] = (flag, path)
+
+
 # -- output directories ----------------------------------------------------------------------------------------
 def read_marker(directory: str | Path) -> dict | None:
     """The marker of an earlier tgedge output, or None (no marker, or one that does not parse)."""

@@ -162,6 +162,8 @@ def inspect_export(directory: str | Path) -> dict:
                 mismatches.append(f"{name} {kind} differ from manifest.json: {', '.join(diff)}")
         if g.precision != entry.precision:
             mismatches.append(f"{name}: manifest says {entry.precision}, graph looks {g.precision}")
+        if g.opset != manifest.opset:  # what TensorRT and the memory estimate are told the graphs need
+            mismatches.append(f"{name}: manifest.json says opset {manifest.opset}, {entry.file} imports opset {g.opset}")
         files = manifest.graph_files(name)  # what Manifest.verify hashes: graph, its weights, the weights it shares
         if not entry.sha256:  # null or missing: not checkable, and not to be reported as matching
             mismatches.append(f"{name}: {entry.file} has no sha256 in manifest.json, so it cannot be checked")

@@ -31,6 +31,9 @@ def open_pipeline(model: str, backend: str | None, clip: str | None = None, cont
     if not export:
         raise TgedgeError(f"--backend {backend} runs an export directory (with manifest.json); {model} is not one "
                           f"(make one with: tgedge export {model} -o DIR)")
+    if clip is not None:  # an export carries its towers' graphs: a CLIP directory would change nothing
+        raise TgedgeError(f"--clip is for original-layout checkpoints; {model} is an export directory, whose graphs "
+                          "hold the towers: leave it out")
     from tgedge.runtime.pipeline import Pipeline
 
     return Pipeline(model, backend, context, verify="fingerprint" if verify else None, stages=stages,
