@@ -79,6 +79,19 @@ def round4(w: torch.Tensor, block: int = 32) -> torch.Tensor:
     return ((torch.round(g / step + zero).clamp(0, 15) - zero) * step).reshape(o, i)
 
 
+def agreement(pipe, linears, runs, ref, fn) -> float:
+    """Teacher-forced top-1 agreement with `ref` after `fn` on every weight of `linears` (restored after)."""
+    saved = [m.weight.data for m in linears]
+    torch.manual_seed(1)
+    for m in linears:
+        m.weight.data = fn(m.weight.data)
+    with torch.no_grad():
+        out = [forced_logits(pipe, x, t) for x, t in runs]
+    for m, w in zip(linears, saved):
+        m.weight.data = w
+    return float(np.mean(np.concatenate([a.argmax(-1) == b.argmax(-1) for a, b in zip(ref, out)])))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("checkpoint")
@@ -105,15 +118,7 @@ def main() -> int:
         p = np.concatenate([np.exp(a - a.max(-1, keepdims=True)) for a in ref])
         row = f"{label:<40}{np.median(p.max(-1) / p.sum(-1)):>10.2f}"
         for _, fn in perturb:
-            saved = [m.weight.data for m in linears]
-            torch.manual_seed(1)
-            for m in linears:
-                m.weight.data = fn(m.weight.data)
-            with torch.no_grad():
-                out = [forced_logits(pipe, x, t) for x, t in runs]
-            for m, w in zip(linears, saved):
-                m.weight.data = w
-            row += f"{np.mean(np.concatenate([a.argmax(-1) == b.argmax(-1) for a, b in zip(ref, out)])):>18.3f}"
+            row += f"{agreement(pipe, linears, runs, ref, fn):>18.3f}"
         print(row, flush=True)
     return 0
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from init_sweep import QUESTIONS, redraw, round4  # noqa: E402
+from init_sweep import QUESTIONS, agreement, redraw, round4  # noqa: E402
 
 from tgedge.checkpoint import load_model  # noqa: E402
 from tgedge.generate import forced_logits, generate  # noqa: E402
@@ -38,18 +38,6 @@ from tgedge.reference import TorchPipeline  # noqa: E402
 
 PERTURB = [("noise 1 %", lambda w: w + 1e-2 * w.std() * torch.randn_like(w)), ("8-bit", _round8),
            ("4-bit", round4)]
-
-
-def agreement(pipe, linears, runs, ref, fn) -> float:
-    saved = [m.weight.data for m in linears]
-    torch.manual_seed(1)
-    for m in linears:
-        m.weight.data = fn(m.weight.data)
-    with torch.no_grad():
-        out = [forced_logits(pipe, x, t) for x, t in runs]
-    for m, w in zip(linears, saved):
-        m.weight.data = w
-    return float(np.mean(np.concatenate([a.argmax(-1) == b.argmax(-1) for a, b in zip(ref, out)])))
 
 
 def main() -> int:
