@@ -144,6 +144,17 @@ def io_differences(listed: list[TensorMeta], actual: list[TensorMeta], full_shap
     return diff or ["same tensors in another order"]
 
 
+def check_graph_io(manifest: "Manifest", graph: str, inputs: list[TensorMeta], outputs: list[TensorMeta]) -> None:
+    """A graph file's own inputs/outputs must be the ones the manifest lists (names, dtypes, ranks): one line
+    naming the file and the tensors that differ (`run` checks its sessions, `tgedge triton` the files)."""
+    entry = manifest.graphs[graph]
+    for kind, listed, actual in (("inputs", entry.inputs, inputs), ("outputs", entry.outputs, outputs)):
+        diff = io_differences(listed, actual, full_shape=False)
+        if diff:
+            raise TgedgeError(f"{manifest.graph_path(graph)}: graph {kind} do not match manifest.json "
+                              f"(differing: {', '.join(diff)})")
+
+
 @dataclass
 class GraphEntry:
     name: str

@@ -17,7 +17,7 @@ from tgedge.errors import TgedgeError
 from tgedge.preprocess import Preprocessor
 from tgedge.runtime.backends import BACKENDS, make_runner
 from tgedge.runtime.cache import make_cache
-from tgedge.runtime.manifest import Manifest, io_differences
+from tgedge.runtime.manifest import Manifest, check_graph_io
 from tgedge.runtime.runner import BaseRunner
 from tgedge.runtime.scheduler import Scheduler
 from tgedge.stageflow import StageFlow
@@ -29,13 +29,8 @@ RunnerFactory = Callable[[Manifest, str], BaseRunner]
 
 def check_against_manifest(runner: BaseRunner, manifest: Manifest, graph: str) -> None:
     """The graph file's own inputs/outputs must be the ones the manifest lists (names, dtypes, ranks)."""
-    entry = manifest.graphs[graph]
-    for kind, listed, actual in (("inputs", entry.inputs, runner.get_input_metadata()),
-                                 ("outputs", entry.outputs, runner.get_output_metadata())):
-        diff = io_differences(listed, list(actual.values()), full_shape=False)
-        if diff:
-            raise TgedgeError(f"{manifest.graph_path(graph)}: graph {kind} do not match manifest.json "
-                              f"(differing: {', '.join(diff)})")
+    check_graph_io(manifest, graph, list(runner.get_input_metadata().values()),
+                   list(runner.get_output_metadata().values()))
 
 
 VERIFY = ("fingerprint", "sha256", None)

@@ -86,6 +86,11 @@ def w(tmp_path_factory):
             'name: "tgedge"\nbackend: "python"\nparameters { key: "bls_stages" value { string_value: "vision" } }\n')
         return repo
 
+    def fifo_config(repo):  # a stage model whose config.pbtxt is a FIFO
+        (repo / "vision").mkdir()
+        os.mkfifo(repo / "vision" / "config.pbtxt")
+        return repo
+
     def policy(name, text):
         (root / f"{name}.toml").write_text(text)
         return root / f"{name}.toml"
@@ -115,7 +120,7 @@ def w(tmp_path_factory):
     return SimpleNamespace(
         root=root, ckpt=ckpt, image=image, data=data, grey16=grey16, strip=strip, policies=policies, fifo=fifo,
         fifo_data=fifo_data, fifo_jsonl=fifo_jsonl, corrupt=corrupt, loop=loop,
-        no_stage=entry_without_stage("no_stage"),
+        no_stage=entry_without_stage("no_stage"), fifo_config=fifo_config(entry_without_stage("fifo_config")),
         guide_swapped=guide_swapped, clip=clip,
         bomb=big_png_header(root / "bomb.png", 20000, 20000),
         not_utf8=data_folder("not_utf8", [good, b'{"image": "images/a.png", "prompt": "caf\xe9"}\n']),
@@ -223,6 +228,11 @@ ROWS = [
      "argument --compare: 'torch,torch': torch given twice in the list of peers"),
     ("concurrency empty item", lambda w: ["loadtest", "127.0.0.1:1", "--data", w.data, "--concurrency", "1,,2"],
      "argument --concurrency: '1,,2': an empty item in the comma-separated list"),
+    ("baseline-threads without baseline", lambda w: ["loadtest", "127.0.0.1:1", "--data", w.data,
+                                                     "--baseline-threads", "2"],
+     "--baseline-threads sets the --baseline loop's threads: it needs --baseline"),
+    ("baseline not an export", lambda w: ["loadtest", "127.0.0.1:1", "--data", w.data, "--baseline", w.data],
+     "not an export (no manifest.json) nor a model repository with tgedge/1/export"),
     # prompts
     ("empty prompt", lambda w: RUN(w, prompt=""), "argument --prompt: must not be empty"),
     ("blank prompt", lambda w: RUN(w, prompt=" \n "), "argument --prompt: must not be empty"),
@@ -285,6 +295,8 @@ ROWS = [
     # serving: every model the entry calls is in the repository before the server starts
     ("serve without a stage", lambda w: ["serve", w.no_stage, "--quiet"],
      "no_stage: model vision missing from the repository"),
+    ("serve a FIFO config", lambda w: ["serve", w.fifo_config, "--quiet"],
+     "fifo_config/vision/config.pbtxt: is a FIFO (named pipe), not a model configuration"),
     # policies: every limit a number in its figure's range, one that can fail
     *[(f"policy {name}", (lambda name: lambda w: ["validate", w.root, "--data", w.data, "--policy",
                                                   w.policies[name]])(name), fragment) for name, fragment in [
@@ -518,6 +530,16 @@ def x(demo_export, demo_eval, tmp_path_factory):
         (d / b).rename(d / a)
         (d / "tmp").rename(d / b)
 
+    def swap_rehashed(d):  # vision and fusion swapped, the manifest's checksums rewritten to match: only the
+        from tgedge.fileio import sha256_files  # graphs' own inputs/outputs can tell
+        from tgedge.runtime.manifest import graph_fingerprint
+
+        swap(d, "vision.onnx", "fusion.onnx")
+        m = json.loads((d / "manifest.json").read_text())
+        for g in m["graphs"].values():
+            g["sha256"], g["fingerprint"] = sha256_files([d / g["file"]]), graph_fingerprint([d / g["file"]])
+        (d / "manifest.json").write_text(json.dumps(m))
+
     def manifest(change):
         def apply(d):
             m = json.loads((d / "manifest.json").read_text())
@@ -562,6 +584,7 @@ def x(demo_export, demo_eval, tmp_path_factory):
     return SimpleNamespace(
         root=root, good=Path(demo_export.directory), image=tiny.test_image(root / "image.png"), data=demo_eval,
         swapped=variant("swapped", swap), preprocess=variant("preprocess", edit_preprocess),
+        rehashed=variant("rehashed", swap_rehashed),
         no_file_sha=variant("no_file_sha", manifest(lambda m: m.pop("file_sha256"))),
         long_context=variant("long_context", manifest(lambda m: m.update(max_context=300))),
         eos=variant("eos", manifest(lambda m: m["model"].update(eos_token_id=[999]))),
@@ -576,6 +599,8 @@ def XRUN(x, export, *extra):
 
 
 EXPORT_ROWS = [
+    ("triton swapped graphs, checksums rewritten", lambda x: ["triton", x.rehashed, "-o", x.root / "repo"],
+     "rehashed/vision.onnx: graph inputs do not match manifest.json"),
     ("triton swapped graphs", lambda x: ["triton", x.swapped, "-o", x.root / "repo"],
      "graph 'fusion' (fusion.onnx) is not the one manifest.json describes (sha256 differs)"),
     ("run edited preprocess.json", lambda x: XRUN(x, x.preprocess),

@@ -247,7 +247,7 @@ def _add_loadtest(sub) -> None:
     p.add_argument("--baseline", metavar="DIR",
                    help="export directory, or the model repository (its tgedge/1/export), for the single-process "
                         "loop on the same samples")
-    p.add_argument("--baseline-threads", type=_threads, default=(0,),
+    p.add_argument("--baseline-threads", type=_threads, default=None,
                    help="ONNX Runtime intra-op threads of the baseline, comma-separated for several rows "
                         "(0: ONNX Runtime's default, as tgedge run; default 0)")
     _add_sampling(p)
@@ -278,8 +278,13 @@ def cmd_loadtest(args) -> int:
         check_report(path, flag, [args.data, args.baseline])
     distinct_reports([(args.json, "--json"), (args.plot, "--plot")])
     baseline = args.baseline
+    if args.baseline_threads is not None and not baseline:
+        raise TgedgeError("--baseline-threads sets the --baseline loop's threads: it needs --baseline")
     if baseline and not is_export(baseline) and (Path(baseline) / "tgedge/1/export").is_dir():
         baseline = str(Path(baseline) / "tgedge/1/export")
+    if baseline and not is_export(baseline):  # before connecting: the option is wrong whatever the server says
+        raise TgedgeError(f"--baseline {args.baseline}: not an export (no manifest.json) nor a model repository "
+                          "with tgedge/1/export")
 
     def show(level) -> None:
         lat, ttft = level.latency_ms, level.ttft_ms
@@ -291,7 +296,7 @@ def cmd_loadtest(args) -> int:
             print(f"  first error: {level.first_error}", flush=True)
 
     report = run_loadtest(args.url, args.data, args.concurrency, args.requests, _options(args), baseline,
-                          args.baseline_threads, args.timeout, on_level=show)
+                          args.baseline_threads or (0,), args.timeout, on_level=show)
     if args.json:
         write_atomic(args.json, json.dumps(report.to_dict(), indent=2) + "\n")
     if args.plot:

@@ -23,8 +23,8 @@ from pathlib import Path
 
 from tgedge.contract import BATCH, VIEWS, StageContract, TensorMeta
 from tgedge.errors import TgedgeError, absent
-from tgedge.fileio import atomic_dir, inside, read_marker
-from tgedge.runtime.manifest import Manifest
+from tgedge.fileio import atomic_dir, inside, read_marker, regular_file
+from tgedge.runtime.manifest import Manifest, TensorMeta, check_graph_io
 from tgedge.serving.protocol import ENTRY_MODEL, REQUEST, RESPONSE, TRITON_TYPES, Field, require_tritonclient
 
 BACKENDS = ("python", "onnxruntime", "tensorrt")
@@ -208,6 +208,16 @@ def _vocab(model: dict, stage: str) -> int | None:
     return (model.get(part) or {}).get("vocab_size") if part else None
 
 
+def _check_graph_io(manifest: Manifest, stage: str) -> None:
+    """As `run` checks its sessions: two graphs swapped with their checksums rewritten pass the sha256 check, not
+    this one."""
+    from tgedge.inspection import inspect_onnx
+
+    g = inspect_onnx(manifest.graph_path(stage))
+    check_graph_io(manifest, stage, [TensorMeta.from_dict(t) for t in g.inputs],
+                   [TensorMeta.from_dict(t) for t in g.outputs])
+
+
 def write_repository(source: str | Path, out: str | Path, settings: RepositorySettings | None = None,
                      force: bool = False, verify: bool = True) -> RepositoryResult:
     """`verify`: each graph's files are checked against the manifest's sha256 first, as `validate` checks them (a
@@ -218,6 +228,7 @@ def write_repository(source: str | Path, out: str | Path, settings: RepositorySe
     if verify and settings.backend != "tensorrt":
         for stage in contract.stage_names:
             manifest.verify(stage, full=True)
+            _check_graph_io(manifest, stage)
     if verify:
         manifest.verify_files()  # the entry model preprocesses with them, whichever backend runs the stages
     views = contract.fusion_family.views(manifest.model)
@@ -268,6 +279,9 @@ def check_repository(repo: str | Path) -> list[str]:
     root = Path(repo)
     if not root.is_dir():
         raise TgedgeError(f"{repo}: {absent(repo, 'model repository')}")
+    for d in root.iterdir():  # a FIFO or a device as a model's config: named, not "missing"
+        if (d / "config.pbtxt").exists():
+            regular_file(d / "config.pbtxt", "model configuration")
     models = sorted(d.name for d in root.iterdir() if (d / "config.pbtxt").is_file())
     if not models:
         raise TgedgeError(f"{repo}: no model (*/config.pbtxt) in it: write one with tgedge triton")
