@@ -100,6 +100,12 @@ def manifest_problems(d: dict) -> list[str]:
     if isinstance(d.get("graphs"), dict):
         for name, g in d["graphs"].items():
             out += _graph_problems(name, g)
+        logits = [o.get("shape") for o in (d["graphs"].get("decoder") or {}).get("outputs") or []
+                  if isinstance(o, dict) and o.get("name") == "logits"]
+        if _int(vocab, 1) and logits and isinstance(logits[0], list) and logits[0] and _int(logits[0][-1], 1) \
+                and logits[0][-1] != vocab:  # the decoder's own logits say how large the vocabulary is
+            out.append(f"model.decoder.vocab_size {vocab} is not the decoder's logits width "
+                       f"(graphs.decoder.outputs logits {_show(logits[0])})")
     if isinstance(d.get("dims"), dict):
         for name, dim in d["dims"].items():
             if not isinstance(dim, dict) or set(dim) != {"min", "opt", "max"} \

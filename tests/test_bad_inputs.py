@@ -588,6 +588,7 @@ def x(demo_export, demo_eval, tmp_path_factory):
         no_file_sha=variant("no_file_sha", manifest(lambda m: m.pop("file_sha256"))),
         long_context=variant("long_context", manifest(lambda m: m.update(max_context=300))),
         eos=variant("eos", manifest(lambda m: m["model"].update(eos_token_id=[999]))),
+        vocab=variant("vocab", manifest(lambda m: m["model"]["decoder"].update(vocab_size=600))),
         fifo_preprocess=variant("fifo_preprocess", lambda d: ((d / "preprocess.json").unlink(),
                                                              os.mkfifo(d / "preprocess.json"))),
         fifo_manifest=variant("fifo_manifest", fifo_manifest), cal=cal,
@@ -599,6 +600,7 @@ def XRUN(x, export, *extra):
 
 
 EXPORT_ROWS = [
+    ("vocab_size edited", lambda x: XRUN(x, x.vocab), "model.decoder.vocab_size 600 is not the decoder's logits width"),
     ("triton swapped graphs, checksums rewritten", lambda x: ["triton", x.rehashed, "-o", x.root / "repo"],
      "rehashed/vision.onnx: graph inputs do not match manifest.json"),
     ("triton swapped graphs", lambda x: ["triton", x.swapped, "-o", x.root / "repo"],
