@@ -100,8 +100,10 @@ def manifest_problems(d: dict) -> list[str]:
     if isinstance(d.get("graphs"), dict):
         for name, g in d["graphs"].items():
             out += _graph_problems(name, g)
-        logits = [o.get("shape") for o in (d["graphs"].get("decoder") or {}).get("outputs") or []
-                  if isinstance(o, dict) and o.get("name") == "logits"]
+        decoder_graph = d["graphs"].get("decoder")
+        outputs = decoder_graph.get("outputs") if isinstance(decoder_graph, dict) else None
+        logits = [o.get("shape") for o in outputs if isinstance(o, dict) and o.get("name") == "logits"] \
+            if isinstance(outputs, list) else []
         if _int(vocab, 1) and logits and isinstance(logits[0], list) and logits[0] and _int(logits[0][-1], 1) \
                 and logits[0][-1] != vocab:  # the decoder's own logits say how large the vocabulary is
             out.append(f"model.decoder.vocab_size {vocab} is not the decoder's logits width "
