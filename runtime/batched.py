@@ -16,6 +16,33 @@ import numpy as np
 from tgedge.errors import TgedgeError, TgedgeInternalError
 
 
+def cache_problem(layout) -> str | None:
+    """Why an export's KV cache layout (`CacheLayout`) cannot hold many sequences decoded in one call, or None: it
+    must be static (past and present one buffer, so a slot's rows are written in place) with a decoder that takes
+    each row's length (exports since row_lengths)."""
+    if not layout.shares_buffer:
+        return (f"batched decoding needs a static KV cache; this export's is {layout.mode!r}: export with --cache "
+                "static (onnxruntime) or --cache static-onnx")
+    if not layout.row_lengths:
+        return (f"this {layout.mode} export's decoder takes one length for every row (written before batched "
+                "decoding): export the model again to decode requests together")
+    return None
+
+
+def batching_problem(pipe) -> str | None:
+    """Why this pipeline's decoder cannot decode many sequences in one call, or None: `cache_problem`, and its
+    runner must bind rows of its buffers (onnxruntime's) or none at all (host arrays); TensorRT's binds whole
+    buffers and its engines' profiles hold one sequence."""
+    problem = cache_problem(pipe.contract.cache)
+    if problem:
+        return problem
+    runner = pipe.runners["decoder"]
+    if callable(getattr(runner, "bind", None)) and not getattr(runner, "binds_rows", False):
+        return (f"the {type(runner).__name__} binds whole KV buffers, not a slot's rows (batched TensorRT engines: "
+                "not built yet)")
+    return None
+
+
 class BatchedDecoder:
     """The decoder of a `Pipeline` over a batched static KV cache of `slots` sequences.
 
@@ -31,12 +58,9 @@ class BatchedDecoder:
 
     def __init__(self, pipe, slots: int):
         layout = pipe.contract.cache
-        if not layout.shares_buffer:
-            raise TgedgeError(f"batched decoding needs a static KV cache; this export's is {layout.mode!r}: export "
-                              "with --cache static (onnxruntime) or --cache static-onnx")
-        if not layout.row_lengths:
-            raise TgedgeError(f"this {layout.mode} export's decoder takes one length for every row (written before "
-                              "batched decoding): export the model again to decode requests together")
+        problem = batching_problem(pipe)
+        if problem:
+            raise TgedgeError(problem)
         if not (isinstance(slots, int) and not isinstance(slots, bool) and slots >= 1):
             raise TgedgeError(f"slots must be an integer >= 1 (got {slots!r})")
         self.pipe, self.layout, self.slots = pipe, layout, slots

@@ -36,8 +36,9 @@ class Request:
     at the next step. A failed, cancelled or refused request raises its one-line `TgedgeError` from both."""
 
     def __init__(self, rid: int, scheduler: "Scheduler", inputs, options: GenerationOptions, limit: int,
-                 on_token: Callable[[int], None] | None):
+                 on_token: Callable[[int], None] | None, embeddings=None):
         self.id, self.inputs, self.options, self.limit = rid, inputs, options, limit
+        self.embeddings = embeddings  # the prompt's (1, T, D), when the caller encoded it; else encoded at admission
         self.prompt_tokens = int(inputs.input_ids.shape[1])
         self.sampler = Sampler(options)
         self.stop = StopCriteria(options, scheduler.decode_text)
@@ -56,6 +57,10 @@ class Request:
 
     def cancel(self) -> None:
         self._scheduler._cancel(self)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """True once the request has finished (answered, failed or cancelled)."""
+        return self._done.wait(timeout)
 
     def tokens(self, timeout: float | None = None) -> Iterator[int]:
         """Token ids as they are made (one reader), then the request's error, if it has one."""
@@ -135,8 +140,11 @@ class Scheduler:
         return self.submit_inputs(self.pipe.pre(image, question, raw, guide), options, on_token)
 
     def submit_inputs(self, inputs, options: GenerationOptions | None = None,
-                      on_token: Callable[[int], None] | None = None) -> Request:
-        """Inputs already preprocessed. `on_token(id)` is called in the stepping thread as each token is made."""
+                      on_token: Callable[[int], None] | None = None, embeddings=None) -> Request:
+        """Inputs already preprocessed. `on_token(id)` is called in the stepping thread as each token is made (what
+        it raises fails its request alone). `embeddings`: the prompt's, `pipe.embeddings(inputs)`, encoded by the
+        caller (in its own thread, so that newcomers' image stages run beside the decoding, and batch where a
+        server batches them); without them the stepping thread encodes the request when it is admitted."""
         options = options or self.pipe.options()
         limit = fit_to_context(int(inputs.input_ids.shape[1]), options.max_new_tokens, self.pipe.context)
         with self._lock:
@@ -145,7 +153,7 @@ class Scheduler:
             if len(self._waiting) >= self.max_waiting:
                 raise TgedgeError(f"request refused: {len(self._waiting)} requests already wait for a slot (the "
                                   f"scheduler's bound, max_waiting={self.max_waiting}): retry later")
-            request = Request(next(self._ids), self, inputs, options, limit, on_token)
+            request = Request(next(self._ids), self, inputs, options, limit, on_token, embeddings)
             self._waiting.append(request)
             self._lock.notify_all()
         return request
@@ -186,7 +194,9 @@ class Scheduler:
         self._active[slot] = request
         request.timings["admitted"] = time.perf_counter()
         try:
-            logits = self.decoder.prefill(slot, self.pipe.embeddings(request.inputs))
+            x = request.embeddings if request.embeddings is not None else self.pipe.embeddings(request.inputs)
+            request.embeddings = None  # the slot holds them now
+            logits = self.decoder.prefill(slot, x)
             request.timings["first_token"] = time.perf_counter()
             done = request._emit(request.sampler.pick(logits))
         except Exception as e:  # a stage's failure or the request's own callback's: this request's

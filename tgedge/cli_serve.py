@@ -45,7 +45,8 @@ def _add_triton(sub) -> None:
         "triton", help="write a Triton Inference Server model repository from an export or engine directory",
         description="One model per stage (config.pbtxt from the stage contract; text_guide and vision with dynamic "
                     "batching), the graphs or engines under 1/, and the `tgedge` entry model: decoupled, image bytes "
-                    "+ question in, the answer streamed out, the decode loop and its KV cache in one instance. "
+                    "+ question in, the answer streamed out, the decoder and its KV cache in one instance "
+                    "(in-flight batching of up to --max-inflight requests with a static-cache export). "
                     "--backend python runs the stages with tgedge's ONNX Runtime runners inside Triton's Python "
                     "backend (what `tgedge serve` runs); onnxruntime and tensorrt write the configs a full Triton "
                     "container loads (docs/SERVING.md).", epilog=EPILOG)
@@ -61,8 +62,10 @@ def _add_triton(sub) -> None:
     p.add_argument("--queue-delay-us", type=integer(0, 10_000_000), default=2000,
                    help="how long the dynamic batcher waits to fill a batch, microseconds (default 2000)")
     p.add_argument("--max-inflight", type=integer(1, 1024), default=8,
-                   help="requests one entry instance decodes at once, each with its own KV cache (default 8; "
-                        "1 with --backend tensorrt)")
+                   help="requests one entry instance decodes at once (default 8; 1 with --backend tensorrt): with a "
+                        "static-cache export (tgedge export --cache static) one scheduler of that many slots "
+                        "decodes them in shared decoder steps (in-flight batching); otherwise each decodes with its "
+                        "own KV cache")
     p.add_argument("--no-verify", action="store_true",
                    help="skip checking the graphs against the manifest's sha256 (on purpose: a graph edited by hand)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -155,7 +158,8 @@ INT32_MAX = 2 ** 31 - 1  # max_new_tokens and top_k travel as int32 (tgedge.serv
 
 
 def _add_sampling(p) -> None:
-    p.add_argument("--max-new-tokens", type=integer(1, INT32_MAX), default=64, help="most tokens to generate (default 64)")
+    p.add_argument("--max-new-tokens", type=integer(1, INT32_MAX), default=64,
+                   help="most tokens to generate (default 64)")
     p.add_argument("--temperature", type=real(0), default=0.0, help="0 = greedy (default); > 0 samples")
     p.add_argument("--top-k", type=integer(0, INT32_MAX),
                    help="sample from the k most likely tokens (0 = off, the default; with --temperature > 0)")

@@ -91,6 +91,24 @@ def forced_logits(pipe, x: Any, tokens: list[int]) -> np.ndarray:
     return np.stack(logits)
 
 
+def text_stream(decode: Callable[[list[int]], str], stop: StopCriteria,
+                on_text: Callable[[str], None]) -> Callable[[int], None]:
+    """`on_token(id)` that tells `on_text` each new piece of the answer's text as the tokens come, never past a stop
+    string (what `tgedge run` prints as it streams; the server streams the same pieces)."""
+    tokens: list[int] = []
+    shown = ""
+
+    def on_token(token: int) -> None:
+        nonlocal shown
+        tokens.append(token)
+        text = stop.clean(decode(tokens))
+        if len(text) > len(shown) and text.startswith(shown):
+            on_text(text[len(shown):])
+            shown = text
+
+    return on_token
+
+
 class AnswerMixin:
     """`answer()` for a pipeline with `pre` (Preprocessor), `context`, `embeddings(inputs)` and the decode steps."""
 
@@ -113,18 +131,7 @@ class AnswerMixin:
         encoded = time.perf_counter()
         decode = self.pre.tokenizer.decode
         stop = StopCriteria(options, decode)
-        tokens: list[int] = []
-        shown = ""
-
-        def on_token(token: int) -> None:
-            nonlocal shown
-            tokens.append(token)
-            if on_text is not None:  # stream the text as it grows, never past a stop string
-                text = stop.clean(decode(tokens))
-                if len(text) > len(shown) and text.startswith(shown):
-                    on_text(text[len(shown):])
-                    shown = text
-
+        on_token = text_stream(decode, stop, on_text) if on_text is not None else None
         result = generate(self, x, options, self.context, stop, on_token=on_token)
         text = stop.clean(decode(result.tokens)).strip()
         timings = {"preprocess_encode_s": encoded - start, **result.timings}

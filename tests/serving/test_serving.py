@@ -1,7 +1,9 @@
 """Serving on Triton Inference Server: the repository's configs against Triton's own schema, and the real
-`tritonserver` (nvidia-pytriton's) on the demo export: answers equal the single-process Pipeline's with 8
-concurrent streaming clients, a killed client does not wedge it, malformed requests get error responses, the CLI
-commands (client, loadtest, serve) behave. One server for the module, on free loopback ports, always stopped."""
+`tritonserver` (nvidia-pytriton's) on the demo exported with a static KV cache, so the entry model decodes through
+its scheduler (in-flight batching; the per-request path: tests/serving/test_entry.py): answers equal the
+single-process Pipeline's with 8 concurrent streaming clients, bad requests beside them fail alone, a killed client
+does not wedge it, malformed requests get error responses, the CLI commands (client, loadtest, serve) behave. One
+server for the module, on free loopback ports, always stopped."""
 
 import ast
 import json
@@ -49,9 +51,18 @@ def parse(path: Path):
 
 
 @pytest.fixture(scope="module")
-def repo(demo_export, tmp_path_factory):
+def served(tmp_path_factory):
+    """The demo exported with a static KV cache: the export the entry model batches requests of."""
+    from tgedge.export.onnx_export import export_model
+
+    return export_model("demo", tmp_path_factory.mktemp("served") / "demo", cache_mode="static",
+                        check=False).directory
+
+
+@pytest.fixture(scope="module")
+def repo(served, tmp_path_factory):
     out = tmp_path_factory.mktemp("triton") / "repo"
-    repository.write_repository(demo_export.directory, out, repository.RepositorySettings(max_batch=8))
+    repository.write_repository(served, out, repository.RepositorySettings(max_batch=8))
     return out
 
 
@@ -87,11 +98,11 @@ def samples(demo_eval):
 
 
 @pytest.fixture(scope="module")
-def reference(demo_export, samples):
+def reference(served, samples):
     """Greedy answers of the single-process runtime, as `tgedge run` gives them."""
     from tgedge.runtime.pipeline import Pipeline
 
-    with Pipeline(demo_export.directory) as pipe:
+    with Pipeline(served) as pipe:
         return [pipe.answer(path, prompt, pipe.options(max_new_tokens=64)).to_dict() for path, prompt, _ in samples]
 
 
@@ -166,6 +177,15 @@ def test_triton_refuses(demo_export, tmp_path, capsys):
     assert code == 2 and "--instances" in err
 
 
+def test_triton_says_how_the_entry_decodes(served, demo_export, tmp_path, capsys):
+    for source, extra, says in ((served, [], "in-flight batching: one scheduler of 8 slots"),
+                                (served, ["--max-inflight", "1"], "at most 1 at once (max_inflight is 1)"),
+                                (demo_export.directory, [], "on its own, at most 8 at once (batched decoding needs "
+                                                            "a static KV cache; this export's is 'growing'")):
+        code, out, err = run(capsys, "triton", source, "-o", tmp_path / "r", "--force", *extra)
+        assert code == 0 and says in out, out + err
+
+
 def test_server_side_modules_import_no_torch():
     """entry and stage run inside tritonserver's Python: the torch-free runtime and below, nothing heavier."""
     for name in ("entry", "stage", "protocol", "repository"):
@@ -200,6 +220,7 @@ def _ask_all(url, samples, workers, **options):
 
 
 def test_answers_equal_pipeline_with_8_streaming_clients(server, samples, reference):
+    assert any("in-flight batching, one scheduler of 8 slots" in line for line in server.log)
     replies = _ask_all(server.grpc_url, samples, 8, max_new_tokens=64)
     for (reply, streamed), want in zip(replies, reference):
         got = reply.answer
@@ -207,6 +228,30 @@ def test_answers_equal_pipeline_with_8_streaming_clients(server, samples, refere
                                                                       want["prompt_tokens"])
         assert streamed.strip() == got["text"] and reply.first_text_s is not None
         assert set(got) == set(want) and set(got["timings"]) >= set(want["timings"])
+
+
+def test_bad_requests_beside_good_ones_fail_alone(server, samples, reference, served):
+    """An unreadable image and a prompt beyond the context, sent among good requests: their own one-line errors;
+    the good ones' tokens unchanged."""
+    context = Manifest.load(served).max_context
+    bad = [(samples[0][0], samples[0][1], b"not an image"), (samples[1][0], "why " * context, samples[1][2])]
+    mixed = samples[:4] + bad + samples[4:8]
+    sessions = [Session(server.grpc_url, timeout=60) for _ in mixed]  # all at once: one stream each
+
+    def ask(session, sample):
+        try:
+            return session.ask(sample[2], sample[1], max_new_tokens=64).answer["tokens"]
+        except TgedgeError as e:
+            return str(e)
+
+    try:
+        with ThreadPoolExecutor(len(mixed)) as pool:
+            got = list(pool.map(ask, sessions, mixed))
+    finally:
+        for s in sessions:
+            s.close()
+    assert got[:4] + got[6:] == [r["tokens"] for r in reference[:8]]
+    assert "unreadable image" in got[4] and "longer than the context" in got[5], got[4:6]
 
 
 KILLED_CLIENT = """
@@ -280,7 +325,7 @@ def _tensor(name, value, datatype):
     return t
 
 
-def test_out_of_range_requests_are_one_line_errors(server, samples, demo_export):
+def test_out_of_range_requests_are_one_line_errors(server, samples, served):
     """Sent raw (no client-side checks): integers beyond their bounds arrive whole (int64 fields) and are refused
     naming the input and its bound; an empty image; token ids outside a stage's vocabulary, never a stack trace."""
     import tritonclient.grpc as grpcclient
@@ -299,7 +344,7 @@ def test_out_of_range_requests_are_one_line_errors(server, samples, demo_export)
         assert error and message in error, error
     error = _raw_request(url, [_tensor("image", np.zeros(0, np.uint8), "UINT8"), question])
     assert error and "input 'image' is empty" in error, error
-    model = demo_export.manifest.model
+    model = Manifest.load(served).model
     client = grpcclient.InferenceServerClient(url)
     guide = model["text_guide"]["max_position_embeddings"]  # the guide's fixed token length
     for stage, ids, message in (
@@ -336,19 +381,19 @@ def test_malformed_requests_get_error_responses(server, samples, reference):
     assert server.running
 
 
-def test_client_cli_prints_what_run_prints(server, demo_export, samples, capsys, tmp_path):
+def test_client_cli_prints_what_run_prints(server, served, samples, capsys, tmp_path):
     path, prompt, _ = samples[1]
     code, out, _ = run(capsys, "client", server.grpc_url, "--image", path, "--prompt", prompt, "--json")
     assert code == 0
     got = json.loads(out)
-    code, out, _ = run(capsys, "run", demo_export.directory, "--image", path, "--prompt", prompt, "--json")
+    code, out, _ = run(capsys, "run", served, "--image", path, "--prompt", prompt, "--json")
     want = json.loads(out)
     assert set(got) == set(want) and (got["tokens"], got["text"]) == (want["tokens"], want["text"])
     code, out, _ = run(capsys, "client", f"grpc://{server.grpc_url}", "--image", path, "--prompt", prompt, "--stream")
     assert code == 0 and out.strip() == want["text"]
     raw = ["--prompt", f"USER: <image>\n{prompt} ASSISTANT:", "--raw", "--guide", prompt, "--json"]
     code, out, _ = run(capsys, "client", server.grpc_url, "--image", path, *raw)
-    code2, out2, _ = run(capsys, "run", demo_export.directory, "--image", path, *raw)
+    code2, out2, _ = run(capsys, "run", served, "--image", path, *raw)
     assert code == code2 == 0 and json.loads(out)["tokens"] == json.loads(out2)["tokens"]
     bad = tmp_path / "bad.png"
     bad.write_text("not a picture")

@@ -3,8 +3,16 @@
 One instance holds one `tgedge.runtime.Pipeline` over the export copied into its version directory. The stages
 named in its `bls_stages` parameter (text_guide and vision) are runners that call the repository's stage models
 through BLS, so Triton's dynamic batcher batches them across requests; fusion, embed and the decoder run in this
-instance on its `runtime_backend`, and each request decodes with its own KV cache on shared sessions (threads,
-at most `max_inflight` at once; `execute` waits for a free slot, so the rest wait in Triton's queue).
+instance on its `runtime_backend`. Each request is read and encoded in a thread of its own; then
+
+- in-flight batching (a static-cache export on onnxruntime: `runtime.batched.batching_problem` is None): one
+  `runtime.scheduler.Scheduler` of `max_inflight` slots decodes every request in shared decoder steps, newcomers
+  joining between steps; up to `max_inflight` more wait for a slot, encoded;
+- otherwise (a growing-cache export, TensorRT engines, `max_inflight` 1): each request decodes with its own KV
+  cache on shared sessions, at most `max_inflight` at once.
+
+`execute` waits for room, so the rest wait in Triton's queue. A request's error (its image, its prompt's length,
+its stream) is its own; only a failing decoder call fails the requests it decoded together.
 
 Imported by the model.py `tgedge triton` writes, inside the server only.
 """
@@ -25,13 +33,20 @@ import triton_python_backend_utils as pb_utils
 
 from tgedge.contract import Stage, TensorMeta
 from tgedge.errors import TgedgeError, as_user_error
+from tgedge.generate import Answer, fit_to_context, text_stream
 from tgedge.preprocess import load_image
 from tgedge.runtime.backends import make_runner
+from tgedge.runtime.batched import batching_problem
 from tgedge.runtime.cache import make_cache
 from tgedge.runtime.pipeline import Pipeline
 from tgedge.runtime.runner import BaseRunner
+from tgedge.runtime.scheduler import Scheduler
+from tgedge.sampling import StopCriteria
 from tgedge.serving.protocol import DEFAULTS, OPTIONS, REQUEST, bound_problem
 from tgedge.serving.stage import error_response, parameters
+
+
+CANCEL_POLL_S = 0.1  # how often a request waiting for a slot looks whether its client has gone
 
 
 class Cancelled(Exception):
@@ -110,7 +125,8 @@ def read_request(request) -> dict:
 
 
 class Entry:
-    """The model instance's state: the pipeline, its worker threads and their slots."""
+    """The model instance's state: the pipeline, and either one scheduler decoding every request together (a
+    static-cache export whose decoder batches: `runtime.batched.batching_problem`) or a KV cache per request."""
 
     def __init__(self, export_dir: Path, params: dict[str, str]):
         self.backend = params.get("runtime_backend") or "onnxruntime"
@@ -119,10 +135,22 @@ class Entry:
             raise TgedgeError("bls_stages: the decoder runs in the entry model (its KV cache stays here)")
         self.threads = int(params.get("threads") or 0)
         inflight = int(params.get("max_inflight") or 1)
-        self.pipe = Pipeline(export_dir, self.backend, runner_factory=self._runner)
-        self.slots = threading.BoundedSemaphore(inflight)
-        self.pool = ThreadPoolExecutor(inflight, thread_name_prefix="tgedge-request")
         self.log = pb_utils.Logger
+        self.pipe = Pipeline(export_dir, self.backend, runner_factory=self._runner)
+        self.scheduler: Scheduler | None = None
+        problem = batching_problem(self.pipe) if inflight > 1 else "max_inflight is 1"
+        if problem is None:
+            # max_inflight slots decode; as many more requests are read and encoded meanwhile, waiting for a slot.
+            # The semaphore is the bound: a slot freed in a step is taken at the next, so the queue may briefly hold
+            # every admitted request
+            admitted = 2 * inflight
+            self.scheduler = Scheduler(self.pipe, slots=inflight, max_waiting=admitted)
+            self.log.log_info(f"tgedge: in-flight batching, one scheduler of {inflight} slots")
+        else:
+            admitted = inflight
+            self.log.log_info(f"tgedge: each request decodes on its own, at most {inflight} at once ({problem})")
+        self.admitted = threading.BoundedSemaphore(admitted)  # execute waits for room, so the rest wait in Triton
+        self.pool = ThreadPoolExecutor(admitted, thread_name_prefix="tgedge-request")
 
     def _runner(self, manifest, graph: str) -> BaseRunner:
         if graph in self.bls:
@@ -144,11 +172,11 @@ class Entry:
             return
         # the client's going away shows on the sender (Triton >= 2.42) or the request
         cancelled = getattr(sender, "is_cancelled", None) or request.is_cancelled
-        self.slots.acquire()  # at most max_inflight decoding; Triton queues the rest
+        self.admitted.acquire()
         try:
             self.pool.submit(self._serve, values, sender, cancelled)
         except BaseException:
-            self.slots.release()
+            self.admitted.release()
             raise
 
     def _serve(self, values: dict, sender, cancelled) -> None:
@@ -166,7 +194,7 @@ class Entry:
                 self.log.log_error(f"tgedge: internal error: {traceback.format_exc()}")
             self._send_error(sender, str(user) if user else f"internal error ({type(e).__name__}: {e})")
         finally:
-            self.slots.release()
+            self.admitted.release()
 
     @staticmethod
     def _send_error(sender, message: str) -> None:
@@ -189,18 +217,39 @@ class Entry:
                 raise Cancelled
             sender.send(pb_utils.InferenceResponse([text_tensor("text", piece)]))
 
-        pipe = self.sequence()
         image = load_image(RequestImage(values["image"]))
-        options = pipe.options(**{k: values[k] for k in OPTIONS})
+        options = self.pipe.options(**{k: values[k] for k in OPTIONS})
         if cancelled():
             raise Cancelled
-        answer = pipe.answer(image, values["question"], options, raw=values["raw"], on_text=on_text,
-                             guide=values["guide"])
+        if self.scheduler is None:
+            answer = self.sequence().answer(image, values["question"], options, raw=values["raw"], on_text=on_text,
+                                            guide=values["guide"])
+        else:
+            answer = self._scheduled(image, values, options, on_text, cancelled, start)
         result = answer.to_dict()
         result["timings"]["server_s"] = round(time.perf_counter() - start, 6)
         return result
 
+    def _scheduled(self, image, values: dict, options, on_text, cancelled, start: float) -> Answer:
+        """Encode here (concurrent newcomers' BLS stages batch in Triton), decode in the scheduler's shared steps;
+        the text streams from its stepping thread, and a client gone while waiting for a slot cancels it."""
+        inputs = self.pipe.pre(image, values["question"], values["raw"], values["guide"])
+        fit_to_context(int(inputs.input_ids.shape[1]), options.max_new_tokens, self.pipe.context)  # before encoding
+        embeddings = self.pipe.embeddings(inputs)
+        encoded = time.perf_counter()
+        decode = self.pipe.pre.tokenizer.decode
+        request = self.scheduler.submit_inputs(inputs, options, text_stream(decode, StopCriteria(options, decode),
+                                                                            on_text), embeddings)
+        while not request.wait(CANCEL_POLL_S):
+            if cancelled():
+                request.cancel()
+        answer = request.result()
+        answer.timings = {"preprocess_encode_s": encoded - start, **answer.timings}
+        return answer
+
     def close(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.close()  # requests still decoding fail: the pool's threads answer them and return
         self.pool.shutdown(wait=True, cancel_futures=False)
         self.pipe.close()
 

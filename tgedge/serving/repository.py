@@ -58,7 +58,9 @@ class RepositorySettings:
     instances: int = 1  # instances of every model (instance_group count)
     max_batch: int = 8  # images per batch of the batched stages
     queue_delay_us: int = 2000  # how long the dynamic batcher waits to fill a batch
-    max_inflight: int = 8  # requests one entry instance decodes at once (threads; 1 for TensorRT)
+    # requests one entry instance decodes at once: its scheduler's slots where the decoder batches
+    # (`decoding`), else threads each with its own KV cache; 1 for TensorRT
+    max_inflight: int = 8
     threads: int = 1  # ONNX Runtime intra-op threads per session (parallelism comes from concurrent requests)
 
     def __post_init__(self):
@@ -165,6 +167,19 @@ def entry_config(contract: StageContract, settings: RepositorySettings):
     return config
 
 
+def decoding(contract: StageContract, settings: RepositorySettings) -> str:
+    """How the entry model will decode, as `Entry` chooses at load: in-flight batching where the export's decoder
+    batches (`runtime.batched`), else each request on its own, and why."""
+    from tgedge.runtime.batched import cache_problem
+
+    inflight = 1 if settings.backend == "tensorrt" else settings.max_inflight
+    problem = ("TensorRT engines decode one sequence (batched engines: not built yet)" if settings.backend == "tensorrt"
+               else "max_inflight is 1" if inflight == 1 else cache_problem(contract.cache))
+    if problem is None:
+        return f"in-flight batching: one scheduler of {inflight} slots per instance, requests share decoder steps"
+    return f"each request decodes on its own, at most {inflight} at once ({problem})"
+
+
 def config_text(config) -> str:
     _, text_format = _pb2()
     return text_format.MessageToString(config)
@@ -247,7 +262,8 @@ def write_repository(source: str | Path, out: str | Path, settings: RepositorySe
         (tmp / ENTRY_MODEL / "1" / "model.py").write_text(MODEL_PY.format(module="tgedge.serving.entry"))
         result.models[ENTRY_MODEL] = (f"entry: decoupled Python model, {settings.instances} instance(s); "
                                       f"{entry.parameters['bls_stages'].string_value} through BLS, the rest on "
-                                      f"{RUNTIME_BACKEND[settings.backend]} in the instance")
+                                      f"{RUNTIME_BACKEND[settings.backend]} in the instance; "
+                                      f"{decoding(contract, settings)}")
         for stage in contract.stage_names:
             config = stage_config(contract, stage, settings, views, engine_dims, _vocab(manifest.model, stage))
             version = tmp / stage / "1"
