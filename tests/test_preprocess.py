@@ -69,6 +69,20 @@ def test_text_guide_drops_image_and_cuts_to_context(pre):
     assert len(ids) == 6  # sliced as the reference slices ([:77] for CLIP), EOS may fall off
 
 
+def test_text_only_prompt_has_no_image_positions(pre):
+    """No image: the template's turn holds the question alone, no image positions, no pixels, no text guide."""
+    inputs = pre(None, "what color is the circle?")
+    assert inputs.prompt == pre.prompt("what color is the circle?").replace("<image>\n", "")
+    ids = inputs.input_ids[0].tolist()
+    assert IMAGE_PLACEHOLDER_ID not in ids and ids[0] == pre.tokenizer.token_to_id("<s>")
+    assert inputs.pixel_values is None and inputs.crops is None and inputs.guide_ids is None
+    assert pre.text("USER: hi ASSISTANT:", raw=True).prompt == "USER: hi ASSISTANT:"
+    with pytest.raises(TgedgeError, match="text-only prompt must not contain <image>"):
+        pre(None, "<image> what color?")
+    with pytest.raises(TgedgeError, match="empty prompt"):
+        pre.text("  ")
+
+
 def test_image_twice_is_an_error(pre):
     with pytest.raises(TgedgeError, match="2 <image> placeholders"):
         pre.prompt("<image> what <image> color?")

@@ -240,14 +240,17 @@ def _add_loadtest(sub) -> None:
     p = sub.add_parser(
         "loadtest", help="measure a Triton server on this machine beside the single-process loop",
         description="Send a data folder's samples to the `tgedge` entry model at each concurrency level (one gRPC "
-                    "stream per client), a bounded number of requests per level, and report requests/s, latency "
-                    "p50/p90/p99, time to first text, tokens/s and errors; with --baseline, the same samples "
-                    "answered one after another in this process (tgedge run's loop) first. Loopback addresses "
-                    "only.", epilog=EPILOG)
+                    "stream per client), a bounded number of requests per level, and report per level requests/s, "
+                    "generated tokens/s (all clients together), latency p50/p90/p99, time to first text (TTFT) and "
+                    "inter-token latency ((latency - TTFT) / (tokens - 1)) p50/p99, and failed requests; with "
+                    "--baseline, the same samples answered one after another in this process (tgedge run's loop) "
+                    "first. Loopback addresses only.", epilog=EPILOG)
     p.add_argument("url", help="the server's gRPC address on this machine, e.g. 127.0.0.1:8001")
     p.add_argument("--data", required=True, help="data folder (images/ + samples.jsonl), e.g. tgedge data shapes")
     p.add_argument("--concurrency", type=_levels, default=[1, 4, 16], help="concurrency levels (default 1,4,16)")
     p.add_argument("--requests", type=integer(1, 100_000), default=200, help="requests per level (default 200)")
+    p.add_argument("--no-image", action="store_true",
+                   help="text-only requests: the samples' questions without their images (the decoder alone)")
     p.add_argument("--baseline", metavar="DIR",
                    help="export directory, or the model repository (its tgedge/1/export), for the single-process "
                         "loop on the same samples")
@@ -291,16 +294,17 @@ def cmd_loadtest(args) -> int:
                           "with tgedge/1/export")
 
     def show(level) -> None:
-        lat, ttft = level.latency_ms, level.ttft_ms
-        match = "" if level.matches is None else f"  same tokens {level.matches}/{level.requests - level.errors}"
-        print(f"{level.name:<46} {level.requests_per_s:8.1f} req/s  p50 {lat.get('p50', 0):7.1f}  p90 "
-              f"{lat.get('p90', 0):7.1f}  p99 {lat.get('p99', 0):7.1f} ms  ttft p50 {ttft.get('p50', 0):6.1f} ms  "
-              f"{level.tokens_per_s:8.1f} tok/s  errors {level.errors}{match}", flush=True)
+        lat, ttft, itl = level.latency_ms, level.ttft_ms, level.inter_token_ms
+        match = "" if level.matches is None else f"  same tokens {level.matches}/{level.answered}"
+        print(f"{level.name:<46} {level.requests_per_s:7.1f} req/s {level.tokens_per_s:8.1f} tok/s  latency p50 "
+              f"{lat.get('p50', 0):7.1f} p99 {lat.get('p99', 0):7.1f}  ttft p50 {ttft.get('p50', 0):6.1f} p99 "
+              f"{ttft.get('p99', 0):6.1f}  itl p50 {itl.get('p50', 0):5.1f} p99 {itl.get('p99', 0):5.1f} ms  "
+              f"failed {level.errors}{match}", flush=True)
         if level.first_error:
             print(f"  first error: {level.first_error}", flush=True)
 
     report = run_loadtest(args.url, args.data, args.concurrency, args.requests, _options(args), baseline,
-                          args.baseline_threads or (0,), args.timeout, on_level=show)
+                          args.baseline_threads or (0,), args.timeout, on_level=show, image=not args.no_image)
     if args.json:
         write_atomic(args.json, json.dumps(report.to_dict(), indent=2) + "\n")
     if args.plot:

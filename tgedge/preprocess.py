@@ -353,7 +353,7 @@ class Inputs:
     """Model inputs for one (image, question). Arrays carry a batch dim of 1."""
     prompt: str
     input_ids: np.ndarray  # (1, T) int64, image positions hold `image_token_id`
-    pixel_values: np.ndarray  # (1, 3, H, W) float32
+    pixel_values: np.ndarray | None  # (1, 3, H, W) float32; None: a text-only prompt
     crops: np.ndarray | None = None  # (1, 4, 3, H, W) float32
     guide_ids: np.ndarray | None = None  # (1, Tg) int64
 
@@ -457,10 +457,22 @@ class Preprocessor:
         ids = self.guide_tokenizer.encode(split_question(question))[: self.spec.text_guide_length]
         return np.array([ids], dtype=np.int64)
 
-    def __call__(self, image: Image.Image | str | Path, question: str, raw: bool = False,
+    def text(self, question: str, raw: bool = False) -> Inputs:
+        """A text-only prompt (no image, no text guide: the decoder alone); `raw`: used verbatim."""
+        if not isinstance(question, str) or not question.replace(IMAGE_TOKEN, "").strip():
+            raise TgedgeError("empty prompt: ask a question")
+        if IMAGE_TOKEN in question:
+            raise TgedgeError(f"a text-only prompt must not contain {IMAGE_TOKEN} (it has no image to place)")
+        prompt = question if raw else self.spec.template.render(question, image=False)
+        return Inputs(prompt, np.array([self.tokenizer.encode(prompt)], dtype=np.int64), None)
+
+    def __call__(self, image: Image.Image | str | Path | None, question: str, raw: bool = False,
                  guide: str | None = None) -> Inputs:
         """`raw`: `question` is the whole prompt, used verbatim; the text guide then needs `guide` (the question
-        alone: TG-LLaVA guides with the question, never with the chat template around it)."""
+        alone: TG-LLaVA guides with the question, never with the chat template around it). `image` None: a
+        text-only prompt (`text`; `guide` unused)."""
+        if image is None:
+            return self.text(question, raw)
         if raw and guide is None and self.spec.text_guide_length:
             raise TgedgeError("--raw needs --guide TEXT for this model: the question its text guide sees (TG-LLaVA "
                               "guides with the question alone, not with the raw prompt)")

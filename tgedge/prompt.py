@@ -47,12 +47,13 @@ class PromptTemplate:
     def stop_strings(self) -> list[str]:
         return [] if self.jinja is not None else list(BUILTIN_TEMPLATES[self.name][1])
 
-    def render(self, question: str) -> str:
-        """One user turn with the image placeholder first, then the question, then the assistant's opening."""
+    def render(self, question: str, image: bool = True) -> str:
+        """One user turn with the image placeholder first, then the question, then the assistant's opening;
+        `image` False: a text-only turn, the question alone."""
         question = split_question(question)
         if self.jinja is None:
-            return BUILTIN_TEMPLATES[self.name][0].format(user=f"{IMAGE_TOKEN}\n{question}")
-        return _render_jinja(self.jinja, question)
+            return BUILTIN_TEMPLATES[self.name][0].format(user=f"{IMAGE_TOKEN}\n{question}" if image else question)
+        return _render_jinja(self.jinja, question, image)
 
 
 def split_question(text: str) -> str:
@@ -69,13 +70,14 @@ def check_raw_prompt(text: str) -> str:
     return text
 
 
-def _render_jinja(source: str, question: str) -> str:
+def _render_jinja(source: str, question: str, image: bool = True) -> str:
     try:
         from jinja2.sandbox import ImmutableSandboxedEnvironment
     except ImportError:  # pragma: no cover - jinja2 is a base dependency
         raise TgedgeError("this checkpoint's chat template needs jinja2: pip install jinja2") from None
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    content = [{"type": "image"}] if image else []
+    messages = [{"role": "user", "content": [*content, {"type": "text", "text": question}]}]
     try:
         return env.from_string(source).render(messages=messages, add_generation_prompt=True)
     except Exception as e:  # a template is user input: any failure is a bad-input error

@@ -91,5 +91,7 @@ class StageFlow(AnswerMixin):
         return embed(self.run_stage, ids, self.pre.spec.image_token_id, image_embeds)
 
     def embeddings(self, inputs: Inputs) -> np.ndarray:
-        """Prompt embeddings (1, T, D) with the image (and detail) tokens in place."""
+        """Prompt embeddings (1, T, D) with the image (and detail) tokens in place; a text-only prompt's alone."""
+        if inputs.pixel_values is None:
+            return self.embed_tokens(inputs.input_ids)
         return self.embed(inputs.input_ids, self.encode_image(inputs.pixel_values, inputs.crops, inputs.guide_ids))

@@ -1,7 +1,8 @@
 """The entry model (tgedge/serving/entry.py) without a server: Triton's `triton_python_backend_utils` stood in for
 by a few classes, requests and response senders recorded. A static-cache export decodes through one scheduler
 (requests in shared decoder steps), a growing-cache one per request; both answer as `tgedge run` does, and a bad
-image, a prompt beyond the context, a stream that breaks and a client that leaves fail alone, freeing their slot.
+image, a prompt beyond the context, a stream that breaks and a client that leaves fail alone, freeing their slot;
+text-only requests (no image) decode beside the others.
 The real `tritonserver` runs the same code in tests/serving/test_serving.py."""
 
 import importlib
@@ -96,9 +97,10 @@ class Sender:
 
 
 class Request:
-    def __init__(self, image: bytes, question: str, sender: Sender, **options):
-        self.tensors = {"image": Tensor("image", np.frombuffer(image, np.uint8)),
-                        "question": Tensor("question", np.array([question.encode()], np.object_))}
+    def __init__(self, image: bytes | None, question: str, sender: Sender, **options):
+        self.tensors = {"question": Tensor("question", np.array([question.encode()], np.object_))}
+        if image is not None:  # none: a text-only request
+            self.tensors["image"] = Tensor("image", np.frombuffer(image, np.uint8))
         for k, v in options.items():
             self.tensors[k] = Tensor(k, np.array([v]))
         self.sender = sender
@@ -135,8 +137,10 @@ def _serve(entry, requests):
 
 def test_static_export_decodes_in_shared_steps_and_bad_requests_fail_alone(entry_module, demo_static):
     samples = _samples(6)
+    samples[5] = (None, samples[5][1], None)  # a text-only request among them
     with Pipeline(demo_static) as p:
         ref = [p.answer(image, prompt, p.options(max_new_tokens=24)).to_dict() for image, prompt, _ in samples]
+        assert ref[5]["prompt_tokens"] < ref[4]["prompt_tokens"] - 16  # no image positions
         context = p.context
     entry = entry_module.Entry(demo_static, {"max_inflight": "3", "bls_stages": ""})
     try:

@@ -413,11 +413,29 @@ def test_loadtest(server, repo, demo_eval, capsys, tmp_path):
                          "--requests", "6", "--baseline", repo, "--json", report, "--plot", png)
     assert code == 0, err
     d = json.loads(report.read_text())
-    assert [lv["concurrency"] for lv in d["levels"]] == [1, 2] and len(d["baselines"]) == 1
+    assert [lv["concurrency"] for lv in d["levels"]] == [1, 2] and len(d["baselines"]) == 1 and d["image"]
+    _check_levels(d, 6)
+    assert png.read_bytes()[:4] == b"\x89PNG" and "req/s" in out and "itl p50" in out
+    # text-only requests: the questions alone, answered as the single-process loop answers them without images
+    code, out, err = run(capsys, "loadtest", server.grpc_url, "--data", demo_eval, "--concurrency", "3",
+                         "--requests", "4", "--no-image", "--max-new-tokens", "8", "--baseline", repo, "--json",
+                         report)
+    assert code == 0, err
+    d = json.loads(report.read_text())
+    assert not d["image"] and d["options"]["max_new_tokens"] == 8
+    _check_levels(d, 4)
+    assert all(lv["generated_tokens"] <= 8 * 4 for lv in d["levels"])
+
+
+def _check_levels(d, requests):
+    """Every level's keys, and counts that add up: all answered, each equal to the baseline's."""
+    base = d["baselines"][0]
     for lv in d["levels"]:
-        assert lv["errors"] == 0 and lv["requests"] == 6 and lv["matches"] == 6
-        assert set(lv["latency_ms"]) == {"p50", "p90", "p99", "mean"} and lv["requests_per_s"] > 0
-    assert png.read_bytes()[:4] == b"\x89PNG" and "req/s" in out
+        assert lv["errors"] == 0 and lv["requests"] == requests == lv["answered"] + lv["errors"]
+        assert lv["matches"] == requests and lv["generated_tokens"] == base["generated_tokens"] > 0
+        for key in ("latency_ms", "ttft_ms", "inter_token_ms"):
+            assert set(lv[key]) == {"p50", "p90", "p99", "mean"}, key
+        assert lv["requests_per_s"] > 0 and lv["tokens_per_s"] > 0
 
 
 def test_loadtest_refuses(demo_eval, capsys):

@@ -50,14 +50,17 @@ def _grpc():
     return grpcclient, InferenceServerException
 
 
-def request_inputs(image: bytes, question: str, **options) -> list:
-    """The entry model's request tensors (protocol.REQUEST); options left out take the server's defaults."""
+def request_inputs(image: bytes | None, question: str, **options) -> list:
+    """The entry model's request tensors (protocol.REQUEST); options left out take the server's defaults; `image`
+    None: a text-only prompt."""
     grpcclient, _ = _grpc()
-    values = {"image": np.frombuffer(image, dtype=np.uint8),
-              "question": np.array([question.encode("utf-8")], dtype=np.object_)}
-    unknown = set(options) - set(DEFAULTS)
+    values = {"question": np.array([question.encode("utf-8")], dtype=np.object_)}
+    if image is not None:
+        values["image"] = np.frombuffer(image, dtype=np.uint8)
+    known = [k for k in DEFAULTS if k != "image"]
+    unknown = set(options) - set(known)
     if unknown:
-        raise TgedgeError(f"unknown option(s) {', '.join(sorted(unknown))} (known: {', '.join(DEFAULTS)})")
+        raise TgedgeError(f"unknown option(s) {', '.join(sorted(unknown))} (known: {', '.join(known)})")
     inputs = []
     for f in REQUEST:
         if f.name in values:
@@ -141,8 +144,8 @@ class Session:
                 pass
             self._streaming = False
 
-    def ask(self, image: bytes, question: str, on_text=None, **options) -> Reply:
-        """Stream one answer; `on_text(piece)` is called as the text grows."""
+    def ask(self, image: bytes | None, question: str, on_text=None, **options) -> Reply:
+        """Stream one answer (`image` None: a text-only prompt); `on_text(piece)` is called as the text grows."""
         inputs = request_inputs(image, question, **options)
         self._stream()
         self._count += 1

@@ -217,7 +217,7 @@ class Entry:
                 raise Cancelled
             sender.send(pb_utils.InferenceResponse([text_tensor("text", piece)]))
 
-        image = load_image(RequestImage(values["image"]))
+        image = None if values["image"] is None else load_image(RequestImage(values["image"]))  # None: text-only
         options = self.pipe.options(**{k: values[k] for k in OPTIONS})
         if cancelled():
             raise Cancelled

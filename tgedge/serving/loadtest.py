@@ -1,10 +1,13 @@
 """`tgedge loadtest`: a bounded load on a Triton server on this machine, beside the single-process loop.
 
 Per concurrency level, that many workers (one gRPC stream each) send the data folder's samples round-robin until
-`requests` answers are in; each is timed from send to its last response (latency) and to its first piece of text
-(TTFT). The baseline answers the same samples with `Pipeline.answer`, one after another in this process, as
-`tgedge run` does (threads as ONNX Runtime picks them, or as asked). Requests/s count answers, errors included;
-tokens/s count generated tokens. Loopback only: this is a measuring tool, not a traffic generator.
+`requests` answers are in (`image` False: their questions alone, text-only requests); each is timed from send to its
+last response (latency) and to its first piece of text (TTFT), and its inter-token latency is the time after the
+first text over the tokens after the first, (latency - TTFT) / (tokens - 1), as genai-perf defines it. The
+baseline answers the same samples with `Pipeline.answer`, one after another in this process, as `tgedge run` does
+(threads as ONNX Runtime picks them, or as asked). Requests/s count answers, failed ones (`errors`) included;
+tokens/s count the generated tokens of every answer, all clients together. Loopback only: this is a measuring
+tool, not a traffic generator.
 """
 
 from __future__ import annotations
@@ -47,12 +50,15 @@ class Level:
     name: str
     concurrency: int
     requests: int
-    errors: int
+    errors: int  # failed requests
     wall_s: float
     requests_per_s: float
-    tokens_per_s: float
+    tokens_per_s: float  # generated tokens of every answer / wall time
     latency_ms: dict[str, float]  # p50, p90, p99, mean
-    ttft_ms: dict[str, float]  # p50, p90, p99
+    ttft_ms: dict[str, float]  # p50, p90, p99, mean
+    inter_token_ms: dict[str, float]  # p50, p90, p99, mean over the answers of more than one token
+    answered: int = 0  # requests - errors
+    generated_tokens: int = 0
     matches: int | None = None  # greedy answers equal to the baseline's, where there is one
     first_error: str = ""
 
@@ -66,13 +72,14 @@ class Report:
     samples: int
     requests: int
     options: dict
+    image: bool = True  # False: text-only requests (--no-image)
     levels: list[Level] = field(default_factory=list)
     baselines: list[Level] = field(default_factory=list)
     machine: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"url": self.url, "samples": self.samples, "requests": self.requests, "options": self.options,
-                "machine": self.machine, "baselines": [b.to_dict() for b in self.baselines],
+                "image": self.image, "machine": self.machine, "baselines": [b.to_dict() for b in self.baselines],
                 "levels": [lv.to_dict() for lv in self.levels]}
 
 
@@ -90,15 +97,17 @@ def _level(name, concurrency, results, wall, reference=None) -> Level:
     tokens = sum(len(r[1]["tokens"]) for r in ok)
     matches = None if reference is None else sum(r[1]["tokens"] == reference[r[0]] for r in ok)
     errors = [r[4] for r in results if r[1] is None]
+    itl = [(r[2] - r[3]) / (len(r[1]["tokens"]) - 1) for r in ok if r[3] is not None and len(r[1]["tokens"]) > 1]
     return Level(name, concurrency, len(results), len(errors), round(wall, 4), round(len(results) / wall, 3),
                  round(tokens / wall, 3), percentiles([r[2] for r in ok]),
-                 percentiles([r[3] for r in ok if r[3] is not None]), matches, errors[0] if errors else "")
+                 percentiles([r[3] for r in ok if r[3] is not None]), percentiles(itl), len(ok), tokens, matches,
+                 errors[0] if errors else "")
 
 
 def baseline(export_dir: str | Path, samples: list, requests: int, options: dict, threads: int = 0,
-             warmup: int = 2) -> tuple[Level, dict[int, list[int]]]:
+             warmup: int = 2, image: bool = True) -> tuple[Level, dict[int, list[int]]]:
     """`tgedge run`'s loop in this process: one Pipeline, one answer after another (`threads` 0: ONNX Runtime's
-    default, as `tgedge run`; else that many intra-op threads)."""
+    default, as `tgedge run`; else that many intra-op threads; `image` False: the questions alone)."""
     from tgedge.runtime.pipeline import Pipeline
 
     tokens: dict[int, list[int]] = {}
@@ -106,13 +115,13 @@ def baseline(export_dir: str | Path, samples: list, requests: int, options: dict
     with Pipeline(export_dir, runner_options={"threads": threads}) as pipe:
         opts = pipe.options(**options)
         for i in range(min(warmup, len(samples))):
-            pipe.answer(samples[i][0], samples[i][1], opts)
+            pipe.answer(samples[i][0] if image else None, samples[i][1], opts)
         start = time.perf_counter()
         for n in range(requests):
             i = n % len(samples)
             t0, first = time.perf_counter(), []
             on_text = lambda piece: first or first.append(time.perf_counter())  # noqa: E731
-            answer = pipe.answer(samples[i][0], samples[i][1], opts, on_text=on_text).to_dict()
+            answer = pipe.answer(samples[i][0] if image else None, samples[i][1], opts, on_text=on_text).to_dict()
             tokens[i] = answer["tokens"]
             results.append((i, answer, time.perf_counter() - t0, first[0] - t0 if first else None, ""))
         wall = time.perf_counter() - start
@@ -121,8 +130,8 @@ def baseline(export_dir: str | Path, samples: list, requests: int, options: dict
 
 
 def load_level(url: str, samples: list, concurrency: int, requests: int, options: dict, timeout: float,
-               reference: dict[int, list[int]] | None = None) -> Level:
-    """`concurrency` workers with one stream each; `requests` answers in all."""
+               reference: dict[int, list[int]] | None = None, image: bool = True) -> Level:
+    """`concurrency` workers with one stream each; `requests` answers in all (`image` False: text-only)."""
     issued = iter(range(requests))
     lock = threading.Lock()
     results: list = []
@@ -137,7 +146,7 @@ def load_level(url: str, samples: list, concurrency: int, requests: int, options
             i = n % len(samples)
             t0 = time.perf_counter()
             try:
-                reply = session.ask(samples[i][2], samples[i][1], **options)
+                reply = session.ask(samples[i][2] if image else None, samples[i][1], **options)
                 result = (i, reply.answer, reply.latency_s, reply.first_text_s, "")
             except TgedgeError as e:
                 result = (i, None, time.perf_counter() - t0, None, str(e))
@@ -146,7 +155,7 @@ def load_level(url: str, samples: list, concurrency: int, requests: int, options
 
     try:
         for s in sessions:  # one warm-up request per stream: connections and model instances up before timing
-            s.ask(samples[0][2], samples[0][1], **options)
+            s.ask(samples[0][2] if image else None, samples[0][1], **options)
         workers = [threading.Thread(target=work, args=(s,), daemon=True) for s in sessions]
         start = time.perf_counter()
         for w in workers:
@@ -162,7 +171,7 @@ def load_level(url: str, samples: list, concurrency: int, requests: int, options
 
 def run_loadtest(url: str, data: str | Path, concurrency: list[int], requests: int, options: dict,
                  baseline_dir: str | Path | None = None, baseline_threads: tuple[int, ...] = (0,),
-                 timeout: float = 60.0, on_level=None) -> Report:
+                 timeout: float = 60.0, on_level=None, image: bool = True) -> Report:
     from tgedge.data.folder import read_folder
 
     check_loopback(url)
@@ -177,18 +186,18 @@ def run_loadtest(url: str, data: str | Path, concurrency: list[int], requests: i
         with r.errors():
             samples.append((r.image, r.prompt, r.image.read_bytes()))
     Session(url, timeout=timeout).close()  # one line now if the server or the model is not there
-    report = Report(url, len(samples), requests, options, machine=machine())
+    report = Report(url, len(samples), requests, options, image, machine=machine())
     reference = None
     if baseline_dir is not None:
         for threads in baseline_threads:
-            level, tokens = baseline(baseline_dir, samples, requests, options, threads)
+            level, tokens = baseline(baseline_dir, samples, requests, options, threads, image=image)
             report.baselines.append(level)
             reference = reference or tokens
             if on_level:
                 on_level(level)
     greedy = not options.get("temperature")
     for c in concurrency:
-        level = load_level(url, samples, c, requests, options, timeout, reference if greedy else None)
+        level = load_level(url, samples, c, requests, options, timeout, reference if greedy else None, image)
         report.levels.append(level)
         if on_level:
             on_level(level)
@@ -202,7 +211,8 @@ def machine() -> dict:
 
 
 def plot(report: Report, path: str | Path) -> None:
-    """Requests/s and p99 latency per concurrency level; the baselines as horizontal lines."""
+    """Generated tokens/s, TTFT and inter-token latency (p50, p99) per concurrency level; the baselines as
+    horizontal lines."""
     try:
         import matplotlib
     except ImportError:
@@ -213,20 +223,28 @@ def plot(report: Report, path: str | Path) -> None:
     from tgedge.fileio import write_atomic
 
     xs = [lv.concurrency for lv in report.levels]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.plot(xs, [lv.requests_per_s for lv in report.levels], "o-", label="Triton")
-    right.plot(xs, [lv.latency_ms.get("p99", float("nan")) for lv in report.levels], "o-", label="Triton p99")
-    right.plot(xs, [lv.latency_ms.get("p50", float("nan")) for lv in report.levels], "o--", label="Triton p50")
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    axes[0].plot(xs, [lv.tokens_per_s for lv in report.levels], "o-", label="Triton")
+    for ax, key, title in ((axes[1], "ttft_ms", "time to first text"), (axes[2], "inter_token_ms",
+                                                                          "inter-token latency")):
+        for pct, style in (("p99", "o-"), ("p50", "o--")):
+            ax.plot(xs, [getattr(lv, key).get(pct, float("nan")) for lv in report.levels], style,
+                    label=f"Triton {pct}")
+        for b, style in zip(report.baselines, ("--", ":", "-.")):
+            ax.axhline(getattr(b, key).get("p50", float("nan")), linestyle=style, color="grey",
+                       label=f"{b.name} p50")
+        ax.set(xlabel="concurrent clients", ylabel="ms", title=title)
     for b, style in zip(report.baselines, ("--", ":", "-.")):
-        left.axhline(b.requests_per_s, linestyle=style, color="grey", label=b.name)
-        right.axhline(b.latency_ms.get("p99", float("nan")), linestyle=style, color="grey", label=f"{b.name} p99")
-    left.set(xlabel="concurrent clients", ylabel="answers / s", title="throughput", xscale="log", xticks=xs)
-    right.set(xlabel="concurrent clients", ylabel="ms", title="latency", xscale="log", xticks=xs)
-    for ax in (left, right):
+        axes[0].axhline(b.tokens_per_s, linestyle=style, color="grey", label=b.name)
+    axes[0].set(xlabel="concurrent clients", ylabel="generated tokens / s, all clients", title="throughput")
+    for ax in axes:
+        ax.set(xscale="log", xticks=xs)
         ax.set_xticklabels([str(x) for x in xs])
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"tgedge on Triton: {report.requests} requests per level, {report.samples} samples", fontsize=9)
+    kind = "" if report.image else ", text-only"
+    fig.suptitle(f"tgedge on Triton: {report.requests} requests per level, {report.samples} samples{kind}",
+                 fontsize=9)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)

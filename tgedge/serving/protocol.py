@@ -1,7 +1,8 @@
 """The entry model's request and response tensors: declared once, read by the repository writer (its
 config.pbtxt), the entry model (parsing a request) and the client (building one). Torch-free, Triton-free.
 
-A request is the image file's bytes and the question, plus the sampling options of `tgedge run`; the response
+A request is the image file's bytes (or none: a text-only prompt) and the question, plus the sampling options of
+`tgedge run`; the response
 stream is the answer's text as it grows (`text`, one piece per response, what `tgedge run` prints as it streams),
 then one final response holding `answer`: the JSON object `tgedge run --json` prints.
 """
@@ -39,7 +40,8 @@ INT31 = 2 ** 31 - 1
 
 
 REQUEST = (
-    Field("image", "uint8", (-1,), help="the image file's bytes (PNG, JPEG, any format pillow reads)"),
+    Field("image", "uint8", (-1,), True, "the image file's bytes (PNG, JPEG, any format pillow reads); left out: a "
+                                          "text-only prompt, the decoder alone"),
     Field("question", "bytes", (1,), help="the question, UTF-8; the model's chat template wraps it"),
     # int64 on the wire: Triton's HTTP/JSON reader casts a number into the declared type, so an int32 field
     # would wrap 4294967297 to 1 before the model sees it; as int64 it arrives whole and is refused by its bounds
@@ -69,10 +71,10 @@ def bound_problem(f: Field, value) -> str | None:
 
 
 # The options' defaults are `tgedge run`'s.
-DEFAULTS = {"max_new_tokens": 64, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": 0, "raw": False,
+DEFAULTS = {"image": None, "max_new_tokens": 64, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": 0, "raw": False,
             "guide": None}
-# The sampling options (tgedge.sampling.GenerationOptions); raw and guide shape the prompt instead.
-OPTIONS = tuple(f.name for f in REQUEST if f.optional and f.name not in ("raw", "guide"))
+# The sampling options (tgedge.sampling.GenerationOptions); image, raw and guide shape the prompt instead.
+OPTIONS = tuple(f.name for f in REQUEST if f.optional and f.name not in ("image", "raw", "guide"))
 
 TRITON_TYPES = {"bool": "TYPE_BOOL", "uint8": "TYPE_UINT8", "int8": "TYPE_INT8", "int32": "TYPE_INT32",
                 "int64": "TYPE_INT64", "float16": "TYPE_FP16", "float32": "TYPE_FP32", "float64": "TYPE_FP64",
