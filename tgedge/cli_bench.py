@@ -34,6 +34,11 @@ def _add_bench(sub) -> None:
     p.add_argument("--no-image", action="store_true", help="text-only prompts alone (needs --prompt-tokens)")
     p.add_argument("--prompt-tokens", type=int_list, metavar="N,N,...",
                    help="also text-only prompts of these lengths (decode speed against context), e.g. 128,671,2048")
+    p.add_argument("--batch", type=batch_list, metavar="B,B,...",
+                   help="instead: the decoder alone at these batch sizes, one static-cache export (tgedge export "
+                        "--cache static): each of B slots prefilled with a text-only prompt of --prompt-tokens ids "
+                        "(default 128), then --runs timed decoder steps of all B rows after --warmup; reports step "
+                        "ms and tokens/s over all rows per B (what in-flight batching can reach), e.g. 1,4,8,16")
     p.add_argument("--runs", type=integer(1, 100_000), default=5, help="timed runs per model (default 5)")
     p.add_argument("--warmup", type=integer(0, 100_000), default=1, help="untimed runs per model first (default 1)")
     p.add_argument("--new-tokens", type=integer(2), default=16,
@@ -80,6 +85,15 @@ def int_list(value: str) -> tuple[int, ...]:
     values = tuple(comma_list(value, "whole numbers", int))
     if min(values) < 1:
         raise argparse.ArgumentTypeError(f"{value!r}: every prompt length must be >= 1")
+    return values
+
+
+def batch_list(value: str) -> tuple[int, ...]:
+    import argparse
+
+    values = tuple(comma_list(value, "whole numbers", int))
+    if min(values) < 1 or max(values) > 1024:
+        raise argparse.ArgumentTypeError(f"{value!r}: every batch size must be in [1, 1024]")
     return values
 
 
@@ -174,8 +188,46 @@ def _own_clip(checkpoint: str) -> str | None:
     return str(own) if (own / "config.json").exists() else None
 
 
+BATCH_ALONE = (("compare", "--compare"), ("genai_model", "--genai-model"), ("transformers_model",
+                                                                            "--transformers-model"),
+               ("image", "--image"), ("prompt", "--prompt"), ("no_image", "--no-image"), ("power", "--power"),
+               ("markdown", "--markdown"), ("plot", "--plot"), ("cuda_graph", "--cuda-graph"), ("clip", "--clip"))
+
+
+def _bench_batch(args) -> int:
+    """`--batch`: the decoder alone at batch B (tgedge.bench.batch)."""
+    from tgedge.bench.batch import batch_bench, batch_lines
+    from tgedge.fileio import write_atomic
+
+    given = [flag for name, flag in BATCH_ALONE if getattr(args, name)]
+    if given:
+        raise TgedgeError(f"--batch measures the decoder alone: it takes no {', '.join(given)}")
+    if len(args.model) != 1 or not is_export(args.model[0]):
+        raise TgedgeError("--batch measures one export's decoder (tgedge export --cache static -o DIR): give one "
+                          f"export directory (got {', '.join(args.model)})")
+    if args.backend not in (None, "onnxruntime", "onnxruntime-cuda"):
+        raise TgedgeError(f"--batch runs on onnxruntime or onnxruntime-cuda (batched TensorRT engines are not built "
+                          f"yet; got --backend {args.backend})")
+    if args.prompt_tokens and len(args.prompt_tokens) > 1:
+        raise TgedgeError("--batch takes one --prompt-tokens length (the cached positions of every row)")
+    _writable(args.json, "--json", inputs=args.model)
+    prompt = args.prompt_tokens[0] if args.prompt_tokens else 128
+    report = batch_bench(args.model[0], args.backend or "onnxruntime", args.batch, prompt, args.runs, args.warmup,
+                         args.threads, spin=not args.no_spin)
+    if args.json == "-":
+        print(json.dumps(report))
+        return 0
+    if args.json:
+        write_atomic(args.json, json.dumps(report, indent=1) + "\n")
+    print("\n".join(batch_lines(report)))
+    return 0
+
+
 def cmd_bench(args) -> int:
     from tqdm import tqdm
+
+    if args.batch:
+        return _bench_batch(args)
 
     from tgedge.bench import Settings, run_bench
     from tgedge.bench.report import plot, summary_lines, to_markdown
