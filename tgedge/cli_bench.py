@@ -41,7 +41,7 @@ def _add_bench(sub) -> None:
                         "ms and tokens/s over all rows per B (what in-flight batching can reach), e.g. 1,4,8,16")
     p.add_argument("--runs", type=integer(1, 100_000), default=5, help="timed runs per model (default 5)")
     p.add_argument("--warmup", type=integer(0, 100_000), default=1, help="untimed runs per model first (default 1)")
-    p.add_argument("--new-tokens", type=integer(2), default=16,
+    p.add_argument("--new-tokens", type=integer(2), default=None,
                    help="tokens generated per run, EOS ignored (default 16; must fit the context after the prompt)")
     p.add_argument("--compare", type=peer_list, default=(), metavar="PEERS",
                    help=f"peers on the same weights, comma-separated: {', '.join(PEERS)} (torch: tgedge's PyTorch "
@@ -191,7 +191,8 @@ def _own_clip(checkpoint: str) -> str | None:
 BATCH_ALONE = (("compare", "--compare"), ("genai_model", "--genai-model"), ("transformers_model",
                                                                             "--transformers-model"),
                ("image", "--image"), ("prompt", "--prompt"), ("no_image", "--no-image"), ("power", "--power"),
-               ("markdown", "--markdown"), ("plot", "--plot"), ("cuda_graph", "--cuda-graph"), ("clip", "--clip"))
+               ("markdown", "--markdown"), ("plot", "--plot"), ("cuda_graph", "--cuda-graph"), ("clip", "--clip"),
+               ("new_tokens", "--new-tokens (--runs counts its steps)"))
 
 
 def _bench_batch(args) -> int:
@@ -199,7 +200,9 @@ def _bench_batch(args) -> int:
     from tgedge.bench.batch import batch_bench, batch_lines
     from tgedge.fileio import write_atomic
 
-    given = [flag for name, flag in BATCH_ALONE if getattr(args, name)]
+    given = [flag for name, flag in BATCH_ALONE if getattr(args, name) not in (None, False, (), [])]
+    if args.torch_device != "cpu":
+        given.append("--torch-device")
     if given:
         raise TgedgeError(f"--batch measures the decoder alone: it takes no {', '.join(given)}")
     if len(args.model) != 1 or not is_export(args.model[0]):
@@ -268,7 +271,8 @@ def cmd_bench(args) -> int:
         from tgedge.reference import torch_device
 
         torch_device(args.torch_device)  # no CUDA in this torch: said now, before any model is loaded
-    settings = Settings(args.runs, args.warmup, args.new_tokens, args.prompt_tokens or (), image, prompt, args.power)
+    new_tokens = 16 if args.new_tokens is None else args.new_tokens
+    settings = Settings(args.runs, args.warmup, new_tokens, args.prompt_tokens or (), image, prompt, args.power)
     with tqdm(total=args.runs * len(targets), desc="bench", unit="run", disable=None, file=sys.stderr) as bar:
         report = run_bench(targets, settings, progress=bar.update)
     command = "tgedge " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith(("tgedge", "__main__.py")) else None

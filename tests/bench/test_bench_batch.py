@@ -40,6 +40,7 @@ def test_batch_levels(demo_static, capsys, tmp_path):
     (["--batch", "2", "--compare", "torch"], "takes no --compare"),
     (["--batch", "2", "--no-image", "--plot", "x.png"], "takes no --no-image, --plot"),
     (["--batch", "2", "--prompt-tokens", "8,16"], "one --prompt-tokens length"),
+    (["--batch", "2", "--new-tokens", "8"], "takes no --new-tokens (--runs counts its steps)"),
     (["--batch", "2", "--backend", "tensorrt"], "batched TensorRT engines are not built yet"),
     (["--batch", "2", "--prompt-tokens", "100000"], "exceed the static cache"),
 ])
