@@ -244,7 +244,9 @@ def _add_loadtest(sub) -> None:
                     "generated tokens/s (all clients together), latency p50/p90/p99, time to first text (TTFT) and "
                     "inter-token latency ((latency - TTFT) / (tokens - 1)) p50/p99, and failed requests; with "
                     "--baseline, the same samples answered one after another in this process (tgedge run's loop) "
-                    "first. Loopback addresses only.", epilog=EPILOG)
+                    "first, and after the levels the baseline export's decoder alone at batch B = each concurrency "
+                    "(tgedge bench --batch; a static-cache export), beside the tokens/s served. Loopback addresses "
+                    "only.", epilog=EPILOG)
     p.add_argument("url", help="the server's gRPC address on this machine, e.g. 127.0.0.1:8001")
     p.add_argument("--data", required=True, help="data folder (images/ + samples.jsonl), e.g. tgedge data shapes")
     p.add_argument("--concurrency", type=_levels, default=[1, 4, 16], help="concurrency levels (default 1,4,16)")
@@ -263,6 +265,31 @@ def _add_loadtest(sub) -> None:
     p.add_argument("--json", metavar="FILE", help="write the report as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="write throughput and latency per level as a PNG")
     p.set_defaults(func=cmd_loadtest)
+
+
+def _entry_threads(repo) -> int:
+    """The entry model's `threads` parameter in a repository tgedge triton wrote (1 where it says none)."""
+    from tgedge.serving.repository import parse_config
+
+    config = repo / "tgedge" / "config.pbtxt"
+    if not config.is_file():
+        return 1
+    value = parse_config(config).parameters["threads"].string_value
+    return int(value) if value.isdigit() else 1
+
+
+def _decoder_lines(report) -> list[str]:
+    d = report.decoder
+    if not d:
+        return []
+    if "skipped" in d:
+        return [f"decoder alone at batch B: not measured ({d['skipped']})"]
+    lines = [f"decoder alone at batch B ({d['prompt_tokens']} cached positions, {d['threads']} thread(s), median of "
+             f"{d['runs']} steps), against what the server generated:"]
+    for lv in report.levels:
+        lines.append(f"  batch {lv.concurrency:>4}  {lv.decoder_tokens_per_s:9.1f} tok/s  served "
+                     f"{lv.tokens_per_s:9.1f} tok/s = {lv.served_of_decoder:.3f} of it")
+    return lines
 
 
 def _threads(value: str) -> tuple[int, ...]:
@@ -287,7 +314,9 @@ def cmd_loadtest(args) -> int:
     baseline = args.baseline
     if args.baseline_threads is not None and not baseline:
         raise TgedgeError("--baseline-threads sets the --baseline loop's threads: it needs --baseline")
+    decoder_threads = 1  # the repository's default `threads`; a repository given says its own
     if baseline and not is_export(baseline) and (Path(baseline) / "tgedge/1/export").is_dir():
+        decoder_threads = _entry_threads(Path(baseline))
         baseline = str(Path(baseline) / "tgedge/1/export")
     if baseline and not is_export(baseline):  # before connecting: the option is wrong whatever the server says
         raise TgedgeError(f"--baseline {args.baseline}: not an export (no manifest.json) nor a model repository "
@@ -304,7 +333,10 @@ def cmd_loadtest(args) -> int:
             print(f"  first error: {level.first_error}", flush=True)
 
     report = run_loadtest(args.url, args.data, args.concurrency, args.requests, _options(args), baseline,
-                          args.baseline_threads or (0,), args.timeout, on_level=show, image=not args.no_image)
+                          args.baseline_threads or (0,), args.timeout, on_level=show, image=not args.no_image,
+                          decoder_threads=decoder_threads)
+    for line in _decoder_lines(report):
+        print(line, flush=True)
     if args.json:
         write_atomic(args.json, json.dumps(report.to_dict(), indent=2) + "\n")
     if args.plot:

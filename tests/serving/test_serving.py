@@ -416,6 +416,13 @@ def test_loadtest(server, repo, demo_eval, capsys, tmp_path):
     assert [lv["concurrency"] for lv in d["levels"]] == [1, 2] and len(d["baselines"]) == 1 and d["image"]
     _check_levels(d, 6)
     assert png.read_bytes()[:4] == b"\x89PNG" and "req/s" in out and "itl p50" in out
+    # the decoder alone at batch B = each level's concurrency, on the baseline's export, beside what was served
+    assert [lv["batch"] for lv in d["decoder"]["levels"]] == [1, 2] and d["decoder"]["threads"] == 1
+    assert d["decoder"]["prompt_tokens"] == d["baselines"][0]["prompt_tokens"] > 0
+    for lv, dec in zip(d["levels"], d["decoder"]["levels"]):
+        assert lv["decoder_tokens_per_s"] == dec["tokens_per_s"] > 0 and dec["rows_agree"]
+        assert lv["served_of_decoder"] == pytest.approx(lv["tokens_per_s"] / dec["tokens_per_s"], abs=1e-3)
+    assert "decoder alone at batch B" in out
     # text-only requests: the questions alone, answered as the single-process loop answers them without images
     code, out, err = run(capsys, "loadtest", server.grpc_url, "--data", demo_eval, "--concurrency", "3",
                          "--requests", "4", "--no-image", "--max-new-tokens", "8", "--baseline", repo, "--json",
@@ -436,6 +443,19 @@ def _check_levels(d, requests):
         for key in ("latency_ms", "ttft_ms", "inter_token_ms"):
             assert set(lv[key]) == {"p50", "p90", "p99", "mean"}, key
         assert lv["requests_per_s"] > 0 and lv["tokens_per_s"] > 0
+
+
+def test_loadtest_skips_the_decoder_rate_of_an_export_that_cannot_batch(demo_export):
+    from tgedge.serving.loadtest import Level, Report, decoder_rates
+
+    report = Report("127.0.0.1:1", 1, 1, {})
+    report.baselines.append(Level("loop", 1, 1, 0, 1.0, 1.0, 2.0, {}, {}, {}, 1, 2, 91))
+    report.levels.append(Level("triton", 4, 1, 0, 1.0, 1.0, 2.0, {}, {}, {}, 1, 2, 91))
+    decoder_rates(report, demo_export.directory, 1)
+    assert report.decoder == {"skipped": f"{demo_export.directory}: batched decoding needs a static KV cache; this "
+                                         "export's is 'growing': export with --cache static (onnxruntime) or --cache "
+                                         "static-onnx"}
+    assert report.levels[0].decoder_tokens_per_s is None
 
 
 def test_loadtest_refuses(demo_eval, capsys):

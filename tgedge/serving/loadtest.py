@@ -6,8 +6,11 @@ last response (latency) and to its first piece of text (TTFT), and its inter-tok
 first text over the tokens after the first, (latency - TTFT) / (tokens - 1), as genai-perf defines it. The
 baseline answers the same samples with `Pipeline.answer`, one after another in this process, as `tgedge run` does
 (threads as ONNX Runtime picks them, or as asked). Requests/s count answers, failed ones (`errors`) included;
-tokens/s count the generated tokens of every answer, all clients together. Loopback only: this is a measuring
-tool, not a traffic generator.
+tokens/s count the generated tokens of every answer, all clients together. With a baseline export whose decoder
+batches (a static cache), the decoder alone is then measured at batch B = each level's concurrency
+(`tgedge.bench.batch`, the baseline's median prompt length cached per row, the server's intra-op threads), so the
+ratio of served to possible tokens/s is in the report. Loopback only: this is a measuring tool, not a traffic
+generator.
 """
 
 from __future__ import annotations
@@ -59,8 +62,11 @@ class Level:
     inter_token_ms: dict[str, float]  # p50, p90, p99, mean over the answers of more than one token
     answered: int = 0  # requests - errors
     generated_tokens: int = 0
+    prompt_tokens: int = 0  # the answers' median prompt length
     matches: int | None = None  # greedy answers equal to the baseline's, where there is one
     first_error: str = ""
+    decoder_tokens_per_s: float | None = None  # the decoder alone at batch = concurrency (tgedge bench --batch)
+    served_of_decoder: float | None = None  # tokens_per_s / decoder_tokens_per_s
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -76,10 +82,12 @@ class Report:
     levels: list[Level] = field(default_factory=list)
     baselines: list[Level] = field(default_factory=list)
     machine: dict = field(default_factory=dict)
+    decoder: dict = field(default_factory=dict)  # tgedge bench --batch's report, or {"skipped": why}
 
     def to_dict(self) -> dict:
         return {"url": self.url, "samples": self.samples, "requests": self.requests, "options": self.options,
-                "image": self.image, "machine": self.machine, "baselines": [b.to_dict() for b in self.baselines],
+                "image": self.image, "machine": self.machine, "decoder": self.decoder,
+                "baselines": [b.to_dict() for b in self.baselines],
                 "levels": [lv.to_dict() for lv in self.levels]}
 
 
@@ -100,8 +108,8 @@ def _level(name, concurrency, results, wall, reference=None) -> Level:
     itl = [(r[2] - r[3]) / (len(r[1]["tokens"]) - 1) for r in ok if r[3] is not None and len(r[1]["tokens"]) > 1]
     return Level(name, concurrency, len(results), len(errors), round(wall, 4), round(len(results) / wall, 3),
                  round(tokens / wall, 3), percentiles([r[2] for r in ok]),
-                 percentiles([r[3] for r in ok if r[3] is not None]), percentiles(itl), len(ok), tokens, matches,
-                 errors[0] if errors else "")
+                 percentiles([r[3] for r in ok if r[3] is not None]), percentiles(itl), len(ok), tokens,
+                 int(np.median([r[1]["prompt_tokens"] for r in ok])) if ok else 0, matches, errors[0] if errors else "")
 
 
 def baseline(export_dir: str | Path, samples: list, requests: int, options: dict, threads: int = 0,
@@ -171,7 +179,8 @@ def load_level(url: str, samples: list, concurrency: int, requests: int, options
 
 def run_loadtest(url: str, data: str | Path, concurrency: list[int], requests: int, options: dict,
                  baseline_dir: str | Path | None = None, baseline_threads: tuple[int, ...] = (0,),
-                 timeout: float = 60.0, on_level=None, image: bool = True) -> Report:
+                 timeout: float = 60.0, on_level=None, image: bool = True, decoder_threads: int = 1) -> Report:
+    """`decoder_threads`: the intra-op threads of the decoder-alone runs (the server's `threads` setting)."""
     from tgedge.data.folder import read_folder
 
     check_loopback(url)
@@ -201,7 +210,27 @@ def run_loadtest(url: str, data: str | Path, concurrency: list[int], requests: i
         report.levels.append(level)
         if on_level:
             on_level(level)
+    if report.baselines:
+        decoder_rates(report, baseline_dir, decoder_threads)
     return report
+
+
+def decoder_rates(report: Report, export_dir: str | Path, threads: int, runs: int = 5, warmup: int = 1) -> None:
+    """The decoder alone at batch B = each level's concurrency, into `report` (skipped, saying why, where the
+    export's decoder cannot batch)."""
+    from tgedge.bench.batch import batch_bench
+
+    prompt = report.baselines[0].prompt_tokens
+    try:
+        batches = tuple(sorted({lv.concurrency for lv in report.levels}))
+        report.decoder = batch_bench(str(export_dir), "onnxruntime", batches, prompt, runs, warmup, threads)
+    except TgedgeError as e:
+        report.decoder = {"skipped": str(e).removeprefix("--batch: ")}
+        return
+    rate = {d["batch"]: d["tokens_per_s"] for d in report.decoder["levels"]}
+    for lv in report.levels:
+        lv.decoder_tokens_per_s = rate[lv.concurrency]
+        lv.served_of_decoder = round(lv.tokens_per_s / rate[lv.concurrency], 4)
 
 
 def machine() -> dict:
