@@ -180,7 +180,9 @@ def _add_client(sub) -> None:
                     "with text, tokens, prompt_tokens and timings (the server's, plus first_text_s and "
                     "round_trip_s measured here).", epilog=EPILOG)
     p.add_argument("url", help="the server's gRPC address: HOST:PORT or grpc://HOST:PORT (tgedge serve prints it)")
-    p.add_argument("--image", required=True, help="image file (any format pillow reads); sent as its bytes")
+    p.add_argument("--image", help="image file (any format pillow reads); sent as its bytes (required unless "
+                                   "--no-image)")
+    p.add_argument("--no-image", action="store_true", help="a text-only request: the question alone")
     p.add_argument("--prompt", required=True, type=text, help="the question; the model's chat template wraps it")
     p.add_argument("--raw", action="store_true", help="use --prompt verbatim (it must contain <image> once); a TG "
                                                       "model then needs --guide")
@@ -195,19 +197,26 @@ def _add_client(sub) -> None:
     p.set_defaults(func=cmd_client)
 
 
-def cmd_client(args) -> int:
+def _read_image(path: str) -> bytes:
     from tgedge.errors import os_error
     from tgedge.fileio import special_file
+
+    if (kind := special_file(path)) is not None:  # before opening: a FIFO would block
+        raise TgedgeError(f"{path}: is {kind}, not an image")
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise os_error(e, path) from None
+
+
+def cmd_client(args) -> int:
     from tgedge.serving.client import Session
 
     options = _options(args)  # refused before any connection
-    if (kind := special_file(args.image)) is not None:  # before opening: a FIFO would block
-        raise TgedgeError(f"{args.image}: is {kind}, not an image")
-    try:
-        with open(args.image, "rb") as f:
-            image = f.read()
-    except OSError as e:
-        raise os_error(e, args.image) from None
+    if args.no_image == (args.image is not None):
+        raise TgedgeError("give --image FILE, or --no-image for a text-only request (one of them)")
+    image = None if args.no_image else _read_image(args.image)
     on_text = None
     if args.stream:
         on_text = ((lambda s: print(json.dumps({"text": s}), flush=True)) if args.json

@@ -395,6 +395,13 @@ def test_client_cli_prints_what_run_prints(server, served, samples, capsys, tmp_
     code, out, _ = run(capsys, "client", server.grpc_url, "--image", path, *raw)
     code2, out2, _ = run(capsys, "run", served, "--image", path, *raw)
     assert code == code2 == 0 and json.loads(out)["tokens"] == json.loads(out2)["tokens"]
+    from tgedge.runtime.pipeline import Pipeline
+
+    with Pipeline(served) as pipe:
+        text_only = pipe.answer(None, prompt, pipe.options(max_new_tokens=64)).to_dict()
+    code, out, _ = run(capsys, "client", server.grpc_url, "--no-image", "--prompt", prompt, "--json")
+    got = json.loads(out)
+    assert code == 0 and (got["tokens"], got["prompt_tokens"]) == (text_only["tokens"], text_only["prompt_tokens"])
     bad = tmp_path / "bad.png"
     bad.write_text("not a picture")
     for argv, message in ((["client", server.grpc_url, "--image", bad], "unreadable image"),
@@ -402,7 +409,9 @@ def test_client_cli_prints_what_run_prints(server, served, samples, capsys, tmp_
                           (["client", f"127.0.0.1:{free_port()}", "--image", path, "--timeout", "5"],
                            "no Triton server answers"),
                           (["client", server.grpc_url, "--image", path, "--model", "nope"], "not ready"),
-                          (["client", server.http_url, "--image", path], "gRPC")):
+                          (["client", server.http_url, "--image", path], "gRPC"),
+                          (["client", server.grpc_url], "give --image FILE, or --no-image"),
+                          (["client", server.grpc_url, "--image", path, "--no-image"], "(one of them)")):
         code, out, err = run(capsys, *argv, "--prompt", prompt)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (argv, err)
 
