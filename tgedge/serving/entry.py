@@ -144,7 +144,11 @@ class Entry:
             # The semaphore is the bound: a slot freed in a step is taken at the next, so the queue may briefly hold
             # every admitted request
             admitted = 2 * inflight
-            self.scheduler = Scheduler(self.pipe, slots=inflight, max_waiting=admitted)
+            try:
+                self.scheduler = Scheduler(self.pipe, slots=inflight, max_waiting=admitted)
+            except BaseException:  # its buffers did not fit, say: the sessions go with the instance
+                self.pipe.close()
+                raise
             self.log.log_info(f"tgedge: in-flight batching, one scheduler of {inflight} slots")
         else:
             admitted = inflight
