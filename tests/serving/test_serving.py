@@ -184,6 +184,9 @@ def test_triton_says_how_the_entry_decodes(served, demo_export, tmp_path, capsys
                                                             "a static KV cache; this export's is 'growing'")):
         code, out, err = run(capsys, "triton", source, "-o", tmp_path / "r", "--force", *extra)
         assert code == 0 and says in out, out + err
+    engines = _fake_engines(served, tmp_path / "engines")  # a static cache, but TensorRT's runner binds whole buffers
+    result = repository.write_repository(engines, tmp_path / "trt", repository.RepositorySettings("tensorrt"))
+    assert "on its own, at most 1 at once (TensorRT engines decode one sequence" in result.models[ENTRY_MODEL]
 
 
 def test_server_side_modules_import_no_torch():
