@@ -166,6 +166,18 @@ def test_a_runner_that_cannot_bind_gets_host_buffers(demo_static):
         assert p.scheduler(slots=2, thread=False).decoder.shared
     assert_scheduled_as_batch1(demo_static, _demo_samples(4), slots=2, runner_factory=wrapped)
 
+    class WholeBuffers(Wrapped):  # binds, but only whole buffers (TensorRT's runner): refused, not fed host arrays
+        def __getattr__(self, name):
+            return getattr(self.inner, name) if name != "binds_rows" else False
+
+    whole = lambda m, g: WholeBuffers(make_runner("onnxruntime", m, g))  # noqa: E731
+    with Pipeline(demo_static, runner_factory=whole) as p:
+        from tgedge.runtime.batched import batching_problem
+
+        assert "the WholeBuffers binds whole KV buffers, not a slot's rows" in batching_problem(p)
+        with pytest.raises(TgedgeError, match="binds whole KV buffers"):
+            p.scheduler(slots=2, thread=False)
+
 
 def test_only_a_per_row_static_export_batches(demo_export, demo_static, tmp_path):
     with Pipeline(demo_export.directory) as p:
