@@ -100,7 +100,10 @@ def w(tmp_path_factory):
         "top1_0": "[fp32.decoder]\nmin_top1 = 0\n", "kl_inf": "[fp16.decoder]\nmax_kl = inf\n",
         "bool": "[fp16.decoder]\nmax_kl = true\n", "negative": "[fp16.embed]\nmax_rel = -0.1\n",
         "text": "[int8.decoder]\nmin_top1 = \"high\"\n", "not_a_section": "[fp16]\ndecoder = 3\n",
-        "drop_100": "[int8.accuracy]\nmax_drop = 100\n", "drop_1000": "[int8.accuracy]\nmax_drop = 1000.0\n"}.items()}
+        "drop_100": "[int8.accuracy]\nmax_drop = 100\n", "drop_1000": "[int8.accuracy]\nmax_drop = 1000.0\n",
+        "noise_1e30": "[fp32.vision]\nmax_noise_ratio = 1e30\n", "rel_1": "[fp16.embed]\nmax_rel = 1\n",
+        "rel_l2_2": "[fp16.vision]\nmax_rel_l2 = 2.0\n", "abs_1e9": "[fp32.embed]\nmax_abs = 1e9\n",
+        "cosine_0": "[int8.fusion]\nmin_cosine = 0\n"}.items()}
     fifo = root / "fifo.png"
     os.mkfifo(fifo)  # reading it would block until something writes
     fifo_data = data_folder("fifo_data", [{**good, "image": "images/pipe.png"}])
@@ -300,16 +303,27 @@ ROWS = [
     # policies: every limit a number in its figure's range, one that can fail
     *[(f"policy {name}", (lambda name: lambda w: ["validate", w.root, "--data", w.data, "--policy",
                                                   w.policies[name]])(name), fragment) for name, fragment in [
-        ("cosine_15", "cosine_15.toml: fp32.vision.min_cosine must be in [0, 1] (got 1.5)"),
+        ("cosine_15", "cosine_15.toml: fp32.vision.min_cosine must be in (0, 1] (got 1.5)"),
         ("cosine_m1", "fp32.vision.min_cosine = -1 can never fail (a cosine is never below -1)"),
         ("top1_0", "fp32.decoder.min_top1 = 0 can never fail (the fraction is never below 0): expected a number in (0, 1]"),
-        ("kl_inf", "kl_inf.toml: fp16.decoder.max_kl = inf can never fail: expected a finite number >= 0"),
+        ("kl_inf", "kl_inf.toml: fp16.decoder.max_kl = inf can never fail: expected a number in [0, ln(vocabulary "
+                   "size))"),
         ("bool", "bool.toml: fp16.decoder.max_kl must be a number (got True)"),
-        ("negative", "fp16.embed.max_rel must be >= 0 (got -0.1)"),
+        ("negative", "fp16.embed.max_rel must be in [0, 1) (got -0.1)"),
         ("text", "int8.decoder.min_top1 must be a number (got 'high')"),
         ("not_a_section", "not_a_section.toml: fp16.decoder must be a section of limits (got 3)"),
         ("drop_100", "int8.accuracy.max_drop = 100 can never fail (accuracy, in points, drops by at most 100)"),
-        ("drop_1000", "int8.accuracy.max_drop = 1000.0 can never fail")]],
+        ("drop_1000", "int8.accuracy.max_drop = 1000.0 can never fail"),
+        # limits a useless runtime passes (probe 3: max_noise_ratio = 1e30 was taken)
+        ("noise_1e30", "noise_1e30.toml: fp32.vision.max_noise_ratio = 1e+30 passes an all-zero output (relative L2 1 "
+                       "is at most 1e6 noises, the noise being floored at 1e-06): expected a number in [0, 1e6)"),
+        ("rel_1", "rel_1.toml: fp16.embed.max_rel = 1 passes an all-zero output (its max_rel figure is 1): expected a "
+                  "number in [0, 1)"),
+        ("rel_l2_2", "fp16.vision.max_rel_l2 = 2.0 passes an all-zero output"),
+        ("abs_1e9", "abs_1e9.toml: fp32.embed.max_abs = 1000000000.0 is beyond fp16's largest number: no difference "
+                    "that large is agreement: expected a number in [0, 65504]"),
+        ("cosine_0", "cosine_0.toml: int8.fusion.min_cosine = 0 passes an all-zero output (its cosine is 0): expected "
+                     "a number in (0, 1]")]],
     # bench
     ("bench beyond context", lambda w: ["bench", w.ckpt, "--image", w.image, "--prompt", "what color?", "--new-tokens",
                                         "100000", "--runs", "1", "--warmup", "0"], "--new-tokens 100000 does not fit"),
@@ -575,6 +589,8 @@ def x(demo_export, demo_eval, tmp_path_factory):
         return root / name
 
     one = {"lowest": {"CLS": "numpy.array", "data": [-1.0], "dtype": "float32"}, "highest": 1.0}
+    kl_policy = root / "kl.toml"
+    kl_policy.write_text("[fp32.decoder]\nmax_kl = 1e300\n")
     cal = SimpleNamespace(
         foreign=calibration("foreign.json", {"no_such_tensor": one}),
         mixed=calibration("mixed.json", {"no_such_tensor": one}, method="entropy"),
@@ -592,7 +608,8 @@ def x(demo_export, demo_eval, tmp_path_factory):
         fifo_preprocess=variant("fifo_preprocess", lambda d: ((d / "preprocess.json").unlink(),
                                                              os.mkfifo(d / "preprocess.json"))),
         fifo_manifest=variant("fifo_manifest", fifo_manifest), cal=cal,
-        image_tokens=variant("image_tokens", edit_preprocess_key("num_image_tokens", 81)), other=other)
+        image_tokens=variant("image_tokens", edit_preprocess_key("num_image_tokens", 81)), other=other,
+        kl_policy=kl_policy)
 
 
 def XRUN(x, export, *extra):
@@ -656,6 +673,10 @@ EXPORT_ROWS = [
     ("quantize fp16 --int8-attention", lambda x: ["quantize", x.good, "--precision", "fp16", "--int8-attention", "-o",
                                                   x.root / "q"], "--int8-attention is for int8 graphs"),
     ("run export --clip", lambda x: XRUN(x, x.good, "--clip", x.root), "--clip is for original-layout checkpoints"),
+    # max_kl's ceiling is the export's ln(vocab_size): a uniform guess scores at most that (probe 3: 1e300 was taken)
+    ("policy max_kl above ln(vocab)", lambda x: ["validate", x.good, "--data", x.data, "--policy", x.kl_policy],
+     "kl.toml: fp32.decoder.max_kl = 1e+300 passes a runtime that knows nothing (uniform over the export's 49 tokens "
+     "it is at most ln(49) = 3.892 nats from the reference): expected a number in [0, 3.892)"),
     ("manifest eos beyond the vocabulary", lambda x: XRUN(x, x.eos),
      "model.eos_token_id must be token ids in [0, 48] (model.decoder.vocab_size 49; got [999])"),
     ("triton preprocess.json a FIFO", lambda x: ["triton", x.fifo_preprocess, "-o", x.root / "repo"],
