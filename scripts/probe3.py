@@ -518,8 +518,10 @@ C("client timeout 0", "client 127.0.0.1:1 --image image.png --prompt q --timeout
 C("client timeout nan", "client 127.0.0.1:1 --image image.png --prompt q --timeout nan", ("image.png",),
   frag="--timeout")
 C("client image missing", "client 127.0.0.1:1 --image nope.png --prompt q", (), frag="nope.png")
+# whether the model has a text guide is in its config, on the server: with nothing there the client cannot know (the
+# served case, "serve: client raw without guide", checks it refuses before sending)
 C("client raw without guide", "client 127.0.0.1:1 --image image.png --raw --prompt '<image> q' --timeout 3",
-  ("image.png",), frag="--guide", codes=(1, 2))
+  ("image.png",), frag="127.0.0.1:1", codes=(1, 2))
 LT = "loadtest 127.0.0.1:1 --data data --requests 1 "
 C("loadtest concurrency 0", LT + "--concurrency 0", ("data",), frag="--concurrency")
 C("loadtest requests 0", LT + "--requests 0", ("data",), frag="--requests")
@@ -747,6 +749,8 @@ def serving_cases(work: Path):
                  frag="image", codes=(1, 2)),
             dict(name="serve: client prompt beyond context", cmd=f"client {url} --image image.png --prompt '"
                  + "red " * 2000 + "'", frag="context", codes=(1, 2)),
+            dict(name="serve: client raw without guide", cmd=f"client {url} --image image.png --raw --prompt "
+                 "'<image> q'", frag="--guide"),
             dict(name="serve: client temperature 1e-300", cmd=f"client {url} --image image.png --prompt q "
                  "--temperature 1e-300 --max-new-tokens 2", expect="either"),
             dict(name="serve: loadtest json over samples", cmd=f"loadtest {url} --data data --requests 1 "
