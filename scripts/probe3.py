@@ -502,7 +502,8 @@ C("serve same ports", "serve repo --http-port 18000 --grpc-port 18000", ("repo",
 C("serve timeout 0", "serve repo --timeout 0", ("repo",), frag="--timeout")
 C("serve timeout nan", "serve repo --timeout nan", ("repo",), frag="--timeout")
 C("serve tritonserver missing", "serve repo --tritonserver ./nope --timeout 10", ("repo",), frag="nope")
-C("serve tritonserver /bin/false", "serve repo --tritonserver /bin/false --timeout 20 --http-port 18100 "
+# --quiet: without it serve says "starting ..." and echoes the server's log on stderr by design (docs/SERVING.md)
+C("serve tritonserver /bin/false", "serve repo --quiet --tritonserver /bin/false --timeout 20 --http-port 18100 "
   "--grpc-port 18101 --metrics-port 18102", ("repo",), frag="tritonserver", codes=(1, 2))
 C("serve config.pbtxt a FIFO", "serve repo --timeout 10", ("repo",), setup=fifo("repo/tgedge/config.pbtxt"),
   frag="config.pbtxt", timeout=30)
@@ -542,7 +543,8 @@ C("random max-shard-size 1KB", CR + "--preset tg-tiny --max-shard-size 1KB", (),
 C("random outliers -1", CR + "--preset tg-tiny --outliers -1", (), frag="--outliers")
 C("random outliers 10^9", CR + "--preset tg-tiny --outliers 1000000000", (), frag="--outliers")
 C("random seed -1", CR + "--preset tg-tiny --seed -1", (), frag="--seed")
-C("random outliers with flat init", CR + "--preset tg-tiny --init flat --outliers 4", (), frag="--outliers")
+# the two are independent: flat weights with 4 planted outlier channels per tower (presets_init.apply), reported
+C("random outliers with flat init", CR + "--preset tg-tiny --init flat --outliers 4", (), expect="ok", out=("ck",))
 C("random preset twice", CR + "--preset tg-tiny --preset llava-tiny", (), frag="--preset")
 C("stats nonexistent", "checkpoint stats nothere", (), frag="nothere")
 C("stats of an export", "checkpoint stats exp", E, frag="exp")

@@ -116,13 +116,15 @@ def w(tmp_path_factory):
     (corrupt / "images" / "a.png").write_bytes(b"not a png at all")
     loop = root / "loop"
     loop.symlink_to(loop)
+    dangling = root / "dangling"
+    dangling.symlink_to(root / "nowhere" / "at" / "all")
     strip = root / "strip.png"
     Image.new("RGB", (1, 60000)).save(strip)  # 60000 pixels; padded to a square, 3.6 billion
     grey16 = root / "grey16.png"
     Image.fromarray((np.arange(40 * 50).reshape(40, 50) * 30).astype(np.uint16)).save(grey16)
     return SimpleNamespace(
         root=root, ckpt=ckpt, image=image, data=data, grey16=grey16, strip=strip, policies=policies, fifo=fifo,
-        fifo_data=fifo_data, fifo_jsonl=fifo_jsonl, corrupt=corrupt, loop=loop,
+        fifo_data=fifo_data, fifo_jsonl=fifo_jsonl, corrupt=corrupt, loop=loop, dangling=dangling,
         no_stage=entry_without_stage("no_stage"), fifo_config=fifo_config(entry_without_stage("fifo_config")),
         guide_swapped=guide_swapped, clip=clip,
         bomb=big_png_header(root / "bomb.png", 20000, 20000),
@@ -335,6 +337,19 @@ ROWS = [
     ("build over its input", lambda w: ["build", w.data, "-o", w.data], "is the input"),
     ("export over data", lambda w: ["export", w.ckpt, "-o", w.written_data], "holds a tgedge data output, not export"),
     ("train over user files", lambda w: ["train-demo", "-o", w.data], "not empty (images, samples.jsonl) and not a tgedge output"),
+    # options named in their refusal (probe 3)
+    ("triton tensorrt --max-inflight", lambda w: ["triton", w.root, "-o", w.root / "r", "--backend", "tensorrt",
+                                                  "--max-inflight", "8"],
+     "--max-inflight 8: with --backend tensorrt an entry instance decodes one request at a time"),
+    ("stats --clip missing", lambda w: ["checkpoint", "stats", w.guide_swapped, "--clip", w.root / "nothere"],
+     "nothere: not found (expected a transformers CLIPModel directory"),
+    ("stats --clip without config", lambda w: ["checkpoint", "stats", w.guide_swapped, "--clip", w.data],
+     "data: no config.json (expected a transformers CLIPModel directory"),
+    # -o through a link to nothing would create the link's target wherever it points (probe 3: triton -o dang)
+    ("-o a dangling link", lambda w: ["data", "shapes", "-n", "2", "-o", w.dangling],
+     "dangling: is a symbolic link to "),
+    ("-o inside a dangling link", lambda w: ["data", "shapes", "-n", "2", "-o", w.dangling / "sub"],
+     "dangling/sub: is inside "),
 ]
 
 
@@ -484,6 +499,10 @@ def test_output_paths_are_resolved_before_anything_is_created(w, tmp_path, capsy
 
     write_atomic(tmp_path / "link" / "new" / ".." / "report.json", "{}")
     assert sorted(p.name for p in user.iterdir()) == ["notes.txt", "report.json"]
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere" / "at" / "all")  # -o through it: nothing created there
+    for out in (tmp_path / "dangling", tmp_path / "dangling" / "sub"):
+        code, _, err = run(capsys, ["data", "shapes", "-n", "1", "-o", out])
+        assert code == 2 and "a symbolic link to " in err and not (tmp_path / "nowhere").exists(), err
 
 
 def test_fake_nvidia_smi_with_odd_numbers(tmp_path, monkeypatch, capsys):
@@ -681,6 +700,19 @@ EXPORT_ROWS = [
      "model.eos_token_id must be token ids in [0, 48] (model.decoder.vocab_size 49; got [999])"),
     ("triton preprocess.json a FIFO", lambda x: ["triton", x.fifo_preprocess, "-o", x.root / "repo"],
      "preprocess.json: is a FIFO (named pipe), not a preprocessing file"),
+    # build: the input and its options are judged before the TensorRT module is looked for (probe 3: every one of these
+    # said "the tensorrt backend needs the tensorrt Python module" here, and a timing cache inside the export was
+    # going to be read as a cache and replaced)
+    ("build timing cache inside the export", lambda x: ["build", x.good, "-o", x.root / "repo", "--timing-cache",
+                                                        x.good / "manifest.json"],
+     "manifest.json: it is inside an input of this command"),
+    ("build graph bogus", lambda x: ["build", x.good, "-o", x.root / "repo", "--graph", "bogus"],
+     "--graph: unknown graph(s) bogus (this export has text_guide, vision, fusion, embed, decoder)"),
+    ("build a data folder", lambda x: ["build", x.data, "-o", x.root / "repo"], "no manifest.json"),
+    ("quantize precision empty", lambda x: ["quantize", x.good, "--precision", "", "-o", x.root / "q"],
+     "--precision: unknown precision '' (choose from fp32, fp16, int8w, int8, int4w, or GRAPH=PRECISION,...)"),
+    ("run export --backend torch", lambda x: XRUN(x, x.good, "--backend", "torch"),
+     "--backend torch runs checkpoints; "),
     ("quantize exclude matches nothing", lambda x: ["quantize", x.good, "--precision", "fp16", "--exclude", "/no/*",
                                                     "-o", x.root / "q"],
      "--exclude '/no/*' matches no node that --precision fp16 quantises"),
