@@ -572,7 +572,8 @@ C("train plain with gate-strategy", "train-demo -o t --fusion plain --gate-strat
   "--vision-steps 1 --answer-steps 1", (), frag="--gate-strategy")
 C("train gated with --no-tg", "train-demo -o t --fusion gated --no-tg --vision-steps 1 --answer-steps 1", (),
   frag="--no-tg")
-C("train vision-lr-scale 0", "train-demo -o t --vision-lr-scale 0", (), frag="--vision-lr-scale")
+# 0 is valid (it freezes the vision tower; --help says so) and then trains in full: a negative scale is the bad input
+C("train vision-lr-scale -1", "train-demo -o t --vision-lr-scale -1", (), frag="--vision-lr-scale")
 
 
 # -- running and judging -----------------------------------------------------------------------------------------
