@@ -316,6 +316,7 @@ def test_malformed_requests_get_error_responses(server, samples, reference):
     url = server.grpc_url
     _, prompt, image = samples[0]
     with Session(url, timeout=60) as session:
+        assert session.guided  # the demo is a TG model: its entry config names text_guide (raw needs a guide, below)
         for args, options, message in (((b"not an image", prompt), {}, "unreadable image"),
                                        ((image, "   "), {}, "empty prompt"),
                                        ((image, prompt), {"raw": True}, "needs --guide"),
