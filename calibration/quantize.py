@@ -38,7 +38,8 @@ def parse_precision(spec: str, graphs: list[str]) -> dict[str, Precision]:
     spec = spec.strip()
     if "=" not in spec:
         if spec not in PRECISIONS:
-            raise TgedgeError(f"unknown precision {spec!r} (choose from {', '.join(PRECISIONS)})")
+            raise TgedgeError(f"--precision: unknown precision {spec!r} (choose from {', '.join(PRECISIONS)}, or "
+                              "GRAPH=PRECISION,...)")
         whole = PRECISIONS[spec]
         return {g: whole if whole.applies_to(g) else REFERENCE for g in graphs}
     plan = {g: REFERENCE for g in graphs}
@@ -49,7 +50,8 @@ def parse_precision(spec: str, graphs: list[str]) -> dict[str, Precision]:
         if graph not in graphs:
             raise TgedgeError(f"unknown graph {graph!r} in --precision (this export has {', '.join(graphs)})")
         if precision not in PRECISIONS:
-            raise TgedgeError(f"unknown precision {precision!r} for {graph} (choose from {', '.join(PRECISIONS)})")
+            raise TgedgeError(f"--precision: unknown precision {precision!r} for {graph} (choose from "
+                              f"{', '.join(PRECISIONS)})")
         if graph in given:
             raise TgedgeError(f"--precision names {graph} twice ({given[graph]}, {part.strip()}): give each graph once")
         given[graph] = part.strip()

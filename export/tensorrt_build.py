@@ -171,12 +171,13 @@ def build_engines(export_dir: str | Path, out: str | Path, backend: str = "tenso
         raise TgedgeError(f"unknown build backend {backend!r} (choose from {', '.join(BACKENDS)})")
     if workspace_mb < 1:
         raise TgedgeError(f"--workspace must be >= 1 MB (got {workspace_mb})")
-    trt = import_tensorrt(backend)
-    manifest = Manifest.load(export_dir)
+    manifest = Manifest.load(export_dir)  # the input and --graph first: true whatever this machine has installed
     names = graphs or list(manifest.graphs)
     unknown = [g for g in names if g not in manifest.graphs]
     if unknown:
-        raise TgedgeError(f"unknown graph(s) {', '.join(unknown)} (this export has {', '.join(manifest.graphs)})")
+        raise TgedgeError(f"--graph: unknown graph(s) {', '.join(unknown)} (this export has "
+                          f"{', '.join(manifest.graphs)})")
+    trt = import_tensorrt(backend)
     cache_path = Path(timing_cache) if timing_cache else None
     cache_bytes = cache_path.read_bytes() if cache_path and cache_path.exists() else None
     if backend == "tensorrt_rtx":  # its timing-cache calls are no-ops (TensorRT-RTX 1.2+)

@@ -100,7 +100,10 @@ def w(tmp_path_factory):
         "top1_0": "[fp32.decoder]\nmin_top1 = 0\n", "kl_inf": "[fp16.decoder]\nmax_kl = inf\n",
         "bool": "[fp16.decoder]\nmax_kl = true\n", "negative": "[fp16.embed]\nmax_rel = -0.1\n",
         "text": "[int8.decoder]\nmin_top1 = \"high\"\n", "not_a_section": "[fp16]\ndecoder = 3\n",
-        "drop_100": "[int8.accuracy]\nmax_drop = 100\n", "drop_1000": "[int8.accuracy]\nmax_drop = 1000.0\n"}.items()}
+        "drop_100": "[int8.accuracy]\nmax_drop = 100\n", "drop_1000": "[int8.accuracy]\nmax_drop = 1000.0\n",
+        "noise_1e30": "[fp32.vision]\nmax_noise_ratio = 1e30\n", "rel_1": "[fp16.embed]\nmax_rel = 1\n",
+        "rel_l2_2": "[fp16.vision]\nmax_rel_l2 = 2.0\n", "abs_1e9": "[fp32.embed]\nmax_abs = 1e9\n",
+        "cosine_0": "[int8.fusion]\nmin_cosine = 0\n"}.items()}
     fifo = root / "fifo.png"
     os.mkfifo(fifo)  # reading it would block until something writes
     fifo_data = data_folder("fifo_data", [{**good, "image": "images/pipe.png"}])
@@ -113,13 +116,15 @@ def w(tmp_path_factory):
     (corrupt / "images" / "a.png").write_bytes(b"not a png at all")
     loop = root / "loop"
     loop.symlink_to(loop)
+    dangling = root / "dangling"
+    dangling.symlink_to(root / "nowhere" / "at" / "all")
     strip = root / "strip.png"
     Image.new("RGB", (1, 60000)).save(strip)  # 60000 pixels; padded to a square, 3.6 billion
     grey16 = root / "grey16.png"
     Image.fromarray((np.arange(40 * 50).reshape(40, 50) * 30).astype(np.uint16)).save(grey16)
     return SimpleNamespace(
         root=root, ckpt=ckpt, image=image, data=data, grey16=grey16, strip=strip, policies=policies, fifo=fifo,
-        fifo_data=fifo_data, fifo_jsonl=fifo_jsonl, corrupt=corrupt, loop=loop,
+        fifo_data=fifo_data, fifo_jsonl=fifo_jsonl, corrupt=corrupt, loop=loop, dangling=dangling,
         no_stage=entry_without_stage("no_stage"), fifo_config=fifo_config(entry_without_stage("fifo_config")),
         guide_swapped=guide_swapped, clip=clip,
         bomb=big_png_header(root / "bomb.png", 20000, 20000),
@@ -300,16 +305,27 @@ ROWS = [
     # policies: every limit a number in its figure's range, one that can fail
     *[(f"policy {name}", (lambda name: lambda w: ["validate", w.root, "--data", w.data, "--policy",
                                                   w.policies[name]])(name), fragment) for name, fragment in [
-        ("cosine_15", "cosine_15.toml: fp32.vision.min_cosine must be in [0, 1] (got 1.5)"),
+        ("cosine_15", "cosine_15.toml: fp32.vision.min_cosine must be in (0, 1] (got 1.5)"),
         ("cosine_m1", "fp32.vision.min_cosine = -1 can never fail (a cosine is never below -1)"),
         ("top1_0", "fp32.decoder.min_top1 = 0 can never fail (the fraction is never below 0): expected a number in (0, 1]"),
-        ("kl_inf", "kl_inf.toml: fp16.decoder.max_kl = inf can never fail: expected a finite number >= 0"),
+        ("kl_inf", "kl_inf.toml: fp16.decoder.max_kl = inf can never fail: expected a number in [0, ln(vocabulary "
+                   "size))"),
         ("bool", "bool.toml: fp16.decoder.max_kl must be a number (got True)"),
-        ("negative", "fp16.embed.max_rel must be >= 0 (got -0.1)"),
+        ("negative", "fp16.embed.max_rel must be in [0, 1) (got -0.1)"),
         ("text", "int8.decoder.min_top1 must be a number (got 'high')"),
         ("not_a_section", "not_a_section.toml: fp16.decoder must be a section of limits (got 3)"),
         ("drop_100", "int8.accuracy.max_drop = 100 can never fail (accuracy, in points, drops by at most 100)"),
-        ("drop_1000", "int8.accuracy.max_drop = 1000.0 can never fail")]],
+        ("drop_1000", "int8.accuracy.max_drop = 1000.0 can never fail"),
+        # limits a useless runtime passes (probe 3: max_noise_ratio = 1e30 was taken)
+        ("noise_1e30", "noise_1e30.toml: fp32.vision.max_noise_ratio = 1e+30 passes an all-zero output (relative L2 1 "
+                       "is at most 1e6 noises, the noise being floored at 1e-06): expected a number in [0, 1e6)"),
+        ("rel_1", "rel_1.toml: fp16.embed.max_rel = 1 passes an all-zero output (its max_rel figure is 1): expected a "
+                  "number in [0, 1)"),
+        ("rel_l2_2", "fp16.vision.max_rel_l2 = 2.0 passes an all-zero output"),
+        ("abs_1e9", "abs_1e9.toml: fp32.embed.max_abs = 1000000000.0 is beyond fp16's largest number: no difference "
+                    "that large is agreement: expected a number in [0, 65504]"),
+        ("cosine_0", "cosine_0.toml: int8.fusion.min_cosine = 0 passes an all-zero output (its cosine is 0): expected "
+                     "a number in (0, 1]")]],
     # bench
     ("bench beyond context", lambda w: ["bench", w.ckpt, "--image", w.image, "--prompt", "what color?", "--new-tokens",
                                         "100000", "--runs", "1", "--warmup", "0"], "--new-tokens 100000 does not fit"),
@@ -321,6 +337,19 @@ ROWS = [
     ("build over its input", lambda w: ["build", w.data, "-o", w.data], "is the input"),
     ("export over data", lambda w: ["export", w.ckpt, "-o", w.written_data], "holds a tgedge data output, not export"),
     ("train over user files", lambda w: ["train-demo", "-o", w.data], "not empty (images, samples.jsonl) and not a tgedge output"),
+    # options named in their refusal (probe 3)
+    ("triton tensorrt --max-inflight", lambda w: ["triton", w.root, "-o", w.root / "r", "--backend", "tensorrt",
+                                                  "--max-inflight", "8"],
+     "--max-inflight 8: with --backend tensorrt an entry instance decodes one request at a time"),
+    ("stats --clip missing", lambda w: ["checkpoint", "stats", w.guide_swapped, "--clip", w.root / "nothere"],
+     "nothere: not found (expected a transformers CLIPModel directory"),
+    ("stats --clip without config", lambda w: ["checkpoint", "stats", w.guide_swapped, "--clip", w.data],
+     "data: no config.json (expected a transformers CLIPModel directory"),
+    # -o through a link to nothing would create the link's target wherever it points (probe 3: triton -o dang)
+    ("-o a dangling link", lambda w: ["data", "shapes", "-n", "2", "-o", w.dangling],
+     "dangling: is a symbolic link to "),
+    ("-o inside a dangling link", lambda w: ["data", "shapes", "-n", "2", "-o", w.dangling / "sub"],
+     "dangling/sub: is inside "),
 ]
 
 
@@ -470,6 +499,10 @@ def test_output_paths_are_resolved_before_anything_is_created(w, tmp_path, capsy
 
     write_atomic(tmp_path / "link" / "new" / ".." / "report.json", "{}")
     assert sorted(p.name for p in user.iterdir()) == ["notes.txt", "report.json"]
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere" / "at" / "all")  # -o through it: nothing created there
+    for out in (tmp_path / "dangling", tmp_path / "dangling" / "sub"):
+        code, _, err = run(capsys, ["data", "shapes", "-n", "1", "-o", out])
+        assert code == 2 and "a symbolic link to " in err and not (tmp_path / "nowhere").exists(), err
 
 
 def test_fake_nvidia_smi_with_odd_numbers(tmp_path, monkeypatch, capsys):
@@ -575,6 +608,8 @@ def x(demo_export, demo_eval, tmp_path_factory):
         return root / name
 
     one = {"lowest": {"CLS": "numpy.array", "data": [-1.0], "dtype": "float32"}, "highest": 1.0}
+    kl_policy = root / "kl.toml"
+    kl_policy.write_text("[fp32.decoder]\nmax_kl = 1e300\n")
     cal = SimpleNamespace(
         foreign=calibration("foreign.json", {"no_such_tensor": one}),
         mixed=calibration("mixed.json", {"no_such_tensor": one}, method="entropy"),
@@ -592,7 +627,8 @@ def x(demo_export, demo_eval, tmp_path_factory):
         fifo_preprocess=variant("fifo_preprocess", lambda d: ((d / "preprocess.json").unlink(),
                                                              os.mkfifo(d / "preprocess.json"))),
         fifo_manifest=variant("fifo_manifest", fifo_manifest), cal=cal,
-        image_tokens=variant("image_tokens", edit_preprocess_key("num_image_tokens", 81)), other=other)
+        image_tokens=variant("image_tokens", edit_preprocess_key("num_image_tokens", 81)), other=other,
+        kl_policy=kl_policy)
 
 
 def XRUN(x, export, *extra):
@@ -656,10 +692,27 @@ EXPORT_ROWS = [
     ("quantize fp16 --int8-attention", lambda x: ["quantize", x.good, "--precision", "fp16", "--int8-attention", "-o",
                                                   x.root / "q"], "--int8-attention is for int8 graphs"),
     ("run export --clip", lambda x: XRUN(x, x.good, "--clip", x.root), "--clip is for original-layout checkpoints"),
+    # max_kl's ceiling is the export's ln(vocab_size): a uniform guess scores at most that (probe 3: 1e300 was taken)
+    ("policy max_kl above ln(vocab)", lambda x: ["validate", x.good, "--data", x.data, "--policy", x.kl_policy],
+     "kl.toml: fp32.decoder.max_kl = 1e+300 passes a runtime that knows nothing (uniform over the export's 49 tokens "
+     "it is at most ln(49) = 3.892 nats from the reference): expected a number in [0, 3.892)"),
     ("manifest eos beyond the vocabulary", lambda x: XRUN(x, x.eos),
      "model.eos_token_id must be token ids in [0, 48] (model.decoder.vocab_size 49; got [999])"),
     ("triton preprocess.json a FIFO", lambda x: ["triton", x.fifo_preprocess, "-o", x.root / "repo"],
      "preprocess.json: is a FIFO (named pipe), not a preprocessing file"),
+    # build: the input and its options are judged before the TensorRT module is looked for (probe 3: every one of these
+    # said "the tensorrt backend needs the tensorrt Python module" here, and a timing cache inside the export was
+    # going to be read as a cache and replaced)
+    ("build timing cache inside the export", lambda x: ["build", x.good, "-o", x.root / "repo", "--timing-cache",
+                                                        x.good / "manifest.json"],
+     "manifest.json: it is inside an input of this command"),
+    ("build graph bogus", lambda x: ["build", x.good, "-o", x.root / "repo", "--graph", "bogus"],
+     "--graph: unknown graph(s) bogus (this export has text_guide, vision, fusion, embed, decoder)"),
+    ("build a data folder", lambda x: ["build", x.data, "-o", x.root / "repo"], "no manifest.json"),
+    ("quantize precision empty", lambda x: ["quantize", x.good, "--precision", "", "-o", x.root / "q"],
+     "--precision: unknown precision '' (choose from fp32, fp16, int8w, int8, int4w, or GRAPH=PRECISION,...)"),
+    ("run export --backend torch", lambda x: XRUN(x, x.good, "--backend", "torch"),
+     "--backend torch runs checkpoints; "),
     ("quantize exclude matches nothing", lambda x: ["quantize", x.good, "--precision", "fp16", "--exclude", "/no/*",
                                                     "-o", x.root / "q"],
      "--exclude '/no/*' matches no node that --precision fp16 quantises"),

@@ -1,6 +1,8 @@
 """`tgedge validate`: passes an honest fp32 export, names the stage of a planted defect, reports as data."""
 
 import json
+import math
+from pathlib import Path
 from xml.etree import ElementTree as ET
 
 import pytest
@@ -57,10 +59,11 @@ def test_policy_overrides_and_errors(demo_export, demo_eval, tmp_path):
     broken = tmp_path / "broken"
     plant(demo_export.directory, broken, "vision-transpose")
     policy = tmp_path / "loose.toml"
-    policy.write_text("[fp32.vision]\nmax_noise_ratio = 1e12\nmin_cosine = 0.0\n")
+    # as loose as limits go (each below its ceiling, tgedge.validate.RANGES)
+    policy.write_text("[fp32.vision]\nmax_noise_ratio = 999999.0\nmin_cosine = 0.5\n")
     report = validate(broken, demo_eval, policy=policy, limit=3, show_progress=False)
     vision = next(s for s in report.stages if s.name == "vision")
-    assert vision.passed and vision.limits == {"max_noise_ratio": 1e12, "min_cosine": 0.0}
+    assert vision.passed and vision.limits == {"max_noise_ratio": 999999.0, "min_cosine": 0.5}
     assert vision.figures["noise_ratio"] > 1e4  # judged, within the loose limit
     assert load_policy()["fp32"]["vision"] == {"max_noise_ratio": 8.0, "min_cosine": 0.99999}  # defaults untouched
     for text, match in (("[fp32.vison]\nmax_abs = 1\n", r"unknown stage \[fp32.vison\]"),
@@ -103,3 +106,26 @@ def test_report_files_never_replace_an_input(demo_export, demo_eval, tmp_path, c
         assert flag in err and words in err and err.count("\n") == 1, err
     assert (export / "manifest.json").read_bytes() == manifest and not (export / "new.md").exists()
     assert (demo_eval / "samples.jsonl").read_bytes() == samples
+
+
+def test_policy_ranges_are_documented():
+    """docs/CI.md's table of accepted limits is tgedge.validate.RANGES, key for key."""
+    from tgedge.validate import LIMITS, RANGES
+
+    text = (Path(__file__).parents[1] / "docs" / "CI.md").read_text()
+    assert set(RANGES) == set(LIMITS)
+    for key, accepted in RANGES.items():
+        assert f"| `{key}` | {accepted} |" in text, key
+
+
+@pytest.mark.parametrize("key, good, bad", [
+    ("max_abs", 65504, 65505), ("max_rel", 0.999, 1.0), ("max_rel_l2", 0.0, 1.0), ("max_noise_ratio", 999999, 1e6),
+    ("min_cosine", 1e-9, 0.0), ("min_top1", 1.0, 1.01), ("min_exact_match", 0.5, -0.5), ("max_drop", 99.9, 100),
+    ("max_kl", math.log(49) - 1e-9, math.log(49))])
+def test_policy_limit_ends(key, good, bad):
+    """Each range's end: the last limit that can still fail is taken, the first one that cannot is refused."""
+    from tgedge.validate import RANGES, limit_problem
+
+    assert limit_problem(key, good, vocab_size=49) is None
+    problem = limit_problem(key, bad, vocab_size=49)
+    assert problem is not None and ("[0, 3.892)" if key == "max_kl" else RANGES[key]) in problem, problem

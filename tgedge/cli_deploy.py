@@ -219,6 +219,8 @@ def cmd_build(args) -> int:
     from tgedge.export.tensorrt_build import build_engines
 
     check_output(args.output, "engines", [args.export_dir, args.timing_cache], args.force)
+    # the timing cache is read and then replaced: never a file of the export (--timing-cache E/manifest.json)
+    check_report(args.timing_cache, "--timing-cache", [args.export_dir], what="the timing cache")
     say = None if args.json else (lambda s: print(s, file=sys.stderr, flush=True))
     result = build_engines(args.export_dir, args.output, args.backend, args.workspace, args.timing_cache,
                            args.graphs, on_step=say, force=args.force)

@@ -61,7 +61,7 @@ def _add_triton(sub) -> None:
                    help="images per dynamic batch of text_guide and vision (default 8)")
     p.add_argument("--queue-delay-us", type=integer(0, 10_000_000), default=2000,
                    help="how long the dynamic batcher waits to fill a batch, microseconds (default 2000)")
-    p.add_argument("--max-inflight", type=integer(1, 1024), default=8,
+    p.add_argument("--max-inflight", type=integer(1, 1024),
                    help="requests one entry instance decodes at once (default 8; 1 with --backend tensorrt): with a "
                         "static-cache export (tgedge export --cache static) one scheduler of that many slots "
                         "decodes them in shared decoder steps (in-flight batching); otherwise each decodes with its "
@@ -75,8 +75,11 @@ def _add_triton(sub) -> None:
 def cmd_triton(args) -> int:
     from tgedge.serving.repository import RepositorySettings, write_repository
 
+    if args.backend == "tensorrt" and args.max_inflight not in (None, 1):  # it would be 1 without a word
+        raise TgedgeError(f"--max-inflight {args.max_inflight}: with --backend tensorrt an entry instance decodes one "
+                          "request at a time (one execution context): leave it out, or add --instances")
     settings = RepositorySettings(args.backend, args.instances, args.max_batch, args.queue_delay_us,
-                                  args.max_inflight)
+                                  args.max_inflight or RepositorySettings.max_inflight)
     result = write_repository(args.model, args.output, settings, force=args.force, verify=not args.no_verify)
     if args.json:
         print(json.dumps(result.to_dict()))

@@ -114,10 +114,11 @@ def inside(directory: str | Path, name, what: str) -> Path:
 
 
 # -- report files ----------------------------------------------------------------------------------------------
-def check_report(path: str | Path | None, flag: str, inputs: Iterable = ()) -> None:
-    """A report file (`--json F`, `--junit F`, ...) may be written at `path`: never an input of the command (a file
-    it reads, or anything inside a directory it reads), never an existing directory (`write_atomic` creates missing
-    parents). Refused before any work, so a typo cannot replace a manifest, a graph or a data file."""
+def check_report(path: str | Path | None, flag: str, inputs: Iterable = (), what: str = "the report") -> None:
+    """A report file (`--json F`, `--junit F`, ...; `what` else, e.g. a timing cache) may be written at `path`: never
+    an input of the command (a file it reads, or anything inside a directory it reads), never an existing directory
+    (`write_atomic` creates missing parents). Refused before any work, so a typo cannot replace a manifest, a graph
+    or a data file."""
     if path is None or str(path) == "-":
         return
     target = _real(path)
@@ -179,10 +180,23 @@ def _derived(kind: str, name: str) -> bool:
     return kind == "repository" and name.endswith(".pyc") and "__pycache__" in name.split("/")[:-1]
 
 
+def _no_dangling_link(out: str | Path) -> None:
+    """`out`, or the nearest of its parents that is there, is no symbolic link to nothing: writing through it would
+    create the link's target (and its parents) wherever it points (-o dang, dang -> nowhere/at/all)."""
+    for p in (Path(out), *Path(out).parents):
+        if os.path.lexists(p):
+            if p.is_symlink() and not p.exists():
+                where = "is" if p == Path(out) else f"is inside {p}, which is"
+                raise TgedgeError(f"{out}: {where} a symbolic link to {os.readlink(p)}, which does not exist: "
+                                  "remove the link or name another folder for -o")
+            return
+
+
 def check_output(out: str | Path, kind: str = "output", inputs: Iterable = (), force: bool = False) -> Path:
     """Refuse an `-o` that tgedge may not replace (one line, naming it); return the directory it will write."""
     if kind not in KINDS:
         raise ValueError(f"unknown output kind {kind!r}")
+    _no_dangling_link(out)
     target = _real(out)
     hint = "pick another -o, or pass --force to replace it"
     home = _real(Path.home())

@@ -20,8 +20,8 @@ def open_pipeline(model: str, backend: str | None, clip: str | None = None, cont
     backend = backend or ("onnxruntime" if export else "torch")
     if backend == "torch":
         if export:
-            raise TgedgeError(f"{model} is an export directory: the torch backend runs checkpoints "
-                              "(pass the checkpoint, or pick a runtime backend)")
+            raise TgedgeError(f"--backend torch runs checkpoints; {model} is an export directory (pass the "
+                              "checkpoint, or pick a runtime backend)")
         from tgedge.reference import TorchPipeline
 
         return TorchPipeline.from_checkpoint(model, clip, context, device=torch_device)

@@ -29,6 +29,10 @@ from tgedge.errors import TgedgeError, os_error
 from tgedge.fileio import regular_file, special_file
 from tgedge.prompt import BUILTIN_TEMPLATES, IMAGE_TOKEN, PromptTemplate, check_raw_prompt, split_question
 
+# A raw prompt on a model with a text guide: refused here (run, the server) and by `tgedge client` before it sends.
+RAW_NEEDS_GUIDE = ("--raw needs --guide TEXT for this model: the question its text guide sees (TG-LLaVA guides with "
+                   "the question alone, not with the raw prompt)")
+
 # The original LLaVA code marks image positions with this id where the vocabulary has no image token.
 IMAGE_PLACEHOLDER_ID = -200
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -474,8 +478,7 @@ class Preprocessor:
         if image is None:
             return self.text(question, raw)
         if raw and guide is None and self.spec.text_guide_length:
-            raise TgedgeError("--raw needs --guide TEXT for this model: the question its text guide sees (TG-LLaVA "
-                              "guides with the question alone, not with the raw prompt)")
+            raise TgedgeError(RAW_NEEDS_GUIDE)
         if not isinstance(image, Image.Image):
             image = load_image(image)
         prompt = self.prompt(question, raw)

@@ -20,7 +20,7 @@ import numpy as np
 
 from tgedge.config import bad_numbers
 from tgedge.contract import ALL_STAGES
-from tgedge.drift import noise_ratio, rel_l2
+from tgedge.drift import NOISE_FLOOR, noise_ratio, rel_l2
 from tgedge.errors import TgedgeError
 from tgedge.fileio import regular_file
 from tgedge.generate import forced_logits
@@ -58,36 +58,67 @@ def _toml(path: Path) -> dict:
 
 
 # What a limit may be: the figure it bounds has a range (a cosine is in [-1, 1], a fraction in [0, 1], a difference
-# >= 0), and a limit outside it, or one the figure can never cross, would judge nothing.
+# >= 0), and a limit outside it, or one a useless runtime passes (all-zero outputs, uniform next-token guesses), would
+# judge nothing. RANGES are the accepted limits (docs/CI.md lists them; a test holds the two equal).
 FRACTIONS = ("min_top1", "min_exact_match")  # fractions: a limit of 0 or less never fails
 POINTS = ("max_drop",)  # accuracy points lost, out of 100: a limit of 100 or more never fails
+FP16_MAX = 65504.0  # max_abs: no difference beyond fp16's largest number is agreement (fp16 outputs cannot hold it)
+NOISE_CEILING = round(1 / NOISE_FLOOR)  # an all-zero output's noise_ratio at most: rel L2 1 over the floored noise
+_CEILING = f"{NOISE_CEILING:.0e}".replace("e+0", "e")  # 1e6
+RANGES = {"max_abs": f"[0, {FP16_MAX:g}]", "max_rel": "[0, 1)", "max_rel_l2": "[0, 1)",
+          "max_noise_ratio": f"[0, {_CEILING})", "min_cosine": "(0, 1]", "min_top1": "(0, 1]",
+          "max_kl": "[0, ln(vocabulary size))", "min_exact_match": "(0, 1]", "max_drop": "[0, 100)"}
 
 
-def limit_problem(key: str, value) -> str | None:
-    """Why `value` cannot be the limit `key` (None when it can): a finite number (not a boolean), in the figure's
-    range, and one the figure can fail."""
+def kl_ceiling(vocab_size: int) -> float:
+    """KL(reference || uniform) = ln V - H(reference) <= ln V: a max_kl at or above it passes a runtime that knows
+    nothing."""
+    return math.log(vocab_size)
+
+
+def limit_problem(key: str, value, vocab_size: int | None = None) -> str | None:
+    """Why `value` cannot be the limit `key` (None when it can): a finite number (not a boolean), in RANGES[key]:
+    in the figure's range, and one a useless runtime fails. `vocab_size`: the decoder's, for max_kl's ceiling (without
+    it max_kl need only be finite)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return f"must be a number (got {value!r})"
     if math.isnan(value):
         return None  # the caller's NaN message (a NaN limit passes everything)
+    expected = f"expected a number in {RANGES[key]}"
     if key == "min_cosine":
         if value <= -1:
-            return f"= {value!r} can never fail (a cosine is never below -1): expected a number in [0, 1]"
-        return None if 0 <= value <= 1 else f"must be in [0, 1] (got {value!r})"
+            return f"= {value!r} can never fail (a cosine is never below -1): {expected}"
+        if value <= 0:
+            return f"= {value!r} passes an all-zero output (its cosine is 0): {expected}"
+        return None if value <= 1 else f"must be in {RANGES[key]} (got {value!r})"
     if key in FRACTIONS:
         if value <= 0:
-            return f"= {value!r} can never fail (the fraction is never below 0): expected a number in (0, 1]"
-        return None if value <= 1 else f"must be in (0, 1] (got {value!r})"
+            return f"= {value!r} can never fail (the fraction is never below 0): {expected}"
+        return None if value <= 1 else f"must be in {RANGES[key]} (got {value!r})"
+    if value < 0:
+        return f"must be in {RANGES[key]} (got {value!r})"
     if key in POINTS and value >= 100:
-        return (f"= {value!r} can never fail (accuracy, in points, drops by at most 100): expected a number in "
-                "[0, 100)")
+        return f"= {value!r} can never fail (accuracy, in points, drops by at most 100): {expected}"
+    if key in ("max_rel", "max_rel_l2") and value >= 1:
+        return f"= {value!r} passes an all-zero output (its {key} figure is 1): {expected}"
+    if key == "max_noise_ratio" and value >= NOISE_CEILING:
+        return (f"= {value!r} passes an all-zero output (relative L2 1 is at most {_CEILING} noises, the "
+                f"noise being floored at {NOISE_FLOOR:g}): {expected}")
+    if key == "max_abs" and value > FP16_MAX:
+        return f"= {value!r} is beyond fp16's largest number: no difference that large is agreement: {expected}"
     if value == math.inf:
-        return "= inf can never fail: expected a finite number >= 0"
-    return None if value >= 0 else f"must be >= 0 (got {value!r})"
+        return f"= inf can never fail: {expected}"
+    if key == "max_kl" and vocab_size is not None and vocab_size >= 2 and value >= kl_ceiling(vocab_size):
+        ceiling = kl_ceiling(vocab_size)
+        return (f"= {value!r} passes a runtime that knows nothing (uniform over the export's {vocab_size} tokens it "
+                f"is at most ln({vocab_size}) = {ceiling:.4g} nats from the reference): expected a number in "
+                f"[0, {ceiling:.4g})")
+    return None
 
 
-def check_policy(tree: dict, path) -> None:
-    """Sections, stages and limits known, every limit a number the figure can fail; every problem in one message."""
+def check_policy(tree: dict, path, vocab_size: int | None = None) -> None:
+    """Sections, stages and limits known, every limit a number the figure can fail (`limit_problem`); every problem
+    in one message."""
     nan = [b for b in bad_numbers(tree) if b.endswith(" nan")]
     if nan:  # a NaN limit would pass everything: every comparison with NaN is False
         raise TgedgeError(f"{path}: limits must be finite numbers: {', '.join(nan)}")
@@ -107,20 +138,22 @@ def check_policy(tree: dict, path) -> None:
                 raise TgedgeError(f"{path}: [{precision}.{stage}] unknown limit(s) {', '.join(unknown)} "
                                   f"(known: {', '.join(LIMITS)})")
             problems += [f"{precision}.{stage}.{k} {why}" for k, v in limits.items()
-                         if (why := limit_problem(k, v)) is not None]
+                         if (why := limit_problem(k, v, vocab_size)) is not None]
     if problems:
         raise TgedgeError(f"{path}: {'; '.join(problems)}")
 
 
-def load_policy(path: str | Path | None = None) -> dict[str, dict[str, dict[str, float]]]:
+def load_policy(path: str | Path | None = None,
+                vocab_size: int | None = None) -> dict[str, dict[str, dict[str, float]]]:
     """The default policy, with a user file's keys laid over it; unknown precisions, stages or limits are errors,
-    and so is a limit that is not a number in its figure's range or can never fail (`limit_problem`)."""
+    and so is a limit that is not a number in its figure's range or can never fail (`limit_problem`; max_kl's
+    ceiling needs the decoder's `vocab_size`)."""
     policy = _toml(DEFAULT_POLICY)
-    check_policy(policy, DEFAULT_POLICY)
+    check_policy(policy, DEFAULT_POLICY, vocab_size)
     if path is None:
         return policy
     user = _toml(Path(path))
-    check_policy(user, path)
+    check_policy(user, path, vocab_size)
     for precision, stages in user.items():
         for stage, limits in stages.items():
             policy.setdefault(precision, {}).setdefault(stage, {}).update(limits)
@@ -442,6 +475,9 @@ def validate(export_dir: str | Path, data: str | Path, reference: str | Path | N
     records = read_folder(data)[:limit]
     start = time.perf_counter()
     with Pipeline(export_dir, backend, verify="sha256" if verify else None) as runtime:
+        vocab = (runtime.manifest.model.get("decoder") or {}).get("vocab_size")
+        if isinstance(vocab, int):  # again, now that the vocabulary is known: max_kl below ln(vocab_size)
+            rules = load_policy(policy, vocab_size=vocab)
         if verify:
             check_precisions(runtime.manifest)
         source = runtime.manifest.source

@@ -364,6 +364,7 @@ def test_malformed_requests_get_error_responses(server, samples, reference):
     url = server.grpc_url
     _, prompt, image = samples[0]
     with Session(url, timeout=60) as session:
+        assert session.guided  # the demo is a TG model: its entry config names text_guide (raw needs a guide, below)
         for args, options, message in (((b"not an image", prompt), {}, "unreadable image"),
                                        ((image, "   "), {}, "empty prompt"),
                                        ((image, prompt), {"raw": True}, "needs --guide"),
@@ -477,6 +478,57 @@ def test_loadtest_refuses(demo_eval, capsys):
                           (["127.0.0.1:1", "--requests", "0"], "--requests")):
         code, _, err = run(capsys, "loadtest", *argv, "--data", demo_eval)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (argv, err)
+
+
+class _FakeTriton:
+    """A Triton gRPC client whose server serves an entry model with these BLS stages; records what is sent."""
+
+    def __init__(self, stages: str):
+        self.stages, self.sent = stages, []
+
+    def is_server_live(self, **_):
+        return True
+
+    def is_model_ready(self, *_, **__):
+        return True
+
+    def get_model_config(self, *_, **__):
+        return {"config": {"name": ENTRY_MODEL, "parameters": {"bls_stages": {"string_value": self.stages}}}}
+
+    def start_stream(self, **_):
+        self.sent.append("stream")
+
+    def async_stream_infer(self, *_, **__):
+        from tritonclient.utils import InferenceServerException
+
+        self.sent.append("infer")
+        raise InferenceServerException("the server got it")
+
+    def stop_stream(self, **_):
+        pass
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("stages, refused", [("text_guide,vision", True), ("vision", False)], ids=["tg", "plain"])
+def test_client_raw_without_guide_refused_before_sending(stages, refused, tmp_path, capsys, monkeypatch):
+    """--raw without --guide on a TG entry model (its config calls text_guide): the client's own one line, exit 2,
+    nothing sent (probe 3: only the server caught it); the same message as the server's. A model without a text
+    guide takes --raw alone: the request goes out."""
+    import tritonclient.grpc
+
+    from tgedge.preprocess import RAW_NEEDS_GUIDE
+
+    fake = _FakeTriton(stages)
+    monkeypatch.setattr(tritonclient.grpc, "InferenceServerClient", lambda url: fake)
+    image = tmp_path / "i.png"
+    image.write_bytes(b"png")
+    argv = ["client", "127.0.0.1:8001", "--image", image, "--raw", "--prompt", "<image> what color?"]
+    code, _, err = run(capsys, *argv)
+    said = RAW_NEEDS_GUIDE if refused else "the server got it"
+    assert code == 2 and err.strip() == f"tgedge: error: 127.0.0.1:8001: {said}", err
+    assert fake.sent == ([] if refused else ["stream", "infer"])
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 0), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])

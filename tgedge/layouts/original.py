@@ -106,16 +106,25 @@ def model_config(d: dict, clip: dict, with_mask: bool, with_perceiver: bool) -> 
 
 
 # -- reading ----------------------------------------------------------------------------------------------------
+CLIP_DIR = "a transformers CLIPModel directory with its config, tokenizer and image processor"
+
+
 def clip_dir(raw: dict, clip: Path | None, ckpt: Path) -> Path:
-    if clip is not None:
+    if clip is not None:  # the option named in what is wrong with it (not only a file under it)
+        clip = Path(clip)
+        if not clip.is_dir():
+            raise TgedgeError(f"--clip {clip}: {'not a directory' if clip.exists() else 'not found'} "
+                              f"(expected {CLIP_DIR})")
+        if not (clip / "config.json").exists():
+            raise TgedgeError(f"--clip {clip}: no config.json (expected {CLIP_DIR})")
         return clip
     named = raw.get("mm_vision_tower")
     if named and Path(named).is_dir():
         return Path(named)
     if (ckpt / "random_checkpoint.json").is_file() and (ckpt / "clip").is_dir():  # presets.MARKER, CLIP_SUBDIR
         return ckpt / "clip"  # a `tgedge checkpoint random` output keeps its CLIP directory inside
-    raise TgedgeError(f"{ckpt}: original-layout checkpoint: pass --clip DIR (a transformers CLIPModel directory "
-                      f"with its config, tokenizer and image processor; mm_vision_tower is {named!r})")
+    raise TgedgeError(f"{ckpt}: original-layout checkpoint: pass --clip DIR ({CLIP_DIR}; mm_vision_tower is "
+                      f"{named!r})")
 
 
 def read(path: Path, raw: dict, clip: Path | None = None) -> Parts:

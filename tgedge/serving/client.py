@@ -110,6 +110,7 @@ class Session:
         self._responses: queue.Queue = queue.Queue()
         self._streaming = False
         self._count = 0
+        self.guided = False  # the entry model has a text guide (from its config, by `check`)
         if check:
             self.check()
 
@@ -129,6 +130,12 @@ class Session:
         if not ready:
             raise TgedgeError(f"{self.url}: model {self.model!r} is not ready on this server (not in its repository, "
                               f"or it failed to load: see the server's log){why}")
+        try:  # tgedge triton writes the stages the entry model calls into its config (serving.repository)
+            config = self.client.get_model_config(self.model, as_json=True, client_timeout=wait)
+            stages = config["config"]["parameters"]["bls_stages"]["string_value"]
+        except (self._error_type, KeyError, TypeError):  # not a tgedge entry model: the server judges each request
+            stages = ""
+        self.guided = "text_guide" in str(stages).split(",")
 
     def _stream(self) -> None:
         if not self._streaming:
@@ -146,6 +153,10 @@ class Session:
 
     def ask(self, image: bytes | None, question: str, on_text=None, **options) -> Reply:
         """Stream one answer (`image` None: a text-only prompt); `on_text(piece)` is called as the text grows."""
+        if options.get("raw") and options.get("guide") is None and self.guided:  # the server would refuse it
+            from tgedge.preprocess import RAW_NEEDS_GUIDE
+
+            raise TgedgeError(f"{self.url}: {RAW_NEEDS_GUIDE}")
         inputs = request_inputs(image, question, **options)
         self._stream()
         self._count += 1
