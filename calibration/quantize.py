@@ -25,6 +25,7 @@ from tgedge.errors import TgedgeError
 from tgedge.calibration.collect import FeedReader
 from tgedge.calibration.convert import (QUANT_OPS, GraphReport, matched_nodes, restore_shared, shared_refs,
                                         activation_products, save_graph, to_fp16, to_int8, to_weight_only)
+from tgedge.calibration.smooth import AUTO, DEFAULT_ALPHA, OUTLIER_RATIO
 from tgedge.calibration.saved import CALIBRATION, METHODS, graph_method, read_calibration
 from tgedge.calibration.weight_only import WeightOnly
 from tgedge.fileio import atomic_dir, inside, sha256_files
@@ -129,11 +130,16 @@ class Calibration:
     data: str | Path | None = None
     samples: int = 0
     ranges: dict[str, dict] = field(default_factory=dict)  # graph -> its ranges as measured (before any smoothing)
-    # SmoothQuant (tgedge.calibration.smooth): alpha, and graph -> input tensor -> max |x| per channel (before smoothing)
-    smooth: float | None = None
+    # SmoothQuant (tgedge.calibration.smooth): alpha, "auto" (DEFAULT_ALPHA on the inputs with outlier channels) or
+    # None, and graph -> input tensor -> max |x| per channel (before smoothing)
+    smooth: float | str | None = None
     channels: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     # AWQ-style weight-only scales: graph -> input tensor -> mean of x^2 per channel
     mean_sq: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+
+    @property
+    def alpha(self) -> float | None:
+        return DEFAULT_ALPHA if self.smooth == AUTO else self.smooth
 
     def write_cache(self, graph: str, cache: Path, smoothed: dict[str, float] | None = None) -> None:
         """The ranges of `graph` where onnxruntime's quantize_static reads them (none: it measures on the feeds),
@@ -167,7 +173,7 @@ class Calibration:
                                             "sha256": _data_hash(Path(self.data))}}
         out = {**{k: v for k, v in record.items() if k not in ("graphs", "smooth", "channels")}, "graphs": self.ranges}
         if self.smooth is not None and self.channels:
-            out["smooth"] = self.smooth
+            out["smooth"] = self.alpha  # the alpha; which inputs `auto` smoothed follows from `channels`
             out["channels"] = {g: {t: [float(x) for x in v] for t, v in c.items()} for g, c in self.channels.items()}
         if self.mean_sq:
             out["mean_sq"] = {g: {t: [float(x) for x in v] for t, v in c.items()} for g, c in self.mean_sq.items()}
@@ -176,12 +182,17 @@ class Calibration:
 
 def calibrate(export_dir: str | Path, graphs: list[str], method: str, calib: str | Path | None,
               calibration: str | Path | None, calib_limit: int | None, say: Callable[[str], None],
-              progress=None, smooth: float | None = None, awq: list[str] = (),
+              progress=None, smooth: float | str | None = AUTO, awq: list[str] = (),
               verify: str | None = "fingerprint") -> Calibration:
     """`graphs`' ranges: read from `calibration` (a saved calibration.json), else measured with the fp32 export
-    answering the `calib` samples. `smooth`: SmoothQuant's alpha (None: off); its per-channel maxima are measured in
+    answering the `calib` samples. `smooth`: SmoothQuant's alpha, "auto" or None (off); its per-channel maxima are measured in
     the same pass (min/max only) or read from the saved file. `awq`: the weight-only graphs that get AWQ-style scales,
     their per-channel mean squares measured in the same pass."""
+    if smooth == AUTO and not graphs:  # no int8 graph: nothing to smooth
+        smooth = None
+    if smooth == AUTO and method != "minmax":  # the per-channel maxima come from the min/max pass only
+        say(f"--smooth auto: --method {method} measures no per-channel maxima: not smoothed")
+        smooth = None
     result = Calibration(method, data=calib, smooth=smooth)
     if not graphs and not awq:
         return result
@@ -201,8 +212,12 @@ def calibrate(export_dir: str | Path, graphs: list[str], method: str, calib: str
                 raise TgedgeError(f"{calibration}: no per-channel statistics for --awq (it was calibrated without "
                                   "--awq): calibrate again with --calib DIR")
             result.mean_sq = {g: {t: np.asarray(v, np.float64) for t, v in saved[g].items()} for g in awq}
+        channels = result.saved.get("channels")
+        if smooth == AUTO and (not isinstance(channels, dict) or any(g not in channels for g in graphs)):
+            say(f"--smooth auto: {calibration} has no per-channel maxima (calibrated with --smooth none): "
+                "not smoothed")
+            result.smooth = smooth = None
         if smooth is not None:
-            channels = result.saved.get("channels")
             if not isinstance(channels, dict) or any(g not in channels for g in graphs):
                 raise TgedgeError(f"{calibration}: no per-channel maxima for SmoothQuant (it was calibrated without "
                                   "--smooth): calibrate again with --calib DIR, or quantize with --smooth none")
@@ -302,16 +317,24 @@ class Rewrite:
         cache = self.work / f"{graph}.calibration.json"
         smoothed, source = {}, path
         channels = self.calibration.channels.get(graph)
-        if self.calibration.smooth is not None and channels:
+        alpha = self.calibration.alpha
+        if alpha is not None and channels and self.calibration.smooth == AUTO:
+            from tgedge.calibration.smooth import with_outliers
+
+            channels = with_outliers(channels)
+            if not channels:
+                self.say(f"{graph}: no input with outlier channels (--smooth auto): not smoothed")
+        if alpha is not None and channels:
             from tgedge.calibration.smooth import smooth
 
             proto = onnx.load(str(path))
-            scales = smooth(proto, channels, self.calibration.smooth)
+            scales = smooth(proto, channels, alpha)
             smoothed = {t: float(np.max(channels[t] / s)) for t, s in scales.items()}
             source = self.work / f"{graph}.smoothed.onnx"
             save_graph(proto, source)
             del proto
-            self.say(f"{graph}: SmoothQuant alpha {self.calibration.smooth} on {len(scales)} MatMul inputs")
+            self.say(f"{graph}: SmoothQuant alpha {alpha} on {len(scales)} MatMul inputs"
+                     + (" with outlier channels (--smooth auto)" if self.calibration.smooth == AUTO else ""))
         self.calibration.write_cache(graph, cache, smoothed)
         kept = excluded if self.int8_attention else sorted(set(excluded) | set(activation_products(structure)))
         saved = self.calibration.saved_path
@@ -332,7 +355,9 @@ class Rewrite:
             raise TgedgeError(f"{saved}: graphs.{graph}.data has no range for {missing.group(1)}, which the {graph} "
                               "graph quantises: measure again with --calib DIR") from None
         if smoothed:
-            report.note = f"SmoothQuant alpha {self.calibration.smooth}: {len(smoothed)} MatMul inputs smoothed"
+            report.note = f"SmoothQuant alpha {alpha}: {len(smoothed)} MatMul inputs smoothed" + (
+                f" (--smooth auto: those with outlier channels, >= {OUTLIER_RATIO:g}x the median channel)"
+                if self.calibration.smooth == AUTO else "")
         if graph not in self.calibration.ranges:  # the calibrators measured on the feeds: what they wrote
             self.calibration.ranges[graph] = json.loads(cache.read_text())
         return report
@@ -375,7 +400,7 @@ def _refuse_ignored(plan: Plan, precision: str, calib, calibration, calib_limit:
         raise TgedgeError("--calib-limit N takes the first N samples of --calib DIR" +
                           (": --calibration reuses saved ranges, leave it out" if calibration is not None else
                            "; no --calib given"))
-    if smooth is not None and not plan.calibrated:
+    if smooth is not None and smooth != AUTO and not plan.calibrated:
         raise TgedgeError(f"--smooth applies SmoothQuant to int8 graphs; --precision {precision} quantises none to "
                           "int8: leave it out")
     weight_only = any(p.weight_only for p in plan.precisions.values())
@@ -390,18 +415,18 @@ def quantize_export(export_dir: str | Path, out: str | Path, precision: str, cal
                     calib_limit: int | None = None, on_step: Callable[[str], None] | None = None,
                     progress=None, force: bool = False, block_size: int | None = None,
                     accuracy_level: int | None = None, int8_attention: bool = False,
-                    smooth: float | None = None, awq: bool = False, verify: bool = True) -> QuantizeResult:
+                    smooth: float | str | None = AUTO, awq: bool = False, verify: bool = True) -> QuantizeResult:
     """`block_size`, `accuracy_level`: int4w / int8w's MatMulNBits settings (None: the defaults, `WeightOnly`).
     `int8_attention`: int8 also quantises the MatMuls between two activations (`activation_products`), which it
-    keeps in fp32 by default. `smooth`: SmoothQuant's alpha in [0, 1] for the int8 graphs (None: off;
-    `tgedge.calibration.smooth`). `awq`: AWQ-style activation-aware scales before the weight-only graphs' blocks
+    keeps in fp32 by default. `smooth`: SmoothQuant's alpha in [0, 1] for the int8 graphs, "auto" (the default:
+    DEFAULT_ALPHA on the inputs whose calibration shows outlier channels) or None (off; `tgedge.calibration.smooth`). `awq`: AWQ-style activation-aware scales before the weight-only graphs' blocks
     (needs calibration data). `verify`: each graph's sha256 and the preprocessing files against the manifest first
     (a swapped graph would be quantised and given a new checksum, hiding the swap); False skips it, on purpose."""
     if calib is not None and calibration is not None:
         raise TgedgeError("--calib and --calibration conflict: measure the ranges on data (--calib DIR) or reuse "
                           "saved ones (--calibration FILE), not both")
-    if smooth is not None and not 0.0 <= smooth <= 1.0:
-        raise TgedgeError(f"--smooth must be in [0, 1] (SmoothQuant's alpha) or none (got {smooth})")
+    if smooth is not None and smooth != AUTO and not 0.0 <= smooth <= 1.0:
+        raise TgedgeError(f"--smooth must be in [0, 1] (SmoothQuant's alpha), auto or none (got {smooth})")
     say = on_step or (lambda s: None)
     settings = {"block_size": block_size, "accuracy_level": accuracy_level}
     WeightOnly.of(WEIGHT_ONLY[0], **settings)  # settings refused before any work

@@ -28,6 +28,9 @@ import onnx
 from onnx import numpy_helper
 
 DEFAULT_ALPHA = 0.5  # SmoothQuant's default; measured on the realistic presets (docs/QUANTIZATION.md)
+AUTO = "auto"  # --smooth auto (the default): DEFAULT_ALPHA on the inputs with outlier channels, the others left alone
+OUTLIER_RATIO = 8.0  # an input has outlier channels when its largest channel max |x| is this many times the median
+# channel's: `tgedge checkpoint stats` uses the same 8x; the demo's inputs measure ~2, the realistic presets' 30-60
 MIN_SCALE = 1e-5
 
 
@@ -191,6 +194,17 @@ def fold(proto: onnx.ModelProto, pick) -> dict[str, np.ndarray]:
                 put(name, get(name) / s)
         done[g.tensor] = s
     return done
+
+
+def outlier_ratio(absmax: np.ndarray) -> float:
+    """Largest channel max |x| over the median channel's (1 for even channels)."""
+    a = np.asarray(absmax, np.float64)
+    return float(a.max() / max(float(np.median(a)), MIN_SCALE))
+
+
+def with_outliers(absmax: dict[str, np.ndarray], ratio: float = OUTLIER_RATIO) -> dict[str, np.ndarray]:
+    """The inputs of `absmax` whose channels are uneven enough for SmoothQuant to matter (`--smooth auto`)."""
+    return {t: a for t, a in absmax.items() if outlier_ratio(a) >= ratio}
 
 
 def smooth(proto: onnx.ModelProto, absmax: dict[str, np.ndarray], alpha: float) -> dict[str, np.ndarray]:

@@ -20,7 +20,9 @@ from tgedge.cli import main as tgedge
 VARIANTS = [  # name, tgedge quantize arguments (None: the fp32 export itself)
     ("fp32", None),
     ("fp16", ["--precision", "fp16"]),
-    ("int8 minmax", ["--precision", "int8", "--method", "minmax"]),
+    ("int8 minmax", ["--precision", "int8", "--method", "minmax"]),  # --smooth auto, the default
+    ("int8 minmax, smooth none", ["--precision", "int8", "--method", "minmax", "--smooth", "none"]),
+    ("int8 minmax, smooth 0.5", ["--precision", "int8", "--method", "minmax", "--smooth", "0.5"]),
     ("int8 minmax, attention int8", ["--precision", "int8", "--method", "minmax", "--int8-attention"]),
     ("int8 entropy", ["--precision", "int8", "--method", "entropy"]),
     ("int8 percentile", ["--precision", "int8", "--method", "percentile"]),
@@ -61,7 +63,7 @@ def main() -> int:
             calib = ["--calib", str(out / "calibration")] if "int8" in qargs else []
             run(["quantize", str(out / "fp32"), *qargs, *calib, "-o", str(d), "--json"])
         quantize_s = time.perf_counter() - start
-        report = d / "eval.json"
+        report = out / f"{d.name}.eval.json"  # reports beside the export: never inside an input
         with open(report, "w") as f:
             sys.stdout, saved = f, sys.stdout
             try:
@@ -70,8 +72,8 @@ def main() -> int:
                 sys.stdout = saved
         accuracy = json.loads(report.read_text())
         run(["validate", str(d), "--data", str(out / "eval"), "--limit", str(args.validate_samples),
-             "--json", str(d / "validate.json")])
-        validation = json.loads((d / "validate.json").read_text())
+             "--json", str(out / f"{d.name}.validate.json")])
+        validation = json.loads((out / f"{d.name}.validate.json").read_text())
         results[name] = {"accuracy": accuracy["accuracy"],
                          "per_type": {k: v["accuracy"] for k, v in accuracy["per_type"].items()},
                          "validate_passed": validation["passed"], "summary": validation["summary"],

@@ -113,9 +113,9 @@ def cmd_export(args) -> int:
     return 0
 
 
-def smooth_alpha(value: str) -> float | None:
-    if value.strip().lower() == "none":
-        return None
+def smooth_alpha(value: str) -> float | str | None:
+    if value.strip().lower() in ("none", "auto"):
+        return None if value.strip().lower() == "none" else "auto"
     return real(0.0, 1.0)(value)
 
 
@@ -143,10 +143,12 @@ def _add_quantize(sub) -> None:
     p.add_argument("--int8-attention", action="store_true",
                    help="int8: also quantise the MatMuls between two activations (attention's Q K^T and P V), "
                         "which stay fp32 by default (docs/QUANTIZATION.md has the measurement)")
-    p.add_argument("--smooth", type=smooth_alpha, default=None, metavar="ALPHA|none",
+    p.add_argument("--smooth", type=smooth_alpha, default="auto", metavar="ALPHA|auto|none",
                    help="int8: SmoothQuant with this alpha in [0, 1] before quantising (activation outlier channels "
                         "moved into the weights, folded into the norms and up projections: the graph keeps its ops); "
-                        "default none (docs/QUANTIZATION.md has the measurements)")
+                        "default auto: alpha 0.5 on the MatMul inputs whose calibration shows outlier channels (the "
+                        "largest channel >= 8x the median), the others untouched; none: off "
+                        "(docs/QUANTIZATION.md has the measurements)")
     p.add_argument("--awq", action="store_true",
                    help="int4w / int8w: activation-aware scales (AWQ-style) before the weight blocks, from the --calib "
                         "samples' per-channel statistics (folded into the norms and up projections)")

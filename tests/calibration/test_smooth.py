@@ -107,8 +107,26 @@ def test_quantize_records_and_refuses(demo_export, tmp_path):
     assert saved["smooth"] == 0.5 and set(saved["channels"]) == {"text_guide", "vision", "fusion", "decoder"}
     assert "SmoothQuant" in sq.reports["decoder"].note
     plain = quantize_export(demo_export.directory, tmp_path / "plain", "int8", calibration=tmp_path / "sq" /
-                            "calibration.json")  # the raw ranges, reused without smoothing
+                            "calibration.json", smooth=None)  # the raw ranges, reused without smoothing
     assert "SmoothQuant" not in plain.reports["decoder"].note
+    # --smooth auto (the default) smooths only the inputs with outlier channels: on the trained demo, some of the
+    # gated MLPs' down-projection inputs (as in trained LLMs), not its norms' outputs (ratio ~2)
+    from tgedge.calibration.smooth import with_outliers
+
+    channels = {t: np.asarray(v) for t, v in saved["channels"]["decoder"].items()}
+    spiky = with_outliers(channels)
+    assert spiky and all("/mlp/" in t for t in spiky) and len(spiky) < len(channels)
+    auto = quantize_export(demo_export.directory, tmp_path / "auto", "decoder=int8",
+                           calibration=tmp_path / "sq" / "calibration.json")
+    assert f"{len(spiky)} MatMul inputs smoothed (--smooth auto" in auto.reports["decoder"].note
+    # one more planted in the saved maxima (a channel 100x the median of an even input) is smoothed too
+    even = next(t for t in sorted(channels) if t not in spiky)
+    planted = json.loads(json.dumps(saved))
+    planted["channels"]["decoder"][even][3] = 100 * float(np.median(channels[even]))
+    (tmp_path / "planted.json").write_text(json.dumps(planted))
+    auto = quantize_export(demo_export.directory, tmp_path / "auto2", "decoder=int8", calibration=tmp_path /
+                           "planted.json")
+    assert f"{len(spiky) + 1} MatMul inputs smoothed (--smooth auto" in auto.reports["decoder"].note
     awq = quantize_export(demo_export.directory, tmp_path / "awq", "int4w", data, awq=True)
     assert "AWQ-style" in awq.reports["decoder"].note
     assert set(json.loads((tmp_path / "awq" / "calibration.json").read_text())["mean_sq"]) == {"decoder"}
@@ -121,3 +139,15 @@ def test_quantize_records_and_refuses(demo_export, tmp_path):
         with pytest.raises(TgedgeError, match=match):
             quantize_export(demo_export.directory, tmp_path / "x", **kwargs)
         assert not (tmp_path / "x").exists()
+
+
+def test_auto_picks_inputs_with_outlier_channels():
+    from tgedge.calibration.smooth import OUTLIER_RATIO, outlier_ratio, with_outliers
+
+    even = np.full(64, 2.0)
+    spiky = even.copy()
+    spiky[[5, 40]] = 2.0 * 40  # two channels 40x the median: the realistic presets measure 30-60
+    edge = even.copy()
+    edge[7] = 2.0 * OUTLIER_RATIO * 0.99
+    assert outlier_ratio(even) == 1.0 and outlier_ratio(spiky) == 40.0
+    assert list(with_outliers({"even": even, "spiky": spiky, "edge": edge})) == ["spiky"]
