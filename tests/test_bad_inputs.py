@@ -204,6 +204,12 @@ ROWS = [
     # a single-value option given twice, options that would be ignored, lists with an empty or repeated item
     ("prompt twice", lambda w: RUN(w, "--prompt", "b"),
      "argument --prompt: given twice (--prompt 'what color?', then --prompt 'b'): give it once"),
+    ("image twice", lambda w: RUN(w, "--image", w.image),
+     "): only one image per prompt is supported yet"),
+    ("bench image twice", lambda w: ["bench", w.ckpt, "--image", w.image, "--image", w.image],
+     "argument --image: given twice (--image "),
+    ("client image twice", lambda w: ["client", "127.0.0.1:1", "--image", w.image, "--image", w.image, "--prompt", "q"],
+     "argument --image: given twice (--image "),
     ("-o twice", lambda w: ["data", "shapes", "-n", "1", "-o", w.root / "x", "--output", w.root / "y"],
      "argument -o/--output: given twice (-o "),
     ("limit twice", lambda w: ["eval", w.ckpt, "--data", w.data, "--limit", "1", "--limit", "2"],

@@ -28,7 +28,8 @@ def _add_run(sub) -> None:
     p.add_argument("--backend", choices=BACKENDS,
                    help="torch (the PyTorch reference; the default for a checkpoint) or a runtime backend for an "
                         "export directory (default onnxruntime, i.e. CPU)")
-    p.add_argument("--image", required=True, help="image file (any format pillow reads)")
+    p.add_argument("--image", required=True, action="append", metavar="PATH",
+                   help="image file (any format pillow reads); one image per prompt for now (a second is refused)")
     p.add_argument("--prompt", required=True, type=text, help="the question; the model's chat template wraps it")
     p.add_argument("--raw", action="store_true", help="use --prompt verbatim (it must contain <image> once); a TG model "
                                                       "then needs --guide")
@@ -51,11 +52,21 @@ def _add_run(sub) -> None:
     p.set_defaults(func=cmd_run)
 
 
+def one_image(images: list[str]) -> str:
+    """The one `--image` of a prompt: several images per prompt are not implemented yet, so a second is refused
+    rather than silently dropped (argparse's last-wins answered about the last image alone)."""
+    if len(images) > 1:
+        raise TgedgeError(f"--image given {len(images)} times ({', '.join(images)}): only one image per prompt is "
+                          "supported yet")
+    return images[0]
+
+
 def cmd_run(args) -> int:
+    image = one_image(args.image)
     pipe = open_pipeline(args.checkpoint, args.backend, args.clip, args.max_context, not args.no_verify)
     options = pipe.options(max_new_tokens=args.max_new_tokens, **sampling(args))
     stream = None if args.json else (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
-    answer = pipe.answer(args.image, args.prompt, options, raw=args.raw, on_text=stream, guide=args.guide)
+    answer = pipe.answer(image, args.prompt, options, raw=args.raw, on_text=stream, guide=args.guide)
     if args.json:
         print(json.dumps(answer.to_dict()))
     else:
