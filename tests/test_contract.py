@@ -126,7 +126,7 @@ PACKAGES = {"tgedge": ROOT / "tgedge", "tgedge.runtime": ROOT / "runtime", "tged
 # A module may import only from its own layer and those below it (index: lower first).
 LAYERS = [
     {"tgedge.errors", "tgedge.contract", "tgedge.precision", "tgedge.drift", "tgedge.fileio", "tgedge.config", "tgedge.prompt",
-     "tgedge.sampling", "tgedge.preprocess", "tgedge.generate", "tgedge.stageflow"},
+     "tgedge.sampling", "tgedge.preprocess", "tgedge.generate", "tgedge.stagecache", "tgedge.stageflow"},
     {"tgedge.runtime"},  # torch-free
     {"tgedge.model", "tgedge.layouts", "tgedge.checkpoint", "tgedge.reference", "tgedge.noise", "tgedge.pipelines",
      "tgedge.data", "tgedge.evaluate"},

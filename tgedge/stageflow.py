@@ -16,6 +16,7 @@ from tgedge.contract import StageContract
 from tgedge.errors import TgedgeError
 from tgedge.generate import AnswerMixin
 from tgedge.preprocess import Inputs
+from tgedge.stagecache import StageCache
 
 RunStage = Callable[[str, dict[str, Any]], dict[str, Any]]
 
@@ -74,13 +75,26 @@ class StageFlow(AnswerMixin):
     steps of `tgedge.generate`."""
 
     contract: StageContract
+    stage_cache: StageCache | None = None  # off unless `use_stage_cache` (chat turns it on, run leaves it off)
 
     def run_stage(self, name: str, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         raise NotImplementedError
 
+    def cache_identity(self) -> str:
+        """What, besides a stage's inputs, its outputs are a function of (the graphs, backend, settings)."""
+        raise NotImplementedError
+
+    def use_stage_cache(self, cache: StageCache | None) -> "StageFlow":
+        """Take the family's question-independent stage outputs from `cache` (None: run every stage)."""
+        self.stage_cache = cache
+        return self
+
     def encode_image(self, pixel_values: np.ndarray, crops: np.ndarray | None = None,
                      guide_ids: np.ndarray | None = None) -> np.ndarray:
-        return encode_image(self.run_stage, self.contract, pixel_values, crops, guide_ids)
+        run = self.run_stage
+        if self.stage_cache is not None:
+            run = self.stage_cache.wrap(run, self.cache_identity(), self.contract.fusion_family.question_independent)
+        return encode_image(run, self.contract, pixel_values, crops, guide_ids)
 
     def embed_tokens(self, ids: np.ndarray) -> np.ndarray:
         """Token ids (1, T) -> embeddings (1, T, D), every id a text token (a generated id is always text)."""
