@@ -133,8 +133,8 @@ LAYERS = [
     {"tgedge.validate", "tgedge.inspection", "tgedge.train_demo", "tgedge.demo", "tgedge.bench", "tgedge.device",
      "tgedge.presets", "tgedge.presets_init", "tgedge.model_stats"},
     {"tgedge.export", "tgedge.calibration", "tgedge.defects"},  # export's graph modules come from the model
-    {"tgedge.cli", "tgedge.cli_common", "tgedge.cli_bench", "tgedge.cli_checkpoint", "tgedge.cli_deploy",
-     "tgedge.cli_device", "tgedge.cli_serve", "tgedge.__main__"},  # no library module imports the CLI
+    {"tgedge.cli", "tgedge.cli_chat", "tgedge.cli_common", "tgedge.cli_bench", "tgedge.cli_checkpoint",
+     "tgedge.cli_deploy", "tgedge.cli_device", "tgedge.cli_serve", "tgedge.__main__"},  # no library module imports the CLI
 ]
 
 

@@ -9,8 +9,8 @@ import sys
 import threading
 import traceback
 
-from tgedge import __version__, cli_bench, cli_checkpoint, cli_deploy, cli_device
-from tgedge.cli_common import BACKENDS, EPILOG, SEED, Parser, add_output, integer, real, sampling, text
+from tgedge import __version__, cli_bench, cli_chat, cli_checkpoint, cli_deploy, cli_device
+from tgedge.cli_common import BACKENDS, EPILOG, SEED, Parser, add_output, integer, one_image, real, sampling, text
 
 MAX_SAMPLES = 1_000_000  # `data shapes -n`: ~27 GB of 112 px PNGs; beyond it is a typo, not a data set
 from tgedge.contract import FAMILIES, ablation_choices
@@ -50,15 +50,6 @@ def _add_run(sub) -> None:
                    help="skip the check that an export's graphs are the ones its manifest describes (a fingerprint: "
                         "size + first and last MiB)")
     p.set_defaults(func=cmd_run)
-
-
-def one_image(images: list[str]) -> str:
-    """The one `--image` of a prompt: several images per prompt are not implemented yet, so a second is refused
-    rather than silently dropped (argparse's last-wins answered about the last image alone)."""
-    if len(images) > 1:
-        raise TgedgeError(f"--image given {len(images)} times ({', '.join(images)}): only one image per prompt is "
-                          "supported yet")
-    return images[0]
 
 
 def cmd_run(args) -> int:
@@ -216,6 +207,7 @@ def build_parser() -> Parser:
     _add_run(sub)
     _add_data(sub)
     _add_eval(sub)
+    cli_chat.register(sub)
     cli_deploy.register(sub)
     cli_device.register(sub)
     cli_bench.register(sub)

@@ -116,6 +116,17 @@ def sampling(args) -> dict:
             "top_p": 1.0 if args.top_p is None else args.top_p, "seed": args.seed or 0}
 
 
+def one_image(images: list[str]) -> str:
+    """The one `--image` of a prompt: several images per prompt are not implemented yet, so a second is refused
+    rather than silently dropped (argparse's last-wins answered about the last image alone)."""
+    if len(images) > 1:
+        from tgedge.errors import TgedgeError
+
+        raise TgedgeError(f"--image given {len(images)} times ({', '.join(images)}): only one image per prompt is "
+                          "supported yet")
+    return images[0]
+
+
 def text(value: str) -> str:
     """argparse type: non-empty text that is valid UTF-8 (argv bytes that are not arrive as lone surrogates)."""
     try:
