@@ -55,7 +55,7 @@ def questions(stream):
 
 
 def cmd_chat(args) -> int:
-    path = one_image(args.image)
+    path = one_image(args.image, "chat")
     if not args.independent:
         raise TgedgeError("chat without --independent (follow-up turns reusing the KV cache) is not implemented "
                           "yet: pass --independent to ask each line as a fresh question about the image")

@@ -116,14 +116,14 @@ def sampling(args) -> dict:
             "top_p": 1.0 if args.top_p is None else args.top_p, "seed": args.seed or 0}
 
 
-def one_image(images: list[str]) -> str:
-    """The one `--image` of a prompt: several images per prompt are not implemented yet, so a second is refused
-    rather than silently dropped (argparse's last-wins answered about the last image alone)."""
+def one_image(images: list[str], command: str) -> str:
+    """The one `--image` of a command that takes one image for now: a second is refused rather than silently
+    dropped (argparse's last-wins answered about the last image alone)."""
     if len(images) > 1:
         from tgedge.errors import TgedgeError
 
-        raise TgedgeError(f"--image given {len(images)} times ({', '.join(images)}): only one image per prompt is "
-                          "supported yet")
+        raise TgedgeError(f"--image given {len(images)} times ({', '.join(images)}): {command} takes one image for "
+                          "now (tgedge run takes several)")
     return images[0]
 
 

@@ -105,5 +105,9 @@ class StageFlow(AnswerMixin):
         return embed(self.run_stage, ids, self.pre.spec.image_token_id, image_embeds)
 
     def embeddings(self, inputs: Inputs) -> np.ndarray:
-        """Prompt embeddings (1, T, D) with the image (and detail) tokens in place."""
-        return self.embed(inputs.input_ids, self.encode_image(inputs.pixel_values, inputs.crops, inputs.guide_ids))
+        """Prompt embeddings (1, T, D) with the image (and detail) tokens in place: each image through its own
+        views and fusion, guided by the question, its tokens at its image place in order."""
+        crops = inputs.crops
+        per_image = [self.encode_image(inputs.pixel_values[i:i + 1], None if crops is None else crops[i:i + 1],
+                                       inputs.guide_ids) for i in range(inputs.pixel_values.shape[0])]
+        return self.embed(inputs.input_ids, per_image[0] if len(per_image) == 1 else np.concatenate(per_image))
