@@ -85,8 +85,8 @@ def _bad(capsys, monkeypatch, match, stdin, *argv):
 def test_refusals(capsys, monkeypatch, image):
     _bad(capsys, monkeypatch, "chat without --independent (follow-up turns reusing the KV cache) is not "
          "implemented yet", b"q\n", "demo", "--image", image)
-    _bad(capsys, monkeypatch, "chat takes one image for now (tgedge run takes several)", b"q\n", "demo", "--image", image,
-         "--image", image, "--independent")
+    _bad(capsys, monkeypatch, "chat takes one image for now (tgedge run takes several)", b"q\n", "demo",
+         "--image", image, "--image", image, "--independent")
     _bad(capsys, monkeypatch, "image not found", b"q\n", "demo", "--image", image.parent / "none.png", "--independent")
     out = _bad(capsys, monkeypatch, "standard input line 2: not valid UTF-8 text (byte b'\\xe9' at 3)",
                b"what color?\ncaf\xe9\n", "demo", "--image", image, "--independent", "--json", "--max-new-tokens", 2)

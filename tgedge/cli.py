@@ -33,7 +33,8 @@ def _add_run(sub) -> None:
                         "prompt's image places (docs/CONVERSATIONS.md)")
     p.add_argument("--prompt", required=True, type=text, help="the question; the model's chat template wraps it")
     p.add_argument("--raw", action="store_true",
-                   help="use --prompt verbatim (it must contain <image> once per --image); a TG model then needs --guide")
+                   help="use --prompt verbatim (it must contain <image> once per --image); a TG model then needs "
+                        "--guide")
     p.add_argument("--guide", metavar="TEXT", type=text,
                    help="the text the text guide encodes (default: the question; with --raw, required for TG models: "
                         "the question alone, as TG-LLaVA guides with it)")
