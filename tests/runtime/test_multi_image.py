@@ -45,3 +45,20 @@ def test_export_answers_two_images_like_the_reference(demo_export, tmp_path, cap
         one = pipe.answer(images[0], QUESTION, pipe.options(max_new_tokens=6))
         added = pipe.pre.spec.num_image_tokens  # the demo's word-level tokenizer has no token for the "\n" after it
     assert ref["prompt_tokens"] == one.prompt_tokens + added
+
+
+def test_text_only_and_two_images_through_one_pipeline(demo_export, tmp_path):
+    """The merged prompt paths side by side: no image (the decoder alone), then two images, on the export and the
+    reference; the text-only prompt has no image positions, no pixels."""
+    images = [str(p) for p in _images(tmp_path)]
+    ref = TorchPipeline.from_checkpoint("demo")
+    with Pipeline(demo_export.directory) as pipe:
+        options = pipe.options(max_new_tokens=6)
+        text = pipe.answer(None, QUESTION, options)
+        two = pipe.answer(images, QUESTION, options)
+        inputs = pipe.pre(None, QUESTION)
+    assert not (inputs.input_ids == pipe.pre.spec.image_token_id).any() and inputs.pixel_values is None
+    assert text.prompt_tokens == inputs.input_ids.shape[1]
+    assert two.prompt_tokens == text.prompt_tokens + 2 * pipe.pre.spec.num_image_tokens  # no token for the "\n"
+    assert text.tokens == ref.answer(None, QUESTION, ref.options(max_new_tokens=6)).tokens
+    assert two.tokens == ref.answer(images, QUESTION, ref.options(max_new_tokens=6)).tokens
