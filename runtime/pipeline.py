@@ -8,6 +8,8 @@ of the mode the manifest names.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Callable
 
@@ -34,6 +36,14 @@ def check_against_manifest(runner: BaseRunner, manifest: Manifest, graph: str) -
 
 
 VERIFY = ("fingerprint", "sha256", None)
+
+
+def identity(manifest: Manifest, backend: str, options: dict, factory) -> str:
+    """The export as the stage cache keys it: its directory and whole manifest (graph checksums, precision,
+    engines), the backend and its loader options, a replaced runner factory."""
+    parts = {"directory": str(Path(manifest.directory).resolve()), "manifest": manifest.to_dict(), "backend": backend,
+             "options": options, "factory": None if factory is None else id(factory)}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=repr).encode("utf-8")).hexdigest()
 
 
 class Pipeline(StageFlow):
@@ -82,6 +92,7 @@ class Pipeline(StageFlow):
         self.backend = backend
         self.context = context or longest
         options = runner_options or {}
+        self._identity = identity(self.manifest, backend, options, runner_factory)
         factory = runner_factory or (lambda manifest, graph: make_runner(backend, manifest, graph, **options))
         self.runners: dict[str, BaseRunner] = {}
         try:
@@ -94,6 +105,10 @@ class Pipeline(StageFlow):
             self.close()
             raise
         self.cache = make_cache(self.contract.cache)
+
+    def cache_identity(self) -> str:
+        """The export's identity and the preprocessing settings now (`pre` may be replaced)."""
+        return self._identity + json.dumps(self.pre.spec.to_dict(), sort_keys=True)
 
     def scheduler(self, slots: int = 8, max_waiting: int = 64, thread: bool = True) -> Scheduler:
         """In-flight batching of many requests' decoding (`runtime.scheduler.Scheduler`; a static-cache export)."""

@@ -126,15 +126,15 @@ PACKAGES = {"tgedge": ROOT / "tgedge", "tgedge.runtime": ROOT / "runtime", "tged
 # A module may import only from its own layer and those below it (index: lower first).
 LAYERS = [
     {"tgedge.errors", "tgedge.contract", "tgedge.precision", "tgedge.drift", "tgedge.fileio", "tgedge.config", "tgedge.prompt",
-     "tgedge.sampling", "tgedge.preprocess", "tgedge.generate", "tgedge.stageflow"},
+     "tgedge.sampling", "tgedge.preprocess", "tgedge.generate", "tgedge.stagecache", "tgedge.stageflow"},
     {"tgedge.runtime"},  # torch-free
     {"tgedge.model", "tgedge.layouts", "tgedge.checkpoint", "tgedge.reference", "tgedge.noise", "tgedge.pipelines",
      "tgedge.data", "tgedge.evaluate"},
     {"tgedge.validate", "tgedge.inspection", "tgedge.train_demo", "tgedge.demo", "tgedge.bench", "tgedge.device",
      "tgedge.presets", "tgedge.presets_init", "tgedge.model_stats"},
     {"tgedge.export", "tgedge.calibration", "tgedge.defects"},  # export's graph modules come from the model
-    {"tgedge.cli", "tgedge.cli_common", "tgedge.cli_bench", "tgedge.cli_checkpoint", "tgedge.cli_deploy",
-     "tgedge.cli_device", "tgedge.cli_serve", "tgedge.__main__"},  # no library module imports the CLI
+    {"tgedge.cli", "tgedge.cli_chat", "tgedge.cli_common", "tgedge.cli_bench", "tgedge.cli_checkpoint",
+     "tgedge.cli_deploy", "tgedge.cli_device", "tgedge.cli_serve", "tgedge.__main__"},  # no library module imports the CLI
 ]
 
 

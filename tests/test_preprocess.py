@@ -103,6 +103,33 @@ def test_jinja_template_renders_in_sandbox():
         PromptTemplate("jinja", "{{ ''.__class__.__mro__[1].__subclasses__() }}").render("x")
 
 
+JINJA_ITEMS = ("{% for m in messages %}U: {% for c in m['content'] %}{% if c['type'] == 'image' %}<image>\n"
+               "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %} A:")
+
+
+@pytest.mark.parametrize("template", [PromptTemplate("vicuna_v1"), PromptTemplate("jinja", JINJA_ITEMS)])
+def test_template_places_none_one_or_several_images(template):
+    """images 0 is the text-only turn, N one image place per image first, in order; the question the same."""
+    turns = [template.render("what color?", images=n) for n in range(3)]
+    assert [t.count("<image>\n") for t in turns] == [0, 1, 2]
+    assert turns[1].replace("<image>\n", "") == turns[2].replace("<image>\n", "") == turns[0]
+    assert "<image>\n<image>\nwhat color?" in turns[2]
+
+
+def test_one_preprocessor_takes_no_image_one_or_two(pre, tmp_path):
+    """A text-only prompt (image None) and a multi-image one (a list) through the same __call__."""
+    images = [tiny.test_image(tmp_path / "a.png"), tiny.test_image(tmp_path / "b.png", size=(40, 30), seed=2)]
+    none, one, two = pre(None, "what color?"), pre(images[0], "what color?"), pre(images, "what color?")
+    assert none.pixel_values is None and none.crops is None and none.guide_ids is None
+    assert [int((x.input_ids == IMAGE_PLACEHOLDER_ID).sum()) for x in (none, one, two)] == [0, 5, 10]
+    assert one.pixel_values.shape == (1, 3, 28, 28) and two.pixel_values.shape == (2, 3, 28, 28)
+    assert two.crops.shape == (2, 4, 3, 28, 28)
+    np.testing.assert_array_equal(two.pixel_values[:1], one.pixel_values)
+    np.testing.assert_array_equal(two.guide_ids, one.guide_ids)
+    with pytest.raises(TgedgeError, match="no image: give at least one"):
+        pre([], "what color?")
+
+
 def test_preprocess_imports_no_torch():
     code = ("import sys; sys.modules['torch'] = None\n"
             "import tgedge, tgedge.preprocess, tgedge.prompt, tgedge.sampling\n"

@@ -9,7 +9,7 @@ import sys
 import threading
 import traceback
 
-from tgedge import __version__, cli_bench, cli_checkpoint, cli_deploy, cli_device
+from tgedge import __version__, cli_bench, cli_chat, cli_checkpoint, cli_deploy, cli_device
 from tgedge.cli_common import BACKENDS, EPILOG, SEED, Parser, add_output, integer, real, sampling, text
 
 MAX_SAMPLES = 1_000_000  # `data shapes -n`: ~27 GB of 112 px PNGs; beyond it is a typo, not a data set
@@ -28,10 +28,13 @@ def _add_run(sub) -> None:
     p.add_argument("--backend", choices=BACKENDS,
                    help="torch (the PyTorch reference; the default for a checkpoint) or a runtime backend for an "
                         "export directory (default onnxruntime, i.e. CPU)")
-    p.add_argument("--image", required=True, help="image file (any format pillow reads)")
+    p.add_argument("--image", required=True, action="append", metavar="PATH",
+                   help="image file (any format pillow reads); repeat it for several images, placed in order at the "
+                        "prompt's image places (docs/CONVERSATIONS.md)")
     p.add_argument("--prompt", required=True, type=text, help="the question; the model's chat template wraps it")
-    p.add_argument("--raw", action="store_true", help="use --prompt verbatim (it must contain <image> once); a TG model "
-                                                      "then needs --guide")
+    p.add_argument("--raw", action="store_true",
+                   help="use --prompt verbatim (it must contain <image> once per --image); a TG model then needs "
+                        "--guide")
     p.add_argument("--guide", metavar="TEXT", type=text,
                    help="the text the text guide encodes (default: the question; with --raw, required for TG models: "
                         "the question alone, as TG-LLaVA guides with it)")
@@ -52,10 +55,15 @@ def _add_run(sub) -> None:
 
 
 def cmd_run(args) -> int:
+    image = args.image[0] if len(args.image) == 1 else args.image
+    if args.raw:  # the marker count, before the model loads
+        from tgedge.prompt import check_raw_prompt
+
+        check_raw_prompt(args.prompt, len(args.image))
     pipe = open_pipeline(args.checkpoint, args.backend, args.clip, args.max_context, not args.no_verify)
     options = pipe.options(max_new_tokens=args.max_new_tokens, **sampling(args))
     stream = None if args.json else (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
-    answer = pipe.answer(args.image, args.prompt, options, raw=args.raw, on_text=stream, guide=args.guide)
+    answer = pipe.answer(image, args.prompt, options, raw=args.raw, on_text=stream, guide=args.guide)
     if args.json:
         print(json.dumps(answer.to_dict()))
     else:
@@ -205,6 +213,7 @@ def build_parser() -> Parser:
     _add_run(sub)
     _add_data(sub)
     _add_eval(sub)
+    cli_chat.register(sub)
     cli_deploy.register(sub)
     cli_device.register(sub)
     cli_bench.register(sub)

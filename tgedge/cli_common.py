@@ -14,17 +14,12 @@ SEED_MAX = 2 ** 32 - 1  # numpy, torch and Python's random all take it
 OPSET_MIN = 14  # export.onnx_export.MIN_OPSET (Trilu), not imported here: that module imports torch
 
 
-# Single-value options that may still be given more than once, the last winning: --image is to become repeatable
-# (several images per prompt) in its own change, so it keeps argparse's behaviour until then.
-REPEATABLE = {"--image"}
-
-
 class _Once(argparse._StoreAction):
     """argparse's `store`, refusing a second value: `--prompt a --prompt b` silently answered `b`."""
 
     def __call__(self, parser, namespace, values, option_string=None):
         seen = namespace.__dict__.setdefault("_tgedge_given", {})
-        if self.option_strings and self.dest in seen and not REPEATABLE & set(self.option_strings):
+        if self.option_strings and self.dest in seen:
             first, before = seen[self.dest]
             raise argparse.ArgumentError(self, f"given twice ({first} {before!r}, then {option_string} {values!r}): "
                                                "give it once")
@@ -119,6 +114,17 @@ def sampling(args) -> dict:
                           "nothing: pass --temperature T > 0 to sample, or leave it out")
     return {"temperature": args.temperature, "top_k": args.top_k or 0,
             "top_p": 1.0 if args.top_p is None else args.top_p, "seed": args.seed or 0}
+
+
+def one_image(images: list[str], command: str) -> str:
+    """The one `--image` of a command that takes one image for now: a second is refused rather than silently
+    dropped (argparse's last-wins answered about the last image alone)."""
+    if len(images) > 1:
+        from tgedge.errors import TgedgeError
+
+        raise TgedgeError(f"--image given {len(images)} times ({', '.join(images)}): {command} takes one image for "
+                          "now (tgedge run takes several)")
+    return images[0]
 
 
 def text(value: str) -> str:

@@ -78,6 +78,8 @@ class FusionFamily:
     num_image_tokens: Callable[[dict], int]
     # inference ablations its model class's `ablate(model, which)` knows (`tgedge eval --ablate`)
     ablations: tuple[str, ...] = ()
+    # stages whose outputs depend on the image alone, never on the question: what `tgedge.stagecache` may keep
+    question_independent: tuple[str, ...] = ("vision",)
 
 
 def _features(cfg: dict) -> int:
@@ -103,7 +105,8 @@ TG = FusionFamily(
     fusion_inputs=_tg_inputs,
     num_image_tokens=lambda cfg: _features(cfg) + (cfg["detail_perceiver"]["num_latents"]
                                                    if cfg.get("detail_perceiver") else 0),
-    ablations=("fom", "dp", "both"))  # TG-FOM's zero_layer zeroed, TG-DP's tokens dropped, both
+    ablations=("fom", "dp", "both"),  # TG-FOM's zero_layer zeroed, TG-DP's tokens dropped, both
+    question_independent=("vision",))  # the text guide steers TG-FOM and TG-DP: fusion depends on the question
 
 
 def _gated_inputs(cfg: dict) -> list[TensorMeta]:
@@ -119,7 +122,8 @@ GATED = FusionFamily(
     views=lambda cfg: 1,
     fusion_inputs=_gated_inputs,
     num_image_tokens=_features,  # one token per patch
-    ablations=("gate", "text"))  # g = 0 (image only), no text context
+    ablations=("gate", "text"),  # g = 0 (image only), no text context
+    question_independent=("vision",))  # its fusion layers cross-attend to the question's tokens
 
 PLAIN = FusionFamily(
     "plain", "tgedge.model.fusion_plain:PlainFusion",
@@ -128,7 +132,8 @@ PLAIN = FusionFamily(
     views=lambda cfg: 1,
     fusion_inputs=lambda cfg: [TensorMeta("image_features", "float32",
                                           (BATCH, _features(cfg), cfg["vision"]["hidden_size"]))],
-    num_image_tokens=_features)
+    num_image_tokens=_features,
+    question_independent=("vision", "fusion"))  # the projector sees the image alone: the image embeddings too
 
 # Detection order: the first family whose `detects` holds (plain last: it takes any LLaVA).
 FAMILIES: dict[str, FusionFamily] = {f.name: f for f in (TG, GATED, PLAIN)}

@@ -354,11 +354,13 @@ class PreprocessSpec:
 
 @dataclass
 class Inputs:
-    """Model inputs for one (image, question). Arrays carry a batch dim of 1."""
+    """Model inputs for one prompt with N images (N = 1 but for a multi-image prompt; no pixels for a text-only
+    one); the text carries a batch dim of 1, the pixels one row per image, in the order of the prompt's image
+    places."""
     prompt: str
     input_ids: np.ndarray  # (1, T) int64, image positions hold `image_token_id`
-    pixel_values: np.ndarray | None  # (1, 3, H, W) float32; None: a text-only prompt
-    crops: np.ndarray | None = None  # (1, 4, 3, H, W) float32
+    pixel_values: np.ndarray | None  # (N, 3, H, W) float32; None: a text-only prompt
+    crops: np.ndarray | None = None  # (N, 4, 3, H, W) float32
     guide_ids: np.ndarray | None = None  # (1, Tg) int64
 
 
@@ -428,37 +430,44 @@ class Preprocessor:
         return px[None], (detail_crops(px)[None] if s.detail_crops else None)
 
     # -- text -----------------------------------------------------------------------------------------------
-    def prompt(self, question: str, raw: bool = False) -> str:
+    def prompt(self, question: str, raw: bool = False, images: int = 1) -> str:
         if not isinstance(question, str) or not question.replace(IMAGE_TOKEN, "").strip():
             raise TgedgeError("empty prompt: ask a question about the image")
-        return check_raw_prompt(question) if raw else self.spec.template.render(question)
+        return check_raw_prompt(question, images) if raw else self.spec.template.render(question, images)
 
-    def input_ids(self, prompt: str) -> np.ndarray:
-        """Tokenise the prompt; its one `<image>` becomes `num_image_tokens` image positions."""
+    def input_ids(self, prompt: str, images: int = 1) -> np.ndarray:
+        """Tokenise the prompt; each of its `images` `<image>`s becomes `num_image_tokens` image positions."""
         s = self.spec
-        if prompt.count(IMAGE_TOKEN) != 1:
-            raise TgedgeError(f"prompt must contain {IMAGE_TOKEN} exactly once (found {prompt.count(IMAGE_TOKEN)})")
+        if prompt.count(IMAGE_TOKEN) != images:
+            want = "exactly once" if images == 1 else f"{images} times, once per image"
+            raise TgedgeError(f"prompt must contain {IMAGE_TOKEN} {want} (found {prompt.count(IMAGE_TOKEN)})")
         if s.image_token_id != IMAGE_PLACEHOLDER_ID and self.tokenizer.token_to_id(IMAGE_TOKEN) == s.image_token_id:
-            ids = self.tokenizer.encode(prompt)
-            at = ids.index(s.image_token_id)
-            ids = ids[:at] + [s.image_token_id] * s.num_image_tokens + ids[at + 1:]
+            ids = []
+            for t in self.tokenizer.encode(prompt):
+                ids += [t] * s.num_image_tokens if t == s.image_token_id else [t]
+            if ids.count(s.image_token_id) != images * s.num_image_tokens:
+                raise TgedgeError(f"the tokenizer reads {IMAGE_TOKEN} in this prompt other than {images} times")
         else:
             ids = self._chunked_ids(prompt)
         return np.array([ids], dtype=np.int64)
 
     def _chunked_ids(self, prompt: str) -> list[int]:
         """The original LLaVA's tokenizer_image_token: chunks tokenised apart, BOS kept once."""
-        before, after = (self.tokenizer.encode(c) for c in prompt.split(IMAGE_TOKEN))
+        chunks = [self.tokenizer.encode(c) for c in prompt.split(IMAGE_TOKEN)]
         bos = self.tokenizer.encode("")[:1]  # what the tokenizer puts first on its own, if anything
-        if bos and before[:1] == bos:
-            after = after[1:]  # each chunk carries a BOS; keep the first only
-        return before + [self.spec.image_token_id] * self.spec.num_image_tokens + after
+        ids = chunks[0]
+        for chunk in chunks[1:]:
+            if bos and chunks[0][:1] == bos:
+                chunk = chunk[1:]  # each chunk carries a BOS; keep the first only
+            ids = ids + [self.spec.image_token_id] * self.spec.num_image_tokens + chunk
+        return ids
 
-    def guide_ids(self, question: str) -> np.ndarray | None:
-        """The text guide: the question without `<image>`, CLIP-tokenised, cut to the tower's context."""
+    def guide_ids(self, question: str, images: int = 1) -> np.ndarray | None:
+        """The text guide: the question without `<image>`, CLIP-tokenised, cut to the tower's context. With several
+        images every image is guided by this same question."""
         if not self.spec.text_guide_length:
             return None
-        ids = self.guide_tokenizer.encode(split_question(question))[: self.spec.text_guide_length]
+        ids = self.guide_tokenizer.encode(split_question(question, images))[: self.spec.text_guide_length]
         return np.array([ids], dtype=np.int64)
 
     def text(self, question: str, raw: bool = False) -> Inputs:
@@ -467,21 +476,26 @@ class Preprocessor:
             raise TgedgeError("empty prompt: ask a question")
         if IMAGE_TOKEN in question:
             raise TgedgeError(f"a text-only prompt must not contain {IMAGE_TOKEN} (it has no image to place)")
-        prompt = question if raw else self.spec.template.render(question, image=False)
+        prompt = question if raw else self.spec.template.render(question, images=0)
         return Inputs(prompt, np.array([self.tokenizer.encode(prompt)], dtype=np.int64), None)
 
-    def __call__(self, image: Image.Image | str | Path | None, question: str, raw: bool = False,
-                 guide: str | None = None) -> Inputs:
-        """`raw`: `question` is the whole prompt, used verbatim; the text guide then needs `guide` (the question
-        alone: TG-LLaVA guides with the question, never with the chat template around it). `image` None: a
-        text-only prompt (`text`; `guide` unused)."""
+    def __call__(self, image, question: str, raw: bool = False, guide: str | None = None) -> Inputs:
+        """`image`: one image (a PIL image or a path) or a list of them, placed in order at the prompt's image
+        places; None: a text-only prompt (`text`; `guide` unused). `raw`: `question` is the whole prompt, used
+        verbatim (one `<image>` per image); the text guide then needs `guide` (the question alone: TG-LLaVA guides
+        with the question, never with the chat template around it)."""
         if image is None:
             return self.text(question, raw)
         if raw and guide is None and self.spec.text_guide_length:
             raise TgedgeError(RAW_NEEDS_GUIDE)
-        if not isinstance(image, Image.Image):
-            image = load_image(image)
-        prompt = self.prompt(question, raw)
-        pixel_values, crops = self.pixels(image)
+        images = list(image) if isinstance(image, (list, tuple)) else [image]
+        if not images:
+            raise TgedgeError("no image: give at least one")
+        images = [im if isinstance(im, Image.Image) else load_image(im) for im in images]
+        prompt = self.prompt(question, raw, len(images))
+        views = [self.pixels(im) for im in images]
+        pixel_values = np.concatenate([v[0] for v in views])
+        crops = None if views[0][1] is None else np.concatenate([v[1] for v in views])
         guide_text = question if guide is None else guide
-        return Inputs(prompt, self.input_ids(prompt), pixel_values, crops, self.guide_ids(guide_text))
+        return Inputs(prompt, self.input_ids(prompt, len(images)), pixel_values, crops,
+                      self.guide_ids(guide_text, len(images) if guide is None else 1))

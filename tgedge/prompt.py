@@ -1,7 +1,8 @@
 """Prompt templates: the TG-LLaVA reference's conversation templates, LLaVA's default, or a Jinja chat template.
 
 The built-in templates reproduce `conversation.py` of the TG-LLaVA code (`vicuna_v1`, `qwen_2`, `llama_3`)
-for a single user turn with an image, as its eval script builds it (`<image>\\n` + question).
+for a single user turn with an image, as its eval script builds it (`<image>\\n` + question); several images put
+one `<image>\\n` each first, in order (transformers' LLaVA chat template renders image items first the same way).
 """
 
 from __future__ import annotations
@@ -47,37 +48,48 @@ class PromptTemplate:
     def stop_strings(self) -> list[str]:
         return [] if self.jinja is not None else list(BUILTIN_TEMPLATES[self.name][1])
 
-    def render(self, question: str, image: bool = True) -> str:
-        """One user turn with the image placeholder first, then the question, then the assistant's opening;
-        `image` False: a text-only turn, the question alone."""
-        question = split_question(question)
+    def render(self, question: str, images: int = 1) -> str:
+        """One user turn with the image placeholders first (one per image, in order, as transformers' LLaVA chat
+        template renders image items), then the question, then the assistant's opening; `images` 0: a text-only
+        turn, the question alone."""
+        question = split_question(question, images)
         if self.jinja is None:
-            return BUILTIN_TEMPLATES[self.name][0].format(user=f"{IMAGE_TOKEN}\n{question}" if image else question)
-        return _render_jinja(self.jinja, question, image)
+            return BUILTIN_TEMPLATES[self.name][0].format(user=f"{IMAGE_TOKEN}\n" * images + question)
+        return _render_jinja(self.jinja, question, images)
 
 
-def split_question(text: str) -> str:
-    """The question with its (single) image placeholder removed, as the reference's text guide sees it."""
-    if text.count(IMAGE_TOKEN) > 1:
-        raise TgedgeError(f"prompt has {text.count(IMAGE_TOKEN)} {IMAGE_TOKEN} placeholders; one image takes one")
+def _counted(n: int, what: str) -> str:
+    return f"{'one' if n == 1 else n} {what}{'' if n == 1 else 's'}"
+
+
+def split_question(text: str, images: int = 1) -> str:
+    """The question with its image placeholders removed, as the reference's text guide sees it: none, or one per
+    image (the template places the images either way)."""
+    n = text.count(IMAGE_TOKEN)
+    if n not in (0, images):
+        takes = "one image takes one" if images == 1 else f"{images} images take {images} (or none)"
+        raise TgedgeError(f"prompt has {n} {IMAGE_TOKEN} placeholders; {takes}")
     return text.replace(IMAGE_TOKEN, "").strip()
 
 
-def check_raw_prompt(text: str) -> str:
+def check_raw_prompt(text: str, images: int = 1) -> str:
     n = text.count(IMAGE_TOKEN)
-    if n != 1:
-        raise TgedgeError(f"raw prompt must contain {IMAGE_TOKEN} exactly once (found {n})")
+    if n != images:
+        if images == 1:
+            raise TgedgeError(f"raw prompt must contain {IMAGE_TOKEN} exactly once (found {n})")
+        raise TgedgeError(f"raw prompt has {_counted(n, IMAGE_TOKEN + ' marker')} for {images} images: it needs one "
+                          "per image, in the images' order")
     return text
 
 
-def _render_jinja(source: str, question: str, image: bool = True) -> str:
+def _render_jinja(source: str, question: str, images: int = 1) -> str:
     try:
         from jinja2.sandbox import ImmutableSandboxedEnvironment
     except ImportError:  # pragma: no cover - jinja2 is a base dependency
         raise TgedgeError("this checkpoint's chat template needs jinja2: pip install jinja2") from None
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    content = [{"type": "image"}] if image else []
-    messages = [{"role": "user", "content": [*content, {"type": "text", "text": question}]}]
+    content = [{"type": "image"}] * images + [{"type": "text", "text": question}]
+    messages = [{"role": "user", "content": content}]
     try:
         return env.from_string(source).render(messages=messages, add_generation_prompt=True)
     except Exception as e:  # a template is user input: any failure is a bad-input error

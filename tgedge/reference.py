@@ -53,6 +53,13 @@ class TorchPipeline(StageFlow):
     def contract(self) -> StageContract:
         return self.model.contract
 
+    def cache_identity(self) -> str:
+        """This model object as it is now (dtype and device read live, ablations counted) and its preprocessing."""
+        import json
+
+        return json.dumps([id(self.model), str(self.dtype), str(self.device), getattr(self, "_ablations", ()),
+                           self.pre.spec.to_dict()], sort_keys=True)
+
     @property
     def device(self) -> torch.device:
         return self.model.language_model.embed_tokens.weight.device
@@ -100,6 +107,7 @@ class TorchPipeline(StageFlow):
         if owner is None:
             raise TgedgeError(f"unknown ablation {which!r} (choose from {', '.join(ablation_choices())})")
         family_class(owner).ablate(self.model, which)  # refuses a model without the family's modules
+        self._ablations = (*getattr(self, "_ablations", ()), which)  # another model now: no cached output of before
         self.pre = self.pre.replace(**preprocess_needs(self.model.cfg.to_dict()))
         return self
 

@@ -16,6 +16,7 @@ from tgedge.contract import StageContract
 from tgedge.errors import TgedgeError
 from tgedge.generate import AnswerMixin
 from tgedge.preprocess import Inputs
+from tgedge.stagecache import StageCache
 
 RunStage = Callable[[str, dict[str, Any]], dict[str, Any]]
 
@@ -74,13 +75,26 @@ class StageFlow(AnswerMixin):
     steps of `tgedge.generate`."""
 
     contract: StageContract
+    stage_cache: StageCache | None = None  # off unless `use_stage_cache` (chat turns it on, run leaves it off)
 
     def run_stage(self, name: str, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         raise NotImplementedError
 
+    def cache_identity(self) -> str:
+        """What, besides a stage's inputs, its outputs are a function of (the graphs, backend, settings)."""
+        raise NotImplementedError
+
+    def use_stage_cache(self, cache: StageCache | None) -> "StageFlow":
+        """Take the family's question-independent stage outputs from `cache` (None: run every stage)."""
+        self.stage_cache = cache
+        return self
+
     def encode_image(self, pixel_values: np.ndarray, crops: np.ndarray | None = None,
                      guide_ids: np.ndarray | None = None) -> np.ndarray:
-        return encode_image(self.run_stage, self.contract, pixel_values, crops, guide_ids)
+        run = self.run_stage
+        if self.stage_cache is not None:
+            run = self.stage_cache.wrap(run, self.cache_identity(), self.contract.fusion_family.question_independent)
+        return encode_image(run, self.contract, pixel_values, crops, guide_ids)
 
     def embed_tokens(self, ids: np.ndarray) -> np.ndarray:
         """Token ids (1, T) -> embeddings (1, T, D), every id a text token (a generated id is always text)."""
@@ -91,7 +105,12 @@ class StageFlow(AnswerMixin):
         return embed(self.run_stage, ids, self.pre.spec.image_token_id, image_embeds)
 
     def embeddings(self, inputs: Inputs) -> np.ndarray:
-        """Prompt embeddings (1, T, D) with the image (and detail) tokens in place; a text-only prompt's alone."""
+        """Prompt embeddings (1, T, D) with the image (and detail) tokens in place: each image through its own
+        views and fusion, guided by the question, its tokens at its image place in order; a text-only prompt's
+        tokens alone."""
         if inputs.pixel_values is None:
             return self.embed_tokens(inputs.input_ids)
-        return self.embed(inputs.input_ids, self.encode_image(inputs.pixel_values, inputs.crops, inputs.guide_ids))
+        crops = inputs.crops
+        per_image = [self.encode_image(inputs.pixel_values[i:i + 1], None if crops is None else crops[i:i + 1],
+                                       inputs.guide_ids) for i in range(inputs.pixel_values.shape[0])]
+        return self.embed(inputs.input_ids, per_image[0] if len(per_image) == 1 else np.concatenate(per_image))

@@ -80,3 +80,24 @@ def test_rope_scaling_matches(tmp_path, scaling):
         theirs = hf(input_ids=torch.from_numpy(inputs.input_ids),
                     pixel_values=torch.from_numpy(inputs.pixel_values)).logits[0, -1]
     assert (ours - theirs).abs().max().item() < 1e-4
+
+
+def test_two_images_match_llava_processor_and_generate(pair, tmp_path):
+    """Several images: placed in order at the template's image places, as transformers' LLaVA places them."""
+    hf, processor, model, ckpt, image = pair
+    images = [image, tiny.test_image(tmp_path / "b.png", size=(33, 47), seed=5)]
+    inputs = ckpt.preprocessor(images, QUESTION)
+    assert inputs.prompt.count("<image>") == 2 and inputs.pixel_values.shape[0] == 2
+    theirs = processor(images=[Image.open(p) for p in images], text=inputs.prompt, return_tensors="np")
+    np.testing.assert_array_equal(inputs.input_ids, theirs["input_ids"])
+    np.testing.assert_array_equal(inputs.pixel_values, theirs["pixel_values"])
+    pipe = TorchPipeline(model, ckpt.preprocessor)
+    options = pipe.options(max_new_tokens=12, eos_token_ids=[], stop_strings=[])
+    ours = pipe.answer(images, QUESTION, options).tokens
+    with torch.no_grad():
+        out = hf.generate(input_ids=torch.from_numpy(inputs.input_ids),
+                          pixel_values=torch.from_numpy(inputs.pixel_values), max_new_tokens=12, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)
+    assert ours == out[0, inputs.input_ids.shape[1]:].tolist()
+    swapped = pipe.embeddings(ckpt.preprocessor(images[::-1], QUESTION))
+    assert not np.allclose(swapped.numpy(), pipe.embeddings(inputs).numpy())  # the order is kept, not ignored
