@@ -83,3 +83,24 @@ def tg_tiny(tmp_path_factory):
     out = tmp_path_factory.mktemp("preset") / "tg-tiny"
     write_random("tg-tiny", out)
     return out
+
+
+@pytest.fixture(scope="session")
+def _peaks_once():
+    return {}
+
+
+@pytest.fixture
+def peaks_measured_once(_peaks_once, monkeypatch):
+    """The bench's host floors measured once for the session and reused by every bench run in a test that asks for
+    this (a measurement is seconds of copies and matmuls, twice per run); test_bench_json measures for real each
+    time, and tests/test_floors.py tests the measuring itself."""
+    from tgedge import floors
+
+    measure = floors.measure_peaks
+
+    def once(device="cpu", threads=0):
+        if (device, threads) not in _peaks_once:
+            _peaks_once[device, threads] = measure(device, threads)
+        return _peaks_once[device, threads]
+    monkeypatch.setattr(floors, "measure_peaks", once)
