@@ -8,7 +8,18 @@ import pytest  # noqa: E402
 EVAL_SAMPLES = 50
 CALIB_SAMPLES = 48  # the demo int8's calibration set (tests/calibration/test_quantize.py checks the count)
 
-# The session fixtures below are built once and shared read-only: a test that edits one copies it first.
+# The session fixtures below are built once and shared read-only: a test that edits one copies it first (each
+# checks at the session's end that its files are as it wrote them).
+
+
+def _state(directory: Path) -> dict:
+    return {str(f.relative_to(directory)): (f.stat().st_size, f.stat().st_mtime_ns)
+            for f in sorted(directory.rglob("*")) if f.is_file()}
+
+
+def _unchanged(written: dict) -> None:
+    changed = [str(d) for d, state in written.items() if _state(d) != state]
+    assert not changed, f"a test wrote into a shared session fixture: {changed}"
 
 
 @pytest.fixture(scope="session")
@@ -47,14 +58,15 @@ def demo_quantized(demo_export, demo_calib, tmp_path_factory):
     int4w, each built on first use and then shared (several test modules need the same three)."""
     from tgedge.calibration.quantize import quantize_export
 
-    made = {}
-
     def get(precision: str):
         if precision not in made:
             made[precision] = quantize_export(demo_export.directory, tmp_path_factory.mktemp("q") / precision,
                                               precision, calib=demo_calib if precision == "int8" else None)
+            written[made[precision].directory] = _state(made[precision].directory)
         return made[precision]
-    return get
+    made, written = {}, {}
+    yield get
+    _unchanged(written)
 
 
 @pytest.fixture(scope="session")
@@ -63,16 +75,17 @@ def demo_static_exports(tmp_path_factory):
     `static-onnx`), checked against torch, each built on first use and then shared."""
     from tgedge.export.onnx_export import export_model
 
-    made = {}
-
     def get(mode: str, dtype: str = "fp32"):
         if (mode, dtype) not in made:
             result = export_model("demo", tmp_path_factory.mktemp("static") / f"{mode}-{dtype}", cache_mode=mode,
                                   dtype=dtype)
             assert result.passed
             made[mode, dtype] = result
+            written[result.directory] = _state(result.directory)
         return made[mode, dtype]
-    return get
+    made, written = {}, {}
+    yield get
+    _unchanged(written)
 
 
 @pytest.fixture(scope="session")
@@ -82,7 +95,9 @@ def tg_tiny(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("preset") / "tg-tiny"
     write_random("tg-tiny", out)
-    return out
+    written = {out: _state(out)}
+    yield out
+    _unchanged(written)
 
 
 @pytest.fixture(scope="session")
