@@ -6,14 +6,13 @@ import shutil
 
 import pytest
 
-from tgedge.calibration.quantize import quantize_export
 from tgedge.cli import main
 from tgedge.fileio import MARKER
 
 
 @pytest.fixture(scope="module")
-def int4(demo_export, tmp_path_factory):
-    return quantize_export(demo_export.directory, tmp_path_factory.mktemp("q") / "int4w", "int4w").directory
+def int4(demo_quantized):
+    return demo_quantized("int4w").directory  # the session's, read-only: the tests copy it
 
 
 def copy_export(src, dst):

@@ -6,7 +6,6 @@ import shutil
 import onnx
 import pytest
 
-from tgedge.calibration.quantize import quantize_export
 from tgedge.cli import main
 from tiny import JETSON
 from tgedge.errors import TgedgeError
@@ -16,16 +15,9 @@ DATA = JETSON
 
 
 @pytest.fixture(scope="module")
-def exports(demo_export, tmp_path_factory):
-    from tgedge.data import shapes
-    from tgedge.data.folder import write_folder
-
-    tmp = tmp_path_factory.mktemp("inspect")
-    calib = write_folder(shapes.generate(shapes.SPLIT_SEEDS["calibration"], 8), tmp / "calib")
-    out = {"fp32": demo_export.directory}
-    for p in ("fp16", "int8", "int4w"):
-        out[p] = quantize_export(demo_export.directory, tmp / p, p, calib=calib if p == "int8" else None).directory
-    return out
+def exports(demo_export, demo_quantized):
+    """The session's exports, read-only: a test that edits one copies it."""
+    return {"fp32": demo_export.directory, **{p: demo_quantized(p).directory for p in ("fp16", "int8", "int4w")}}
 
 
 def _wrapped(path):

@@ -123,11 +123,13 @@ class AnswerMixin:
         return self.answer_inputs(self.pre(image, question, raw, guide), options, on_text, start)
 
     def answer_inputs(self, inputs, options: GenerationOptions | None = None,
-                      on_text: Callable[[str], None] | None = None, start: float | None = None) -> Answer:
-        """`answer()` from inputs already preprocessed (`start`: when preprocessing began, for the timings)."""
+                      on_text: Callable[[str], None] | None = None, start: float | None = None,
+                      embeddings: Any = None) -> Answer:
+        """`answer()` from inputs already preprocessed (`start`: when preprocessing began, for the timings);
+        `embeddings`: this pipeline's prompt embeddings of `inputs` where the caller has them already (validate)."""
         options = options or self.options()
         start = time.perf_counter() if start is None else start
-        x = self.embeddings(inputs)
+        x = self.embeddings(inputs) if embeddings is None else embeddings
         encoded = time.perf_counter()
         decode = self.pre.tokenizer.decode
         stop = StopCriteria(options, decode)

@@ -342,8 +342,9 @@ def run_sample(runtime, reference, record, max_new_tokens: int = 8, noise_stages
     traced = _Traced(reference)
     x = traced.embeddings(inputs)
     stages = [(name, runtime.run_stage(name, feed), want) for name, feed, want in traced.calls]
-    # Greedy answers from the inputs preprocessed above (each pipeline its own, as deployed).
-    ref_answer = reference.answer_inputs(inputs, reference.options(max_new_tokens=max_new_tokens))
+    # Greedy answers from the inputs preprocessed above (each pipeline its own, as deployed); the reference's from
+    # the embeddings it has just computed (its stages once per sample, not twice).
+    ref_answer = reference.answer_inputs(inputs, reference.options(max_new_tokens=max_new_tokens), embeddings=x)
     rt_answer = runtime.answer_inputs(rt_inputs, runtime.options(max_new_tokens=max_new_tokens))
     # Teacher forcing on the reference's answer, both pipelines from the same prompt embeddings, step by step.
     logits = (forced_logits(runtime, x, ref_answer.tokens), forced_logits(reference, x, ref_answer.tokens))

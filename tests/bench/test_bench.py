@@ -29,11 +29,9 @@ def test_bench_json(demo_export, capsys):
     assert t["memory"]["peak_rss_mb"] > 0 and t["decoder_weight_bytes"] > 0
 
 
-def test_reports_side_by_side(demo_export, tmp_path, capsys):
+def test_reports_side_by_side(demo_export, demo_static_exports, tmp_path, capsys, peaks_measured_once):
     """Two models alternating, the image question and text-only contexts: well-formed JSON, Markdown, PNG."""
-    from tgedge.export.onnx_export import export_model
-
-    static = export_model("demo", tmp_path / "static", cache_mode="static", check=False).directory
+    static = demo_static_exports("static").directory
     out = {k: tmp_path / f"r.{k}" for k in ("json", "md", "png")}
     assert main(["bench", str(demo_export.directory), str(static), "--runs", "2", "--warmup", "0", "--new-tokens", "4",
                  "--prompt-tokens", "16,40", "--json", str(out["json"]), "--markdown", str(out["md"]),
@@ -58,7 +56,7 @@ def test_reports_side_by_side(demo_export, tmp_path, capsys):
     assert matplotlib.image.imread(str(out["png"])).shape[0] > 100
 
 
-def test_text_only_loads_the_decoder_alone(demo_export, capsys, tmp_path):
+def test_text_only_loads_the_decoder_alone(demo_export, capsys, tmp_path, peaks_measured_once):
     png = tmp_path / "chart.png"
     assert main(["bench", str(demo_export.directory), "--no-image", "--prompt-tokens", "8", "--runs", "1",
                  "--warmup", "0", "--new-tokens", "3", "--json", "--plot", str(png)]) == 0
@@ -87,7 +85,7 @@ def test_bad_arguments_are_one_line(demo_export, args, message, capsys):
     assert len(err.splitlines()) == 1 and message in err, err
 
 
-def test_power_from_tegrastats(demo_export, tmp_path, monkeypatch, capsys):
+def test_power_from_tegrastats(demo_export, tmp_path, monkeypatch, capsys, peaks_measured_once):
     fake = tmp_path / "bin" / "tegrastats"
     fake.parent.mkdir()
     lines = (DATA / "orin_nano.tegrastats").read_text().strip().splitlines()
@@ -113,7 +111,7 @@ def test_power_measures_one_model(demo_export, capsys):
     assert "one model at a time" in capsys.readouterr().err
 
 
-def test_genai_peer_through_its_worker_protocol(demo_export, tmp_path, capsys):
+def test_genai_peer_through_its_worker_protocol(demo_export, tmp_path, capsys, peaks_measured_once):
     """--compare genai with a stand-in worker (onnxruntime-genai is not installed here): the peer's text-only
     timings come back as a target of their own, with its floors from its graph and genai_config.json."""
     import sys

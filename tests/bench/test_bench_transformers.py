@@ -83,7 +83,7 @@ def test_original_layout_gets_an_image_token(original_dir):
     np.testing.assert_allclose(theirs[0, -1].numpy(), ours, rtol=0, atol=1e-4 * np.abs(ours).max())
 
 
-def test_bench_reports_the_peer(hf_dir, tmp_path, capsys):
+def test_bench_reports_the_peer(hf_dir, tmp_path, capsys, peaks_measured_once):
     """A plain-LLaVA export with --compare transformers: the peer's stages inside generate, and its own cache."""
     from tgedge.export.onnx_export import export_model
 
@@ -101,7 +101,7 @@ def test_bench_reports_the_peer(hf_dir, tmp_path, capsys):
     assert peer["decoder_weight_bytes"] > 0 and peer["kv_bytes_per_position"] == ours["kv_bytes_per_position"]
 
 
-def test_a_twin_for_a_tg_export(demo_export, original_dir, capsys):
+def test_a_twin_for_a_tg_export(demo_export, original_dir, capsys, peaks_measured_once):
     """A TG-LLaVA export runs beside a plain twin named by --transformers-model; its CLIP is found in DIR/clip."""
     assert main(["bench", str(demo_export.directory), "--no-image", "--prompt-tokens", "8", "--runs", "1",
                  "--warmup", "0", "--new-tokens", "3", "--compare", "transformers", "--transformers-model",

@@ -7,8 +7,7 @@ import pytest
 
 from tgedge.calibration.quantize import parse_precision, quantize_export
 from tgedge.cli import main
-from tgedge.data import shapes
-from tgedge.data.folder import write_folder
+from tgedge.data.folder import read_folder
 from tgedge.errors import TgedgeError
 from tgedge.validate import validate
 
@@ -17,14 +16,14 @@ CHECK_SAMPLES = 30
 
 
 @pytest.fixture(scope="module")
-def calib(tmp_path_factory):
-    return write_folder(shapes.generate(shapes.SPLIT_SEEDS["calibration"], CALIB_SAMPLES),
-                        tmp_path_factory.mktemp("calib") / "calibration")
+def calib(demo_calib):
+    assert len(read_folder(demo_calib)) == CALIB_SAMPLES  # the session's calibration split (tests/conftest.py)
+    return demo_calib
 
 
 @pytest.fixture(scope="module")
-def int8(demo_export, calib, tmp_path_factory):
-    return quantize_export(demo_export.directory, tmp_path_factory.mktemp("q") / "int8", "int8", calib=calib)
+def int8(demo_quantized, calib):
+    return demo_quantized("int8")  # the session's, calibrated on calib
 
 
 def _ops(path):
@@ -81,8 +80,8 @@ def test_int8_validates_within_two_points(int8, demo_eval):
 
 
 @pytest.mark.parametrize("precision", ["fp16", "int4w"])
-def test_fp16_and_int4w_validate(precision, demo_export, demo_eval, tmp_path):
-    result = quantize_export(demo_export.directory, tmp_path / precision, precision)
+def test_fp16_and_int4w_validate(precision, demo_quantized, demo_eval):
+    result = demo_quantized(precision)
     m = result.manifest
     if precision == "fp16":
         ops = _ops(m.graph_path("decoder"))

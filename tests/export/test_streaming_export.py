@@ -13,7 +13,6 @@ from onnx import numpy_helper
 from tgedge.export.onnx_export import check_graph, export_model
 from tgedge.export.specs import graph_specs
 from tgedge.precision import REFERENCE
-from tgedge.presets import write_random
 from tgedge.reference import TorchPipeline
 from tgedge.runtime.manifest import Manifest
 from tgedge.runtime.pipeline import Pipeline
@@ -21,10 +20,8 @@ from tgedge.weights import LazyWeights
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    out = tmp_path_factory.mktemp("preset") / "tg-tiny"
-    write_random("tg-tiny", out)
-    return out
+def tiny(tg_tiny):
+    return tg_tiny  # the session's preset checkpoint, read-only
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import json
 
 import pytest
 
-from tgedge.calibration.quantize import quantize_export
 from tgedge.cli import main
 from tgedge.errors import TgedgeError
 from tgedge.export.tensorrt_build import build_engines, profiles, trtexec_line
@@ -18,15 +17,9 @@ trt = pytest.importorskip("tensorrt_rtx_bindings", reason="TensorRT for RTX whee
 
 
 @pytest.fixture(scope="module")
-def exports(demo_export, tmp_path_factory):
-    from tgedge.data import shapes
-    from tgedge.data.folder import write_folder
-
-    tmp = tmp_path_factory.mktemp("trt")
-    calib = write_folder(shapes.generate(shapes.SPLIT_SEEDS["calibration"], 16), tmp / "calib")
-    return {"fp32": demo_export.directory,
-            "fp16": quantize_export(demo_export.directory, tmp / "fp16", "fp16").directory,
-            "int8": quantize_export(demo_export.directory, tmp / "int8", "int8", calib=calib).directory}
+def exports(demo_export, demo_quantized):
+    """The session's exports (read-only: engines are written elsewhere)."""
+    return {"fp32": demo_export.directory, **{p: demo_quantized(p).directory for p in ("fp16", "int8")}}
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
@@ -62,8 +55,8 @@ def test_equivalent_command_lists_every_profile(demo_export):
     assert "--profile" not in vision and vision.count("--minShapes=pixel_values:") == 1
 
 
-def test_weight_only_int4_is_refused_with_the_reason(demo_export, tmp_path):
-    int4 = quantize_export(demo_export.directory, tmp_path / "int4w", "int4w").directory
+def test_weight_only_int4_is_refused_with_the_reason(demo_quantized, tmp_path):
+    int4 = demo_quantized("int4w").directory
     with pytest.raises(TgedgeError, match="MatMulNBits is not a TensorRT op"):
         build_engines(int4, tmp_path / "e", "tensorrt_rtx", graphs=["decoder"])
     assert not (tmp_path / "e").exists()
@@ -101,13 +94,12 @@ def test_tensorrt_backend_without_engines_or_gpu(demo_export, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
-def test_static_onnx_decoder_builds_on_tensorrts_cache_update_and_attention_layers(dtype, tmp_path):
+def test_static_onnx_decoder_builds_on_tensorrts_cache_update_and_attention_layers(dtype, demo_static_exports,
+                                                                                     tmp_path):
     """The static cache in standard ops: TensorRT's parser turns each TensorScatter into a KVCacheUpdate layer (the
     in-place write) and each Attention into an attention layer, and the decoder builds (fp32 too: those layers are
     marked decomposable, without which TensorRT for RTX refuses fp32 attention)."""
-    from tgedge.export.onnx_export import export_model
-
-    export = export_model("demo", tmp_path / "export", cache_mode="static-onnx", dtype=dtype, check=False)
+    export = demo_static_exports("static-onnx", dtype)
     layers = export.manifest.model["decoder"]["num_layers"]
     logger = trt.Logger(trt.Logger.INTERNAL_ERROR)
     network = trt.Builder(logger).create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))

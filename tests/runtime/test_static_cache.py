@@ -44,11 +44,9 @@ def assert_static_decodes_as_growing(growing_dir, static_dir, samples) -> float:
 STATIC_MODES = ["static", "static-onnx"]
 
 
-@pytest.fixture(scope="module", params=STATIC_MODES)
-def demo_static(request, tmp_path_factory):
-    result = export_model("demo", tmp_path_factory.mktemp("static") / "demo", cache_mode=request.param)
-    assert result.passed
-    return result
+@pytest.fixture(params=STATIC_MODES)
+def demo_static(request, demo_static_exports):
+    return demo_static_exports(request.param)
 
 
 def test_manifest_states_the_static_mode(demo_static):
@@ -182,7 +180,7 @@ def test_a_runner_that_cannot_bind_gets_host_buffers(demo_export, demo_static):
         assert s.cache.bound is not None and s.cache.keep == ()
 
 
-def test_onnxruntime_writes_the_bound_buffers_in_place(tmp_path, capfd):
+def test_onnxruntime_writes_the_bound_buffers_in_place(demo_static_exports, capfd):
     """static-onnx: onnxruntime's TensorScatter says when it has to copy the past into a present of its own; bound as
     both (the pipeline), it never does; fed unbound (a runner that cannot bind), it does."""
     import onnxruntime as ort
@@ -195,7 +193,7 @@ def test_onnxruntime_writes_the_bound_buffers_in_place(tmp_path, capfd):
         so.log_severity_level = 1
         return ort.InferenceSession(str(self.path), so, providers=["CPUExecutionProvider"])
 
-    static = export_model("demo", tmp_path / "static-onnx", cache_mode="static-onnx", check=False)
+    static = demo_static_exports("static-onnx")
     sample = next(iter(shapes.generate(shapes.SPLIT_SEEDS["eval"], 1)))
     copied = "in-place optimization not activated"
     with pytest.MonkeyPatch.context() as mp:
@@ -211,44 +209,59 @@ def test_onnxruntime_writes_the_bound_buffers_in_place(tmp_path, capfd):
         assert copied in capfd.readouterr().err
 
 
+@pytest.fixture(scope="module")
+def growing(request, tmp_path_factory):
+    """`growing(name)`: a tiny checkpoint and its growing-cache export, each built on first use and shared read-only
+    by the tests (and parametrised cases) that export it again with a static cache."""
+    made = {}
+
+    def get(name: str):
+        if name not in made:
+            root = tmp_path_factory.mktemp(name)
+            ckpt, kw = root / "ckpt", {}
+            if name.startswith("tg-tiny"):  # the session's tg-tiny preset; "tg-tiny-int4w": with an int4w decoder
+                ckpt = request.getfixturevalue("tg_tiny")
+                kw = dict(clip=ckpt / "clip", decoder_weights="int4w" if name.endswith("int4w") else None)
+            elif name.endswith("64"):  # GroupQueryAttention's RoPE wants a head size of 16k: 64 wide, 4 heads
+                base = tiny.decoder_config_dict
+                with pytest.MonkeyPatch.context() as mp:
+                    mp.setattr(tiny, "decoder_config_dict", lambda f, v: {**base(f, v), "hidden_size": 64})
+                    tiny.hf_llava(ckpt, name.removesuffix("64"))
+            else:  # 48 wide, 4 heads: 12
+                tiny.hf_llava(ckpt, name)
+            export_model(ckpt, root / "growing", check=False, **kw)
+            made[name] = ckpt, root / "growing", kw
+        return made[name]
+    return get
+
+
 @pytest.mark.parametrize("family,mode", [("llama", "static"), ("qwen2", "static"), ("qwen2", "static-onnx")])
-def test_tiny_llava_static_decodes_as_growing(family, mode, tmp_path, monkeypatch):
-    # GroupQueryAttention's RoPE wants a head size of 16k: the tiny decoders at 64 wide, 4 heads
-    base = tiny.decoder_config_dict
-    monkeypatch.setattr(tiny, "decoder_config_dict", lambda f, v: {**base(f, v), "hidden_size": 64})
-    tiny.hf_llava(tmp_path / "ckpt", family)
-    export_model(tmp_path / "ckpt", tmp_path / "growing", check=False)
-    assert export_model(tmp_path / "ckpt", tmp_path / "static", cache_mode=mode).passed
-    assert_static_decodes_as_growing(tmp_path / "growing", tmp_path / "static", _samples(tmp_path))
+def test_tiny_llava_static_decodes_as_growing(family, mode, growing, tmp_path):
+    ckpt, growing_dir, _ = growing(f"{family}64")
+    assert export_model(ckpt, tmp_path / "static", cache_mode=mode).passed
+    assert_static_decodes_as_growing(growing_dir, tmp_path / "static", _samples(tmp_path))
 
 
-def test_static_onnx_takes_any_head_size(tmp_path):
+def test_static_onnx_takes_any_head_size(growing, tmp_path):
     """The standard-op form has no kernel constraint: the 12-wide heads GroupQueryAttention refuses."""
-    tiny.hf_llava(tmp_path / "ckpt", "llama")  # 48 wide, 4 heads: 12
-    export_model(tmp_path / "ckpt", tmp_path / "growing", check=False)
-    assert export_model(tmp_path / "ckpt", tmp_path / "static", cache_mode="static-onnx").passed
-    assert_static_decodes_as_growing(tmp_path / "growing", tmp_path / "static", _samples(tmp_path, 1))
+    ckpt, growing_dir, _ = growing("llama")  # 48 wide, 4 heads: 12
+    assert export_model(ckpt, tmp_path / "static", cache_mode="static-onnx").passed
+    assert_static_decodes_as_growing(growing_dir, tmp_path / "static", _samples(tmp_path, 1))
 
 
 @pytest.mark.parametrize("mode", STATIC_MODES)
-def test_tg_tiny_preset_static_int4w(mode, tmp_path):
+@pytest.mark.parametrize("weights", ["fp32", "int4w"])
+def test_tg_tiny_preset_static_int4w(mode, weights, growing, tmp_path):
     """The original-layout TG preset (Qwen2: qkv bias, tied table), fp32 and int4w, static vs growing."""
-    from tgedge.presets import write_random
-
-    ckpt = tmp_path / "tg-tiny"
-    write_random("tg-tiny", ckpt)
-    for weights in (None, "int4w"):
-        kw = dict(clip=ckpt / "clip", decoder_weights=weights)
-        export_model(ckpt, tmp_path / f"growing-{weights}", check=False, **kw)
-        assert export_model(ckpt, tmp_path / f"static-{weights}", cache_mode=mode, **kw).passed
-        assert_static_decodes_as_growing(tmp_path / f"growing-{weights}", tmp_path / f"static-{weights}",
-                                         _samples(tmp_path, 1))
+    ckpt, growing_dir, kw = growing("tg-tiny" if weights == "fp32" else "tg-tiny-int4w")
+    assert export_model(ckpt, tmp_path / "static", cache_mode=mode, **kw).passed
+    assert_static_decodes_as_growing(growing_dir, tmp_path / "static", _samples(tmp_path, 1))
 
 
-def test_static_needs_a_head_size_of_16k(tmp_path, capsys):
-    tiny.hf_llava(tmp_path / "ckpt", "llama")  # 48 wide, 4 heads: 12
+def test_static_needs_a_head_size_of_16k(growing, tmp_path, capsys):
+    ckpt, _, _ = growing("llama")  # 48 wide, 4 heads: 12
     with pytest.raises(TgedgeError, match="multiple of 16; this decoder's is 12: export with --cache growing"):
-        export_model(tmp_path / "ckpt", tmp_path / "out", cache_mode="static")
+        export_model(ckpt, tmp_path / "out", cache_mode="static")
     assert not (tmp_path / "out").exists()
 
 
@@ -261,29 +274,29 @@ def test_bad_cache_option_is_one_line(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("mode", STATIC_MODES)
-def test_fp16_static_cache(mode, demo_export, tmp_path):
+def test_fp16_static_cache(mode, demo_export, demo_static_exports):
     """fp16 buffers (kv_cache.dtype float16): the export's check against torch, and greedy decoding as the fp32
     growing export's (logits within fp16 rounding)."""
     from tgedge.data import shapes
 
-    static = export_model("demo", tmp_path / "static", cache_mode=mode, dtype="fp16")
+    static = demo_static_exports(mode, "fp16")  # checked against torch: asserts passed
     assert static.passed and static.manifest.contract.cache.dtype == "float16"
     samples = [(s.image, s.prompt) for s in shapes.generate(shapes.SPLIT_SEEDS["eval"], 2)]
     global LOGITS_ATOL
     atol, LOGITS_ATOL = LOGITS_ATOL, 0.1  # fp16 weights and cache against fp32
     try:
-        assert_static_decodes_as_growing(demo_export.directory, tmp_path / "static", samples)
+        assert_static_decodes_as_growing(demo_export.directory, static.directory, samples)
     finally:
         LOGITS_ATOL = atol
 
 
-def test_static_onnx_int8_decoder_is_refused_and_mixed_precision_runs(tmp_path, capsys):
+def test_static_onnx_int8_decoder_is_refused_and_mixed_precision_runs(demo_static_exports, tmp_path, capsys):
     """onnxruntime's int8 quantiser cannot write an opset-24 decoder that onnxruntime loads: one line, exit 2, nothing
     written; the vision side int8 beside an int4w decoder works."""
     from tgedge.data import shapes
     from tgedge.data.folder import write_folder
 
-    static = export_model("demo", tmp_path / "static-onnx", cache_mode="static-onnx", check=False)
+    static = demo_static_exports("static-onnx")
     calib = write_folder(shapes.generate(shapes.SPLIT_SEEDS["calibration"], 8), tmp_path / "calib")
     out = tmp_path / "int8"
     assert main(["quantize", str(static.directory), "-o", str(out), "--precision", "int8", "--calib", str(calib)]) == 2
