@@ -187,6 +187,12 @@ def _no_dangling_link(out: str | Path) -> None:
         if os.path.lexists(p):
             if p.is_symlink() and not p.exists():
                 where = "is" if p == Path(out) else f"is inside {p}, which is"
+                try:
+                    os.stat(p)
+                except OSError as e:
+                    if e.errno == errno.ELOOP:  # no target to create: a loop, said as everywhere else
+                        raise TgedgeError(f"{out}: {p} is a symlink loop: remove the link or name another folder "
+                                          "for -o") from None
                 raise TgedgeError(f"{out}: {where} a symbolic link to {os.readlink(p)}, which does not exist: "
                                   "remove the link or name another folder for -o")
             return
