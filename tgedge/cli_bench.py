@@ -198,7 +198,6 @@ BATCH_ALONE = (("compare", "--compare"), ("genai_model", "--genai-model"), ("tra
 def _bench_batch(args) -> int:
     """`--batch`: the decoder alone at batch B (tgedge.bench.batch)."""
     from tgedge.bench.batch import batch_bench, batch_lines
-    from tgedge.fileio import write_atomic
 
     given = [flag for name, flag in BATCH_ALONE if getattr(args, name) not in (None, False, (), [])]
     if args.torch_device != "cpu":
@@ -217,12 +216,19 @@ def _bench_batch(args) -> int:
     prompt = args.prompt_tokens[0] if args.prompt_tokens else 128
     report = batch_bench(args.model[0], args.backend or "onnxruntime", args.batch, prompt, args.runs, args.warmup,
                          args.threads, spin=not args.no_spin)
-    if args.json == "-":
+    return _report_out(report, args.json, batch_lines)
+
+
+def _report_out(report: dict, json_path: str | None, lines) -> int:
+    """The report as JSON on stdout (`--json -`), or its summary lines (and the JSON file `--json F`)."""
+    from tgedge.fileio import write_atomic
+
+    if json_path == "-":
         print(json.dumps(report))
         return 0
-    if args.json:
-        write_atomic(args.json, json.dumps(report, indent=1) + "\n")
-    print("\n".join(batch_lines(report)))
+    if json_path:
+        write_atomic(json_path, json.dumps(report, indent=1) + "\n")
+    print("\n".join(lines(report)))
     return 0
 
 
@@ -280,13 +286,7 @@ def cmd_bench(args) -> int:
         write_atomic(args.markdown, to_markdown(report, command))
     if args.plot:
         plot(report, args.plot)
-    if args.json == "-":
-        print(json.dumps(report))
-        return 0
-    if args.json:
-        write_atomic(args.json, json.dumps(report, indent=1) + "\n")
-    print("\n".join(summary_lines(report)))
-    return 0
+    return _report_out(report, args.json, summary_lines)
 
 
 def register(sub) -> None:
