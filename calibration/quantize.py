@@ -185,8 +185,8 @@ def calibrate(export_dir: str | Path, graphs: list[str], method: str, calib: str
               progress=None, smooth: float | str | None = AUTO, awq: list[str] = (),
               verify: str | None = "fingerprint") -> Calibration:
     """`graphs`' ranges: read from `calibration` (a saved calibration.json), else measured with the fp32 export
-    answering the `calib` samples. `smooth`: SmoothQuant's alpha, "auto" or None (off); its per-channel maxima are measured in
-    the same pass (min/max only) or read from the saved file. `awq`: the weight-only graphs that get AWQ-style scales,
+    answering the `calib` samples. `smooth`: SmoothQuant's alpha, "auto" or None (off); its per-channel maxima are
+    measured in the same pass (min/max only) or read from the saved file. `awq`: the weight-only graphs that get AWQ-style scales,
     their per-channel mean squares measured in the same pass."""
     if smooth == AUTO and not graphs:  # no int8 graph: nothing to smooth
         smooth = None
@@ -213,12 +213,13 @@ def calibrate(export_dir: str | Path, graphs: list[str], method: str, calib: str
                                   "--awq): calibrate again with --calib DIR")
             result.mean_sq = {g: {t: np.asarray(v, np.float64) for t, v in saved[g].items()} for g in awq}
         channels = result.saved.get("channels")
-        if smooth == AUTO and (not isinstance(channels, dict) or any(g not in channels for g in graphs)):
+        has_channels = isinstance(channels, dict) and all(g in channels for g in graphs)
+        if smooth == AUTO and not has_channels:
             say(f"--smooth auto: {calibration} has no per-channel maxima (calibrated with --smooth none): "
                 "not smoothed")
             result.smooth = smooth = None
         if smooth is not None:
-            if not isinstance(channels, dict) or any(g not in channels for g in graphs):
+            if not has_channels:
                 raise TgedgeError(f"{calibration}: no per-channel maxima for SmoothQuant (it was calibrated without "
                                   "--smooth): calibrate again with --calib DIR, or quantize with --smooth none")
             result.channels = {g: {t: np.asarray(v, np.float64) for t, v in channels[g].items()} for g in graphs}
@@ -419,8 +420,8 @@ def quantize_export(export_dir: str | Path, out: str | Path, precision: str, cal
     """`block_size`, `accuracy_level`: int4w / int8w's MatMulNBits settings (None: the defaults, `WeightOnly`).
     `int8_attention`: int8 also quantises the MatMuls between two activations (`activation_products`), which it
     keeps in fp32 by default. `smooth`: SmoothQuant's alpha in [0, 1] for the int8 graphs, "auto" (the default:
-    DEFAULT_ALPHA on the inputs whose calibration shows outlier channels) or None (off; `tgedge.calibration.smooth`). `awq`: AWQ-style activation-aware scales before the weight-only graphs' blocks
-    (needs calibration data). `verify`: each graph's sha256 and the preprocessing files against the manifest first
+    DEFAULT_ALPHA on the inputs whose calibration shows outlier channels) or None (off; `tgedge.calibration.smooth`).
+    `awq`: AWQ-style activation-aware scales before the weight-only graphs' blocks (needs calibration data). `verify`: each graph's sha256 and the preprocessing files against the manifest first
     (a swapped graph would be quantised and given a new checksum, hiding the swap); False skips it, on purpose."""
     if calib is not None and calibration is not None:
         raise TgedgeError("--calib and --calibration conflict: measure the ranges on data (--calib DIR) or reuse "

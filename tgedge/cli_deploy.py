@@ -114,8 +114,9 @@ def cmd_export(args) -> int:
 
 
 def smooth_alpha(value: str) -> float | str | None:
-    if value.strip().lower() in ("none", "auto"):
-        return None if value.strip().lower() == "none" else "auto"
+    word = value.strip().lower()
+    if word in ("none", "auto"):
+        return None if word == "none" else "auto"
     return real(0.0, 1.0)(value)
 
 
