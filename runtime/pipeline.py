@@ -92,7 +92,8 @@ class Pipeline(StageFlow):
         self.backend = backend
         self.context = context or longest
         options = runner_options or {}
-        self._identity = identity(self.manifest, backend, options, runner_factory)
+        self._identity_of = (backend, options, runner_factory)  # hashed on the stage cache's first use only
+        self._identity: str | None = None
         factory = runner_factory or (lambda manifest, graph: make_runner(backend, manifest, graph, **options))
         self.runners: dict[str, BaseRunner] = {}
         try:
@@ -108,6 +109,8 @@ class Pipeline(StageFlow):
 
     def cache_identity(self) -> str:
         """The export's identity and the preprocessing settings now (`pre` may be replaced)."""
+        if self._identity is None:
+            self._identity = identity(self.manifest, *self._identity_of)
         return self._identity + json.dumps(self.pre.spec.to_dict(), sort_keys=True)
 
     def scheduler(self, slots: int = 8, max_waiting: int = 64, thread: bool = True) -> Scheduler:
