@@ -17,6 +17,11 @@ from tgedge.contract import CacheLayout
 from tgedge.errors import TgedgeError
 
 
+def host(value: Any) -> np.ndarray:
+    """A kept output (an OrtValue, a device array) or an array, as a numpy array."""
+    return value if isinstance(value, np.ndarray) else value.numpy()
+
+
 class KVCache:
     """A decoder's past keys and values between steps. `length` positions are cached."""
 
@@ -31,6 +36,12 @@ class KVCache:
 
     def clear(self) -> None:
         self.capacity, self.length = 0, 0
+
+    def truncate(self, length: int) -> None:
+        """Forget the positions from `length` on (they are written again before they are read)."""
+        if not 0 <= length <= self.length:
+            raise TgedgeError(f"cannot keep {length} positions of a cache holding {self.length}")
+        self.length = length
 
     def empty(self) -> dict[str, np.ndarray]:
         """Past tensors holding nothing (batch 1): the feed of a prefill from scratch."""
@@ -86,6 +97,12 @@ class GrowingCache(KVCache):
     def update(self, outputs: dict[str, Any], new_positions: int) -> None:
         self._grow(new_positions)
         self._past = {past: outputs[present] for past, present in self.layout.present_for().items()}
+
+    def truncate(self, length: int) -> None:
+        keep = length < self.length  # the past tensors hold every position: cut them (on the host, once a turn)
+        super().truncate(length)
+        if keep:
+            self._past = {n: np.ascontiguousarray(host(v)[:, :, :length]) for n, v in self._past.items()}
 
 
 class StaticCache(KVCache):

@@ -142,6 +142,11 @@ class Pipeline(StageFlow):
     def clear_cache(self) -> None:
         self.cache.clear()
 
+    def truncate_cache(self, length: int) -> None:
+        """Keep the first `length` cached positions (a conversation's prefix that still holds); the next step
+        writes after them."""
+        self.cache.truncate(length)
+
     def _step(self, x: np.ndarray) -> np.ndarray:
         """One decoder call: embeddings (1, T, D) after the cached positions -> last logits (V,). The cache gives the
         rest of the feed and how the runner treats it (outputs kept on the device, buffers bound in place)."""

@@ -1,4 +1,5 @@
-"""`tgedge chat --independent`: each line's answer equals a fresh `tgedge run` of it, the vision output cached."""
+"""`tgedge chat`: --independent, each line's answer equals a fresh `tgedge run` of it, the vision output cached; by
+default, a conversation whose turns equal the Conversation API's (tests/test_conversation.py: equal to recompute)."""
 
 import io
 import json
@@ -83,11 +84,39 @@ def _bad(capsys, monkeypatch, match, stdin, *argv):
 
 
 def test_refusals(capsys, monkeypatch, image):
-    _bad(capsys, monkeypatch, "chat without --independent (follow-up turns reusing the KV cache) is not "
-         "implemented yet", b"q\n", "demo", "--image", image)
-    _bad(capsys, monkeypatch, "chat takes one image for now (tgedge run takes several)", b"q\n", "demo",
-         "--image", image, "--image", image, "--independent")
     _bad(capsys, monkeypatch, "image not found", b"q\n", "demo", "--image", image.parent / "none.png", "--independent")
     out = _bad(capsys, monkeypatch, "standard input line 2: not valid UTF-8 text (byte b'\\xe9' at 3)",
                b"what color?\ncaf\xe9\n", "demo", "--image", image, "--independent", "--json", "--max-new-tokens", 2)
     assert len(out.splitlines()) == 1  # the first line's answer came before the bad line was read
+    out = _bad(capsys, monkeypatch, "'/imagine x.png' is not a command; commands: /image PATH", b"q\n/imagine x.png\n",
+               "demo", "--image", image, "--json", "--max-new-tokens", 2)
+    assert len(out.splitlines()) == 1
+    _bad(capsys, monkeypatch, "image not found", b"/image nowhere.png\n", "demo", "--image", image)
+    _bad(capsys, monkeypatch, "a follow-up question may not hold <image>", b"q\nand <image>?\n", "demo",
+         "--image", image, "--max-new-tokens", 2)
+
+
+def test_conversation_turns_reuse_and_commands(capsys, monkeypatch, image, tmp_path):
+    """Follow-ups reuse the cache, /reset starts over, /image switches (two images), each line equal to the API's."""
+    from tgedge.conversation import Conversation
+    from tgedge.pipelines import open_pipeline
+
+    second = tiny.test_image(tmp_path / "b.png", size=(60, 44), seed=3)
+    lines = [QUESTIONS[0], QUESTIONS[1], "/reset", QUESTIONS[2], f"/image {image} '{second}'", QUESTIONS[0],
+             QUESTIONS[1]]
+    code, out, err = chat(capsys, monkeypatch, ("\n".join(lines) + "\n").encode(), "demo", "--image", image,
+                          "--guide", "first", "--json", "--max-new-tokens", 5)
+    assert code == 0, err
+    got = [json.loads(line) for line in out.splitlines()]
+    assert [a["reused_tokens"] > 0 for a in got] == [False, True, False, False, True]
+    pipe = open_pipeline("demo", None)
+    options = pipe.options(max_new_tokens=5)
+    expected = []
+    for images, questions in [([image], QUESTIONS[:2]), ([image], QUESTIONS[2:3]), ([image, second], QUESTIONS[:2])]:
+        conv = Conversation(pipe, images, "first")
+        expected += [conv.ask(q, options).to_dict() for q in questions]
+        conv.close()
+    for a, e in zip(got, expected, strict=True):
+        assert (a["tokens"], a["prompt_tokens"], a["reused_tokens"]) == (e["tokens"], e["prompt_tokens"],
+                                                                          e["reused_tokens"])
+    assert got[3]["prompt_tokens"] > got[2]["prompt_tokens"]  # the second image's tokens

@@ -239,15 +239,19 @@ def save_checkpoint(model, preprocessor: Preprocessor, out: str | Path, chat_tem
 
 
 def builtin_as_jinja(name: str) -> str:
-    """A built-in template as a Jinja chat template (so a saved checkpoint keeps its prompt format)."""
+    """A built-in template as a Jinja chat template (so a saved checkpoint keeps its prompt format, every turn)."""
     from tgedge.prompt import BUILTIN_TEMPLATES
 
-    fmt = BUILTIN_TEMPLATES[name][0]
-    head, tail = fmt.split("{user}")
-    esc = lambda s: s.replace("\\", "\\\\").replace("\n", "\\n").replace("'", "\\'")  # noqa: E731
-    return ("{%- for m in messages if m['role'] == 'user' -%}{{ '" + esc(head) + "<image>\\n' }}"
-            "{%- for c in m['content'] if c['type'] == 'text' -%}{{ c['text'] }}{%- endfor -%}{%- endfor -%}"
-            "{{ '" + esc(tail) + "' }}")
+    start, user, assistant, opening, _ = BUILTIN_TEMPLATES[name]
+    esc = lambda s: "'" + s.replace("\\", "\\\\").replace("\n", "\\n").replace("'", "\\'") + "'"  # noqa: E731
+    u_head, u_tail = user.split("{}")
+    a_head, a_tail = assistant.split("{}")
+    text = "{%- for c in m['content'] if c['type'] == 'text' -%}{{ c['text'] }}{%- endfor -%}"
+    return ("{{ " + esc(start) + " }}{%- for m in messages -%}{%- if m['role'] == 'user' -%}{{ " + esc(u_head) + " }}"
+            "{%- for c in m['content'] if c['type'] == 'image' -%}{{ '<image>\\n' }}{%- endfor -%}" + text
+            + "{{ " + esc(u_tail) + " }}{%- elif m['role'] == 'assistant' -%}{{ " + esc(a_head) + " }}" + text
+            + "{{ " + esc(a_tail) + " }}{%- endif -%}{%- endfor -%}"
+            "{%- if add_generation_prompt -%}{{ " + esc(opening) + " }}{%- endif -%}")
 
 
 def image_processor_json(s: ImageSettings) -> dict:

@@ -39,6 +39,10 @@ def _add_bench(sub) -> None:
                         "--cache static): each of B slots prefilled with a text-only prompt of --prompt-tokens ids "
                         "(default 128), then --runs timed decoder steps of all B rows after --warmup; reports step "
                         "ms and tokens/s over all rows per B (what in-flight batching can reach), e.g. 1,4,8,16")
+    p.add_argument("--turns", action="store_true",
+                   help="instead: time to first token per kind of conversation turn, one model: a new image, the "
+                        "same image with a new question (vision cached), a follow-up turn (guide latest and first, "
+                        "tgedge chat) and the recompute of that conversation from scratch (docs/CONVERSATIONS.md)")
     p.add_argument("--runs", type=integer(1, 100_000), default=5, help="timed runs per model (default 5)")
     p.add_argument("--warmup", type=integer(0, 100_000), default=1, help="untimed runs per model first (default 1)")
     p.add_argument("--new-tokens", type=integer(2), default=None,
@@ -195,15 +199,20 @@ BATCH_ALONE = (("compare", "--compare"), ("genai_model", "--genai-model"), ("tra
                ("new_tokens", "--new-tokens (--runs counts its steps)"))
 
 
+def _refuse_given(args, options, what: str) -> None:
+    """One of bench's other modes: the full bench's options it would ignore are refused, named."""
+    given = [flag for name, flag in options if getattr(args, name) not in (None, False, (), [])]
+    if args.torch_device != "cpu":
+        given.append("--torch-device")
+    if given:
+        raise TgedgeError(f"{what}: it takes no {', '.join(given)}")
+
+
 def _bench_batch(args) -> int:
     """`--batch`: the decoder alone at batch B (tgedge.bench.batch)."""
     from tgedge.bench.batch import batch_bench, batch_lines
 
-    given = [flag for name, flag in BATCH_ALONE if getattr(args, name) not in (None, False, (), [])]
-    if args.torch_device != "cpu":
-        given.append("--torch-device")
-    if given:
-        raise TgedgeError(f"--batch measures the decoder alone: it takes no {', '.join(given)}")
+    _refuse_given(args, BATCH_ALONE, "--batch measures the decoder alone")
     if len(args.model) != 1 or not is_export(args.model[0]):
         raise TgedgeError("--batch measures one export's decoder (tgedge export --cache static -o DIR): give one "
                           f"export directory (got {', '.join(args.model)})")
@@ -217,6 +226,46 @@ def _bench_batch(args) -> int:
     report = batch_bench(args.model[0], args.backend or "onnxruntime", args.batch, prompt, args.runs, args.warmup,
                          args.threads, spin=not args.no_spin)
     return _report_out(report, args.json, batch_lines)
+
+
+TURNS_ALONE = (("compare", "--compare"), ("genai_model", "--genai-model"), ("transformers_model",
+                                                                            "--transformers-model"),
+               ("no_image", "--no-image"), ("power", "--power"), ("markdown", "--markdown"), ("plot", "--plot"),
+               ("cuda_graph", "--cuda-graph"), ("prompt_tokens", "--prompt-tokens"))
+
+
+def _bench_turns(args) -> int:
+    """`--turns`: TTFT per kind of conversation turn (tgedge.bench.turns)."""
+    from tqdm import tqdm
+
+    from tgedge.bench.turns import turns_bench, turns_lines
+
+    _refuse_given(args, TURNS_ALONE, "--turns times conversation turns of one model")
+    if len(args.model) != 1:
+        raise TgedgeError(f"--turns measures one model (got {len(args.model)}: {', '.join(args.model)})")
+    _writable(args.json, "--json", inputs=[*args.model, args.clip, args.image])
+    image, prompt = _image_and_prompt(args)
+    backend = args.backend or ("onnxruntime" if is_export(args.model[0]) else "torch")
+    new_tokens = 16 if args.new_tokens is None else args.new_tokens
+    with tqdm(total=args.runs, desc="bench --turns", unit="run", disable=None, file=sys.stderr) as bar:
+        report = turns_bench(args.model[0], backend, args.clip, image, prompt, args.runs, args.warmup, new_tokens,
+                             args.threads, spin=not args.no_spin, progress=bar.update)
+    return _report_out(report, args.json, turns_lines)
+
+
+def _image_and_prompt(args):
+    """--image and --prompt, or the generated eval image with its question; (None, None) with --no-image."""
+    image, prompt = args.image, args.prompt
+    if args.no_image:
+        return None, None
+    if image is None:
+        from tgedge.data import shapes
+
+        sample = next(iter(shapes.generate(shapes.SPLIT_SEEDS["eval"], 1)))
+        image, prompt = sample.image, prompt or sample.prompt
+    if prompt is None:
+        raise TgedgeError("--prompt is needed with --image")
+    return image, prompt
 
 
 def _report_out(report: dict, json_path: str | None, lines) -> int:
@@ -235,8 +284,12 @@ def _report_out(report: dict, json_path: str | None, lines) -> int:
 def cmd_bench(args) -> int:
     from tqdm import tqdm
 
+    if args.batch and args.turns:
+        raise TgedgeError("--batch and --turns are two different benches: give one")
     if args.batch:
         return _bench_batch(args)
+    if args.turns:
+        return _bench_turns(args)
 
     from tgedge.bench import Settings, run_bench
     from tgedge.bench.report import plot, summary_lines, to_markdown
@@ -257,16 +310,7 @@ def cmd_bench(args) -> int:
             import matplotlib  # noqa: F401
         except ImportError:
             raise TgedgeError("--plot needs matplotlib (pip install matplotlib, or the [serve] extra)") from None
-    image, prompt = args.image, args.prompt
-    if args.no_image:
-        image = None
-    elif image is None:
-        from tgedge.data import shapes
-
-        sample = next(iter(shapes.generate(shapes.SPLIT_SEEDS["eval"], 1)))
-        image, prompt = sample.image, prompt or sample.prompt
-    if image is not None and prompt is None:
-        raise TgedgeError("--prompt is needed with --image")
+    image, prompt = _image_and_prompt(args)
     if args.cuda_graph and args.backend != "onnxruntime-cuda":
         raise TgedgeError("--cuda-graph needs --backend onnxruntime-cuda")
     targets = _targets(args)

@@ -116,17 +116,6 @@ def sampling(args) -> dict:
             "top_p": 1.0 if args.top_p is None else args.top_p, "seed": args.seed or 0}
 
 
-def one_image(images: list[str], command: str) -> str:
-    """The one `--image` of a command that takes one image for now: a second is refused rather than silently
-    dropped (argparse's last-wins answered about the last image alone)."""
-    if len(images) > 1:
-        from tgedge.errors import TgedgeError
-
-        raise TgedgeError(f"--image given {len(images)} times ({', '.join(images)}): {command} takes one image for "
-                          "now (tgedge run takes several)")
-    return images[0]
-
-
 def text(value: str) -> str:
     """argparse type: non-empty text that is valid UTF-8 (argv bytes that are not arrive as lone surrogates)."""
     try:

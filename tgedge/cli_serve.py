@@ -66,6 +66,10 @@ def _add_triton(sub) -> None:
                         "static-cache export (tgedge export --cache static) one scheduler of that many slots "
                         "decodes them in shared decoder steps (in-flight batching); otherwise each decodes with its "
                         "own KV cache")
+    p.add_argument("--conversations", type=integer(1, 4096), default=8,
+                   help="conversations whose KV caches one entry instance keeps for their next turns (default 8; the "
+                        "oldest let go first, their histories kept for 32x as many: a turn after that is recomputed "
+                        "and says so)")
     p.add_argument("--no-verify", action="store_true",
                    help="skip checking the graphs against the manifest's sha256 (on purpose: a graph edited by hand)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -79,7 +83,8 @@ def cmd_triton(args) -> int:
         raise TgedgeError(f"--max-inflight {args.max_inflight}: with --backend tensorrt an entry instance decodes one "
                           "request at a time (one execution context): leave it out, or add --instances")
     settings = RepositorySettings(args.backend, args.instances, args.max_batch, args.queue_delay_us,
-                                  args.max_inflight or RepositorySettings.max_inflight)
+                                  args.max_inflight or RepositorySettings.max_inflight,
+                                  conversations=args.conversations)
     result = write_repository(args.model, args.output, settings, force=args.force, verify=not args.no_verify)
     if args.json:
         print(json.dumps(result.to_dict()))
@@ -183,9 +188,17 @@ def _add_client(sub) -> None:
                     "with text, tokens, prompt_tokens and timings (the server's, plus first_text_s and "
                     "round_trip_s measured here).", epilog=EPILOG)
     p.add_argument("url", help="the server's gRPC address: HOST:PORT or grpc://HOST:PORT (tgedge serve prints it)")
-    p.add_argument("--image", help="image file (any format pillow reads); sent as its bytes (required unless "
-                                   "--no-image)")
+    p.add_argument("--image", action="append", metavar="PATH",
+                   help="image file (any format pillow reads), sent as its bytes; repeat it for several images, "
+                        "placed in order (required unless --no-image or a --conversation's follow-up)")
     p.add_argument("--no-image", action="store_true", help="a text-only request: the question alone")
+    p.add_argument("--conversation", metavar="ID", type=text,
+                   help="the next turn of conversation ID: answered after the conversation so far, the server's KV "
+                        "cache reused; its first turn sends the images, follow-ups need none (the response says the "
+                        "turn, reused_tokens, and recomputed: true where the server had let the cache go)")
+    p.add_argument("--conversation-guide", choices=("latest", "first"),
+                   help="with --conversation: what guides a TG model's images (default latest: the newest question; "
+                        "first: the first turn's, only the new turn prefilled; tgedge chat --guide)")
     p.add_argument("--prompt", required=True, type=text, help="the question; the model's chat template wraps it")
     p.add_argument("--raw", action="store_true", help="use --prompt verbatim (it must contain <image> once); a TG "
                                                       "model then needs --guide")
@@ -217,9 +230,18 @@ def cmd_client(args) -> int:
     from tgedge.serving.client import Session
 
     options = _options(args)  # refused before any connection
-    if args.no_image == (args.image is not None):
+    if args.no_image and args.image:
+        raise TgedgeError("give --image FILE, or --no-image for a text-only request (not both)")
+    if not args.no_image and not args.image and args.conversation is None:
         raise TgedgeError("give --image FILE, or --no-image for a text-only request (one of them)")
-    image = None if args.no_image else _read_image(args.image)
+    if args.conversation is None and args.conversation_guide is not None:
+        raise TgedgeError("--conversation-guide is for a --conversation's turns")
+    if args.conversation is not None and (args.raw or args.guide is not None):
+        raise TgedgeError("--conversation takes the question alone (no --raw, no --guide): the server renders the "
+                          "whole conversation with the chat template")
+    image = [_read_image(p) for p in args.image or []]
+    if args.conversation is not None:
+        options.update(conversation=args.conversation, conversation_guide=args.conversation_guide)
     on_text = None
     if args.stream:
         on_text = ((lambda s: print(json.dumps({"text": s}), flush=True)) if args.json

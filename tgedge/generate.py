@@ -44,15 +44,21 @@ def fit_to_context(prompt_len: int, max_new_tokens: int, context: int) -> int:
 
 def generate(pipe, x: Any, options: GenerationOptions, context: int, stop: StopCriteria | None = None,
              on_token: Callable[[int], None] | None = None, pick: Callable[[Any], int] | None = None,
-             on_step: Callable[[str, float], None] | None = None) -> GenerationResult:
+             on_step: Callable[[str, float], None] | None = None, past: int | None = None) -> GenerationResult:
     """Greedy or sampled decoding from prompt embeddings x (1, T, D): the one decode loop (answers, validate's
     teacher forcing and the bench all run it). `pick(logits) -> token` is the token source (default: the sampler of
     `options`; teacher forcing gives the known tokens); `on_step(name, seconds)` is told each step's time,
-    `prefill` then `decode_token` (the pick included, `on_token` not: what the bench times)."""
-    t = x.shape[1]
+    `prefill` then `decode_token` (the pick included, `on_token` not: what the bench times).
+
+    `past`: a conversation's turn (`tgedge.conversation`): the KV cache, set up by the caller and kept after the
+    call, holds `past` positions of the prompt already and x is the rest of it; None: a cache of its own."""
+    t = x.shape[1] + (past or 0)
     n = fit_to_context(t, options.max_new_tokens, context)
     pick, stop = pick or Sampler(options).pick, stop or StopCriteria(options)
-    pipe.setup_cache(t + n)
+    if past is None:
+        pipe.setup_cache(t + n)
+    else:
+        pipe.truncate_cache(past)
     try:
         start = time.perf_counter()
         tokens = [pick(pipe.prefill(x))]
@@ -70,7 +76,8 @@ def generate(pipe, x: Any, options: GenerationOptions, context: int, stop: StopC
                 on_token(tokens[-1])
         end = time.perf_counter()
     finally:
-        pipe.clear_cache()
+        if past is None:
+            pipe.clear_cache()
     steps = max(len(tokens) - 1, 1)
     return GenerationResult(tokens, {"prefill_s": first - start, "decode_s": end - first,
                                      "decode_tokens_per_s": steps / max(end - first, 1e-9)})

@@ -346,7 +346,8 @@ def _template_words(specials) -> list[str]:
     from tgedge.data.shapes import vocabulary
     from tgedge.prompt import BUILTIN_TEMPLATES, LLAMA3_SYSTEM, QWEN2_SYSTEM, VICUNA_SYSTEM
 
-    text = " ".join([VICUNA_SYSTEM, QWEN2_SYSTEM, LLAMA3_SYSTEM, *(f for f, _ in BUILTIN_TEMPLATES.values()),
+    turns = [start + user.format("{user}") + opening for start, user, _, opening, _ in BUILTIN_TEMPLATES.values()]
+    text = " ".join([VICUNA_SYSTEM, QWEN2_SYSTEM, LLAMA3_SYSTEM, *turns,
                      "What is in the picture? Describe the image in detail. How many objects are there? "
                      "Is there a cat, a dog, a person, a car or a tree? Which one is on the left or right side? "
                      "Yes. No. It is a photo of 0 1 2 3 4 5 6 7 8 9", *vocabulary()])

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from tgedge.contract import StageContract
+from tgedge.errors import TgedgeError
 from tgedge.generate import Answer
 from tgedge.preprocess import Inputs, Preprocessor
 from tgedge.stageflow import StageFlow
@@ -26,7 +27,6 @@ DEFAULT_DTYPE = {"cpu": "fp32", "cuda": "fp16"}  # precision names (tgedge.preci
 def torch_device(device: str, dtype: str | None = None) -> tuple[str, torch.dtype]:
     """(device, torch dtype) for the reference on `device` (`cpu`, `cuda`) in `dtype` (a float precision name,
     default fp32 on the CPU, fp16 on CUDA); a device torch cannot use is a user error, found before any loading."""
-    from tgedge.errors import TgedgeError
     from tgedge.precision import FLOAT, PRECISIONS
 
     if device not in TORCH_DEVICES:
@@ -44,6 +44,8 @@ def torch_device(device: str, dtype: str | None = None) -> tuple[str, torch.dtyp
 
 class TorchPipeline(StageFlow):
     """The model's stages with numpy in and out (the stage flow is the runtime's), and its own KV cache."""
+
+    cached = 0  # positions in the KV cache
 
     def __init__(self, model, preprocessor: Preprocessor, context: int | None = None):
         self.model, self.pre = model.eval(), preprocessor
@@ -118,18 +120,29 @@ class TorchPipeline(StageFlow):
     # -- decode steps (tgedge.generate drives them) -----------------------------------------------------------
     def setup_cache(self, max_len: int) -> None:
         self.model.language_model.setup_cache(1, max_len)
+        self.cached = 0
 
     def clear_cache(self) -> None:
         self.model.language_model.clear_cache()
+        self.cached = 0
+
+    def truncate_cache(self, length: int) -> None:
+        """Keep the first `length` cached positions; the next prefill writes after them (the rest is masked)."""
+        if not 0 <= length <= self.cached:
+            raise TgedgeError(f"cannot keep {length} positions of a cache holding {self.cached}")
+        self.cached = length
 
     @torch.no_grad()
     def prefill(self, x):
-        """Prompt embeddings (1, T, D) -> last logits (V,) as numpy; fills the KV cache."""
+        """Prompt embeddings (1, T, D) after the cached positions -> last logits (V,) as numpy; fills the KV cache."""
         x = self.to_model(x)
-        return self.to_numpy(self.model(x, torch.arange(x.shape[1], device=self.device))[0, -1])
+        start = self.cached if self.model.language_model.max_seq_len else 0  # no cache set up: x alone
+        self.cached = start + x.shape[1]
+        return self.to_numpy(self.model(x, torch.arange(start, self.cached, device=self.device))[0, -1])
 
     @torch.no_grad()
     def decode_one_token(self, token: int, pos: int):
         """A generated id is always text, even the image token's id: it goes through the embedding table."""
         x = self.model.language_model.embed_tokens(torch.tensor([[token]], device=self.device))
+        self.cached = pos + 1
         return self.to_numpy(self.model(x, torch.tensor([pos], device=self.device))[0, -1])

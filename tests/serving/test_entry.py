@@ -192,3 +192,70 @@ def test_growing_export_and_one_slot_decode_per_request(entry_module, demo_expor
             assert [r.sender.final["tokens"] for r in requests] == [want, want]
         finally:
             entry.close()
+
+
+def _turn(entry, image, question, **options):
+    request = Request(image, question, Sender(), max_new_tokens=8, **options)
+    _serve(entry, [request])
+    return request.sender
+
+
+@pytest.mark.parametrize("cache", ["growing", "static"])
+def test_conversations_reuse_the_kv_cache_and_recompute_after_eviction(entry_module, demo_export, demo_static, cache):
+    """Turns of served conversations answer as the Conversation API does on a pipeline of their own; with room for one
+    KV cache, interleaved conversations let each other's go and say so (the tokens unchanged); a forgotten
+    conversation starts anew; conflicting turns are per-request errors."""
+    from tgedge.conversation import Conversation
+
+    directory = demo_export.directory if cache == "growing" else demo_static
+    (image, question, data), (image2, question2, data2) = _samples(2)
+    follow = ["how many shapes are there?", "is there a red square?"]
+    with Pipeline(directory) as p:
+        want = {}
+        for key, img, first in (("a", image, question), ("b", image2, question2)):
+            conv = Conversation(p, [img])
+            want[key] = [conv.ask(q, p.options(max_new_tokens=8)).tokens for q in [first, *follow]]
+            conv.close()
+    entry = entry_module.Entry(directory, {"max_inflight": "2", "bls_stages": "", "conversations": "1"})
+    try:
+        entry.conversations.max_kept = 2
+        got = _turn(entry, data, question, conversation="a").final
+        assert (got["tokens"], got["turn"], got["reused_tokens"], got["recomputed"]) == (want["a"][0], 1, 0, False)
+        got = _turn(entry, None, follow[0], conversation="a").final  # a follow-up: no image sent
+        assert (got["tokens"], got["turn"], got["recomputed"]) == (want["a"][1], 2, False) and got["reused_tokens"] > 0
+        assert _turn(entry, data2, question2, conversation="b").final["tokens"] == want["b"][0]  # a's cache let go
+        got = _turn(entry, data, follow[1], conversation="a").final  # the same image sent again: fine
+        assert (got["tokens"], got["turn"], got["reused_tokens"], got["recomputed"]) == (want["a"][2], 3, 0, True)
+        got = _turn(entry, None, follow[0], conversation="b").final
+        assert (got["tokens"], got["turn"], got["recomputed"]) == (want["b"][1], 2, True)
+        assert entry.conversations.evicted == 3  # b let a go, a let b go, b let a go
+        assert "about other images" in _turn(entry, data2, follow[0], conversation="a").error
+        assert "cannot switch to 'first'" in _turn(entry, None, follow[0], conversation="a",
+                                                   conversation_guide="first").error
+        assert "choose from latest, first" in _turn(entry, None, "q", conversation="a", conversation_guide="x").error
+        assert "no raw, no guide" in _turn(entry, data, "q", conversation="a", guide="q").error
+        assert "1 to 256 printable characters" in _turn(entry, None, "q", conversation="\n").error
+        assert _turn(entry, data, question, conversation="c").final["turn"] == 1  # max_kept 2: a is forgotten
+        assert entry.conversations.forgotten == 1 and list(entry.conversations.records) == ["b", "c"]
+        got = _turn(entry, data, question, conversation="a").final
+        assert (got["turn"], got["tokens"]) == (1, want["a"][0])  # anew
+    finally:
+        entry.close()
+
+
+def test_several_images_in_one_request(entry_module, demo_export):
+    (image, question, data), (image2, _, data2) = _samples(2)
+    with Pipeline(demo_export.directory) as p:
+        want = p.answer([image, image2], question, p.options(max_new_tokens=8)).tokens
+    entry = entry_module.Entry(demo_export.directory, {"max_inflight": "2", "bls_stages": ""})
+    try:
+        request = Request(None, question, Sender(), max_new_tokens=8)
+        request.tensors["images"] = Tensor("images", np.array([data, data2], np.object_))
+        _serve(entry, [request])
+        assert request.sender.final["tokens"] == want
+        both = Request(data, question, Sender())
+        both.tensors["images"] = Tensor("images", np.array([data2], np.object_))
+        _serve(entry, [both])
+        assert "inputs 'image' and 'images' both given" in both.sender.error
+    finally:
+        entry.close()

@@ -415,9 +415,36 @@ def test_client_cli_prints_what_run_prints(server, served, samples, capsys, tmp_
                           (["client", server.grpc_url, "--image", path, "--model", "nope"], "not ready"),
                           (["client", server.http_url, "--image", path], "gRPC"),
                           (["client", server.grpc_url], "give --image FILE, or --no-image"),
-                          (["client", server.grpc_url, "--image", path, "--no-image"], "(one of them)")):
+                          (["client", server.grpc_url, "--image", path, "--no-image"], "(not both)"),
+                          (["client", server.grpc_url, "--image", path, "--conversation-guide", "first"],
+                           "--conversation-guide is for a --conversation's turns"),
+                          (["client", server.grpc_url, "--conversation", "c", "--raw"], "no --raw, no --guide")):
         code, out, err = run(capsys, *argv, "--prompt", prompt)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (argv, err)
+
+
+def test_client_conversation_with_two_images(server, served, samples, capsys):
+    """A conversation through the real server: its first turn sends two images, follow-ups none; every turn equal to
+    the Conversation API's on the export, the KV cache reused (guide first: the whole previous turn)."""
+    from tgedge.conversation import Conversation
+    from tgedge.runtime.pipeline import Pipeline
+
+    (a, question, _), (b, _, _) = samples[:2]
+    questions = [question, "how many shapes are there?", "is there a red square?"]
+    with Pipeline(served) as pipe:
+        conv = Conversation(pipe, [a, b], "first")
+        want = [conv.ask(q, pipe.options(max_new_tokens=12)) for q in questions]
+        conv.close()
+    for i, q in enumerate(questions):
+        images = ["--image", a, "--image", b] if i == 0 else []
+        code, out, err = run(capsys, "client", server.grpc_url, *images, "--prompt", q, "--conversation", "two-images",
+                             "--conversation-guide", "first", "--max-new-tokens", 12, "--json")
+        assert code == 0, err
+        got = json.loads(out)
+        assert (got["tokens"], got["prompt_tokens"], got["reused_tokens"]) == (
+            want[i].tokens, want[i].prompt_tokens, want[i].reused_tokens)
+        assert (got["conversation"], got["turn"], got["recomputed"]) == ("two-images", i + 1, False)
+    assert want[2].reused_tokens >= want[1].prompt_tokens > 0
 
 
 def test_loadtest(server, repo, demo_eval, capsys, tmp_path):

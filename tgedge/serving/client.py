@@ -3,6 +3,8 @@
     with Session("127.0.0.1:8001") as s:
         reply = s.ask(image_bytes, "what color is the square?", on_text=print)
         reply.answer  # {"text", "tokens", "prompt_tokens", "timings"}: `tgedge run --json`'s object
+        s.ask(image_bytes, "and the circle?", conversation="c1")   # a conversation's first turn ...
+        s.ask(None, "is it bigger?", conversation="c1")            # ... and a follow-up (the KV cache reused)
 
 One stream per session, one request in flight on it at a time; a load test runs one session per worker.
 Errors (no server, no such model, a request the server refuses) are `TgedgeError`s: one line at the CLI.
@@ -50,14 +52,18 @@ def _grpc():
     return grpcclient, InferenceServerException
 
 
-def request_inputs(image: bytes | None, question: str, **options) -> list:
+def request_inputs(image: bytes | list[bytes] | None, question: str, **options) -> list:
     """The entry model's request tensors (protocol.REQUEST); options left out take the server's defaults; `image`
-    None: a text-only prompt."""
+    one image file's bytes or a list of several (placed in order), None or [] a text-only prompt (or a
+    conversation's follow-up: its images are the first turn's)."""
     grpcclient, _ = _grpc()
     values = {"question": np.array([question.encode("utf-8")], dtype=np.object_)}
-    if image is not None:
-        values["image"] = np.frombuffer(image, dtype=np.uint8)
-    known = [k for k in DEFAULTS if k != "image"]
+    images = [image] if isinstance(image, bytes) else list(image or [])
+    if len(images) == 1:
+        values["image"] = np.frombuffer(images[0], dtype=np.uint8)
+    elif images:
+        values["images"] = np.array(images, dtype=np.object_)
+    known = [k for k in DEFAULTS if k not in ("image", "images")]
     unknown = set(options) - set(known)
     if unknown:
         raise TgedgeError(f"unknown option(s) {', '.join(sorted(unknown))} (known: {', '.join(known)})")
@@ -151,8 +157,9 @@ class Session:
                 pass
             self._streaming = False
 
-    def ask(self, image: bytes | None, question: str, on_text=None, **options) -> Reply:
-        """Stream one answer (`image` None: a text-only prompt); `on_text(piece)` is called as the text grows."""
+    def ask(self, image: bytes | list[bytes] | None, question: str, on_text=None, **options) -> Reply:
+        """Stream one answer (`image`: one image's bytes, a list of several, None: a text-only prompt);
+        `on_text(piece)` is called as the text grows; `conversation=ID`: the next turn of that conversation."""
         if options.get("raw") and options.get("guide") is None and self.guided:  # the server would refuse it
             from tgedge.preprocess import RAW_NEEDS_GUIDE
 

@@ -32,6 +32,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from tgedge.contract import Stage, TensorMeta
+from tgedge.conversation import GUIDES, Conversation
 from tgedge.errors import TgedgeError, as_user_error
 from tgedge.generate import Answer, fit_to_context, text_stream
 from tgedge.preprocess import load_image
@@ -42,11 +43,14 @@ from tgedge.runtime.pipeline import Pipeline
 from tgedge.runtime.runner import BaseRunner
 from tgedge.runtime.scheduler import Scheduler
 from tgedge.sampling import StopCriteria
+from tgedge.serving.conversations import Conversations
 from tgedge.serving.protocol import DEFAULTS, OPTIONS, REQUEST, bound_problem
 from tgedge.serving.stage import error_response, parameters
 
 
 CANCEL_POLL_S = 0.1  # how often a request waiting for a slot looks whether its client has gone
+DEFAULT_CONVERSATIONS = 8  # conversations whose KV caches an instance keeps (the `conversations` parameter)
+KEPT_PER_CACHED = 32  # conversations remembered (history and image bytes) per KV cache kept
 
 
 class Cancelled(Exception):
@@ -107,6 +111,12 @@ def read_request(request) -> dict:
                 raise TgedgeError("input 'image' is empty (expected the image file's bytes)")
             values[f.name] = array.tobytes()
             continue
+        if f.name == "images":
+            items = [v if isinstance(v, bytes) else str(v).encode() for v in array.reshape(-1)]
+            if not items or any(not v for v in items):
+                raise TgedgeError("input 'images' holds an empty item (expected one image file's bytes each)")
+            values[f.name] = items
+            continue
         if array.size != 1:
             raise TgedgeError(f"input {f.name!r} must hold one value (got {array.size})")
         value = array.reshape(-1)[0]
@@ -121,6 +131,17 @@ def read_request(request) -> dict:
             if problem:
                 raise TgedgeError(f"input {f.name!r} {problem}")
         values[f.name] = value
+    if values["image"] is not None and values["images"] is not None:
+        raise TgedgeError("inputs 'image' and 'images' both given: send one image as 'image' or every image as "
+                          "'images'")
+    values["images"] = [values.pop("image")] if values["image"] is not None else values["images"] or []
+    if values["conversation"] is not None:
+        if values["raw"] or values["guide"] is not None:
+            raise TgedgeError("a conversation's turn takes the question alone (no raw, no guide): the server renders "
+                              "the whole conversation with the chat template")
+        if values["conversation_guide"] not in GUIDES:
+            raise TgedgeError(f"input 'conversation_guide' {values['conversation_guide']!r}: choose from "
+                              f"{', '.join(GUIDES)}")
     return values
 
 
@@ -154,12 +175,17 @@ class Entry:
             admitted = inflight
             self.log.log_info(f"tgedge: each request decodes on its own, at most {inflight} at once ({problem})")
         self.admitted = threading.BoundedSemaphore(admitted)  # execute waits for room, so the rest wait in Triton
+        cached = int(params.get("conversations") or DEFAULT_CONVERSATIONS)
+        self.conversations = Conversations(self._conversation, cached, KEPT_PER_CACHED * cached)
         self.pool = ThreadPoolExecutor(admitted, thread_name_prefix="tgedge-request")
 
     def _runner(self, manifest, graph: str) -> BaseRunner:
         if graph in self.bls:
             return TritonModelRunner(manifest.contract.stages[graph], graph)
         return make_runner(self.backend, manifest, graph, threads=self.threads)
+
+    def _conversation(self, images: list[bytes], guide: str) -> Conversation:
+        return Conversation(self.sequence(), [load_image(RequestImage(b)) for b in images], guide)
 
     def sequence(self) -> Pipeline:
         """The pipeline with a KV cache of its own: one per request; the runners (sessions) are shared."""
@@ -221,15 +247,29 @@ class Entry:
                 raise Cancelled
             sender.send(pb_utils.InferenceResponse([text_tensor("text", piece)]))
 
-        image = None if values["image"] is None else load_image(RequestImage(values["image"]))  # None: text-only
         options = self.pipe.options(**{k: values[k] for k in OPTIONS})
+        if values["conversation"] is not None:  # on a KV cache of the conversation's own (not in shared steps)
+            turn = {}
+
+            def ask(conversation):
+                if cancelled():
+                    raise Cancelled
+                turn["answer"] = conversation.ask(values["question"], options, on_text)
+                return turn["answer"]
+
+            extra = self.conversations.turn(values["conversation"], values["images"], values["conversation_guide"],
+                                            ask)
+            result = {**turn["answer"].to_dict(), **extra}
+            result["timings"]["server_s"] = round(time.perf_counter() - start, 6)
+            return result
+        images = [load_image(RequestImage(b)) for b in values["images"]] or None  # None: text-only
         if cancelled():
             raise Cancelled
         if self.scheduler is None:
-            answer = self.sequence().answer(image, values["question"], options, raw=values["raw"], on_text=on_text,
+            answer = self.sequence().answer(images, values["question"], options, raw=values["raw"], on_text=on_text,
                                             guide=values["guide"])
         else:
-            answer = self._scheduled(image, values, options, on_text, cancelled, start)
+            answer = self._scheduled(images, values, options, on_text, cancelled, start)
         result = answer.to_dict()
         result["timings"]["server_s"] = round(time.perf_counter() - start, 6)
         return result
@@ -252,6 +292,7 @@ class Entry:
         return answer
 
     def close(self) -> None:
+        self.conversations.close()
         if self.scheduler is not None:
             self.scheduler.close()  # requests still decoding fail: the pool's threads answer them and return
         self.pool.shutdown(wait=True, cancel_futures=False)

@@ -62,11 +62,12 @@ class RepositorySettings:
     # (`decoding`), else threads each with its own KV cache; 1 for TensorRT
     max_inflight: int = 8
     threads: int = 1  # ONNX Runtime intra-op threads per session (parallelism comes from concurrent requests)
+    conversations: int = 8  # conversations whose KV caches an entry instance keeps (serving.conversations)
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
             raise TgedgeError(f"unknown Triton backend {self.backend!r} (choose from {', '.join(BACKENDS)})")
-        for name in ("instances", "max_batch", "max_inflight", "threads"):
+        for name in ("instances", "max_batch", "max_inflight", "threads", "conversations"):
             if getattr(self, name) < 1:
                 raise TgedgeError(f"{name} must be >= 1 (got {getattr(self, name)})")
         if self.queue_delay_us < 0:
@@ -161,7 +162,7 @@ def entry_config(contract: StageContract, settings: RepositorySettings):
     params = {"runtime_backend": RUNTIME_BACKEND[settings.backend],
               "bls_stages": ",".join(s for s in BLS_STAGES if contract.has(s)),
               "max_inflight": str(1 if settings.backend == "tensorrt" else settings.max_inflight),
-              "threads": str(settings.threads), "export": EXPORT_SUBDIR}
+              "threads": str(settings.threads), "export": EXPORT_SUBDIR, "conversations": str(settings.conversations)}
     for key, value in params.items():
         config.parameters[key].string_value = value
     return config
