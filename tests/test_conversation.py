@@ -172,3 +172,16 @@ def test_plain_llava_turns_equal_transformers_generate(family, tmp_path):
         previous = turn.prompt_tokens
         messages.append({"role": "assistant", "content": [{"type": "text", "text": turn.text}]})
     assert len(set(turn.tokens)) > 1
+
+
+def test_text_only_conversation():
+    """No images (a served conversation sent without any): every follow-up reuses the whole previous turn."""
+    pipe, other = open_pipeline("demo", None), open_pipeline("demo", None)
+    conv = Conversation(pipe, [])
+    for before, q in zip([None, *QUESTIONS], QUESTIONS[:3]):
+        prompt = pipe.pre.spec.template.render_turns([*conv.turns, (q, None)], 0)
+        turn = conv.ask(q, options(pipe))
+        fresh = other.answer(None, prompt, options(other), raw=True)
+        assert (turn.tokens, turn.prompt_tokens, turn.vision_cached) == (fresh.tokens, fresh.prompt_tokens, False)
+        assert turn.reused_tokens >= (0 if before is None else previous)
+        previous = turn.prompt_tokens

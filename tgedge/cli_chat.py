@@ -40,7 +40,8 @@ def register(sub) -> None:
                         "depend on the question: latest (default; the newest question, as TG-LLaVA's training "
                         "guides a conversation: the image tokens and what follows are prefilled again), first (the "
                         "image tokens the first question guided are kept: only the new turn is prefilled; faster, "
-                        "but TG-FOM and TG-DP do not steer by the new question). Plain LLaVA reuses the whole prefix either way")
+                        "but TG-FOM and TG-DP do not steer by the new question). Plain LLaVA reuses the whole "
+                        "prefix either way")
     p.add_argument("--backend", choices=BACKENDS,
                    help="torch for a checkpoint (default), a runtime backend for an export directory (default "
                         "onnxruntime)")
@@ -120,8 +121,10 @@ def turn(pipe, conversation, images, line, options, stream, cache, as_json):
         name, paths = cmd
         if name == "/image":
             images = [load_image(p) for p in paths]
-        if conversation is not None:
-            conversation.set_images(images) if name == "/image" else conversation.reset()
+        if conversation is not None and name == "/image":
+            conversation.set_images(images)
+        elif conversation is not None:
+            conversation.reset()
         return images
     if conversation is not None:
         answer = conversation.ask(line, options, on_text=stream)
