@@ -9,6 +9,7 @@ import time
 
 from tgedge.cli_common import EPILOG, SEED, add_output, comma_list, integer, real, sampling, text
 from tgedge.errors import TgedgeError
+from tgedge.serving.protocol import CONVERSATIONS, KEPT_PER_CACHED
 
 PORT = integer(1, 65535)
 
@@ -66,10 +67,10 @@ def _add_triton(sub) -> None:
                         "static-cache export (tgedge export --cache static) one scheduler of that many slots "
                         "decodes them in shared decoder steps (in-flight batching); otherwise each decodes with its "
                         "own KV cache")
-    p.add_argument("--conversations", type=integer(1, 4096), default=8,
-                   help="conversations whose KV caches one entry instance keeps for their next turns (default 8; the "
-                        "oldest let go first, their histories kept for 32x as many: a turn after that is recomputed "
-                        "and says so)")
+    p.add_argument("--conversations", type=integer(1, 4096), default=CONVERSATIONS,
+                   help=f"conversations whose KV caches one entry instance keeps for their next turns (default "
+                        f"{CONVERSATIONS}; the oldest let go first, their histories kept for {KEPT_PER_CACHED}x as "
+                        "many: a turn after that is recomputed and says so)")
     p.add_argument("--no-verify", action="store_true",
                    help="skip checking the graphs against the manifest's sha256 (on purpose: a graph edited by hand)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")

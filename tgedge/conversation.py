@@ -29,10 +29,10 @@ import numpy as np
 from PIL import Image
 
 from tgedge.errors import TgedgeError
-from tgedge.generate import Answer, generate, text_stream
+from tgedge.generate import Answer, answer_text
 from tgedge.preprocess import load_image
 from tgedge.prompt import IMAGE_TOKEN, split_question
-from tgedge.sampling import GenerationOptions, StopCriteria
+from tgedge.sampling import GenerationOptions
 
 GUIDES = ("latest", "first")
 
@@ -131,21 +131,17 @@ class Conversation:
         image_at = np.flatnonzero(ids == pre.spec.image_token_id) if self.views else np.zeros(0, np.int64)
         keep = self._reusable(ids, x, image_at)
         encoded = time.perf_counter()
-        decode = pre.tokenizer.decode
-        stop = StopCriteria(options, decode)
-        on_token = text_stream(decode, stop, on_text) if on_text is not None else None
         if not self._open:
             pipe.setup_cache(pipe.context)
             self._open = True
         try:
-            result = generate(pipe, x[None, keep:], options, pipe.context, stop, on_token=on_token, past=keep)
+            text, result = answer_text(pipe, x[None, keep:], options, on_text, past=keep)
         except BaseException:
             self._held = np.zeros(0, np.int64)  # what the cache holds is unknown now: the next turn recomputes
             raise
         tokens = result.tokens
         self._held = np.concatenate([ids, np.asarray(tokens[:-1], np.int64)])  # the last token was never fed
         self._held_images = x[image_at]
-        text = stop.clean(decode(tokens)).strip()
         self.turns.append((question, text))
         timings = {"preprocess_encode_s": encoded - start, **result.timings}
         return Turn(text, tokens, len(ids), timings, reused_tokens=keep,

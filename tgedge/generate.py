@@ -116,6 +116,17 @@ def text_stream(decode: Callable[[list[int]], str], stop: StopCriteria,
     return on_token
 
 
+def answer_text(pipe, x: Any, options: GenerationOptions, on_text: Callable[[str], None] | None = None,
+                past: int | None = None) -> tuple[str, GenerationResult]:
+    """`generate` within the pipeline's context, stopping at the options' stop criteria, the text streamed to
+    `on_text` as it grows; the answer's text (stop strings cut) and the result. `past`: as for `generate`."""
+    decode = pipe.pre.tokenizer.decode
+    stop = StopCriteria(options, decode)
+    on_token = text_stream(decode, stop, on_text) if on_text is not None else None
+    result = generate(pipe, x, options, pipe.context, stop, on_token=on_token, past=past)
+    return stop.clean(decode(result.tokens)).strip(), result
+
+
 class AnswerMixin:
     """`answer()` for a pipeline with `pre` (Preprocessor), `context`, `embeddings(inputs)` and the decode steps."""
 
@@ -138,10 +149,6 @@ class AnswerMixin:
         start = time.perf_counter() if start is None else start
         x = self.embeddings(inputs) if embeddings is None else embeddings
         encoded = time.perf_counter()
-        decode = self.pre.tokenizer.decode
-        stop = StopCriteria(options, decode)
-        on_token = text_stream(decode, stop, on_text) if on_text is not None else None
-        result = generate(self, x, options, self.context, stop, on_token=on_token)
-        text = stop.clean(decode(result.tokens)).strip()
+        text, result = answer_text(self, x, options, on_text)
         timings = {"preprocess_encode_s": encoded - start, **result.timings}
         return Answer(text, result.tokens, int(inputs.input_ids.shape[1]), timings)

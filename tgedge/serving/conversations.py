@@ -52,8 +52,9 @@ class Conversations:
         self.evicted = 0  # KV caches let go (the history kept)
         self.forgotten = 0  # conversations dropped entirely
 
-    def turn(self, cid: str, images: list[bytes], guide: str, ask: Callable) -> dict:
-        """Answer one turn of conversation `cid`: `ask(conversation) -> Turn` runs it; the response's extra keys."""
+    def turn(self, cid: str, images: list[bytes], guide: str, ask: Callable) -> tuple[object, dict]:
+        """Answer one turn of conversation `cid`: `ask(conversation) -> Turn` runs it; the turn, and the response's
+        extra keys."""
         if not cid or len(cid) > MAX_ID_CHARS or not cid.isprintable():
             raise TgedgeError(f"conversation id {cid[:40]!r}: 1 to {MAX_ID_CHARS} printable characters")
         with self.lock:
@@ -88,7 +89,7 @@ class Conversations:
             with self.lock:
                 record.busy = False
                 self._bound()
-        return {"conversation": cid, "turn": len(record.turns), "recomputed": recomputed}
+        return turn, {"conversation": cid, "turn": len(record.turns), "recomputed": recomputed}
 
     def _bound(self) -> None:
         """Let the oldest idle conversations' KV caches go beyond `max_cached`, and forget the oldest idle ones

@@ -44,13 +44,11 @@ from tgedge.runtime.runner import BaseRunner
 from tgedge.runtime.scheduler import Scheduler
 from tgedge.sampling import StopCriteria
 from tgedge.serving.conversations import Conversations
-from tgedge.serving.protocol import DEFAULTS, OPTIONS, REQUEST, bound_problem
+from tgedge.serving.protocol import CONVERSATIONS, DEFAULTS, KEPT_PER_CACHED, OPTIONS, REQUEST, bound_problem
 from tgedge.serving.stage import error_response, parameters
 
 
 CANCEL_POLL_S = 0.1  # how often a request waiting for a slot looks whether its client has gone
-DEFAULT_CONVERSATIONS = 8  # conversations whose KV caches an instance keeps (the `conversations` parameter)
-KEPT_PER_CACHED = 32  # conversations remembered (history and image bytes) per KV cache kept
 
 
 class Cancelled(Exception):
@@ -175,7 +173,7 @@ class Entry:
             admitted = inflight
             self.log.log_info(f"tgedge: each request decodes on its own, at most {inflight} at once ({problem})")
         self.admitted = threading.BoundedSemaphore(admitted)  # execute waits for room, so the rest wait in Triton
-        cached = int(params.get("conversations") or DEFAULT_CONVERSATIONS)
+        cached = int(params.get("conversations") or CONVERSATIONS)
         self.conversations = Conversations(self._conversation, cached, KEPT_PER_CACHED * cached)
         self.pool = ThreadPoolExecutor(admitted, thread_name_prefix="tgedge-request")
 
@@ -248,29 +246,23 @@ class Entry:
             sender.send(pb_utils.InferenceResponse([text_tensor("text", piece)]))
 
         options = self.pipe.options(**{k: values[k] for k in OPTIONS})
+        extra = {}
         if values["conversation"] is not None:  # on a KV cache of the conversation's own (not in shared steps)
-            turn = {}
-
-            def ask(conversation):
-                if cancelled():
-                    raise Cancelled
-                turn["answer"] = conversation.ask(values["question"], options, on_text)
-                return turn["answer"]
-
-            extra = self.conversations.turn(values["conversation"], values["images"], values["conversation_guide"],
-                                            ask)
-            result = {**turn["answer"].to_dict(), **extra}
-            result["timings"]["server_s"] = round(time.perf_counter() - start, 6)
-            return result
-        images = [load_image(RequestImage(b)) for b in values["images"]] or None  # None: text-only
-        if cancelled():
-            raise Cancelled
-        if self.scheduler is None:
-            answer = self.sequence().answer(images, values["question"], options, raw=values["raw"], on_text=on_text,
-                                            guide=values["guide"])
+            if cancelled():
+                raise Cancelled
+            answer, extra = self.conversations.turn(values["conversation"], values["images"],
+                                                    values["conversation_guide"],
+                                                    lambda c: c.ask(values["question"], options, on_text))
         else:
-            answer = self._scheduled(images, values, options, on_text, cancelled, start)
-        result = answer.to_dict()
+            images = [load_image(RequestImage(b)) for b in values["images"]] or None  # None: text-only
+            if cancelled():
+                raise Cancelled
+            if self.scheduler is None:
+                answer = self.sequence().answer(images, values["question"], options, raw=values["raw"],
+                                                on_text=on_text, guide=values["guide"])
+            else:
+                answer = self._scheduled(images, values, options, on_text, cancelled, start)
+        result = {**answer.to_dict(), **extra}
         result["timings"]["server_s"] = round(time.perf_counter() - start, 6)
         return result
 

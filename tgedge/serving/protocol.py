@@ -80,6 +80,11 @@ def bound_problem(f: Field, value) -> str | None:
     return None
 
 
+# A served conversation's bounds per entry instance (serving.conversations): the KV caches kept (the repository's
+# `conversations` parameter, `tgedge triton --conversations`), and the histories remembered per cache kept.
+CONVERSATIONS = 8
+KEPT_PER_CACHED = 32
+
 # The options' defaults are `tgedge run`'s.
 DEFAULTS = {"image": None, "images": None, "max_new_tokens": 64, "temperature": 0.0, "top_k": 0, "top_p": 1.0,
             "seed": 0, "raw": False, "guide": None, "conversation": None, "conversation_guide": "latest"}

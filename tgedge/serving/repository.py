@@ -25,7 +25,8 @@ from tgedge.contract import BATCH, VIEWS, StageContract, TensorMeta
 from tgedge.errors import TgedgeError, absent
 from tgedge.fileio import atomic_dir, inside, read_marker, regular_file
 from tgedge.runtime.manifest import Manifest, TensorMeta, check_graph_io
-from tgedge.serving.protocol import ENTRY_MODEL, REQUEST, RESPONSE, TRITON_TYPES, Field, require_tritonclient
+from tgedge.serving.protocol import (CONVERSATIONS, ENTRY_MODEL, REQUEST, RESPONSE, TRITON_TYPES, Field,
+                                     require_tritonclient)
 
 BACKENDS = ("python", "onnxruntime", "tensorrt")
 # Stages the entry model calls through BLS by default: the image side, which Triton batches across requests.
@@ -62,7 +63,7 @@ class RepositorySettings:
     # (`decoding`), else threads each with its own KV cache; 1 for TensorRT
     max_inflight: int = 8
     threads: int = 1  # ONNX Runtime intra-op threads per session (parallelism comes from concurrent requests)
-    conversations: int = 8  # conversations whose KV caches an entry instance keeps (serving.conversations)
+    conversations: int = CONVERSATIONS  # conversations whose KV caches an entry instance keeps
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
