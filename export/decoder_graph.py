@@ -421,11 +421,32 @@ ATTENTION = {"growing": GrowingAttention, "static": StaticAttention,
              "static-onnx": OnnxStaticAttention}  # by the contract's KV cache mode
 
 
-def check_static(d) -> None:
-    """What GroupQueryAttention's CPU and CUDA kernels take: RoPE on the whole head, a head size of 16k."""
+def static_problem(d) -> str | None:
+    """Why GroupQueryAttention's CPU and CUDA kernels cannot run this decoder (they need a head size of 16k), or
+    None."""
     if d.head_dim % 16:
-        raise TgedgeError(f"--cache static: onnxruntime's GroupQueryAttention (with its RoPE) needs a head size that "
-                          f"is a multiple of 16; this decoder's is {d.head_dim}: export with --cache growing")
+        return (f"onnxruntime's GroupQueryAttention (with its RoPE) needs a head size that is a multiple of 16; this "
+                f"decoder's is {d.head_dim}")
+    return None
+
+
+def check_static(d) -> None:
+    problem = static_problem(d)
+    if problem:
+        raise TgedgeError(f"--cache static: {problem}: export with --cache static-onnx or --cache growing")
+
+
+def cache_for_target(target: str, d, say=lambda s: None) -> str:
+    """The KV cache `tgedge export --target` writes (tgedge.contract.TARGETS): onnxruntime's is static, or
+    static-onnx (any head size, the same runtime and batching) where GroupQueryAttention cannot take the decoder."""
+    from tgedge.contract import TARGETS
+
+    mode = TARGETS[target]
+    problem = static_problem(d) if mode == "static" else None
+    if problem:
+        say(f"--target {target}: {problem}: the static-onnx cache instead (standard ops, the same decode)")
+        return "static-onnx"
+    return mode
 
 
 def build_decoder(cfg, contract: StageContract, weights, directory: Path, file: str, dtype: str,

@@ -354,7 +354,8 @@ def export_model(checkpoint: str | Path, out: str | Path, opset: int = DEFAULT_O
                  clip: str | Path | None = None, external_data: bool | None = None,
                  on_step: Callable[[str], None] | None = None, force: bool = False, dtype: str = REFERENCE.name,
                  check: bool = True, decoder_weights: str | None = None, cache_mode: str = "growing",
-                 block_size: int | None = None, accuracy_level: int | None = None) -> ExportResult:
+                 block_size: int | None = None, accuracy_level: int | None = None,
+                 target: str | None = None) -> ExportResult:
     """Export every stage of a checkpoint to `out`, check each graph against torch, write manifest.json.
 
     Memory: one graph's weights at a time (the model is built on the meta device, each graph's weights loaded from
@@ -363,11 +364,13 @@ def export_model(checkpoint: str | Path, out: str | Path, opset: int = DEFAULT_O
     --precision int4w` makes from an fp32 export, without the fp32 decoder in memory: how a 7 B model gets there),
     with `block_size` and `accuracy_level` as quantize takes them. `cache_mode` growing | static: the decoder's KV
     cache (tgedge.contract.CACHE_MODES; static = GroupQueryAttention over buffers shared in place, onnxruntime only;
-    static-onnx = the same buffers in standard opset-24 ops, TensorScatter and Attention, for TensorRT too)."""
+    static-onnx = the same buffers in standard opset-24 ops, TensorScatter and Attention, for TensorRT too).
+    `target` (tgedge.contract.TARGETS; `tgedge export`'s default onnxruntime), in place of `cache_mode`: the cache
+    that backend decodes fastest (`cache_for_target`)."""
     from tgedge.calibration.weight_only import WeightOnly
     from tgedge.checkpoint import load_model, materialize, release
-    from tgedge.contract import CACHE_MODES
-    from tgedge.export.decoder_graph import check_static
+    from tgedge.contract import CACHE_MODES, TARGETS
+    from tgedge.export.decoder_graph import cache_for_target, check_static
 
     if opset < MIN_OPSET:
         raise TgedgeError(f"--opset {opset} is too old: tgedge's graphs need opset >= {MIN_OPSET} (default {DEFAULT_OPSET})")
@@ -377,7 +380,9 @@ def export_model(checkpoint: str | Path, out: str | Path, opset: int = DEFAULT_O
     quantized = None if decoder_weights is None else lookup(decoder_weights, WEIGHT_ONLY)
     if decoder_weights is not None and quantized is None:
         raise TgedgeError(f"--decoder-weights {decoder_weights!r}: choose from {', '.join(names(WEIGHT_ONLY))}")
-    if cache_mode not in CACHE_MODES:
+    if target is not None and target not in TARGETS:
+        raise TgedgeError(f"--target {target!r}: choose from {', '.join(TARGETS)}")
+    if target is None and cache_mode not in CACHE_MODES:
         raise TgedgeError(f"--cache {cache_mode!r}: choose from {', '.join(CACHE_MODES)}")
     if quantized is None and (block_size is not None or accuracy_level is not None):  # they would be ignored
         flag = "--block-size" if block_size is not None else "--accuracy-level"
@@ -395,6 +400,8 @@ def export_model(checkpoint: str | Path, out: str | Path, opset: int = DEFAULT_O
     if not model.cfg.num_image_tokens < max_context <= positions:
         raise TgedgeError(f"--max-context must be in ({model.cfg.num_image_tokens}, {positions}] "
                           f"(image tokens, the model's max positions); got {max_context}")
+    if target is not None:
+        cache_mode = cache_for_target(target, model.cfg.decoder, say)
     if cache_mode == "static":
         check_static(model.cfg.decoder)
     contract = StageContract.from_config(model.cfg.to_dict(), max_context, cache_mode=cache_mode,

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from tgedge import __version__
+from tgedge.contract import BATCH, VIEWS
 from tgedge.errors import TgedgeError
 from tgedge.fileio import atomic_dir, inside, write_atomic
 from tgedge.precision import PRECISIONS
@@ -32,10 +33,27 @@ from tgedge.runtime.tensorrt import device_info, import_tensorrt
 BACKENDS = ("tensorrt", "tensorrt_rtx")
 
 
-def profiles(manifest: Manifest, graph: str) -> list[dict[str, tuple[int, int, int]]]:
+def profiles(manifest: Manifest, graph: str, max_batch: int = 1) -> list[dict[str, tuple[int, int, int]]]:
     """Symbolic dim -> (min, opt, max) per optimisation profile: the stage contract's (the decoder's are its KV
-    cache's prefill and decode profiles, in the order `TensorRTRunner` selects them)."""
-    return manifest.contract.stage_profiles(graph)
+    cache's prefill and decode profiles, in the order `TensorRTRunner` selects them). `max_batch` > 1: the batch
+    dim (and the views of that many images) up to it, for batched serving: the decoder's decode profile runs up to
+    `max_batch` sequences in one call (a batched KV cache's slots, optimised for all of them), its prefill one (the
+    scheduler prefills a newcomer alone, and a batched prefill profile would size activations for max_batch full
+    prompts)."""
+    found = manifest.contract.stage_profiles(graph)
+    if max_batch == 1:
+        return found
+    out = []
+    for i, profile in enumerate(found):
+        profile = dict(profile)
+        if BATCH in profile and not (graph == "decoder" and i == 0):
+            low, _, _ = profile[BATCH]
+            profile[BATCH] = (low, max_batch if graph == "decoder" else 1, max_batch)
+        if VIEWS in profile:
+            low, opt, high = profile[VIEWS]
+            profile[VIEWS] = (low, opt, high * max_batch)
+        out.append(profile)
+    return out
 
 
 def _shapes(tensor, profile) -> tuple[list[int], list[int], list[int]]:
@@ -43,13 +61,13 @@ def _shapes(tensor, profile) -> tuple[list[int], list[int], list[int]]:
 
 
 def trtexec_line(backend: str, manifest: Manifest, graph: str, engine: str, workspace_mb: int,
-                 timing_cache: str | None) -> str:
+                 timing_cache: str | None, max_batch: int = 1) -> str:
     """The equivalent command line. Several profiles (the decoder's prefill and decode) are written as
     trtexec 10's `--profile=0 --minShapes=.. --optShapes=.. --maxShapes=.. --profile=1 ..`."""
     tool = "tensorrt_rtx" if backend == "tensorrt_rtx" else "trtexec"
     entry = manifest.graphs[graph]
     dynamic = [t for t in entry.inputs if any(isinstance(d, str) for d in t.shape)]
-    all_profiles = profiles(manifest, graph)
+    all_profiles = profiles(manifest, graph, max_batch)
     args = [tool, f"--onnx={entry.file}", f"--saveEngine={engine}", "--stronglyTyped"]
     for i, profile in enumerate(all_profiles if dynamic else []):
         if len(all_profiles) > 1:
@@ -108,7 +126,7 @@ def _decomposable_attention(trt, network) -> int:
 
 
 def build_engine(trt, manifest: Manifest, graph: str, workspace_mb: int, cache_bytes: bytes | None | bool,
-                 say: Callable[[str], None]) -> tuple[bytes, bytes | None, dict]:
+                 say: Callable[[str], None], max_batch: int = 1) -> tuple[bytes, bytes | None, dict]:
     """-> (serialized engine, updated timing cache, build details); cache_bytes False: no timing cache."""
     major = int(trt.__version__.split(".")[0])
     # Without a GPU, TensorRT for RTX logs a CUDA driver error while parsing, then builds fine: hide that
@@ -139,7 +157,7 @@ def build_engine(trt, manifest: Manifest, graph: str, workspace_mb: int, cache_b
     if not strongly_typed:  # TensorRT 8.6: precisions by flag
         for flag in PRECISIONS[precision].tensorrt_flags:
             config.set_flag(getattr(trt.BuilderFlag, flag))
-    graph_profiles = profiles(manifest, graph)
+    graph_profiles = profiles(manifest, graph, max_batch)
     for profile in graph_profiles:
         p = builder.create_optimization_profile()
         for t in manifest.graphs[graph].inputs:
@@ -158,6 +176,7 @@ def build_engine(trt, manifest: Manifest, graph: str, workspace_mb: int, cache_b
     if hasattr(config, "num_compute_capabilities"):
         targets = [str(config.get_compute_capability(i)).split(".")[-1] for i in range(config.num_compute_capabilities)]
     details = {"strongly_typed": strongly_typed, "tensorrt_major": major, "profiles": len(graph_profiles),
+               "max_batch": max_batch,
                "target_compute_capabilities": targets, "attention_layers": attention}
     new_cache = bytes(memoryview(cache.serialize())) if cache is not None else None
     return bytes(memoryview(engine)), new_cache, details
@@ -165,18 +184,28 @@ def build_engine(trt, manifest: Manifest, graph: str, workspace_mb: int, cache_b
 
 def build_engines(export_dir: str | Path, out: str | Path, backend: str = "tensorrt", workspace_mb: int = 1024,
                   timing_cache: str | Path | None = None, graphs: list[str] | None = None,
-                  on_step: Callable[[str], None] | None = None, force: bool = False) -> BuildResult:
+                  on_step: Callable[[str], None] | None = None, force: bool = False, max_batch: int = 1
+                  ) -> BuildResult:
+    """`max_batch`: requests one engine serves in one call (`profiles`); each engine's metadata records it, and the
+    TensorRT runner's batched KV cache holds at most that many slots."""
     say = on_step or (lambda s: None)
     if backend not in BACKENDS:
         raise TgedgeError(f"unknown build backend {backend!r} (choose from {', '.join(BACKENDS)})")
     if workspace_mb < 1:
         raise TgedgeError(f"--workspace must be >= 1 MB (got {workspace_mb})")
+    if not (isinstance(max_batch, int) and max_batch >= 1):
+        raise TgedgeError(f"--max-batch must be an integer >= 1 (got {max_batch!r})")
     manifest = Manifest.load(export_dir)  # the input and --graph first: true whatever this machine has installed
     names = graphs or list(manifest.graphs)
     unknown = [g for g in names if g not in manifest.graphs]
     if unknown:
         raise TgedgeError(f"--graph: unknown graph(s) {', '.join(unknown)} (this export has "
                           f"{', '.join(manifest.graphs)})")
+    if "decoder" in names and manifest.contract.cache.mode == "static":
+        raise TgedgeError(f"{manifest.directory}: this export's decoder is the static cache for onnxruntime "
+                          "(its GroupQueryAttention and SkipSimplifiedLayerNormalization are not TensorRT ops): "
+                          "export again with --target tensorrt (TensorRT 10.15+ / TensorRT for RTX) or --target "
+                          "jetpack6 (JetPack 6's TensorRT 10.3)")
     trt = import_tensorrt(backend)
     cache_path = Path(timing_cache) if timing_cache else None
     cache_bytes = cache_path.read_bytes() if cache_path and cache_path.exists() else None
@@ -196,7 +225,7 @@ def build_engines(export_dir: str | Path, out: str | Path, backend: str = "tenso
             say(f"building {graph} ({manifest.graphs[graph].precision}) with {backend} {trt.__version__}")
             start = time.perf_counter()
             data, new_cache, details = build_engine(trt, manifest, graph, workspace_mb,
-                                                    cache_bytes if use_cache else False, say)
+                                                    cache_bytes if use_cache else False, say, max_batch)
             cache_bytes = new_cache if use_cache else None
             (tmp / engine_file).write_bytes(data)
             engines[graph] = {"file": engine_file, "backend": backend, "tensorrt_version": trt.__version__,
@@ -205,7 +234,7 @@ def build_engines(export_dir: str | Path, out: str | Path, backend: str = "tenso
                               "source_sha256": manifest.graphs[graph].sha256, "bytes": len(data),
                               "build_s": round(time.perf_counter() - start, 3), **details}
             result.commands[graph] = trtexec_line(backend, manifest, graph, engine_file, workspace_mb,
-                                                  str(cache_path) if cache_path else None)
+                                                  str(cache_path) if cache_path else None, max_batch)
         built = Manifest.load(tmp)
         built.engines = engines
         built.save(tmp)

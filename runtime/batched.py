@@ -31,15 +31,17 @@ def cache_problem(layout) -> str | None:
 
 def batching_problem(pipe) -> str | None:
     """Why this pipeline's decoder cannot decode many sequences in one call, or None: `cache_problem`, and its
-    runner must bind rows of its buffers (onnxruntime's) or none at all (host arrays); TensorRT's binds whole
-    buffers and its engines' profiles hold one sequence."""
+    runner must bind rows of its buffers (onnxruntime's, TensorRT's) or none at all (host arrays), and an engine
+    must have been built for more than one sequence."""
     problem = cache_problem(pipe.contract.cache)
     if problem:
         return problem
     runner = pipe.runners["decoder"]
     if callable(getattr(runner, "bind", None)) and not getattr(runner, "binds_rows", False):
-        return (f"the {type(runner).__name__} binds whole KV buffers, not a slot's rows (batched TensorRT engines: "
-                "not built yet)")
+        return f"the {type(runner).__name__} binds whole KV buffers, not a slot's rows"
+    if getattr(runner, "max_batch", None) == 1:
+        return ("the decoder engine's profiles hold one sequence: build the engines with tgedge build --max-batch N "
+                "to decode N requests together")
     return None
 
 
@@ -63,6 +65,11 @@ class BatchedDecoder:
             raise TgedgeError(problem)
         if not (isinstance(slots, int) and not isinstance(slots, bool) and slots >= 1):
             raise TgedgeError(f"slots must be an integer >= 1 (got {slots!r})")
+        most = getattr(pipe.runners["decoder"], "max_batch", None)
+        if most is not None and slots > most:
+            raise TgedgeError(f"{slots} slots: the decoder engine decodes at most {most} sequences per call (its "
+                              f"profiles' batch maximum, tgedge build --max-batch): use at most {most} slots, or "
+                              "build again with a larger --max-batch")
         self.pipe, self.layout, self.slots = pipe, layout, slots
         self.lengths = [0] * slots  # positions filled per slot
         self._free = list(range(slots))  # ascending: the lowest is taken first

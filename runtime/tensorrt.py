@@ -15,7 +15,7 @@ import numpy as np
 from tgedge.contract import TensorMeta
 from tgedge.errors import TgedgeError
 from tgedge.runtime.manifest import Manifest
-from tgedge.runtime.runner import BaseRunner, Bound
+from tgedge.runtime.runner import BaseRunner, Bound, Rows
 
 MODULES = {"tensorrt": ("tensorrt",), "tensorrt_rtx": ("tensorrt_rtx", "tensorrt_rtx_bindings")}
 
@@ -98,6 +98,10 @@ class DeviceArray:
     def tgedge_meta(self) -> tuple[str, tuple[int, ...]]:
         return self.dtype.name, self.shape
 
+    @property
+    def address(self) -> int:
+        return int(self.ptr)
+
     def copy_from(self, host: np.ndarray) -> "DeviceArray":
         host = np.ascontiguousarray(host)
         if host.nbytes:
@@ -144,12 +148,15 @@ class TensorRTRunner(BaseRunner):
     """One engine; `select_profile(feed)` picks the optimisation profile of a call (the decoder's prefill or
     decode profile, from the manifest's KV cache layout)."""
 
+    binds_rows = True  # bind(..., rows=): a batched KV cache's slots, by address
+
     def __init__(self, engine_loader: EngineFromManifest, name: str, inputs: list[TensorMeta],
-                 outputs: list[TensorMeta], select_profile=None):
+                 outputs: list[TensorMeta], select_profile=None, max_batch: int = 1):
         super().__init__(name)
         self.loader, self.graph = engine_loader, name
         self.inputs, self.outputs_meta = inputs, outputs
         self.select_profile = select_profile
+        self.max_batch = max_batch  # the engine's profiles' batch maximum (tgedge build --max-batch)
 
     def activate_impl(self) -> None:
         self.cudart = _cudart()
@@ -178,10 +185,18 @@ class TensorRTRunner(BaseRunner):
         _check(self.cudart.cudaMemset(array.ptr, 0, max(array.nbytes, 1)))
         return array
 
-    def bind(self, buffers: dict[str, DeviceArray], outputs: dict[str, str]) -> Bound:
+    def bind(self, buffers: dict[str, DeviceArray], outputs: dict[str, str], rows: tuple[int, int] | None = None
+             ) -> Bound:
         """Each buffer is the input of its name and the output `outputs[name]` at the same address: the engine's
-        KVCacheUpdate layers (the static-onnx decoder's TensorScatter) write it in place, which they require."""
-        return Bound(None, dict(buffers), [outputs[n] for n in buffers])
+        KVCacheUpdate layers (the static-onnx decoder's TensorScatter) write it in place, which they require.
+        `rows` (start, stop): only those rows of each buffer (`Rows` at their address: a batched cache's slots)."""
+        if rows is None:
+            return Bound(None, dict(buffers), [outputs[n] for n in buffers])
+        fed = {}
+        for name, value in buffers.items():
+            row_bytes = value.nbytes // value.shape[0]
+            fed[name] = Rows(value, *rows, value.dtype.name, value.shape, value.address + rows[0] * row_bytes)
+        return Bound(None, fed, [outputs[n] for n in buffers])
 
     def infer_impl(self, feed: dict[str, Any], keep: tuple[str, ...] = (), bound: Bound | None = None
                    ) -> dict[str, Any]:
@@ -197,7 +212,7 @@ class TensorRTRunner(BaseRunner):
                 value = DeviceArray(self.cudart, value.shape, value.dtype).copy_from(value)
                 staged.append(value)  # freed when this call returns
             self.context.set_input_shape(name, value.shape)
-            self.context.set_tensor_address(name, int(value.ptr))
+            self.context.set_tensor_address(name, int(value.address))
         fixed = bound.output_buffers() if bound is not None else {}
         outputs = {}
         for name in self.outputs:
@@ -207,7 +222,7 @@ class TensorRTRunner(BaseRunner):
                 shape = tuple(self.context.get_tensor_shape(name))
                 dtype = self.trt.nptype(self.engine.get_tensor_dtype(name))
                 outputs[name] = DeviceArray(self.cudart, shape, dtype)
-            self.context.set_tensor_address(name, int(outputs[name].ptr))
+            self.context.set_tensor_address(name, int(outputs[name].address))
         if not self.context.execute_async_v3(self.stream):
             raise TgedgeError(f"{self.graph}: TensorRT execution failed")
         _check(self.cudart.cudaStreamSynchronize(self.stream))
@@ -221,4 +236,5 @@ def runner_for(manifest: Manifest, graph: str, threads: int = 0, spin: bool = Tr
     select = None
     if graph == "decoder":
         select = contract.cache.profile_for
-    return TensorRTRunner(EngineFromManifest(manifest, graph), graph, entry.inputs, entry.outputs, select)
+    max_batch = int(manifest.engines.get(graph, {}).get("max_batch", 1))  # engines built before --max-batch: 1
+    return TensorRTRunner(EngineFromManifest(manifest, graph), graph, entry.inputs, entry.outputs, select, max_batch)

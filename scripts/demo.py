@@ -62,8 +62,13 @@ def main() -> int:
     except ImportError:
         print(f"\n== 9/{STEPS} TensorRT engines: skipped (TensorRT for RTX is not installed here)")
     else:
-        step(9, "TensorRT engines from the int8 graphs (TensorRT for RTX builds without a GPU; run them on an RTX GPU)",
-             ["build", str(int8), "-o", str(OUT / "engines-int8"), "--backend", "tensorrt_rtx"])
+        jetson, jetson_int8 = OUT / "export-jetpack6", OUT / "export-jetpack6-int8"
+        step(9, "TensorRT engines, int8: the export for JetPack 6's TensorRT 10.3 (growing KV cache, opset 17; the "
+                "default above is onnxruntime's static cache), quantised as above, then built (TensorRT for RTX "
+                "builds without a GPU; run them on an RTX GPU, or build on the Jetson)",
+             ["export", "demo", "-o", str(jetson), "--target", "jetpack6"])
+        step(9, "", ["quantize", str(jetson), "--precision", "int8", "--calib", str(calib), "-o", str(jetson_int8)])
+        step(9, "", ["build", str(jetson_int8), "-o", str(OUT / "engines-int8"), "--backend", "tensorrt_rtx"])
     gated = OUT / "export-gated"
     step(10, "the second fusion family, gated cross-modal fusion (demo-gated): one answer, then its fp32 export "
              f"validated on {GATED_SAMPLES} samples",
@@ -72,7 +77,8 @@ def main() -> int:
     step(10, "", ["validate", str(gated), "--data", str(data), "--limit", str(GATED_SAMPLES),
                   "--json", str(reports / "gated-fp32.json")])
     print(f"\nOutputs are under {OUT}/: eval/ and calibration/ (data), export-fp32/ and export-int8/ (graphs + "
-          "manifest.json), engines-int8/ (TensorRT), export-gated/ (the gated family), reports/ (validate: JSON, "
+          "manifest.json), export-jetpack6*/ and engines-int8/ (TensorRT), export-gated/ (the gated family), "
+          "reports/ (validate: JSON, "
           "JUnit, Markdown).")
     return 0
 

@@ -350,7 +350,7 @@ ROWS = [
     # options named in their refusal (probe 3)
     ("triton tensorrt --max-inflight", lambda w: ["triton", w.root, "-o", w.root / "r", "--backend", "tensorrt",
                                                   "--max-inflight", "8"],
-     "--max-inflight 8: with --backend tensorrt an entry instance decodes one request at a time"),
+     "--max-inflight 8: with --backend tensorrt an entry instance decodes at most 1 request(s) per step"),
     ("stats --clip missing", lambda w: ["checkpoint", "stats", w.guide_swapped, "--clip", w.root / "nothere"],
      "nothere: not found (expected a transformers CLIPModel directory"),
     ("stats --clip without config", lambda w: ["checkpoint", "stats", w.guide_swapped, "--clip", w.data],

@@ -35,8 +35,8 @@ def _add_bench(sub) -> None:
     p.add_argument("--prompt-tokens", type=int_list, metavar="N,N,...",
                    help="also text-only prompts of these lengths (decode speed against context), e.g. 128,671,2048")
     p.add_argument("--batch", type=batch_list, metavar="B,B,...",
-                   help="instead: the decoder alone at these batch sizes, one static-cache export (tgedge export "
-                        "--cache static): each of B slots prefilled with a text-only prompt of --prompt-tokens ids "
+                   help="instead: the decoder alone at these batch sizes, one static-cache export (tgedge export's "
+                        "default target): each of B slots prefilled with a text-only prompt of --prompt-tokens ids "
                         "(default 128), then --runs timed decoder steps of all B rows after --warmup; reports step "
                         "ms and tokens/s over all rows per B (what in-flight batching can reach), e.g. 1,4,8,16")
     p.add_argument("--turns", action="store_true",
@@ -214,8 +214,8 @@ def _bench_batch(args) -> int:
 
     _refuse_given(args, BATCH_ALONE, "--batch measures the decoder alone")
     if len(args.model) != 1 or not is_export(args.model[0]):
-        raise TgedgeError("--batch measures one export's decoder (tgedge export --cache static -o DIR): give one "
-                          f"export directory (got {', '.join(args.model)})")
+        raise TgedgeError("--batch measures one export's decoder (a static-cache export: tgedge export -o DIR): "
+                          f"give one export directory (got {', '.join(args.model)})")
     if args.backend not in (None, "onnxruntime", "onnxruntime-cuda"):
         raise TgedgeError(f"--batch runs on onnxruntime or onnxruntime-cuda (batched TensorRT engines are not built "
                           f"yet; got --backend {args.backend})")

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from tgedge.cli_common import BACKENDS, EPILOG, add_output, integer, opset, real
-from tgedge.contract import CACHE_MODES
+from tgedge.contract import CACHE_MODES, DEFAULT_TARGET, TARGETS
 from tgedge.errors import TgedgeError
 from tgedge.fileio import check_output, check_report, distinct_reports, write_atomic
 from tgedge.precision import EXPORT_DTYPES, REFERENCE, WEIGHT_ONLY, names
@@ -43,14 +43,19 @@ def _add_export(sub) -> None:
                         "streaming them: what tgedge quantize --precision int4w makes from an fp32 export, without "
                         "ever holding the fp32 decoder (a 7 B model on a 24 GB machine)")
     _add_weight_only(p)
-    p.add_argument("--cache", choices=list(CACHE_MODES), default="growing",
-                   help="the decoder's KV cache: growing (past + new concatenated each step, opset-17 ops: every "
-                        "backend, JetPack 6's TensorRT 10.3 included); static (one buffer per layer at --max-context, "
-                        "bound as both past and present and written in place by onnxruntime's GroupQueryAttention: "
-                        "the fast decode on onnxruntime CPU/CUDA; TensorRT cannot run it); static-onnx (the same "
-                        "buffers in standard opset-24 ops, TensorScatter writing in place and Attention: TensorRT "
-                        "10.15+ / TensorRT for RTX as its KVCacheUpdate and attention layers, and onnxruntime). "
-                        "Default growing")
+    p.add_argument("--target", choices=list(TARGETS),
+                   help="where the export will run, which picks its KV cache: onnxruntime (CPU/CUDA: the static "
+                        "cache, the fastest decode, batched across requests by tgedge serve), tensorrt (TensorRT "
+                        "10.15+ / TensorRT for RTX: static-onnx), jetpack6 (JetPack 6's TensorRT 10.3: growing, "
+                        f"opset-17 ops every backend runs). Default {DEFAULT_TARGET}")
+    p.add_argument("--cache", choices=list(CACHE_MODES),
+                   help="the decoder's KV cache, in place of --target's: growing (past + new concatenated each step, "
+                        "opset-17 ops: every backend, JetPack 6's TensorRT 10.3 included); static (one buffer per "
+                        "layer at --max-context, bound as both past and present and written in place by onnxruntime's "
+                        "GroupQueryAttention: the fast decode on onnxruntime CPU/CUDA; TensorRT cannot run it); "
+                        "static-onnx (the same buffers in standard opset-24 ops, TensorScatter writing in place and "
+                        "Attention: TensorRT 10.15+ / TensorRT for RTX as its KVCacheUpdate and attention layers, "
+                        "and onnxruntime)")
     p.add_argument("--no-check", action="store_true", help="skip the torch-vs-onnxruntime check of each graph")
     p.add_argument("--json", action="store_true", help="print the result (graphs, checks, seconds) as JSON")
     p.set_defaults(func=cmd_export)
@@ -71,12 +76,17 @@ def cmd_export(args) -> int:
     from tgedge import resolve_checkpoint
     from tgedge.export.onnx_export import export_model
 
+    if args.target and args.cache:
+        raise TgedgeError(f"--target {args.target} and --cache {args.cache}: --target picks the cache "
+                          f"({TARGETS[args.target]}); give one of them")
     check_output(args.output, "export", [resolve_checkpoint(args.model), args.clip], args.force)
     external = {"auto": None, "always": True, "never": False}[args.external_data]
     say = None if args.json else (lambda s: print(f"  {s}", file=sys.stderr, flush=True))
     result = export_model(args.model, args.output, args.opset, args.max_context, args.clip, external, on_step=say,
                           force=args.force, dtype=args.dtype, check=not args.no_check,
-                          decoder_weights=args.decoder_weights, cache_mode=args.cache, block_size=args.block_size,
+                          decoder_weights=args.decoder_weights, cache_mode=args.cache or "growing",
+                          target=None if args.cache else args.target or DEFAULT_TARGET,
+                          block_size=args.block_size,
                           accuracy_level=args.accuracy_level)
     if args.json:
         print(json.dumps(result.to_dict()))
@@ -214,6 +224,10 @@ def _add_build(sub) -> None:
     p.add_argument("--workspace", type=integer(1, 1 << 20), default=1024, metavar="MB",
                    help="builder workspace limit, 1 MB to 1 TB (default 1024)")
     p.add_argument("--graph", action="append", dest="graphs", metavar="NAME", help="build only this graph (repeatable)")
+    p.add_argument("--max-batch", type=integer(1, 256), default=1, metavar="N",
+                   help="requests an engine serves in one call (1 to 256; default 1: one user, the least memory): "
+                        "the decoder decodes up to N sequences per step (tgedge serve's in-flight batching, N slots; "
+                        "a static-cache export: --target tensorrt), vision takes N images' views")
     p.add_argument("--json", action="store_true", help="print engines, metadata and commands as JSON")
     p.set_defaults(func=cmd_build)
 
@@ -226,7 +240,7 @@ def cmd_build(args) -> int:
     check_report(args.timing_cache, "--timing-cache", [args.export_dir], what="the timing cache")
     say = None if args.json else (lambda s: print(s, file=sys.stderr, flush=True))
     result = build_engines(args.export_dir, args.output, args.backend, args.workspace, args.timing_cache,
-                           args.graphs, on_step=say, force=args.force)
+                           args.graphs, on_step=say, force=args.force, max_batch=args.max_batch)
     if args.json:
         print(json.dumps(result.to_dict()))
         return 0

@@ -62,9 +62,17 @@ def _add_triton(sub) -> None:
                    help="images per dynamic batch of text_guide and vision (default 8)")
     p.add_argument("--queue-delay-us", type=integer(0, 10_000_000), default=2000,
                    help="how long the dynamic batcher waits to fill a batch, microseconds (default 2000)")
+    p.add_argument("--threads", type=integer(1, 256), default=1,
+                   help="ONNX Runtime intra-op threads of each stage session (default 1: the parallelism comes from "
+                        "concurrent requests)")
+    p.add_argument("--decoder-threads", type=integer(1, 256), metavar="N",
+                   help="intra-op threads of the entry's decoder under in-flight batching, where one thread steps "
+                        "every request (default: ONNX Runtime's, the machine's cores); each request's own decode "
+                        "otherwise uses --threads")
     p.add_argument("--max-inflight", type=integer(1, 1024),
-                   help="requests one entry instance decodes at once (default 8; 1 with --backend tensorrt): with a "
-                        "static-cache export (tgedge export --cache static) one scheduler of that many slots "
+                   help="requests one entry instance decodes at once (default 8; with --backend tensorrt at most the "
+                        "decoder engine's tgedge build --max-batch): with a static-cache export (tgedge export's "
+                        "default target) one scheduler of that many slots "
                         "decodes them in shared decoder steps (in-flight batching); otherwise each decodes with its "
                         "own KV cache")
     p.add_argument("--conversations", type=integer(1, 4096), default=CONVERSATIONS,
@@ -77,15 +85,30 @@ def _add_triton(sub) -> None:
     p.set_defaults(func=cmd_triton)
 
 
+def _engine_batch(directory) -> int:
+    """The decoder engine's max batch of an engine directory; 1 for anything else (write_repository says why)."""
+    from tgedge.runtime.manifest import Manifest
+    from tgedge.serving.repository import engine_batch
+
+    try:
+        return engine_batch(Manifest.load(directory), "decoder")
+    except TgedgeError:
+        return 1
+
+
 def cmd_triton(args) -> int:
     from tgedge.serving.repository import RepositorySettings, write_repository
 
-    if args.backend == "tensorrt" and args.max_inflight not in (None, 1):  # it would be 1 without a word
-        raise TgedgeError(f"--max-inflight {args.max_inflight}: with --backend tensorrt an entry instance decodes one "
-                          "request at a time (one execution context): leave it out, or add --instances")
+    if args.backend == "tensorrt" and args.max_inflight not in (None, 1):  # it would be fewer without a word
+        most = _engine_batch(args.model)
+        if args.max_inflight > most:
+            raise TgedgeError(f"--max-inflight {args.max_inflight}: with --backend tensorrt an entry instance decodes "
+                              f"at most {most} request(s) per step (one execution context; the decoder engine's "
+                              "tgedge build --max-batch): pass at most that, build with a larger --max-batch from a "
+                              "--target tensorrt export, or add --instances")
     settings = RepositorySettings(args.backend, args.instances, args.max_batch, args.queue_delay_us,
-                                  args.max_inflight or RepositorySettings.max_inflight,
-                                  conversations=args.conversations)
+                                  args.max_inflight or RepositorySettings.max_inflight, threads=args.threads,
+                                  decoder_threads=args.decoder_threads, conversations=args.conversations)
     result = write_repository(args.model, args.output, settings, force=args.force, verify=not args.no_verify)
     if args.json:
         print(json.dumps(result.to_dict()))
@@ -303,14 +326,18 @@ def _add_loadtest(sub) -> None:
 
 
 def _entry_threads(repo) -> int:
-    """The entry model's `threads` parameter in a repository tgedge triton wrote (1 where it says none)."""
+    """The intra-op threads of the entry model's decoder in a repository tgedge triton wrote: its `decoder_threads`
+    (0: ONNX Runtime's default), else its `threads` (1 where it says none)."""
     from tgedge.serving.repository import parse_config
 
     config = repo / "tgedge" / "config.pbtxt"
     if not config.is_file():
         return 1
-    value = parse_config(config).parameters["threads"].string_value
-    return int(value) if value.isdigit() else 1
+    params = parse_config(config).parameters
+    for key in ("decoder_threads", "threads"):
+        if key in params and params[key].string_value.isdigit():
+            return int(params[key].string_value)
+    return 1
 
 
 def _decoder_lines(report) -> list[str]:
@@ -322,8 +349,10 @@ def _decoder_lines(report) -> list[str]:
     lines = [f"decoder alone at batch B ({d['prompt_tokens']} cached positions, {d['threads']} thread(s), median of "
              f"{d['runs']} steps), against what the server generated:"]
     for lv in report.levels:
+        decode = (f"; decoding {lv.decode_tokens_per_s:9.1f} tok/s = {lv.decode_of_decoder:.3f} of it"
+                  if lv.decode_tokens_per_s else "")
         lines.append(f"  batch {lv.concurrency:>4}  {lv.decoder_tokens_per_s:9.1f} tok/s  served "
-                     f"{lv.tokens_per_s:9.1f} tok/s = {lv.served_of_decoder:.3f} of it")
+                     f"{lv.tokens_per_s:9.1f} tok/s = {lv.served_of_decoder:.3f} of it{decode}")
     return lines
 
 
@@ -349,7 +378,7 @@ def cmd_loadtest(args) -> int:
     baseline = args.baseline
     if args.baseline_threads is not None and not baseline:
         raise TgedgeError("--baseline-threads sets the --baseline loop's threads: it needs --baseline")
-    decoder_threads = 1  # the repository's default `threads`; a repository given says its own
+    decoder_threads = 0  # a batching repository's default (ONNX Runtime's threads); a repository given says its own
     if baseline and not is_export(baseline) and (Path(baseline) / "tgedge/1/export").is_dir():
         decoder_threads = _entry_threads(Path(baseline))
         baseline = str(Path(baseline) / "tgedge/1/export")

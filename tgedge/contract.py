@@ -174,6 +174,12 @@ def preprocess_needs(cfg: dict) -> dict:
 # static-onnx: the same buffers and runtime contract in standard ONNX ops (opset 24): TensorScatter writes them in place
 # (TensorRT's KVCacheUpdate layer) and Attention attends (TensorRT's attention layer): the static cache for TensorRT.
 CACHE_MODES = ("growing", "static", "static-onnx")
+# What `tgedge export --target` writes for each backend family: the cache it decodes fastest with that its parser takes.
+# onnxruntime (CPU/CUDA; the default): static, the fastest decode here and the one the serving scheduler batches;
+# tensorrt (10.15+ / TensorRT for RTX): static-onnx, its KVCacheUpdate and attention layers, batched too;
+# jetpack6 (TensorRT 10.3, which predates opset 24): growing, opset-17 ops every backend runs.
+TARGETS = {"onnxruntime": "static", "tensorrt": "static-onnx", "jetpack6": "growing"}
+DEFAULT_TARGET = "onnxruntime"
 
 
 @dataclass(frozen=True)

@@ -111,3 +111,30 @@ def test_static_onnx_decoder_builds_on_tensorrts_cache_update_and_attention_laye
     meta = Manifest.load(tmp_path / "engines").engines["decoder"]
     assert meta["attention_layers"] == layers and meta["precision"] == dtype and meta["profiles"] == 2
     assert (tmp_path / "engines" / meta["file"]).stat().st_size > 1000
+
+
+def test_batched_engines_decode_max_batch_sequences(demo_static_exports, tmp_path):
+    """tgedge build --max-batch N: the decoder's decode profile takes 1..N sequences (optimised for N), its prefill
+    one (the scheduler prefills a newcomer alone), vision N images' views; the engine records N, which the runtime's
+    batched cache and tgedge triton read."""
+    export = demo_static_exports("static-onnx")
+    m = export.manifest
+    prefill, decode = profiles(m, "decoder", 4)
+    assert prefill["batch_size"] == (1, 1, 1) and decode["batch_size"] == (1, 4, 4)
+    assert [p["batch_size"] for p in profiles(m, "decoder")] == [(1, 1, 1), (1, 1, 1)]  # default: one sequence
+    views = m.contract.dims["num_views"]["max"]
+    assert profiles(m, "vision", 4)[0]["num_views"][2] == 4 * views
+    line = trtexec_line("tensorrt_rtx", m, "decoder", "decoder.engine", 1024, None, max_batch=4)
+    assert "--maxShapes=inputs_embeds:4x1x" in line and "past_key_values.0.key:4x" in line
+    build_engines(export.directory, tmp_path / "e", "tensorrt_rtx", graphs=["decoder"], max_batch=4)
+    assert Manifest.load(tmp_path / "e").engines["decoder"]["max_batch"] == 4
+    with pytest.raises(TgedgeError, match="--max-batch must be an integer >= 1"):
+        build_engines(export.directory, tmp_path / "f", "tensorrt_rtx", max_batch=0)
+
+
+def test_the_onnxruntime_static_decoder_is_refused_naming_the_target(demo_static_exports, tmp_path, capsys):
+    export = demo_static_exports("static")
+    assert main(["build", str(export.directory), "-o", str(tmp_path / "e"), "--backend", "tensorrt_rtx"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "GroupQueryAttention" in err and "--target tensorrt" in err
+    assert not (tmp_path / "e").exists()

@@ -156,24 +156,32 @@ class FakeEngine:
         return True
 
 
-def test_tensorrt_runner_binds_a_static_cache_in_place(monkeypatch):
-    """The static cache on TensorRT: each buffer allocated once, given to the engine as the past input and the
-    present output at the same address (KVCacheUpdate requires it), never allocated or copied back per step; the
-    prefill and decode profiles chosen from the mask and step lengths. (A fake CUDA: no GPU here.)"""
+def _fake_decoder_engine(monkeypatch, engine_class, max_batch: int = 1):
+    """The demo's static-onnx decoder contract and a TensorRTRunner over a fake engine and a fake CUDA."""
     from tgedge import demo_checkpoint
     from tgedge.checkpoint import load_model
     from tgedge.contract import StageContract
     from tgedge.runtime import tensorrt as rt
-    from tgedge.runtime.cache import StaticCache
-    from tgedge.runtime.tensorrt import DeviceArray, TensorRTRunner
+    from tgedge.runtime.tensorrt import TensorRTRunner
 
     model, _ = load_model(demo_checkpoint(), device="meta")
     contract = StageContract.from_config(model.cfg.to_dict(), 64, cache_mode="static-onnx")
     stage = contract.stages["decoder"]
-    engine, cuda = FakeEngine(stage.inputs, stage.outputs), FakeCuda()
+    engine, cuda = engine_class(stage.inputs, stage.outputs), FakeCuda()
     monkeypatch.setattr(rt, "_cudart", lambda: cuda)
     runner = TensorRTRunner(lambda: (engine, engine), "decoder", list(stage.inputs), list(stage.outputs),
-                            contract.cache.profile_for)
+                            contract.cache.profile_for, max_batch)
+    return contract, stage, engine, cuda, runner
+
+
+def test_tensorrt_runner_binds_a_static_cache_in_place(monkeypatch):
+    """The static cache on TensorRT: each buffer allocated once, given to the engine as the past input and the
+    present output at the same address (KVCacheUpdate requires it), never allocated or copied back per step; the
+    prefill and decode profiles chosen from the mask and step lengths. (A fake CUDA: no GPU here.)"""
+    from tgedge.runtime.cache import StaticCache
+    from tgedge.runtime.tensorrt import DeviceArray
+
+    contract, stage, engine, cuda, runner = _fake_decoder_engine(monkeypatch, FakeEngine)
     cache = StaticCache(contract.cache)
     with runner:
         cache.reset(10, runner)
@@ -227,3 +235,66 @@ def test_simulated_int8_kernels_disable_qdq_fusion(demo_export, monkeypatch):
         monkeypatch.setattr(onnxrt, "int8_kernels_saturate", lambda: saturate)
         SessionFromOnnx(path, int8_kernels=kernels)()
     assert seen == ["1", None, "1", None]
+
+
+class BatchedFakeEngine(FakeEngine):
+    """A decoder engine built with --max-batch: its logits have the call's batch."""
+
+    def set_input_shape(self, name, shape):
+        if name == "inputs_embeds":
+            self.batch = shape[0]
+
+    def get_tensor_shape(self, name):
+        return (self.batch, *self.shapes[name][1:]) if name == "logits" else self.shapes[name]
+
+
+def test_tensorrt_runner_binds_a_batched_caches_slots_by_address(monkeypatch):
+    """Batched TensorRT engines (tgedge build --max-batch): one buffer per past/present pair for every slot, a
+    slot's prefill bound at its rows' own address inside it, a decode step of rows 0..n at the buffer's start,
+    each row range bound once, no cache allocated per step; the prefill and decode profiles chosen by shape. More
+    slots than the engine's batch maximum, or an engine of one sequence, are refused with the flag that changes it.
+    (A fake CUDA: no GPU here.)"""
+    from tgedge.runtime.batched import BatchedDecoder, batching_problem
+    from tgedge.runtime.tensorrt import DeviceArray
+
+    contract, stage, engine, cuda, runner = _fake_decoder_engine(monkeypatch, BatchedFakeEngine, max_batch=4)
+    width = stage.inputs[0].shape[2]
+
+    class Pipe:
+        runners = {"decoder": runner}
+
+        def __init__(self):
+            self.contract = contract
+
+        def run_stage(self, name, feed, **options):
+            return runner.infer(feed, **options)
+
+        def embed_tokens(self, ids):
+            return np.zeros((*ids.shape, width), np.float32)
+
+    pipe = Pipe()
+    with runner:
+        assert batching_problem(pipe) is None
+        decoder = BatchedDecoder(pipe, 3)
+        assert all(isinstance(b, DeviceArray) and b.shape[0] == 3 for b in decoder.buffers.values())
+        row = {n: b.nbytes // 3 for n, b in decoder.buffers.items()}
+        slots = [decoder.acquire() for _ in range(3)]
+        allocated = len(cuda.mallocs)
+        decoder.prefill(slots[2], np.zeros((1, 5, width), np.float32))
+        for past, present in contract.cache.present_for().items():
+            assert engine.addresses[past] == engine.addresses[present] == decoder.buffers[past].ptr + 2 * row[past]
+        decoder.prefill(slots[0], np.zeros((1, 3, width), np.float32))
+        for _ in range(2):
+            logits = decoder.decode({0: 7, 2: 7})
+            assert set(logits) == {0, 2}
+            for past, present in contract.cache.present_for().items():
+                assert engine.addresses[past] == engine.addresses[present] == decoder.buffers[past].ptr
+        assert decoder.lengths == [5, 0, 7]
+        assert engine.profiles == [0, 1]  # both prefills under the prefill profile, then decode
+        assert set(decoder._bound) == {(2, 3), (0, 1), (0, 3)}  # each range bound once
+        # per call (2 prefills, 2 steps): the embeddings and the mask staged, the logits allocated; no cache buffer
+        assert len(cuda.mallocs) - allocated == 4 * 3
+        with pytest.raises(TgedgeError, match="at most 4 sequences per call .* --max-batch"):
+            BatchedDecoder(pipe, 5)
+        runner.max_batch = 1
+        assert "tgedge build --max-batch N" in batching_problem(pipe)

@@ -15,6 +15,7 @@ from tgedge.errors import TgedgeError
 from tgedge.export.onnx_export import export_model
 from tgedge.generate import forced_logits
 from tgedge.runtime.cache import StaticCache
+from tgedge.runtime.manifest import Manifest
 from tgedge.runtime.pipeline import Pipeline
 
 NEW_TOKENS = 12
@@ -260,9 +261,27 @@ def test_tg_tiny_preset_static_int4w(mode, weights, growing, tmp_path):
 
 def test_static_needs_a_head_size_of_16k(growing, tmp_path, capsys):
     ckpt, _, _ = growing("llama")  # 48 wide, 4 heads: 12
-    with pytest.raises(TgedgeError, match="multiple of 16; this decoder's is 12: export with --cache growing"):
+    with pytest.raises(TgedgeError, match="multiple of 16; this decoder's is 12: export with --cache static-onnx"):
         export_model(ckpt, tmp_path / "out", cache_mode="static")
     assert not (tmp_path / "out").exists()
+    # the default target (onnxruntime) takes the static cache in standard ops there, and says so
+    said = []
+    export_model(ckpt, tmp_path / "auto", target="onnxruntime", check=False, on_step=said.append)
+    assert Manifest.load(tmp_path / "auto").contract.cache.mode == "static-onnx"
+    assert any("the static-onnx cache instead" in s for s in said)
+
+
+def test_export_target_picks_the_cache(tmp_path, capsys):
+    """tgedge export's default target, onnxruntime, writes the static cache (the fast decode, batched by tgedge
+    serve); tensorrt static-onnx; jetpack6 growing (opset 17: TensorRT 10.3); --target with --cache is one line."""
+    for extra, mode in (([], "static"), (["--target", "tensorrt"], "static-onnx"), (["--target", "jetpack6"], "growing")):
+        out = tmp_path / (extra[-1] if extra else "default")
+        assert main(["export", "demo", "-o", str(out), "--no-check", "--json", *extra]) == 0
+        capsys.readouterr()
+        assert Manifest.load(out).contract.cache.mode == mode
+    assert main(["export", "demo", "-o", str(tmp_path / "x"), "--target", "jetpack6", "--cache", "static"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "give one of them" in err and not (tmp_path / "x").exists()
 
 
 def test_bad_cache_option_is_one_line(tmp_path, capsys):

@@ -178,15 +178,30 @@ def test_triton_refuses(demo_export, tmp_path, capsys):
 
 
 def test_triton_says_how_the_entry_decodes(served, demo_export, tmp_path, capsys):
-    for source, extra, says in ((served, [], "in-flight batching: one scheduler of 8 slots"),
-                                (served, ["--max-inflight", "1"], "at most 1 at once (max_inflight is 1)"),
-                                (demo_export.directory, [], "on its own, at most 8 at once (batched decoding needs "
-                                                            "a static KV cache; this export's is 'growing'")):
+    # the decoder's intra-op threads: the cores where one thread steps the scheduler, else --threads
+    for source, extra, says, threads in (
+            (served, [], "in-flight batching: one scheduler of 8 slots", "0"),
+            (served, ["--decoder-threads", "3"], "(the decoder on 3 threads)", "3"),
+            (served, ["--max-inflight", "1", "--threads", "2"], "at most 1 at once (max_inflight is 1)", "2"),
+            (demo_export.directory, [], "on its own, at most 8 at once (batched decoding needs a static KV cache; "
+                                        "this export's is 'growing'", "1")):
         code, out, err = run(capsys, "triton", source, "-o", tmp_path / "r", "--force", *extra)
         assert code == 0 and says in out, out + err
-    engines = _fake_engines(served, tmp_path / "engines")  # a static cache, but TensorRT's runner binds whole buffers
+        assert parse(tmp_path / "r" / ENTRY_MODEL / "config.pbtxt").parameters["decoder_threads"].string_value \
+            == threads
+    engines = _fake_engines(served, tmp_path / "engines")  # a static cache, engines of one sequence
     result = repository.write_repository(engines, tmp_path / "trt", repository.RepositorySettings("tensorrt"))
-    assert "on its own, at most 1 at once (TensorRT engines decode one sequence" in result.models[ENTRY_MODEL]
+    assert "on its own, at most 1 at once (the decoder engine holds one sequence: tgedge build --max-batch N" \
+        in result.models[ENTRY_MODEL]
+    d = json.loads((engines / "manifest.json").read_text())  # built with --max-batch 4
+    for engine in d["engines"].values():
+        engine["max_batch"] = 4
+    (engines / "manifest.json").write_text(json.dumps(d))
+    result = repository.write_repository(engines, tmp_path / "trt4", repository.RepositorySettings("tensorrt"))
+    assert "in-flight batching: one scheduler of 4 slots" in result.models[ENTRY_MODEL]
+    configs = {p.parent.name: parse(p) for p in (tmp_path / "trt4").glob("*/config.pbtxt")}
+    assert configs[ENTRY_MODEL].parameters["max_inflight"].string_value == "4"  # the engine's most, not 8
+    assert configs["vision"].max_batch_size == 4 * 5  # four images' views
 
 
 def test_server_side_modules_import_no_torch():
@@ -457,11 +472,15 @@ def test_loadtest(server, repo, demo_eval, capsys, tmp_path):
     _check_levels(d, 6)
     assert png.read_bytes()[:4] == b"\x89PNG" and "req/s" in out and "itl p50" in out
     # the decoder alone at batch B = each level's concurrency, on the baseline's export, beside what was served
-    assert [lv["batch"] for lv in d["decoder"]["levels"]] == [1, 2] and d["decoder"]["threads"] == 1
+    # on the threads the repository gives its batching decoder (decoder_threads 0: ONNX Runtime's default)
+    assert [lv["batch"] for lv in d["decoder"]["levels"]] == [1, 2] and d["decoder"]["threads"] == 0
     assert d["decoder"]["prompt_tokens"] == d["baselines"][0]["prompt_tokens"] > 0
     for lv, dec in zip(d["levels"], d["decoder"]["levels"]):
         assert lv["decoder_tokens_per_s"] == dec["tokens_per_s"] > 0 and dec["rows_agree"]
         assert lv["served_of_decoder"] == pytest.approx(lv["tokens_per_s"] / dec["tokens_per_s"], abs=1e-3)
+        decoding = lv["concurrency"] * 1000 / lv["inter_token_ms"]["mean"]  # the decode share: streams / ITL
+        assert lv["decode_tokens_per_s"] == pytest.approx(decoding, rel=1e-3)
+        assert lv["decode_of_decoder"] == pytest.approx(decoding / dec["tokens_per_s"], rel=1e-2)
     assert "decoder alone at batch B" in out
     # text-only requests: the questions alone, answered as the single-process loop answers them without images
     code, out, err = run(capsys, "loadtest", server.grpc_url, "--data", demo_eval, "--concurrency", "3",
@@ -626,3 +645,30 @@ def test_request_fields_are_range_checked_not_wrapped(options, message):
     """numpy would wrap 2^31 into int32 (-2^31): the request refuses it instead."""
     with pytest.raises(TgedgeError, match=message):
         request_inputs(b"image", "what color?", **options)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_an_export_with_external_weights_loads_from_its_repository(tied, tg_tiny, tmp_path):
+    """The case the demo (inline weights) misses: every graph's weights in external files; tied (tg-tiny, Qwen2:
+    the decoder's LM head reads the embed graph's table, `shared_data`) and untied (a tiny LLaMA LLaVA: its own
+    head). Each stage model of the repository loads in onnxruntime from its own directory, as Triton's backends
+    load it, with every file its graph names beside it."""
+    import onnxruntime as ort
+
+    import tiny
+    from tgedge.export.onnx_export import export_model
+
+    if tied:
+        ckpt, clip = tg_tiny, tg_tiny / "clip"
+    else:
+        tiny.hf_llava(tmp_path / "ckpt", "llama")
+        ckpt, clip = tmp_path / "ckpt", None
+    export = export_model(ckpt, tmp_path / "export", clip=clip, external_data=True, check=False,
+                          cache_mode="static-onnx")
+    graphs = export.manifest.graphs
+    assert bool(graphs["decoder"].shared_data) == tied and all(graphs[g].external_data for g in graphs)
+    repository.write_repository(export.directory, tmp_path / "repo", repository.RepositorySettings())
+    for stage, graph in graphs.items():
+        version = tmp_path / "repo" / stage / "1"
+        ort.InferenceSession(str(version / "model.onnx"), providers=["CPUExecutionProvider"])
+        assert all((version / name).is_file() for name in [graph.external_data, *graph.shared_data])

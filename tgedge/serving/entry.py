@@ -5,10 +5,11 @@ named in its `bls_stages` parameter (text_guide and vision) are runners that cal
 through BLS, so Triton's dynamic batcher batches them across requests; fusion, embed and the decoder run in this
 instance on its `runtime_backend`. Each request is read and encoded in a thread of its own; then
 
-- in-flight batching (a static-cache export on onnxruntime: `runtime.batched.batching_problem` is None): one
+- in-flight batching (a static-cache export on onnxruntime, or TensorRT engines built with --max-batch N > 1:
+  `runtime.batched.batching_problem` is None): one
   `runtime.scheduler.Scheduler` of `max_inflight` slots decodes every request in shared decoder steps, newcomers
   joining between steps; up to `max_inflight` more wait for a slot, encoded;
-- otherwise (a growing-cache export, TensorRT engines, `max_inflight` 1): each request decodes with its own KV
+- otherwise (a growing-cache export, TensorRT engines of one sequence, `max_inflight` 1): each request decodes with its own KV
   cache on shared sessions, at most `max_inflight` at once.
 
 `execute` waits for room, so the rest wait in Triton's queue. A request's error (its image, its prompt's length,
@@ -153,6 +154,7 @@ class Entry:
         if "decoder" in self.bls:
             raise TgedgeError("bls_stages: the decoder runs in the entry model (its KV cache stays here)")
         self.threads = int(params.get("threads") or 0)
+        self.decoder_threads = int(params.get("decoder_threads") or self.threads)  # 0: ONNX Runtime's default
         inflight = int(params.get("max_inflight") or 1)
         self.log = pb_utils.Logger
         self.pipe = Pipeline(export_dir, self.backend, runner_factory=self._runner)
@@ -180,7 +182,8 @@ class Entry:
     def _runner(self, manifest, graph: str) -> BaseRunner:
         if graph in self.bls:
             return TritonModelRunner(manifest.contract.stages[graph], graph)
-        return make_runner(self.backend, manifest, graph, threads=self.threads)
+        threads = self.decoder_threads if graph == "decoder" else self.threads
+        return make_runner(self.backend, manifest, graph, threads=threads)
 
     def _conversation(self, images: list[bytes], guide: str) -> Conversation:
         return Conversation(self.sequence(), [load_image(RequestImage(b)) for b in images], guide)

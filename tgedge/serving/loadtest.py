@@ -9,7 +9,8 @@ baseline answers the same samples with `Pipeline.answer`, one after another in t
 tokens/s count the generated tokens of every answer, all clients together. With a baseline export whose decoder
 batches (a static cache), the decoder alone is then measured at batch B = each level's concurrency
 (`tgedge.bench.batch`, the baseline's median prompt length cached per row, the server's intra-op threads), so the
-ratio of served to possible tokens/s is in the report. Loopback only: this is a measuring tool, not a traffic
+ratio of served to possible tokens/s is in the report, and the decode share of it (concurrency / mean inter-token
+latency: the rate while every client decodes) against the same. Loopback only: this is a measuring tool, not a traffic
 generator.
 """
 
@@ -67,6 +68,10 @@ class Level:
     first_error: str = ""
     decoder_tokens_per_s: float | None = None  # the decoder alone at batch = concurrency (tgedge bench --batch)
     served_of_decoder: float | None = None  # tokens_per_s / decoder_tokens_per_s
+    # the decode share: concurrency streams at 1 / mean inter-token latency each (the rate while every client is
+    # decoding: prefills of newcomers between steps included, the levels' start and end not) against the decoder
+    decode_tokens_per_s: float | None = None
+    decode_of_decoder: float | None = None  # decode_tokens_per_s / decoder_tokens_per_s
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -231,6 +236,10 @@ def decoder_rates(report: Report, export_dir: str | Path, threads: int, runs: in
     for lv in report.levels:
         lv.decoder_tokens_per_s = rate[lv.concurrency]
         lv.served_of_decoder = round(lv.tokens_per_s / rate[lv.concurrency], 4)
+        itl = lv.inter_token_ms.get("mean")
+        if itl:
+            lv.decode_tokens_per_s = round(lv.concurrency * 1000.0 / itl, 3)
+            lv.decode_of_decoder = round(lv.decode_tokens_per_s / rate[lv.concurrency], 4)
 
 
 def machine() -> dict:

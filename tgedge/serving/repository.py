@@ -63,6 +63,9 @@ class RepositorySettings:
     # (`decoding`), else threads each with its own KV cache; 1 for TensorRT
     max_inflight: int = 8
     threads: int = 1  # ONNX Runtime intra-op threads per session (parallelism comes from concurrent requests)
+    # the entry's decoder under in-flight batching, where one thread steps every request: None = ONNX Runtime's
+    # default (the machine's cores), else that many
+    decoder_threads: int | None = None
     conversations: int = CONVERSATIONS  # conversations whose KV caches an entry instance keeps
 
     def __post_init__(self):
@@ -71,6 +74,8 @@ class RepositorySettings:
         for name in ("instances", "max_batch", "max_inflight", "threads", "conversations"):
             if getattr(self, name) < 1:
                 raise TgedgeError(f"{name} must be >= 1 (got {getattr(self, name)})")
+        if self.decoder_threads is not None and self.decoder_threads < 1:
+            raise TgedgeError(f"decoder_threads must be >= 1 (got {self.decoder_threads})")
         if self.queue_delay_us < 0:
             raise TgedgeError(f"queue_delay_us must be >= 0 (got {self.queue_delay_us})")
 
@@ -151,7 +156,26 @@ def stage_config(contract: StageContract, stage: str, settings: RepositorySettin
     return config
 
 
-def entry_config(contract: StageContract, settings: RepositorySettings):
+def engine_batch(manifest, stage: str) -> int:
+    """Sequences (images) an engine of an engine directory takes per call: its `tgedge build --max-batch`."""
+    return int(manifest.engines.get(stage, {}).get("max_batch", 1))
+
+
+def _engine_dims(manifest, stage: str) -> dict:
+    """The manifest's dims as an engine's profile has them: the batch and views maxima times its max batch."""
+    n = engine_batch(manifest, stage)
+    return {k: {**v, "max": v["max"] * n} if k in (BATCH, VIEWS) else v for k, v in manifest.dims.items()}
+
+
+def inflight(settings: RepositorySettings, decoder_batch: int | None = None) -> int:
+    """Requests one entry instance decodes at once: `max_inflight`; under TensorRT at most the decoder engine's
+    max batch (its scheduler's slots; one execution context, so 1 where the engine holds one sequence)."""
+    if settings.backend == "tensorrt":
+        return min(settings.max_inflight, decoder_batch or 1)
+    return settings.max_inflight
+
+
+def entry_config(contract: StageContract, settings: RepositorySettings, decoder_batch: int | None = None):
     """The ModelConfig of the entry model: decoupled, image bytes + question in, the answer streamed out."""
     pb, _ = _pb2()
     config = pb.ModelConfig(name=ENTRY_MODEL, backend="python", max_batch_size=0)
@@ -162,24 +186,38 @@ def entry_config(contract: StageContract, settings: RepositorySettings):
     config.instance_group.add(count=settings.instances, kind=pb.ModelInstanceGroup.Kind.Value(kind))
     params = {"runtime_backend": RUNTIME_BACKEND[settings.backend],
               "bls_stages": ",".join(s for s in BLS_STAGES if contract.has(s)),
-              "max_inflight": str(1 if settings.backend == "tensorrt" else settings.max_inflight),
-              "threads": str(settings.threads), "export": EXPORT_SUBDIR, "conversations": str(settings.conversations)}
+              "max_inflight": str(inflight(settings, decoder_batch)),
+              "threads": str(settings.threads), "export": EXPORT_SUBDIR, "conversations": str(settings.conversations),
+              # one thread steps the scheduler: its decoder gets the cores (0: ONNX Runtime's default), where the
+              # per-request path's parallelism comes from its concurrent requests
+              "decoder_threads": str(settings.decoder_threads or 0)
+              if decoding_problem(contract, settings, decoder_batch) is None else str(settings.threads)}
     for key, value in params.items():
         config.parameters[key].string_value = value
     return config
 
 
-def decoding(contract: StageContract, settings: RepositorySettings) -> str:
-    """How the entry model will decode, as `Entry` chooses at load: in-flight batching where the export's decoder
-    batches (`runtime.batched`), else each request on its own, and why."""
+def decoding_problem(contract: StageContract, settings: RepositorySettings, decoder_batch: int | None = None
+                     ) -> str | None:
+    """Why the entry model will decode each request on its own, or None: in-flight batching (`Entry` decides the
+    same at load, from `runtime.batched.batching_problem`)."""
     from tgedge.runtime.batched import cache_problem
 
-    inflight = 1 if settings.backend == "tensorrt" else settings.max_inflight
-    problem = ("TensorRT engines decode one sequence (batched engines: not built yet)" if settings.backend == "tensorrt"
-               else "max_inflight is 1" if inflight == 1 else cache_problem(contract.cache))
+    if settings.backend == "tensorrt" and (decoder_batch or 1) == 1:
+        return "the decoder engine holds one sequence: tgedge build --max-batch N batches N"
+    if inflight(settings, decoder_batch) == 1:
+        return "max_inflight is 1"
+    return cache_problem(contract.cache)
+
+
+def decoding(contract: StageContract, settings: RepositorySettings, decoder_batch: int | None = None) -> str:
+    """How the entry model will decode, and why."""
+    slots, problem = inflight(settings, decoder_batch), decoding_problem(contract, settings, decoder_batch)
+    threads = settings.decoder_threads or "ONNX Runtime's default"
     if problem is None:
-        return f"in-flight batching: one scheduler of {inflight} slots per instance, requests share decoder steps"
-    return f"each request decodes on its own, at most {inflight} at once ({problem})"
+        return (f"in-flight batching: one scheduler of {slots} slots per instance, requests share decoder steps "
+                f"(the decoder on {threads} threads)")
+    return f"each request decodes on its own, at most {slots} at once ({problem})"
 
 
 def config_text(config) -> str:
@@ -252,22 +290,24 @@ def write_repository(source: str | Path, out: str | Path, settings: RepositorySe
     if settings.backend == "tensorrt":
         _check_engines(manifest, source)
     result = RepositoryResult(Path(out), settings.backend)
-    engine_dims = manifest.dims if settings.backend == "tensorrt" else None
+    trt = settings.backend == "tensorrt"
+    decoder_batch = engine_batch(manifest, "decoder") if trt else None
     with atomic_dir(out, kind="repository", inputs=[source], force=force) as tmp:
         export = tmp / ENTRY_MODEL / "1" / EXPORT_SUBDIR
         for name in manifest.listed_files():
             target = inside(tmp, f"{ENTRY_MODEL}/1/{EXPORT_SUBDIR}/{name}", f"{manifest.directory}/manifest.json")
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(inside(manifest.directory, name, f"{manifest.directory}/manifest.json"), target)
-        entry = entry_config(contract, settings)
+        entry = entry_config(contract, settings, decoder_batch)
         (tmp / ENTRY_MODEL / "config.pbtxt").write_text(config_text(entry))
         (tmp / ENTRY_MODEL / "1" / "model.py").write_text(MODEL_PY.format(module="tgedge.serving.entry"))
         result.models[ENTRY_MODEL] = (f"entry: decoupled Python model, {settings.instances} instance(s); "
                                       f"{entry.parameters['bls_stages'].string_value} through BLS, the rest on "
                                       f"{RUNTIME_BACKEND[settings.backend]} in the instance; "
-                                      f"{decoding(contract, settings)}")
+                                      f"{decoding(contract, settings, decoder_batch)}")
         for stage in contract.stage_names:
-            config = stage_config(contract, stage, settings, views, engine_dims, _vocab(manifest.model, stage))
+            config = stage_config(contract, stage, settings, views, _engine_dims(manifest, stage) if trt else None,
+                                  _vocab(manifest.model, stage))
             version = tmp / stage / "1"
             graph = manifest.graphs[stage]
             if settings.backend == "tensorrt":
@@ -284,10 +324,10 @@ def write_repository(source: str | Path, out: str | Path, settings: RepositorySe
             batching = (f", dynamic batching up to {config.max_batch_size}" if config.HasField("dynamic_batching")
                         else "")
             result.models[stage] = f"{config.backend or config.platform}{batching}"
-            if engine_dims is not None and stage in BLS_STAGES and config.max_batch_size < \
+            if trt and stage in BLS_STAGES and config.max_batch_size < \
                     stage_batch(contract, stage, settings.max_batch, views, None):
                 result.notes.append(f"{stage}: the engine's profile allows {config.max_batch_size} per batch; build "
-                                    "it from an export with a larger batch profile to batch more")
+                                    "it with a larger tgedge build --max-batch to batch more")
     return result
 
 
