@@ -269,6 +269,11 @@ class Manifest:
                 raise TgedgeError(f"{directory}: {f} is missing (listed in {MANIFEST})")
         return m
 
+    def engine_batch(self, graph: str) -> int:
+        """Sequences (images) the graph's TensorRT engine takes per call: its `tgedge build --max-batch` (1 for
+        engines built before it, and for a graph without an engine)."""
+        return int(self.engines.get(graph, {}).get("max_batch", 1))
+
     def listed_files(self, engines: bool = True) -> list[str]:
         """Every file this manifest names: itself, preprocessing, graphs, their own and shared weights, calibration
         and (with `engines`) TensorRT engines: what a copy of the directory must carry, and nothing else of it."""

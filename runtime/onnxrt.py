@@ -191,8 +191,7 @@ class OnnxRuntimeRunner(BaseRunner):
                 fed[name] = value
                 continue
             dtype, shape = self.describe_value(value)
-            row_bytes = int(np.prod(shape[1:])) * np.dtype(dtype).itemsize
-            view = Rows(value, *rows, dtype, shape, value.data_ptr() + rows[0] * row_bytes)
+            view = Rows.of(value, rows, dtype, shape, value.data_ptr())
             where = (self.device_type, 0, np.dtype(dtype).type, list(view.shape), view.address)
             io.bind_input(name, *where)
             io.bind_output(outputs[name], *where)

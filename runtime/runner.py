@@ -79,6 +79,12 @@ class Rows:
     def tgedge_meta(self) -> tuple[str, tuple[int, ...]]:
         return self.dtype, self.shape
 
+    @classmethod
+    def of(cls, buffer: Any, rows: tuple[int, int], dtype: str, shape: tuple[int, ...], base: int) -> "Rows":
+        """Rows (start, stop) of a C-contiguous buffer of `shape` whose memory starts at address `base`."""
+        row_bytes = int(np.prod(shape[1:])) * np.dtype(dtype).itemsize
+        return cls(buffer, *rows, dtype, shape, base + rows[0] * row_bytes)
+
 
 class BaseRunner:
     """activate / infer(feed) -> outputs / deactivate, usable as a context manager."""

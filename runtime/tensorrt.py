@@ -192,10 +192,8 @@ class TensorRTRunner(BaseRunner):
         `rows` (start, stop): only those rows of each buffer (`Rows` at their address: a batched cache's slots)."""
         if rows is None:
             return Bound(None, dict(buffers), [outputs[n] for n in buffers])
-        fed = {}
-        for name, value in buffers.items():
-            row_bytes = value.nbytes // value.shape[0]
-            fed[name] = Rows(value, *rows, value.dtype.name, value.shape, value.address + rows[0] * row_bytes)
+        fed = {name: Rows.of(value, rows, value.dtype.name, value.shape, value.address)
+               for name, value in buffers.items()}
         return Bound(None, fed, [outputs[n] for n in buffers])
 
     def infer_impl(self, feed: dict[str, Any], keep: tuple[str, ...] = (), bound: Bound | None = None
@@ -236,5 +234,5 @@ def runner_for(manifest: Manifest, graph: str, threads: int = 0, spin: bool = Tr
     select = None
     if graph == "decoder":
         select = contract.cache.profile_for
-    max_batch = int(manifest.engines.get(graph, {}).get("max_batch", 1))  # engines built before --max-batch: 1
-    return TensorRTRunner(EngineFromManifest(manifest, graph), graph, entry.inputs, entry.outputs, select, max_batch)
+    return TensorRTRunner(EngineFromManifest(manifest, graph), graph, entry.inputs, entry.outputs, select,
+                          manifest.engine_batch(graph))

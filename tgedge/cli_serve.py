@@ -88,10 +88,9 @@ def _add_triton(sub) -> None:
 def _engine_batch(directory) -> int:
     """The decoder engine's max batch of an engine directory; 1 for anything else (write_repository says why)."""
     from tgedge.runtime.manifest import Manifest
-    from tgedge.serving.repository import engine_batch
 
     try:
-        return engine_batch(Manifest.load(directory), "decoder")
+        return Manifest.load(directory).engine_batch("decoder")
     except TgedgeError:
         return 1
 

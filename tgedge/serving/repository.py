@@ -156,14 +156,9 @@ def stage_config(contract: StageContract, stage: str, settings: RepositorySettin
     return config
 
 
-def engine_batch(manifest, stage: str) -> int:
-    """Sequences (images) an engine of an engine directory takes per call: its `tgedge build --max-batch`."""
-    return int(manifest.engines.get(stage, {}).get("max_batch", 1))
-
-
 def _engine_dims(manifest, stage: str) -> dict:
     """The manifest's dims as an engine's profile has them: the batch and views maxima times its max batch."""
-    n = engine_batch(manifest, stage)
+    n = manifest.engine_batch(stage)
     return {k: {**v, "max": v["max"] * n} if k in (BATCH, VIEWS) else v for k, v in manifest.dims.items()}
 
 
@@ -291,7 +286,7 @@ def write_repository(source: str | Path, out: str | Path, settings: RepositorySe
         _check_engines(manifest, source)
     result = RepositoryResult(Path(out), settings.backend)
     trt = settings.backend == "tensorrt"
-    decoder_batch = engine_batch(manifest, "decoder") if trt else None
+    decoder_batch = manifest.engine_batch("decoder") if trt else None
     with atomic_dir(out, kind="repository", inputs=[source], force=force) as tmp:
         export = tmp / ENTRY_MODEL / "1" / EXPORT_SUBDIR
         for name in manifest.listed_files():
