@@ -25,7 +25,7 @@ from tgedge.errors import TgedgeError
 from tgedge.calibration.collect import FeedReader
 from tgedge.calibration.convert import (QUANT_OPS, GraphReport, matched_nodes, restore_shared, shared_refs,
                                         activation_products, save_graph, to_fp16, to_int8, to_weight_only)
-from tgedge.calibration.smooth import AUTO, DEFAULT_ALPHA, OUTLIER_RATIO
+from tgedge.calibration.smooth import AUTO, DEFAULT_ALPHA, OUTLIER_RATIO, SEARCH
 from tgedge.calibration.saved import CALIBRATION, METHODS, graph_method, read_calibration
 from tgedge.calibration.weight_only import WeightOnly
 from tgedge.fileio import atomic_dir, inside, sha256_files
@@ -130,16 +130,17 @@ class Calibration:
     data: str | Path | None = None
     samples: int = 0
     ranges: dict[str, dict] = field(default_factory=dict)  # graph -> its ranges as measured (before any smoothing)
-    # SmoothQuant (tgedge.calibration.smooth): alpha, "auto" (DEFAULT_ALPHA on the inputs with outlier channels) or
-    # None, and graph -> input tensor -> max |x| per channel (before smoothing)
+    # SmoothQuant (tgedge.calibration.smooth): alpha, "auto" (DEFAULT_ALPHA on the inputs with outlier channels),
+    # "search" (every input, its alpha searched) or None, and graph -> input tensor -> max |x| per channel (before
+    # smoothing)
     smooth: float | str | None = None
     channels: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
-    # AWQ-style weight-only scales: graph -> input tensor -> mean of x^2 per channel
+    # graph -> input tensor -> mean of x^2 per channel: for AWQ-style weight-only scales and `search`
     mean_sq: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
 
     @property
     def alpha(self) -> float | None:
-        return DEFAULT_ALPHA if self.smooth == AUTO else self.smooth
+        return DEFAULT_ALPHA if self.smooth == AUTO else None if self.smooth == SEARCH else self.smooth
 
     def write_cache(self, graph: str, cache: Path, smoothed: dict[str, float] | None = None) -> None:
         """The ranges of `graph` where onnxruntime's quantize_static reads them (none: it measures on the feeds),
@@ -173,7 +174,9 @@ class Calibration:
                                             "sha256": _data_hash(Path(self.data))}}
         out = {**{k: v for k, v in record.items() if k not in ("graphs", "smooth", "channels")}, "graphs": self.ranges}
         if self.smooth is not None and self.channels:
-            out["smooth"] = self.alpha  # the alpha; which inputs `auto` smoothed follows from `channels`
+            # the alpha ("search": the alphas follow from `channels` and `mean_sq`); which inputs `auto` smoothed
+            # follows from `channels`
+            out["smooth"] = SEARCH if self.smooth == SEARCH else self.alpha
             out["channels"] = {g: {t: [float(x) for x in v] for t, v in c.items()} for g, c in self.channels.items()}
         if self.mean_sq:
             out["mean_sq"] = {g: {t: [float(x) for x in v] for t, v in c.items()} for g, c in self.mean_sq.items()}
@@ -206,12 +209,14 @@ def calibrate(export_dir: str | Path, graphs: list[str], method: str, calib: str
             raise TgedgeError(f"--method {method}: {calibration} was measured with method {result.saved['method']}: "
                               f"leave --method out (or pass --method {result.saved['method']}), or measure again "
                               "with --calib DIR")
-        if awq:
-            saved = result.saved.get("mean_sq")
-            if not isinstance(saved, dict) or any(g not in saved for g in awq):
-                raise TgedgeError(f"{calibration}: no per-channel statistics for --awq (it was calibrated without "
-                                  "--awq): calibrate again with --calib DIR")
-            result.mean_sq = {g: {t: np.asarray(v, np.float64) for t, v in saved[g].items()} for g in awq}
+        saved = result.saved.get("mean_sq")
+        for flag, wanted in (("--awq", list(awq)), ("--smooth search", graphs if smooth == SEARCH else [])):
+            if not wanted:
+                continue
+            if not isinstance(saved, dict) or any(g not in saved for g in wanted):
+                raise TgedgeError(f"{calibration}: no per-channel statistics for {flag} (it was calibrated without "
+                                  f"{flag}): calibrate again with --calib DIR")
+            result.mean_sq.update({g: {t: np.asarray(v, np.float64) for t, v in saved[g].items()} for g in wanted})
         channels = result.saved.get("channels")
         has_channels = isinstance(channels, dict) and all(g in channels for g in graphs)
         if smooth == AUTO and not has_channels:
@@ -237,8 +242,9 @@ def calibrate(export_dir: str | Path, graphs: list[str], method: str, calib: str
         say(f"measuring the ranges of {', '.join(measured)} on {calib} ({result.samples} samples, streamed)")
         result.streamed = collect_ranges(export_dir, calib, measured, QUANT_OPS, calib_limit, progress=progress,
                                          channel_absmax=result.channels if smooth is not None else None,
-                                         channel_mean_sq=result.mean_sq if awq else None, verify=verify)
-        for g in set(result.mean_sq) - set(awq):
+                                         channel_mean_sq=result.mean_sq if awq or smooth == SEARCH else None,
+                                         verify=verify)
+        for g in set(result.mean_sq) - set(awq) - (set(graphs) if smooth == SEARCH else set()):
             del result.mean_sq[g]
     else:
         say(f"recording the inputs of {', '.join(graphs)} on {calib} ({result.samples} samples, kept for {method})")
@@ -318,24 +324,35 @@ class Rewrite:
         cache = self.work / f"{graph}.calibration.json"
         smoothed, source = {}, path
         channels = self.calibration.channels.get(graph)
-        alpha = self.calibration.alpha
+        alpha, search = self.calibration.alpha, self.calibration.smooth == SEARCH
+        how = ""
         if alpha is not None and channels and self.calibration.smooth == AUTO:
             from tgedge.calibration.smooth import with_outliers
 
             channels = with_outliers(channels)
             if not channels:
                 self.say(f"{graph}: no input with outlier channels (--smooth auto): not smoothed")
-        if alpha is not None and channels:
-            from tgedge.calibration.smooth import smooth
+        if (alpha is not None or search) and channels:
+            from tgedge.calibration.smooth import searched, smooth
 
             proto = onnx.load(str(path))
-            scales = smooth(proto, channels, alpha)
+            if search:
+                found = searched(proto, channels, self.calibration.mean_sq[graph])
+                scales = {t: s for t, (s, _) in found.items()}
+                alphas = sorted(a for _, a in found.values())
+                how = (f"SmoothQuant, alpha searched per input (--smooth search): {len(found)} of {len(channels)} "
+                       "MatMul inputs smoothed" + (f", alpha {alphas[0]:g}-{alphas[-1]:g} (median "
+                                                   f"{float(np.median(alphas)):g})" if alphas else ""))
+            else:
+                scales = smooth(proto, channels, alpha)
+                how = f"SmoothQuant alpha {alpha}: {len(scales)} MatMul inputs smoothed" + (
+                    f" (--smooth auto: those with outlier channels, >= {OUTLIER_RATIO:g}x the median channel)"
+                    if self.calibration.smooth == AUTO else "")
             smoothed = {t: float(np.max(channels[t] / s)) for t, s in scales.items()}
             source = self.work / f"{graph}.smoothed.onnx"
             save_graph(proto, source)
             del proto
-            self.say(f"{graph}: SmoothQuant alpha {alpha} on {len(scales)} MatMul inputs"
-                     + (" with outlier channels (--smooth auto)" if self.calibration.smooth == AUTO else ""))
+            self.say(f"{graph}: {how}")
         self.calibration.write_cache(graph, cache, smoothed)
         kept = excluded if self.int8_attention else sorted(set(excluded) | set(activation_products(structure)))
         saved = self.calibration.saved_path
@@ -356,9 +373,7 @@ class Rewrite:
             raise TgedgeError(f"{saved}: graphs.{graph}.data has no range for {missing.group(1)}, which the {graph} "
                               "graph quantises: measure again with --calib DIR") from None
         if smoothed:
-            report.note = f"SmoothQuant alpha {alpha}: {len(smoothed)} MatMul inputs smoothed" + (
-                f" (--smooth auto: those with outlier channels, >= {OUTLIER_RATIO:g}x the median channel)"
-                if self.calibration.smooth == AUTO else "")
+            report.note = how
         if graph not in self.calibration.ranges:  # the calibrators measured on the feeds: what they wrote
             self.calibration.ranges[graph] = json.loads(cache.read_text())
         return report
@@ -420,13 +435,14 @@ def quantize_export(export_dir: str | Path, out: str | Path, precision: str, cal
     """`block_size`, `accuracy_level`: int4w / int8w's MatMulNBits settings (None: the defaults, `WeightOnly`).
     `int8_attention`: int8 also quantises the MatMuls between two activations (`activation_products`), which it
     keeps in fp32 by default. `smooth`: SmoothQuant's alpha in [0, 1] for the int8 graphs, "auto" (the default:
-    DEFAULT_ALPHA on the inputs whose calibration shows outlier channels) or None (off; `tgedge.calibration.smooth`).
+    DEFAULT_ALPHA on the inputs whose calibration shows outlier channels), "search" (each input's alpha searched) or
+    None (off; `tgedge.calibration.smooth`).
     `awq`: AWQ-style activation-aware scales before the weight-only graphs' blocks (needs calibration data). `verify`: each graph's sha256 and the preprocessing files against the manifest first
     (a swapped graph would be quantised and given a new checksum, hiding the swap); False skips it, on purpose."""
     if calib is not None and calibration is not None:
         raise TgedgeError("--calib and --calibration conflict: measure the ranges on data (--calib DIR) or reuse "
                           "saved ones (--calibration FILE), not both")
-    if smooth is not None and smooth != AUTO and not 0.0 <= smooth <= 1.0:
+    if smooth is not None and smooth not in (AUTO, SEARCH) and not 0.0 <= smooth <= 1.0:
         raise TgedgeError(f"--smooth must be in [0, 1] (SmoothQuant's alpha), auto or none (got {smooth})")
     say = on_step or (lambda s: None)
     settings = {"block_size": block_size, "accuracy_level": accuracy_level}

@@ -127,8 +127,10 @@ def calibration_problems(saved: dict) -> list[str]:
             not isinstance(data[k], kind) or isinstance(data[k], bool) for k, kind in DATA_KEYS.items() if k in data)):
         out.append(f"data must be an object with path (string), samples (integer), sha256 (string) "
                    f"(got {json.dumps(data)[:60]})")
-    if "smooth" in saved and not (_number(saved["smooth"]) and 0 <= saved["smooth"] <= 1):
-        out.append(f"smooth must be a number in [0, 1] (SmoothQuant's alpha; got {json.dumps(saved['smooth'])})")
+    if "smooth" in saved and saved["smooth"] != "search" and not (_number(saved["smooth"]) and 0 <= saved["smooth"]
+                                                                    <= 1):
+        out.append(f"smooth must be a number in [0, 1] (SmoothQuant's alpha) or \"search\" (got "
+                   f"{json.dumps(saved['smooth'])})")
     for key in ("channels", "mean_sq"):
         if key in saved:
             out += _statistics_problems(saved[key], key)

@@ -29,6 +29,7 @@ from onnx import numpy_helper
 
 DEFAULT_ALPHA = 0.5  # SmoothQuant's default; measured on the realistic presets (docs/QUANTIZATION.md)
 AUTO = "auto"  # --smooth auto (the default): DEFAULT_ALPHA on the inputs with outlier channels, the others left alone
+SEARCH = "search"  # --smooth search: every foldable input, its alpha (or none) searched by `search_scales`
 OUTLIER_RATIO = 8.0  # an input has outlier channels when its largest channel max |x| is this many times the median
 # channel's: `tgedge checkpoint stats` uses the same 8x; the demo's inputs measure ~2, the realistic presets' 30-60
 MIN_SCALE = 1e-5
@@ -128,6 +129,47 @@ def scales(absmax: np.ndarray, weights: list[np.ndarray], alpha: float) -> np.nd
     return np.clip(s, MIN_SCALE, None)
 
 
+SEARCH_GRID = tuple(i / 10 for i in range(11))  # SmoothQuant's alpha, searched per input by `search_scales`
+
+
+def _int8_columns(w: np.ndarray) -> np.ndarray:
+    """Symmetric int8 round-to-nearest of W (C_in, C_out), one scale per output column (what the Q/DQ graphs
+    store), dequantised."""
+    scale = np.abs(w).max(axis=0, keepdims=True) / 127
+    scale[scale == 0] = 1.0
+    return np.clip(np.round(w / scale), -127, 127) * scale
+
+
+def w8a8_error(absmax: np.ndarray, mean_sq: np.ndarray, weights: list[np.ndarray], s: np.ndarray) -> float:
+    """Expected squared output error per row of int8 X/s (one range for the tensor) times int8 diag(s) W (one scale
+    per output column), channels and the two roundings taken as uncorrelated:
+    step^2 / 12 * ||diag(s) W||^2 (the activation's rounding, step = max_j max|X_j| / s_j / 127) plus
+    sum_j E[X_j^2] / s_j^2 ||Q(s_j W_j) - s_j W_j||^2 (the weights')."""
+    step = float(np.max(absmax / s)) / 127
+    err = 0.0
+    for w in weights:
+        ws = w.astype(np.float64) * s[:, None]
+        err += step ** 2 / 12 * float((ws ** 2).sum())
+        err += float((mean_sq / s ** 2) @ ((_int8_columns(ws) - ws) ** 2).sum(axis=1))
+    return err
+
+
+def search_scales(absmax: np.ndarray, mean_sq: np.ndarray, weights: list[np.ndarray],
+                  grid: tuple[float, ...] = SEARCH_GRID) -> tuple[np.ndarray | None, float | None]:
+    """SmoothQuant with its alpha searched per input (the paper picks one alpha per model on held-out data; here each
+    input takes the alpha of `grid`, or no smoothing, whose `w8a8_error` is least). Returns (s, alpha), or
+    (None, None) where leaving the input alone is best."""
+    a = np.maximum(np.asarray(absmax, np.float64), MIN_SCALE)
+    m2 = np.maximum(np.asarray(mean_sq, np.float64), 1e-12)
+    best = (w8a8_error(a, m2, weights, np.ones_like(a)), None, None)
+    for alpha in grid:
+        s = scales(a, weights, alpha)
+        err = w8a8_error(a, m2, weights, s)
+        if err < best[0]:
+            best = (err, s, alpha)
+    return best[1], best[2]
+
+
 def _rtn(w: np.ndarray, bits: int, block: int) -> np.ndarray:
     """Round-to-nearest symmetric block quantisation of W (C_in, C_out) along C_in, dequantised (MatMulNBits'
     scheme: one scale per `block` input rows of each output column)."""
@@ -210,6 +252,25 @@ def with_outliers(absmax: dict[str, np.ndarray], ratio: float = OUTLIER_RATIO) -
 def smooth(proto: onnx.ModelProto, absmax: dict[str, np.ndarray], alpha: float) -> dict[str, np.ndarray]:
     """SmoothQuant's scales folded into `proto`, in place, for every input whose per-channel max |X| is in `absmax`."""
     return fold(proto, lambda g, weights: scales(absmax[g.tensor], weights, alpha) if g.tensor in absmax else None)
+
+
+def searched(proto: onnx.ModelProto, absmax: dict[str, np.ndarray],
+             mean_sq: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, float]]:
+    """SmoothQuant folded into `proto`, in place, with each input's alpha searched (`search_scales`) for every input
+    in `absmax` (per-channel max |X|) and `mean_sq` (per-channel mean of X^2). Returns tensor -> (s, alpha) for the
+    inputs smoothed (an input best left alone is not)."""
+    chosen = {}
+
+    def pick(g, weights):
+        if g.tensor not in absmax or g.tensor not in mean_sq:
+            return None
+        s, alpha = search_scales(absmax[g.tensor], mean_sq[g.tensor], weights)
+        if s is not None:
+            chosen[g.tensor] = alpha
+        return s
+
+    done = fold(proto, pick)
+    return {t: (s, chosen[t]) for t, s in done.items()}
 
 
 def activation_aware(proto: onnx.ModelProto, mean_sq: dict[str, np.ndarray], bits: int,

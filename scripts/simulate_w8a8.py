@@ -8,11 +8,13 @@ per tensor and per channel over those passes (the calibration: the same samples,
 then teacher-forces the same tokens with the decoder's Linear layers rounded as int8 would round them: weights
 symmetric per output channel, activations symmetric per tensor with the recorded range ("static", what `tgedge
 quantize --precision int8` writes) or per token ("token"), optionally after SmoothQuant's per-channel migration
-(s_j = max|X_j|^alpha / max|W_j|^(1-alpha)). Prints, per variant, top-1 agreement, KL max (nats) and min logits
+(s_j = max|X_j|^alpha / max|W_j|^(1-alpha)), alpha fixed or searched per input ("smooth search": what `tgedge
+quantize --smooth search` computes, calibration.smooth.search_scales; q/k/v and gate/up share their input's s as in
+the graphs, o_proj is left alone). Prints, per variant, top-1 agreement, KL max (nats) and min logits
 cosine against the fp32 logits: the figures `tgedge validate` judges the decoder by. The LM head of a tied
 checkpoint is left in fp32 (its table is the embedding's). Variants: all by default, or the names given.
 """
-import sys, tempfile, time
+import re, sys, tempfile, time
 from pathlib import Path
 import numpy as np, torch
 import torch.nn.functional as F
@@ -50,13 +52,15 @@ with tempfile.TemporaryDirectory() as tmp:
 print("tokens", [s[1] for s in samples], flush=True)
 
 # pass 1: record per-Linear input amax per tensor and per channel (fp32, every sample: the calibration)
-amax, camax = {}, {}
+amax, camax, csq, crows = {}, {}, {}, {}
 orig = {n: m.forward for n, m in linears.items()}
 def recorder(n, m):
     def fwd(x):
         a = x.detach().abs().reshape(-1, x.shape[-1])
         camax[n] = torch.maximum(camax.get(n, torch.zeros(x.shape[-1])), a.amax(0))
         amax[n] = max(amax.get(n, 0.0), float(a.max()))
+        csq[n] = csq.get(n, 0.0) + a.double().pow(2).sum(0)
+        crows[n] = crows.get(n, 0) + a.shape[0]
         return orig[n](x)
     return fwd
 for n, m in linears.items():
@@ -68,15 +72,41 @@ ratio = {n: float(camax[n].max() / camax[n].median()) for n in linears}
 worst = sorted(ratio.items(), key=lambda kv: -kv[1])[:6]
 print("amax/median-channel-amax worst:", [(k, round(v, 1)) for k, v in worst], flush=True)
 
+def group_of(n):
+    """The Linears that read one input (q/k/v, gate/up) share one s, as in the graphs (calibration/smooth.py)."""
+    return re.sub(r"\.(q_proj|k_proj|v_proj|gate_proj|up_proj)$", ".in", n)
+
+def searched():
+    """s per input from calibration.smooth.search_scales (None where o_proj: not foldable in the graphs)."""
+    from tgedge.calibration.smooth import search_scales
+    members = {}
+    for n in linears:
+        members.setdefault(group_of(n), []).append(n)
+    out, alphas = {}, []
+    for g, ns in members.items():
+        if ns[0].endswith("o_proj") or ns[0] == "lm_head":
+            continue
+        a = camax[ns[0]].double().numpy()
+        m2 = (csq[ns[0]] / crows[ns[0]]).numpy()
+        s, alpha = search_scales(a, m2, [linears[n].weight.data.double().numpy().T for n in ns])
+        alphas.append(alpha)
+        for n in ns:
+            out[n] = None if s is None else torch.tensor(s, dtype=torch.float32)
+    print("searched alphas:", {str(k): alphas.count(k) for k in sorted(set(alphas), key=str)}, flush=True)
+    return out
+
 def variant(wq=True, act=None, alpha=None, skip=()):
-    """act: None | 'static' | 'token'; alpha: SmoothQuant migration strength."""
+    """act: None | 'static' | 'token'; alpha: SmoothQuant migration strength, or "search" (per input)."""
     saved = {}
+    found = searched() if alpha == "search" else None
     for n, m in linears.items():
         if any(s in n for s in skip):
             continue
         W, b = m.weight.data, m.bias
         s = None
-        if alpha is not None:
+        if found is not None:
+            s = found.get(n)
+        elif alpha is not None:
             s = (camax[n].clamp_min(1e-5) ** alpha) / (W.abs().amax(0).clamp_min(1e-5) ** (1 - alpha))
         Ws = W * s if s is not None else W
         Wq = w8(Ws) if wq else Ws
@@ -109,7 +139,9 @@ RUNS = {"w8 only": dict(),
         "w8a8 static": dict(act="static"),
         "w8a8 static smooth0.5": dict(act="static", alpha=0.5),
         "a8 static smooth0.5, fp32 weights": dict(wq=False, act="static", alpha=0.5),
-        "w8a8 per-token smooth0.5": dict(act="token", alpha=0.5)}
+        "w8a8 per-token smooth0.5": dict(act="token", alpha=0.5),
+        "w8a8 static smooth1.0": dict(act="static", alpha=1.0),
+        "w8a8 static smooth search": dict(act="static", alpha="search")}
 wanted = sys.argv[2:] or list(RUNS)
 unknown = [w for w in wanted if w not in RUNS]
 if unknown:

@@ -675,6 +675,11 @@ EXPORT_ROWS = [
                       "data is a non-empty flat list of numbers"),
         ("nested", [], 'graphs.decoder.data["x"].lowest must be a number or a numpy.array object whose data is a '
                        "non-empty flat list")]],
+    ("smooth search with fp16", lambda x: ["quantize", x.good, "--precision", "fp16", "--smooth", "search", "-o",
+                                           x.root / "repo"],
+     "--smooth applies SmoothQuant to int8 graphs; --precision fp16 quantises none to int8: leave it out"),
+    ("smooth word", lambda x: ["quantize", x.good, "--precision", "int8", "--smooth", "serch", "-o", x.root / "repo"],
+     "argument --smooth: expected a number in [0.0, 1.0], got 'serch' (SmoothQuant's alpha), or auto, search or none"),
     ("smooth with fp16", lambda x: ["quantize", x.good, "--precision", "fp16", "--smooth", "0.5", "-o",
                                     x.root / "repo"],
      "--smooth applies SmoothQuant to int8 graphs; --precision fp16 quantises none to int8: leave it out"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -125,9 +126,12 @@ def cmd_export(args) -> int:
 
 def smooth_alpha(value: str) -> float | str | None:
     word = value.strip().lower()
-    if word in ("none", "auto"):
-        return None if word == "none" else "auto"
-    return real(0.0, 1.0)(value)
+    if word in ("none", "auto", "search"):
+        return None if word == "none" else word
+    try:
+        return real(0.0, 1.0)(value)
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"{e} (SmoothQuant's alpha), or auto, search or none") from None
 
 
 def _add_quantize(sub) -> None:
@@ -154,12 +158,13 @@ def _add_quantize(sub) -> None:
     p.add_argument("--int8-attention", action="store_true",
                    help="int8: also quantise the MatMuls between two activations (attention's Q K^T and P V), "
                         "which stay fp32 by default (docs/QUANTIZATION.md has the measurement)")
-    p.add_argument("--smooth", type=smooth_alpha, default="auto", metavar="ALPHA|auto|none",
+    p.add_argument("--smooth", type=smooth_alpha, default="auto", metavar="ALPHA|auto|search|none",
                    help="int8: SmoothQuant with this alpha in [0, 1] before quantising (activation outlier channels "
                         "moved into the weights, folded into the norms and up projections: the graph keeps its ops); "
                         "default auto: alpha 0.5 on the MatMul inputs whose calibration shows outlier channels (the "
-                        "largest channel >= 8x the median), the others untouched; none: off "
-                        "(docs/QUANTIZATION.md has the measurements)")
+                        "largest channel >= 8x the median), the others untouched; search: every foldable input, "
+                        "its alpha (or none) chosen from 0, 0.1, ..., 1 by the least expected int8 output error; "
+                        "none: off (docs/QUANTIZATION.md has the measurements)")
     p.add_argument("--awq", action="store_true",
                    help="int4w / int8w: activation-aware scales (AWQ-style) before the weight blocks, from the --calib "
                         "samples' per-channel statistics (folded into the norms and up projections)")

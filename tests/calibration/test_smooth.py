@@ -151,3 +151,79 @@ def test_auto_picks_inputs_with_outlier_channels():
     edge[7] = 2.0 * OUTLIER_RATIO * 0.99
     assert outlier_ratio(even) == 1.0 and outlier_ratio(spiky) == 40.0
     assert list(with_outliers({"even": even, "spiky": spiky, "edge": edge})) == ["spiky"]
+
+
+def test_searched_alpha_undoes_planted_outliers_and_leaves_even_inputs():
+    """A function-preserving outlier (channels of X 32x, the matching rows of W 32x smaller, as `checkpoint random`
+    plants them) costs int8 bits in both roundings; the searched alpha migrates it back (close to the unplanted
+    error), where SmoothQuant's fixed 0.5 only halves it. An input without outliers is left alone or nearly."""
+    from tgedge.calibration.smooth import scales, search_scales, w8a8_error
+
+    rng = np.random.default_rng(0)
+    c, n = 256, 4000
+    x = rng.standard_normal((n, c))
+    w = rng.standard_normal((c, 64)) / np.sqrt(c)
+    stats = lambda x: (np.abs(x).max(0), (x ** 2).mean(0))  # noqa: E731
+    base = w8a8_error(*stats(x), [w], np.ones(c))
+    xp, wp = x.copy(), w.copy()
+    xp[:, :4] *= 32
+    wp[:4] /= 32
+    a, m2 = stats(xp)
+    planted = w8a8_error(a, m2, [wp], np.ones(c))
+    half = w8a8_error(a, m2, [wp], scales(a, [wp], 0.5))
+    s, alpha = search_scales(a, m2, [wp])
+    found = w8a8_error(a, m2, [wp], s)
+    assert planted > 20 * base and found < half < planted and alpha >= 0.7 and found < 2 * base
+    # the error estimate is the measured one: int8 of X/s times int8 of sW against XW on the same rows
+    from tgedge.calibration.smooth import _int8_columns
+
+    xs = xp / s
+    step = np.abs(xs).max() / 127
+    measured = ((np.round(xs / step) * step @ _int8_columns(wp * s[:, None]) - xp @ wp) ** 2).sum(1).mean()
+    assert measured == pytest.approx(found, rel=0.15)
+    s_even, alpha_even = search_scales(*stats(x), [w])
+    assert s_even is None or w8a8_error(*stats(x), [w], s_even) <= base
+
+
+def test_searched_fold_keeps_the_function(demo_export):
+    from tgedge.calibration.smooth import searched
+
+    proto = onnx.load(str(demo_export.directory / "decoder.onnx"))
+    found = groups(proto)
+    rng = np.random.default_rng(1)
+    feed = _feed(proto, rng)
+    want = _run(proto, feed)
+    absmax = {g.tensor: rng.uniform(0.01, 50.0, g.channels) for g in found}
+    mean_sq = {t: (a / 3) ** 2 for t, a in absmax.items()}
+    done = searched(proto, absmax, mean_sq)
+    assert done and all(0 <= alpha <= 1 for _, alpha in done.values())
+    for g, w in zip(_run(proto, feed), want):
+        np.testing.assert_allclose(g, w, rtol=2e-4, atol=2e-4 * np.abs(w).max())
+
+
+def test_quantize_smooth_search(demo_export, tmp_path):
+    """--smooth search: the per-channel mean squares are measured beside the maxima and saved; the saved file gives the
+    same graph again; a file without them is refused for search in one line."""
+    import json
+
+    from tgedge.calibration.quantize import quantize_export
+    from tgedge.data import shapes
+    from tgedge.data.folder import write_folder
+    from tgedge.errors import TgedgeError
+
+    data = write_folder(shapes.generate(shapes.SPLIT_SEEDS["calibration"], 3), tmp_path / "calib")
+    first = quantize_export(demo_export.directory, tmp_path / "s1", "decoder=int8", data, smooth="search")
+    note = first.reports["decoder"].note
+    assert "alpha searched per input (--smooth search)" in note and " of 9 MatMul inputs smoothed" in note
+    saved = json.loads((tmp_path / "s1" / "calibration.json").read_text())
+    assert saved["smooth"] == "search" and set(saved["mean_sq"]) == {"decoder"}
+    again = quantize_export(demo_export.directory, tmp_path / "s2", "decoder=int8",
+                            calibration=tmp_path / "s1" / "calibration.json", smooth="search")
+    assert again.reports["decoder"].note == note
+    assert (tmp_path / "s1" / "decoder.onnx").read_bytes() == (tmp_path / "s2" / "decoder.onnx").read_bytes()
+    plain = dict(saved)
+    del plain["mean_sq"]
+    (tmp_path / "plain.json").write_text(json.dumps(plain))
+    with pytest.raises(TgedgeError, match="no per-channel statistics for --smooth search"):
+        quantize_export(demo_export.directory, tmp_path / "x", "decoder=int8", calibration=tmp_path / "plain.json",
+                        smooth="search")
