@@ -324,7 +324,7 @@ class Rewrite:
         cache = self.work / f"{graph}.calibration.json"
         smoothed, source = {}, path
         channels = self.calibration.channels.get(graph)
-        alpha, search = self.calibration.alpha, self.calibration.smooth == SEARCH
+        alpha, search = self.calibration.alpha, self.calibration.smooth == SEARCH  # alpha: None with search
         how = ""
         if alpha is not None and channels and self.calibration.smooth == AUTO:
             from tgedge.calibration.smooth import with_outliers
@@ -332,7 +332,7 @@ class Rewrite:
             channels = with_outliers(channels)
             if not channels:
                 self.say(f"{graph}: no input with outlier channels (--smooth auto): not smoothed")
-        if (alpha is not None or search) and channels:
+        if self.calibration.smooth is not None and channels:
             from tgedge.calibration.smooth import searched, smooth
 
             proto = onnx.load(str(path))
@@ -443,7 +443,7 @@ def quantize_export(export_dir: str | Path, out: str | Path, precision: str, cal
         raise TgedgeError("--calib and --calibration conflict: measure the ranges on data (--calib DIR) or reuse "
                           "saved ones (--calibration FILE), not both")
     if smooth is not None and smooth not in (AUTO, SEARCH) and not 0.0 <= smooth <= 1.0:
-        raise TgedgeError(f"--smooth must be in [0, 1] (SmoothQuant's alpha), auto or none (got {smooth})")
+        raise TgedgeError(f"--smooth must be in [0, 1] (SmoothQuant's alpha), auto, search or none (got {smooth})")
     say = on_step or (lambda s: None)
     settings = {"block_size": block_size, "accuracy_level": accuracy_level}
     WeightOnly.of(WEIGHT_ONLY[0], **settings)  # settings refused before any work

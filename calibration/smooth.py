@@ -249,6 +249,20 @@ def with_outliers(absmax: dict[str, np.ndarray], ratio: float = OUTLIER_RATIO) -
     return {t: a for t, a in absmax.items() if outlier_ratio(a) >= ratio}
 
 
+def _fold_chosen(proto: onnx.ModelProto, choose) -> dict[str, tuple[np.ndarray, float]]:
+    """`fold` with scales that come with the setting that chose them: `choose(group, weights)` gives (s, setting), or
+    (None, _) to leave the input. Returns tensor -> (s, setting) for the inputs folded."""
+    chosen = {}
+
+    def pick(g, weights):
+        s, setting = choose(g, weights)
+        if s is not None:
+            chosen[g.tensor] = setting
+        return s
+
+    return {t: (s, chosen[t]) for t, s in fold(proto, pick).items()}
+
+
 def smooth(proto: onnx.ModelProto, absmax: dict[str, np.ndarray], alpha: float) -> dict[str, np.ndarray]:
     """SmoothQuant's scales folded into `proto`, in place, for every input whose per-channel max |X| is in `absmax`."""
     return fold(proto, lambda g, weights: scales(absmax[g.tensor], weights, alpha) if g.tensor in absmax else None)
@@ -259,32 +273,13 @@ def searched(proto: onnx.ModelProto, absmax: dict[str, np.ndarray],
     """SmoothQuant folded into `proto`, in place, with each input's alpha searched (`search_scales`) for every input
     in `absmax` (per-channel max |X|) and `mean_sq` (per-channel mean of X^2). Returns tensor -> (s, alpha) for the
     inputs smoothed (an input best left alone is not)."""
-    chosen = {}
-
-    def pick(g, weights):
-        if g.tensor not in absmax or g.tensor not in mean_sq:
-            return None
-        s, alpha = search_scales(absmax[g.tensor], mean_sq[g.tensor], weights)
-        if s is not None:
-            chosen[g.tensor] = alpha
-        return s
-
-    done = fold(proto, pick)
-    return {t: (s, chosen[t]) for t, s in done.items()}
+    return _fold_chosen(proto, lambda g, weights: search_scales(absmax[g.tensor], mean_sq[g.tensor], weights)
+                        if g.tensor in absmax and g.tensor in mean_sq else (None, None))
 
 
 def activation_aware(proto: onnx.ModelProto, mean_sq: dict[str, np.ndarray], bits: int,
                      block: int) -> dict[str, tuple[np.ndarray, float]]:
     """AWQ-style scales folded into `proto`, in place, before its weights are quantised to `bits` in `block`s.
     Returns tensor -> (s, chosen exponent)."""
-    chosen = {}
-
-    def pick(g, weights):
-        if g.tensor not in mean_sq:
-            return None
-        s, a = awq_scales(mean_sq[g.tensor], weights, bits, block)
-        chosen[g.tensor] = a
-        return s
-
-    done = fold(proto, pick)
-    return {t: (s, chosen[t]) for t, s in done.items()}
+    return _fold_chosen(proto, lambda g, weights: awq_scales(mean_sq[g.tensor], weights, bits, block)
+                        if g.tensor in mean_sq else (None, None))
