@@ -33,6 +33,9 @@ from tgedge.precision import FLOAT, PRECISIONS, QDQ, REFERENCE, WEIGHT_ONLY, Pre
 from tgedge.runtime.manifest import Manifest, graph_fingerprint
 
 
+OUTLIER_CHANNELS = ("int8", "fp32")  # --outlier-channels: left to --smooth, or computed in fp32 (the split)
+
+
 def parse_precision(spec: str, graphs: list[str]) -> dict[str, Precision]:
     """`int8` or `vision=fp16,fusion=fp16,decoder=int8` -> graph -> precision for every graph of the export (a
     precision given alone applies to its stages, `Precision.stages`; the other graphs stay fp32)."""
@@ -137,15 +140,21 @@ class Calibration:
     channels: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     # graph -> input tensor -> mean of x^2 per channel: for AWQ-style weight-only scales and `search`
     mean_sq: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    # --outlier-channels fp32: the inputs' outlier channels computed in fp32 beside the int8 MatMuls
+    # (tgedge.calibration.outliers), found from `channels`
+    split: bool = False
 
     @property
     def alpha(self) -> float | None:
         return DEFAULT_ALPHA if self.smooth == AUTO else None if self.smooth == SEARCH else self.smooth
 
-    def write_cache(self, graph: str, cache: Path, smoothed: dict[str, float] | None = None) -> None:
+    def write_cache(self, graph: str, cache: Path, smoothed: dict[str, float] | None = None,
+                    added: set[str] = frozenset(), copied: dict[str, str] | None = None) -> None:
         """The ranges of `graph` where onnxruntime's quantize_static reads them (none: it measures on the feeds),
         kept as measured in `ranges` (calibration.json); `smoothed`: tensor -> its symmetric range after SmoothQuant
-        (max |x| / s), which the cache gets in place of the measured one."""
+        (max |x| / s) or the outlier split (the regular channels' max |x|), which the cache gets in place of the
+        measured one; `added`: those of them the rewrite made (no measured range to replace); `copied`: tensor the
+        rewrite made -> the measured tensor whose range it takes."""
         if self.saved is not None:  # the method as onnxruntime's loader reads it back, whichever way the file says it
             saved = dict(self.saved["graphs"][graph], calibration_method={
                 "CLS": "CalibrationMethod", "value": f"CalibrationMethod.{graph_method(self.saved['graphs'][graph])}"})
@@ -158,8 +167,13 @@ class Calibration:
             return
         data = json.loads(cache.read_text())
         self.ranges[graph] = json.loads(json.dumps(data))
-        if smoothed:
-            for t, m in smoothed.items():
+        for new, old in (copied or {}).items():
+            if old in data["data"]:
+                data["data"][new] = dict(data["data"][old])
+        if smoothed or copied:
+            for t, m in (smoothed or {}).items():
+                if t in added:
+                    data["data"][t] = {"CLS": "TensorData"}
                 if t in data["data"]:
                     for key, value in (("lowest", -m), ("highest", m)):
                         data["data"][t][key] = {"data": [value], "dtype": "float32", "CLS": "numpy.array"}
@@ -173,10 +187,11 @@ class Calibration:
             "method": self.method, "data": {"path": str(self.data), "samples": self.samples,
                                             "sha256": _data_hash(Path(self.data))}}
         out = {**{k: v for k, v in record.items() if k not in ("graphs", "smooth", "channels")}, "graphs": self.ranges}
-        if self.smooth is not None and self.channels:
+        if (self.smooth is not None or self.split) and self.channels:
             # the alpha ("search": the alphas follow from `channels` and `mean_sq`); which inputs `auto` smoothed
-            # follows from `channels`
-            out["smooth"] = SEARCH if self.smooth == SEARCH else self.alpha
+            # and which channels the outlier split took follow from `channels`
+            if self.smooth is not None:
+                out["smooth"] = SEARCH if self.smooth == SEARCH else self.alpha
             out["channels"] = {g: {t: [float(x) for x in v] for t, v in c.items()} for g, c in self.channels.items()}
         if self.mean_sq:
             out["mean_sq"] = {g: {t: [float(x) for x in v] for t, v in c.items()} for g, c in self.mean_sq.items()}
@@ -186,20 +201,21 @@ class Calibration:
 def calibrate(export_dir: str | Path, graphs: list[str], method: str, calib: str | Path | None,
               calibration: str | Path | None, calib_limit: int | None, say: Callable[[str], None],
               progress=None, smooth: float | str | None = AUTO, awq: list[str] = (),
-              verify: str | None = "fingerprint") -> Calibration:
+              verify: str | None = "fingerprint", split: bool = False) -> Calibration:
     """`graphs`' ranges: read from `calibration` (a saved calibration.json), else measured with the fp32 export
     answering the `calib` samples. `smooth`: SmoothQuant's alpha, "auto" or None (off); its per-channel maxima are
     measured in the same pass (min/max only) or read from the saved file. `awq`: the weight-only graphs that get AWQ-style scales,
-    their per-channel mean squares measured in the same pass."""
+    their per-channel mean squares measured in the same pass. `split`: outlier channels in fp32
+    (`tgedge.calibration.outliers`), found from the same per-channel maxima."""
     if smooth == AUTO and not graphs:  # no int8 graph: nothing to smooth
         smooth = None
     if smooth == AUTO and method != "minmax":  # the per-channel maxima come from the min/max pass only
         say(f"--smooth auto: --method {method} measures no per-channel maxima: not smoothed")
         smooth = None
-    result = Calibration(method, data=calib, smooth=smooth)
+    result = Calibration(method, data=calib, smooth=smooth, split=split and bool(graphs))
     if not graphs and not awq:
         return result
-    for flag, on in (("--smooth", smooth is not None), ("--awq", bool(awq))):
+    for flag, on in (("--smooth", smooth is not None), ("--awq", bool(awq)), ("--outlier-channels fp32", split)):
         if on and method != "minmax":
             raise TgedgeError(f"{flag} needs --method minmax (its per-channel statistics are measured in the min/max "
                               f"pass; got {method})")
@@ -223,10 +239,12 @@ def calibrate(export_dir: str | Path, graphs: list[str], method: str, calib: str
             say(f"--smooth auto: {calibration} has no per-channel maxima (calibrated with --smooth none): "
                 "not smoothed")
             result.smooth = smooth = None
-        if smooth is not None:
+        if smooth is not None or split:
             if not has_channels:
-                raise TgedgeError(f"{calibration}: no per-channel maxima for SmoothQuant (it was calibrated without "
-                                  "--smooth): calibrate again with --calib DIR, or quantize with --smooth none")
+                what, way = (("SmoothQuant", "--smooth none") if smooth is not None else
+                             ("--outlier-channels fp32", "--outlier-channels int8"))
+                raise TgedgeError(f"{calibration}: no per-channel maxima for {what} (it was calibrated with "
+                                  f"--smooth none): calibrate again with --calib DIR, or quantize with {way}")
             result.channels = {g: {t: np.asarray(v, np.float64) for t, v in channels[g].items()} for g in graphs}
         return result
     if calib is None:
@@ -241,7 +259,7 @@ def calibrate(export_dir: str | Path, graphs: list[str], method: str, calib: str
         measured = sorted(set(graphs) | set(awq))
         say(f"measuring the ranges of {', '.join(measured)} on {calib} ({result.samples} samples, streamed)")
         result.streamed = collect_ranges(export_dir, calib, measured, QUANT_OPS, calib_limit, progress=progress,
-                                         channel_absmax=result.channels if smooth is not None else None,
+                                         channel_absmax=result.channels if smooth is not None or split else None,
                                          channel_mean_sq=result.mean_sq if awq or smooth == SEARCH else None,
                                          verify=verify)
         for g in set(result.mean_sq) - set(awq) - (set(graphs) if smooth == SEARCH else set()):
@@ -322,10 +340,35 @@ class Rewrite:
     def _to_qdq(self, graph: str, p: Precision, path: Path, target: Path, excluded: list[str],
                 structure: onnx.ModelProto, external: bool) -> GraphReport:
         cache = self.work / f"{graph}.calibration.json"
-        smoothed, source = {}, path
+        smoothed, source, proto, added, copied = {}, path, None, set(), {}
         channels = self.calibration.channels.get(graph)
+        mean_sq = self.calibration.mean_sq.get(graph, {})
         alpha, search = self.calibration.alpha, self.calibration.smooth == SEARCH  # alpha: None with search
-        how = ""
+        how, kept = [], list(excluded)
+        if self.calibration.split and channels:
+            from tgedge.calibration.outliers import regular_ranges, split
+
+            proto = onnx.load(str(path))
+            splits = split(proto, channels, skip=set(excluded))
+            if splits:  # what the int8 MatMuls read now: the regular channels (the outliers' maxima zeroed)
+                smoothed = regular_ranges(splits, channels)
+                added = set(smoothed)
+                copied = {new: old for s in splits.values() for new, old in s.outputs.items()}
+                kept += [n for s in splits.values() for n in s.fp32_nodes]
+                channels = dict(channels)
+                mean_sq = dict(mean_sq)
+                for t, s in splits.items():
+                    channels[s.regular] = np.where(np.isin(np.arange(len(channels[t])), s.channels), 0.0,
+                                                   channels.pop(t))
+                    if t in mean_sq:
+                        m = np.asarray(mean_sq.pop(t), np.float64).copy()
+                        m[s.channels] = 0.0
+                        mean_sq[s.regular] = m
+                counts = sorted(len(s.channels) for s in splits.values())
+                how.append(f"outlier channels in fp32 (--outlier-channels fp32): {len(splits)} MatMul inputs, "
+                           f"{counts[0]}-{counts[-1]} channels each")
+            else:
+                self.say(f"{graph}: no input with outlier channels (--outlier-channels fp32): nothing split")
         if alpha is not None and channels and self.calibration.smooth == AUTO:
             from tgedge.calibration.smooth import with_outliers
 
@@ -335,26 +378,30 @@ class Rewrite:
         if self.calibration.smooth is not None and channels:
             from tgedge.calibration.smooth import searched, smooth
 
-            proto = onnx.load(str(path))
+            proto = proto if proto is not None else onnx.load(str(path))
             if search:
-                found = searched(proto, channels, self.calibration.mean_sq[graph])
+                found = searched(proto, channels, mean_sq)
                 scales = {t: s for t, (s, _) in found.items()}
                 alphas = sorted(a for _, a in found.values())
-                how = (f"SmoothQuant, alpha searched per input (--smooth search): {len(found)} of {len(channels)} "
-                       "MatMul inputs smoothed" + (f", alpha {alphas[0]:g}-{alphas[-1]:g} (median "
-                                                   f"{float(np.median(alphas)):g})" if alphas else ""))
+                how.append(f"SmoothQuant, alpha searched per input (--smooth search): {len(found)} of "
+                           f"{len(channels)} MatMul inputs smoothed" + (
+                               f", alpha {alphas[0]:g}-{alphas[-1]:g} (median {float(np.median(alphas)):g})"
+                               if alphas else ""))
             else:
                 scales = smooth(proto, channels, alpha)
-                how = f"SmoothQuant alpha {alpha}: {len(scales)} MatMul inputs smoothed" + (
+                how.append(f"SmoothQuant alpha {alpha}: {len(scales)} MatMul inputs smoothed" + (
                     f" (--smooth auto: those with outlier channels, >= {OUTLIER_RATIO:g}x the median channel)"
-                    if self.calibration.smooth == AUTO else "")
-            smoothed = {t: float(np.max(channels[t] / s)) for t, s in scales.items()}
-            source = self.work / f"{graph}.smoothed.onnx"
+                    if self.calibration.smooth == AUTO else ""))
+            smoothed.update({t: float(np.max(channels[t] / s)) for t, s in scales.items()})
+        how = "; ".join(how)
+        if proto is not None:
+            source = self.work / f"{graph}.rewritten.onnx"
             save_graph(proto, source)
             del proto
-            self.say(f"{graph}: {how}")
-        self.calibration.write_cache(graph, cache, smoothed)
-        kept = excluded if self.int8_attention else sorted(set(excluded) | set(activation_products(structure)))
+            if how:
+                self.say(f"{graph}: {how}")
+        self.calibration.write_cache(graph, cache, smoothed, added, copied)
+        kept = kept if self.int8_attention else sorted(set(kept) | set(activation_products(structure)))
         saved = self.calibration.saved_path
         if saved is not None:
             tensors = {v for n in structure.graph.node for v in (*n.input, *n.output)}
@@ -372,7 +419,7 @@ class Rewrite:
                 raise
             raise TgedgeError(f"{saved}: graphs.{graph}.data has no range for {missing.group(1)}, which the {graph} "
                               "graph quantises: measure again with --calib DIR") from None
-        if smoothed:
+        if how:
             report.note = how
         if graph not in self.calibration.ranges:  # the calibrators measured on the feeds: what they wrote
             self.calibration.ranges[graph] = json.loads(cache.read_text())
@@ -431,12 +478,16 @@ def quantize_export(export_dir: str | Path, out: str | Path, precision: str, cal
                     calib_limit: int | None = None, on_step: Callable[[str], None] | None = None,
                     progress=None, force: bool = False, block_size: int | None = None,
                     accuracy_level: int | None = None, int8_attention: bool = False,
-                    smooth: float | str | None = AUTO, awq: bool = False, verify: bool = True) -> QuantizeResult:
+                    smooth: float | str | None = AUTO, awq: bool = False, verify: bool = True,
+                    outlier_channels: str = "int8") -> QuantizeResult:
     """`block_size`, `accuracy_level`: int4w / int8w's MatMulNBits settings (None: the defaults, `WeightOnly`).
     `int8_attention`: int8 also quantises the MatMuls between two activations (`activation_products`), which it
     keeps in fp32 by default. `smooth`: SmoothQuant's alpha in [0, 1] for the int8 graphs, "auto" (the default:
     DEFAULT_ALPHA on the inputs whose calibration shows outlier channels), "search" (each input's alpha searched) or
     None (off; `tgedge.calibration.smooth`).
+    `outlier_channels`: "fp32" computes the int8 graphs' outlier input channels in fp32 beside the int8 MatMuls
+    (LLM.int8()'s decomposition, `tgedge.calibration.outliers`; found from the calibration's per-channel maxima, those
+    inputs then smoothed only where their other channels call for it), "int8" (the default) leaves them to --smooth.
     `awq`: AWQ-style activation-aware scales before the weight-only graphs' blocks (needs calibration data). `verify`: each graph's sha256 and the preprocessing files against the manifest first
     (a swapped graph would be quantised and given a new checksum, hiding the swap); False skips it, on purpose."""
     if calib is not None and calibration is not None:
@@ -444,6 +495,8 @@ def quantize_export(export_dir: str | Path, out: str | Path, precision: str, cal
                           "saved ones (--calibration FILE), not both")
     if smooth is not None and smooth not in (AUTO, SEARCH) and not 0.0 <= smooth <= 1.0:
         raise TgedgeError(f"--smooth must be in [0, 1] (SmoothQuant's alpha), auto, search or none (got {smooth})")
+    if outlier_channels not in OUTLIER_CHANNELS:
+        raise TgedgeError(f"--outlier-channels must be {' or '.join(OUTLIER_CHANNELS)} (got {outlier_channels!r})")
     say = on_step or (lambda s: None)
     settings = {"block_size": block_size, "accuracy_level": accuracy_level}
     WeightOnly.of(WEIGHT_ONLY[0], **settings)  # settings refused before any work
@@ -458,12 +511,15 @@ def quantize_export(export_dir: str | Path, out: str | Path, precision: str, cal
     plan = plan_quantization(src, precision, method)
     _refuse_ignored(plan, precision, calib, calibration, calib_limit, smooth, block_size, accuracy_level,
                     method_given, int8_attention, awq)
+    if outlier_channels == "fp32" and not plan.calibrated:
+        raise TgedgeError(f"--outlier-channels fp32 splits int8 graphs' MatMuls; --precision {precision} quantises "
+                          "none to int8: leave it out")
     awq_graphs = [g for g, p in plan.precisions.items() if p.weight_only] if awq else []
     if awq and not awq_graphs:
         raise TgedgeError(f"--awq scales weight-only graphs ({', '.join(names(WEIGHT_ONLY))}); --precision {precision} "
                           "has none")
     ranges = calibrate(export_dir, plan.calibrated, method, calib, calibration, calib_limit, say, progress, smooth,
-                       awq_graphs, verify=None)  # checked above in full, or not on purpose
+                       awq_graphs, verify=None, split=outlier_channels == "fp32")  # verify: checked above
     exclude = exclude or []
     with atomic_dir(out, kind="export", inputs=[export_dir, calib, calibration], force=force) as tmp, \
             tempfile.TemporaryDirectory() as work:

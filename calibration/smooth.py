@@ -10,7 +10,8 @@ and computes (X / s) (diag(s) W): the same product, X's channels evened out, W's
 output column, so its rows may differ). The 1/s is folded into what makes X, so the graph keeps its ops and TensorRT
 parses it as before; only initializer values change:
 
-- a norm's gain: RMSNorm's `Mul` by a gain vector; `LayerNormalization`'s scale and bias;
+- a norm's gain: RMSNorm's `Mul` by a gain vector, or the gain of onnxruntime's fused RMSNorms
+  (`SkipSimplifiedLayerNormalization`: the static-cache decoder's); `LayerNormalization`'s scale and bias;
 - a gated MLP's up projection: X = act(gate) * up, so up's output columns (and bias) take the 1/s.
 
 Every MatMul reading X takes the same s (q, k and v share their norm): max |W_jk| is over all of them. Inputs that
@@ -33,6 +34,9 @@ SEARCH = "search"  # --smooth search: every foldable input, its alpha (or none) 
 OUTLIER_RATIO = 8.0  # an input has outlier channels when its largest channel max |x| is this many times the median
 # channel's: `tgedge checkpoint stats` uses the same 8x; the demo's inputs measure ~2, the realistic presets' 30-60
 MIN_SCALE = 1e-5
+# onnxruntime's fused RMSNorms (the static-cache decoder's residual Add + RMSNorm is one SkipSimplifiedLayerNormalization,
+# export/decoder_graph.py) -> the input that is their gain: its output 0 is x / rms(x) * gain, like the Mul by a gain
+FUSED_RMS_NORMS = {"SkipSimplifiedLayerNormalization": 2, "SimplifiedLayerNormalization": 1}
 
 
 @dataclass
@@ -88,6 +92,11 @@ def groups(proto: onnx.ModelProto) -> list[Group]:
                 fold, kind = gain, "gain"
             else:
                 fold, kind = _gated_fold(maker, c, inits, made_by, only_use), "gated"
+        elif maker.op_type in FUSED_RMS_NORMS and maker.output[0] == tensor:
+            gain = maker.input[FUSED_RMS_NORMS[maker.op_type]] if len(maker.input) > FUSED_RMS_NORMS[maker.op_type] \
+                else ""
+            if vector(gain, c) and only_use(gain, maker):
+                fold, kind = [gain], "gain"
         elif maker.op_type == "LayerNormalization" and len(maker.input) >= 2 and vector(maker.input[1], c) \
                 and only_use(maker.input[1], maker):
             bias = [maker.input[2]] if len(maker.input) > 2 and maker.input[2] else []

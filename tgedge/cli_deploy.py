@@ -165,6 +165,12 @@ def _add_quantize(sub) -> None:
                         "largest channel >= 8x the median), the others untouched; search: every foldable input, "
                         "its alpha (or none) chosen from 0, 0.1, ..., 1 by the least expected int8 output error; "
                         "none: off (docs/QUANTIZATION.md has the measurements)")
+    p.add_argument("--outlier-channels", choices=["int8", "fp32"], default="int8",
+                   help="int8: fp32 computes each MatMul input's outlier channels (calibrated max |x| >= 8x the "
+                        "median channel's, a few per input) in fp32 beside the int8 MatMul, as LLM.int8() does "
+                        "(Mul by a mask, Gather, a small fp32 MatMul, Add: ops TensorRT parses), so that the int8 "
+                        "range is the other channels'; default int8: left to --smooth (docs/QUANTIZATION.md has the "
+                        "measurements)")
     p.add_argument("--awq", action="store_true",
                    help="int4w / int8w: activation-aware scales (AWQ-style) before the weight blocks, from the --calib "
                         "samples' per-channel statistics (folded into the norms and up projections)")
@@ -190,7 +196,7 @@ def cmd_quantize(args) -> int:
                                  args.calibration, args.calib_limit, on_step=say, progress=bar.update,
                                  force=args.force, block_size=args.block_size, accuracy_level=args.accuracy_level,
                                  int8_attention=args.int8_attention, smooth=args.smooth, awq=args.awq,
-                                 verify=not args.no_verify)
+                                 verify=not args.no_verify, outlier_channels=args.outlier_channels)
     if args.json:
         print(json.dumps(result.to_dict()))
         return 0

@@ -227,3 +227,33 @@ def test_quantize_smooth_search(demo_export, tmp_path):
     with pytest.raises(TgedgeError, match="no per-channel statistics for --smooth search"):
         quantize_export(demo_export.directory, tmp_path / "x", "decoder=int8", calibration=tmp_path / "plain.json",
                         smooth="search")
+
+
+def test_fused_rms_norm_gains_are_folded():
+    """The static-cache decoder's norms are onnxruntime's SkipSimplifiedLayerNormalization (export/decoder_graph.py):
+    its gain takes 1/s as the Mul by a gain does, and the function is kept (the 0.5 B decoder has 48 of them, which
+    `groups` once missed: SmoothQuant and the per-channel statistics skipped every decoder norm)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(2)
+    c, n = 16, 8
+    gain = rng.uniform(0.5, 2.0, c).astype(np.float32)
+    w = rng.standard_normal((c, n)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("SkipSimplifiedLayerNormalization", ["x", "skip", "gain"], ["y", "", "", "sum"],
+                          name="/layers.1/input_layernorm/Skip", domain="com.microsoft", epsilon=1e-6),
+         helper.make_node("MatMul", ["y", "w"], ["out"], name="/layers.1/q/MatMul")],
+        "g", [helper.make_tensor_value_info(i, TensorProto.FLOAT, [2, 3, c]) for i in ("x", "skip")],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, 3, n]),
+         helper.make_tensor_value_info("sum", TensorProto.FLOAT, [2, 3, c])],
+        [numpy_helper.from_array(gain, "gain"), numpy_helper.from_array(w, "w")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    found = groups(proto)
+    assert [(g.tensor, g.kind, g.fold) for g in found] == [("y", "gain", ["gain"])]
+    feed = {"x": rng.standard_normal((2, 3, c)).astype(np.float32),
+            "skip": rng.standard_normal((2, 3, c)).astype(np.float32)}
+    want = _run(proto, feed)
+    done = smooth(proto, {"y": rng.uniform(0.1, 40.0, c)}, 0.5)
+    assert set(done) == {"y"}
+    for g, w_ in zip(_run(proto, feed), want):
+        np.testing.assert_allclose(g, w_, rtol=1e-4, atol=1e-4 * np.abs(w_).max())
