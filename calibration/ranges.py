@@ -35,15 +35,8 @@ def calibrated_tensors(structure: onnx.ModelProto, op_types: tuple[str, ...]) ->
                    if t and t not in weights and types.get(t) in (TensorProto.FLOAT, TensorProto.FLOAT16)})
 
 
-def _rank(structure: onnx.ModelProto) -> dict[str, int]:
-    inferred = onnx.shape_inference.infer_shapes(structure)
-    return {v.name: len(v.type.tensor_type.shape.dim)
-            for v in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
-            if v.type.tensor_type.HasField("shape")}
-
-
 def with_reductions(structure: onnx.ModelProto, tensors: list[str],
-                    channels: list[str] = ()) -> onnx.ModelProto:
+                    channels: dict[str, int] | None = None) -> onnx.ModelProto:
     """`structure` plus the outputs `<tensor>_ReduceMin` / `<tensor>_ReduceMax` (keepdims: an empty tensor reduces).
 
     Each reduction goes right after the node that makes its tensor, and the session runs the nodes in that order
@@ -51,17 +44,21 @@ def with_reductions(structure: onnx.ModelProto, tensors: list[str],
     measured activation alive until then (a ViT-L/336 batch of five views: 11.2 GiB peak against 1.5 GiB for the
     graph alone; in order: 1.5 GiB).
 
-    `channels`: tensors also reduced per channel (the last axis) over every other axis: `<tensor>_ChannelAbsMax`
+    `channels`: tensor -> its channel count (the last axis): tensors also reduced per channel over every other axis
+    (reshaped to (rows, channels): no shape inference, which stops at the contrib ops of the static-cache decoder and
+    once left its 47 fused norm outputs unmeasured): `<tensor>_ChannelAbsMax`
     (max |x|: SmoothQuant's), `<tensor>_ChannelSumSq` (sum of x^2: AWQ-style scales) and `<tensor>_Rows` (how many
     rows the sum is over), for `tgedge.calibration.smooth`."""
-    wanted, per_channel = set(tensors), set(channels)
-    rank = _rank(structure) if per_channel else {}
+    wanted, per_channel = set(tensors), dict(channels or {})
     opset = next((o.version for o in structure.opset_import if o.domain in ("", "ai.onnx")), 17)
     if per_channel and opset >= 18:  # ReduceMax takes its axes as an input from opset 18
         structure.graph.initializer.append(numpy_helper.from_array(np.array([0], np.int64), "tgedge_axis0"))
+    for c in sorted(set(per_channel.values())):
+        structure.graph.initializer.append(numpy_helper.from_array(np.array([-1, c], np.int64), f"tgedge_rows_{c}"))
 
     def channel_max(t: str) -> list[onnx.NodeProto]:
-        flat = helper.make_node("Flatten", [f"{t}_Abs"], [f"{t}_Flat"], axis=rank[t] - 1, name=f"{t}_Flat")
+        flat = helper.make_node("Reshape", [f"{t}_Abs", f"tgedge_rows_{per_channel[t]}"], [f"{t}_Flat"],
+                                name=f"{t}_Flat")
         def over_rows(op: str, source: str, out: str) -> onnx.NodeProto:
             if opset >= 18:
                 return helper.make_node(op, [source, "tgedge_axis0"], [out], keepdims=0, name=out)
@@ -75,7 +72,7 @@ def with_reductions(structure: onnx.ModelProto, tensors: list[str],
     def reductions(names) -> list[onnx.NodeProto]:
         out = [helper.make_node(op, [t], [f"{t}_{op}"], keepdims=1, name=f"{t}_{op}")
                for t in names if t in wanted for op in REDUCTIONS]
-        return out + [n for t in names if t in per_channel and rank.get(t, 0) >= 2 for n in channel_max(t)]
+        return out + [n for t in names if t in per_channel for n in channel_max(t)]
 
     nodes = reductions([i.name for i in structure.graph.input])
     for node in structure.graph.node:
@@ -85,10 +82,9 @@ def with_reductions(structure: onnx.ModelProto, tensors: list[str],
     for t in tensors:
         for op in REDUCTIONS:
             structure.graph.output.append(helper.make_tensor_value_info(f"{t}_{op}", TensorProto.FLOAT, None))
-    for t in channels:
-        if rank.get(t, 0) >= 2:
-            for name, dtype in CHANNEL_OUTPUTS:
-                structure.graph.output.append(helper.make_tensor_value_info(f"{t}_{name}", dtype, None))
+    for t in per_channel:
+        for name, dtype in CHANNEL_OUTPUTS:
+            structure.graph.output.append(helper.make_tensor_value_info(f"{t}_{name}", dtype, None))
     return structure
 
 
@@ -102,13 +98,13 @@ class MinMaxRunner(BaseRunner):
         (`channel_absmax`) and the sum of x^2 over `channel_rows` rows (`channel_sumsq`)."""
         super().__init__(graph)
         self.tensors: list[str] = []
-        self.channels: list[str] = []
+        self.channels: dict[str, int] = {}  # tensor -> channel count
 
         def rewrite(structure: onnx.ModelProto) -> onnx.ModelProto:
             from tgedge.calibration.smooth import groups
 
             self.tensors = calibrated_tensors(structure, op_types)
-            self.channels = [g.tensor for g in groups(structure)] if per_channel else []
+            self.channels = {g.tensor: g.channels for g in groups(structure)} if per_channel else {}
             return with_reductions(structure, self.tensors, self.channels)
 
         self.runner = make_runner("onnxruntime", manifest, graph, rewrite=rewrite, in_order=True)

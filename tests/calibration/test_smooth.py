@@ -257,3 +257,22 @@ def test_fused_rms_norm_gains_are_folded():
     assert set(done) == {"y"}
     for g, w_ in zip(_run(proto, feed), want):
         np.testing.assert_allclose(g, w_, rtol=1e-4, atol=1e-4 * np.abs(w_).max())
+
+
+def test_static_decoder_channels_are_all_measured(demo_static_exports, demo_calib, tmp_path):
+    """The per-channel statistics reach every foldable input of the static-cache decoder (fused norms, onnxruntime's
+    contrib ops, after which onnx's shape inference knows no ranks): measured before as 1 input of 9, so SmoothQuant
+    and the outlier split left every norm but the first alone on the default real-scale export."""
+    import json
+
+    from tgedge.calibration.quantize import quantize_export
+
+    export = demo_static_exports("static")
+    found = groups(onnx.load(str(export.directory / "decoder.onnx"), load_external_data=False))
+    assert len(found) == 9
+    result = quantize_export(export.directory, tmp_path / "q", "decoder=int8", calib=demo_calib, calib_limit=4,
+                             smooth=0.5)
+    assert result.reports["decoder"].note == "SmoothQuant alpha 0.5: 9 MatMul inputs smoothed"
+    channels = json.loads((tmp_path / "q" / "calibration.json").read_text())["channels"]["decoder"]
+    assert set(channels) == {g.tensor for g in found}
+    assert all(len(channels[g.tensor]) == g.channels for g in found)
