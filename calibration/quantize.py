@@ -181,7 +181,7 @@ class Calibration:
 
     def record(self) -> dict | None:
         """calibration.json: where the ranges came from, and the ranges (None when no graph used any)."""
-        if not self.ranges and not self.mean_sq:
+        if not self.ranges and not self.mean_sq and not (self.split and self.channels):
             return None
         record = self.saved if self.saved is not None else {
             "method": self.method, "data": {"path": str(self.data), "samples": self.samples,
@@ -201,19 +201,21 @@ class Calibration:
 def calibrate(export_dir: str | Path, graphs: list[str], method: str, calib: str | Path | None,
               calibration: str | Path | None, calib_limit: int | None, say: Callable[[str], None],
               progress=None, smooth: float | str | None = AUTO, awq: list[str] = (),
-              verify: str | None = "fingerprint", split: bool = False) -> Calibration:
+              verify: str | None = "fingerprint", split: bool = False, split_weight_only: list[str] = ()) -> Calibration:
     """`graphs`' ranges: read from `calibration` (a saved calibration.json), else measured with the fp32 export
     answering the `calib` samples. `smooth`: SmoothQuant's alpha, "auto" or None (off); its per-channel maxima are
     measured in the same pass (min/max only) or read from the saved file. `awq`: the weight-only graphs that get AWQ-style scales,
     their per-channel mean squares measured in the same pass. `split`: outlier channels in fp32
-    (`tgedge.calibration.outliers`), found from the same per-channel maxima."""
+    (`tgedge.calibration.outliers`), found from the same per-channel maxima, in the int8 graphs and in
+    `split_weight_only` (weight-only graphs: their per-channel maxima measured too)."""
     if smooth == AUTO and not graphs:  # no int8 graph: nothing to smooth
         smooth = None
     if smooth == AUTO and method != "minmax":  # the per-channel maxima come from the min/max pass only
         say(f"--smooth auto: --method {method} measures no per-channel maxima: not smoothed")
         smooth = None
-    result = Calibration(method, data=calib, smooth=smooth, split=split and bool(graphs))
-    if not graphs and not awq:
+    split_weight_only = list(split_weight_only) if split else []
+    result = Calibration(method, data=calib, smooth=smooth, split=split and bool(graphs or split_weight_only))
+    if not graphs and not awq and not split_weight_only:
         return result
     for flag, on in (("--smooth", smooth is not None), ("--awq", bool(awq)), ("--outlier-channels fp32", split)):
         if on and method != "minmax":
@@ -235,6 +237,8 @@ def calibrate(export_dir: str | Path, graphs: list[str], method: str, calib: str
             result.mean_sq.update({g: {t: np.asarray(v, np.float64) for t, v in saved[g].items()} for g in wanted})
         channels = result.saved.get("channels")
         has_channels = isinstance(channels, dict) and all(g in channels for g in graphs)
+        if split and not (isinstance(channels, dict) and all(g in channels for g in split_weight_only)):
+            has_channels = False
         if smooth == AUTO and not has_channels:
             say(f"--smooth auto: {calibration} has no per-channel maxima (calibrated with --smooth none): "
                 "not smoothed")
@@ -245,10 +249,11 @@ def calibrate(export_dir: str | Path, graphs: list[str], method: str, calib: str
                              ("--outlier-channels fp32", "--outlier-channels int8"))
                 raise TgedgeError(f"{calibration}: no per-channel maxima for {what} (it was calibrated with "
                                   f"--smooth none): calibrate again with --calib DIR, or quantize with {way}")
-            result.channels = {g: {t: np.asarray(v, np.float64) for t, v in channels[g].items()} for g in graphs}
+            result.channels = {g: {t: np.asarray(v, np.float64) for t, v in channels[g].items()}
+                               for g in [*graphs, *split_weight_only]}
         return result
     if calib is None:
-        raise TgedgeError(f"{'int8' if graphs else '--awq'} needs calibration data: --calib DIR (images/ + "
+        raise TgedgeError(f"{'int8' if graphs else '--awq' if awq else '--outlier-channels fp32'} needs calibration data: --calib DIR (images/ + "
                           "samples.jsonl, e.g. `tgedge data shapes --split calibration -o DIR`) or --calibration "
                           "calibration.json")
     from tgedge.calibration.collect import collect, collect_ranges
@@ -256,7 +261,7 @@ def calibrate(export_dir: str | Path, graphs: list[str], method: str, calib: str
 
     result.samples = len(read_folder(calib)[:calib_limit])
     if method == "minmax":
-        measured = sorted(set(graphs) | set(awq))
+        measured = sorted(set(graphs) | set(awq) | set(split_weight_only))
         say(f"measuring the ranges of {', '.join(measured)} on {calib} ({result.samples} samples, streamed)")
         result.streamed = collect_ranges(export_dir, calib, measured, QUANT_OPS, calib_limit, progress=progress,
                                          channel_absmax=result.channels if smooth is not None or split else None,
@@ -310,16 +315,34 @@ class Rewrite:
                 proto, report = to_fp16(proto, excluded)
             else:
                 q = WeightOnly.of(p, **self.settings)
-                scaled = {}
-                if graph in self.calibration.mean_sq:
+                scaled, notes, kept = {}, [], list(excluded)
+                mean_sq = self.calibration.mean_sq.get(graph)
+                if self.calibration.split and graph in self.calibration.channels:
+                    from tgedge.calibration.outliers import split
+
+                    splits = split(proto, self.calibration.channels[graph], skip=set(excluded))
+                    kept += [n for s in splits.values() for n in s.fp32_nodes]
+                    if splits:
+                        counts = sorted(len(s.channels) for s in splits.values())
+                        notes.append(f"outlier channels in fp32 (--outlier-channels fp32): {len(splits)} MatMul "
+                                     f"inputs, {counts[0]}-{counts[-1]} channels each")
+                    if mean_sq is not None:  # AWQ sees the regular channels; the outliers' weight rows are zero
+                        mean_sq = dict(mean_sq)
+                        for t, s in splits.items():
+                            m = np.asarray(mean_sq.pop(t), np.float64).copy()
+                            m[s.channels] = np.median(np.delete(m, s.channels))
+                            mean_sq[s.regular] = m
+                if mean_sq is not None:
                     from tgedge.calibration.smooth import activation_aware
 
-                    scaled = activation_aware(proto, self.calibration.mean_sq[graph], q.bits, q.block_size)
-                proto, report = to_weight_only(proto, q, excluded)
+                    scaled = activation_aware(proto, mean_sq, q.bits, q.block_size)
+                proto, report = to_weight_only(proto, q, kept)
                 if scaled:
                     exponents = [a for _, a in scaled.values()]
-                    report.note = (f"AWQ-style scales on {len(scaled)} MatMul inputs (exponent median "
-                                   f"{float(np.median(exponents)):.1f})")
+                    notes.append(f"AWQ-style scales on {len(scaled)} MatMul inputs (exponent median "
+                                 f"{float(np.median(exponents)):.1f})")
+                if notes:  # after the converter's own (its block and accuracy level)
+                    report.note = "; ".join(filter(None, [report.note, *notes]))
             restore_shared(proto, shared)
             save_graph(proto, target)
             del proto
@@ -510,16 +533,18 @@ def quantize_export(export_dir: str | Path, out: str | Path, precision: str, cal
         src.verify_files()
     plan = plan_quantization(src, precision, method)
     _refuse_ignored(plan, precision, calib, calibration, calib_limit, smooth, block_size, accuracy_level,
-                    method_given, int8_attention, awq)
-    if outlier_channels == "fp32" and not plan.calibrated:
-        raise TgedgeError(f"--outlier-channels fp32 splits int8 graphs' MatMuls; --precision {precision} quantises "
-                          "none to int8: leave it out")
+                    method_given, int8_attention, awq or outlier_channels == "fp32")
+    weight_only = [g for g, p in plan.precisions.items() if p.weight_only]
+    if outlier_channels == "fp32" and not plan.calibrated and not weight_only:
+        raise TgedgeError(f"--outlier-channels fp32 splits int8 and weight-only graphs' MatMuls; --precision "
+                          f"{precision} has none: leave it out")
     awq_graphs = [g for g, p in plan.precisions.items() if p.weight_only] if awq else []
     if awq and not awq_graphs:
         raise TgedgeError(f"--awq scales weight-only graphs ({', '.join(names(WEIGHT_ONLY))}); --precision {precision} "
                           "has none")
     ranges = calibrate(export_dir, plan.calibrated, method, calib, calibration, calib_limit, say, progress, smooth,
-                       awq_graphs, verify=None, split=outlier_channels == "fp32")  # verify: checked above
+                       awq_graphs, verify=None, split=outlier_channels == "fp32",
+                       split_weight_only=weight_only)  # verify: checked above
     exclude = exclude or []
     with atomic_dir(out, kind="export", inputs=[export_dir, calib, calibration], force=force) as tmp, \
             tempfile.TemporaryDirectory() as work:

@@ -143,7 +143,29 @@ def test_split_reuses_and_refuses_saved_ranges(planted_runs):
         quantize_export(root / "export", root / "x", "decoder=int8", verify=False, smooth=None,
                         calibration=root / "int8" / "calibration.json", outlier_channels="fp32")
     assert not (root / "x").exists()
-    with pytest.raises(TgedgeError, match="--outlier-channels fp32 splits int8 graphs' MatMuls"):
-        quantize_export(root / "export", root / "x", "int4w", verify=False, outlier_channels="fp32")
+    with pytest.raises(TgedgeError, match="--outlier-channels fp32 splits int8 and weight-only graphs' MatMuls"):
+        quantize_export(root / "export", root / "x", "fp16", verify=False, outlier_channels="fp32")
     with pytest.raises(TgedgeError, match="--outlier-channels must be int8 or fp32"):
         quantize_export(root / "export", root / "x", "int8", verify=False, outlier_channels="fp16")
+
+
+def test_split_helps_int4w_on_planted_outliers(planted_runs):
+    """int4w (MatMulNBits, accuracy level 4: the activations too are rounded to int8 per block of 32 input channels)
+    loses the planted channels' blocks; with the outlier channels in fp32 the logits come back (measured on 16 eval
+    samples: min cosine 0.9937 -> 0.9992, mean |logit error| 0.109 -> 0.066)."""
+    from tgedge.calibration.quantize import quantize_export
+    from tgedge.validate import validate
+
+    root, _ = planted_runs
+    figures = {}
+    for name, kwargs in (("int4w", {}), ("int4w-split", {"outlier_channels": "fp32", "calib": root / "calib"})):
+        result = quantize_export(root / "export", root / name, "int4w", verify=False, **kwargs)
+        report = validate(result.directory, root / "eval", limit=8, show_progress=False)
+        figures[name] = next(s for s in report.stages if s.name == "decoder").figures
+    plain, split_ = figures["int4w"], figures["int4w-split"]
+    assert 1 - split_["min_cosine"] < (1 - plain["min_cosine"]) / 3 and split_["mean_abs"] < plain["mean_abs"] / 1.3
+    note = result.reports["decoder"].note
+    assert note.startswith("block 32, accuracy level 4") and "outlier channels in fp32" in note
+    assert json.loads((root / "int4w-split" / "calibration.json").read_text())["channels"]["decoder"]
+    proto = onnx.load(str(root / "int4w-split" / "decoder.onnx"))
+    assert {n.op_type for n in proto.graph.node if n.name.endswith("_outlier_channels")} == {"MatMul"}
